@@ -1,0 +1,189 @@
+"""``vitft``: the same engine as the app, headless.
+
+    vitft train --data DIR --model NAME_OR_PATH [--freeze-depth N] [--epochs E] ...
+    vitft predict --model DIR IMAGE... [--top-k K]
+    vitft app [--host 127.0.0.1] [--port 7860] ...   (same as ``python app.py``)
+
+``train`` flags are generated from the :class:`~vitft_app.config.TrainConfig` fields (their
+docstrings are the help texts); its last line of stdout is the run folder's path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from typing import Any, Literal, Sequence, get_args, get_origin
+
+from .config import TrainConfig, field_docs
+
+#: Flag names that differ from ``--field-name``.
+FLAG_OVERRIDES = {"data_dir": "--data"}
+
+
+def flag_name(field_name: str) -> str:
+    """``--data`` for ``data_dir``, else ``--`` + the field name with dashes."""
+    return FLAG_OVERRIDES.get(field_name, "--" + field_name.replace("_", "-"))
+
+
+def _field_kind(annotation: Any) -> tuple[type, tuple | None]:
+    """``(python type, choices)`` for a field annotation such as ``int | None`` or ``Literal[...]``."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return str, get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in get_args(annotation) if a is not type(None)]
+        return _field_kind(inner[0])
+    return annotation, None
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds one flag per TrainConfig field, with its type, choices, default and docstring."""
+    hints = typing.get_type_hints(TrainConfig)
+    docs = field_docs()
+    for field in dataclasses.fields(TrainConfig):
+        kind, choices = _field_kind(hints[field.name])
+        required = field.default is dataclasses.MISSING
+        default = None if required else field.default
+        help_text = docs.get(field.name, "")
+        if not required and default is not None:
+            help_text += f" (default: {default})"
+        parser.add_argument(
+            flag_name(field.name),
+            dest=field.name,
+            type=kind,
+            choices=choices,
+            required=required,
+            default=default,
+            help=help_text,
+            metavar=None if choices else field.name.split("_")[-1].upper(),
+        )
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Builds the TrainConfig from parsed ``train`` flags (by keyword, never by position)."""
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vitft`` argument parser with its ``train``, ``predict`` and ``app`` commands."""
+    from .server import add_server_arguments
+
+    parser = argparse.ArgumentParser(prog="vitft", description="Fine-tune a Vision Transformer on an image folder.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model on an image folder (headless)",
+                                description="Train a model; the last stdout line is the run folder.")
+    add_train_arguments(train)
+
+    predict = commands.add_parser("predict", help="predict images with a trained model",
+                                  description="Print one JSON object per image: {image, predictions}.")
+    predict.add_argument("--model", required=True, help="a run folder or its model/ folder (save_pretrained format)")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    predict.add_argument("--top-k", type=int, default=5, help="classes per image (default: 5)")
+
+    app = commands.add_parser("app", help="start the web app (same as python app.py)")
+    add_server_arguments(app)
+    return parser
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Trains with a text progress bar on stderr; prints the run folder last on stdout."""
+    from tqdm import tqdm
+
+    from .events import EvalDone, LogMessage, RunFailed, RunFinished, RunStarted, StepLogged
+    from .jobs import JobRunner
+
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"vitft train: error: {exc}", file=sys.stderr)
+        return 2
+    runner = JobRunner(config.output_dir)
+    state: dict[str, Any] = {"bar": None, "status": "failed"}
+
+    def listener(event: Any) -> None:
+        bar = state["bar"]
+        if isinstance(event, RunStarted):
+            for note in event.notes:
+                print(note, file=sys.stderr)
+            print(f"{event.num_train} train / {event.num_val} val images, {len(event.classes)} classes;"
+                  f" {event.trainable_params:,} / {event.total_params:,} parameters trainable", file=sys.stderr)
+            state["bar"] = tqdm(total=event.total_steps, unit="step", file=sys.stderr, dynamic_ncols=True)
+        elif isinstance(event, StepLogged) and bar is not None:
+            bar.update(event.step - bar.n)
+            bar.set_postfix(epoch=f"{event.epoch:.2f}", loss=f"{event.loss:.4f}", img_s=f"{event.images_per_sec:.1f}")
+        elif isinstance(event, EvalDone):
+            text = (f"epoch {event.epoch}: train loss {event.train_loss:.4f} acc {event.train_accuracy:.4f} | "
+                    f"val loss {event.val_loss:.4f} acc {event.val_accuracy:.4f}" + (" (best, saved)" if event.is_best else ""))
+            (bar.write if bar is not None else print)(text, file=sys.stderr)
+        elif isinstance(event, LogMessage):
+            (bar.write if bar is not None else print)(event.text, file=sys.stderr)
+        elif isinstance(event, RunFinished):
+            state["status"] = event.status
+            if bar is not None:
+                bar.close()
+            print(f"{event.status} in {event.duration_s:.1f} s; best val accuracy {event.best_val_accuracy}",
+                  file=sys.stderr)
+        elif isinstance(event, RunFailed):
+            if bar is not None:
+                bar.close()
+            print(f"failed: {event.error}", file=sys.stderr)
+
+    job = runner.start(config, listener=listener)
+    try:
+        while job.thread.is_alive():
+            job.thread.join(timeout=0.5)
+    except KeyboardInterrupt:
+        print("\nstopping after the current step...", file=sys.stderr)
+        runner.stop()
+        job.thread.join()
+    print(job.run_dir)
+    return 0 if state["status"] in ("completed", "stopped") else 1
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """Prints ``{"image": PATH, "predictions": [{"label", "score"}, ...]}`` per image (JSON lines).
+
+    An unreadable image prints ``{"image": PATH, "error": reason}`` and makes the exit code 1.
+    """
+    from .images import ImageLoadError
+    from .predict import Predictor
+
+    try:
+        predictor = Predictor(args.model)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        print(f"vitft predict: error: {exc}", file=sys.stderr)
+        return 2
+    code = 0
+    for image in args.images:
+        try:
+            prediction = predictor.predict([image], top_k=args.top_k)[0]
+            record: dict[str, Any] = {
+                "image": image,
+                "predictions": [{"label": l, "score": s} for l, s in zip(prediction.labels, prediction.scores)],
+            }
+        except ImageLoadError as exc:
+            record, code = {"image": image, "error": exc.reason}, 1
+        print(json.dumps(record), flush=True)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vitft`` console script."""
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        return run_train(args)
+    if args.command == "predict":
+        return run_predict(args)
+    from .server import launch
+
+    launch(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

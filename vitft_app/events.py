@@ -1,0 +1,92 @@
+"""Events the training loop emits. Small frozen dataclasses; the loop knows nothing about who
+listens (the run folder recorder, the CLI progress bar, tests)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Literal, Union
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    """The model is loaded and the first step is about to run."""
+
+    run_id: str
+    run_dir: str
+    classes: list[str]
+    num_train: int
+    num_val: int
+    epochs: int
+    total_steps: int
+    """Optimizer steps the whole run will take."""
+    device: str
+    precision: str
+    trainable_params: int
+    total_params: int
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StepLogged:
+    """Training loss at a logging step (every ``log_every_steps`` optimizer steps)."""
+
+    step: int
+    """Optimizer steps done so far (1-based)."""
+    epoch: float
+    """Fractional epoch, e.g. 1.5 = halfway through the second epoch."""
+    loss: float
+    """Per-sample mean training loss since the previous logging step."""
+    lr: float
+    images_per_sec: float
+    eta_s: float
+    """Estimated seconds to the end of the run (training and remaining evaluations)."""
+
+
+@dataclass(frozen=True)
+class EvalDone:
+    """Validation at the end of an epoch."""
+
+    step: int
+    epoch: int
+    """Completed epochs (1-based)."""
+    train_loss: float
+    train_accuracy: float
+    """Accuracy on the (augmented) training batches seen during the epoch."""
+    val_loss: float
+    val_accuracy: float
+    best_val_accuracy: float
+    is_best: bool
+    """True when this evaluation set a new best and the model was saved."""
+
+
+@dataclass(frozen=True)
+class LogMessage:
+    """A line for the run log (skipped file, model note, ...)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class RunFinished:
+    """The loop ended on its own (``completed``) or because Stop was pressed (``stopped``)."""
+
+    status: Literal["completed", "stopped"]
+    best_val_accuracy: float | None
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class RunFailed:
+    """An exception ended the run; ``error`` is one line for people, ``traceback`` the details."""
+
+    error: str
+    traceback: str
+
+
+Event = Union[RunStarted, StepLogged, EvalDone, LogMessage, RunFinished, RunFailed]
+Emit = Callable[[Event], None]
+
+
+def event_to_dict(event: Event) -> dict[str, Any]:
+    """``{"event": class name, **fields}`` for logs and JSON output."""
+    return {"event": type(event).__name__, **asdict(event)}

@@ -1,0 +1,131 @@
+"""The job runner: owns the training thread, its Stop event, and the one-job-at-a-time rule."""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .config import TrainConfig
+from .device import release_device_memory
+from .events import Event, RunFailed
+from .runs import RunRecorder, RunStore
+
+
+class BusyError(RuntimeError):
+    """A second job was started while one is running."""
+
+
+@dataclass
+class Job:
+    """A training job: its run folder, thread and Stop event."""
+
+    run_dir: Path
+    config: TrainConfig
+    thread: threading.Thread
+    stop_event: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def running(self) -> bool:
+        """True while the training thread is alive."""
+        return self.thread.is_alive()
+
+
+def error_message(exc: BaseException) -> str:
+    """One line for people: the exception's message, with its type for unexpected errors."""
+    from .modeling import ModelLoadError
+    from .training import DatasetError
+
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, (ModelLoadError, DatasetError, ValueError, FileNotFoundError)):
+        return text
+    if isinstance(exc, MemoryError) or "out of memory" in text.lower():
+        return f"Out of memory: {text}. Try a smaller batch size, a smaller image size or a higher freeze depth."
+    return f"{type(exc).__name__}: {text}"
+
+
+class JobRunner:
+    """Runs one training job at a time in a background thread.
+
+    One instance belongs to one app process (the UI creates it and every browser session
+    shares it, on purpose: the machine has one set of cores or GPUs to train on). Exceptions
+    in the thread become a ``RunFailed`` event written to the run folder, never swallowed.
+
+    Args:
+        runs_dir: the runs folder.
+        device: force a device for every job (tests use ``"cpu"``).
+    """
+
+    def __init__(self, runs_dir: str | Path, device: str | None = None):
+        self.store = RunStore(runs_dir)
+        self.device = device
+        self._lock = threading.Lock()
+        self._job: Job | None = None
+
+    @property
+    def current(self) -> Job | None:
+        """The latest job (running or finished) started by this runner, if any."""
+        return self._job
+
+    def is_busy(self) -> bool:
+        """True while a job's thread is alive."""
+        return self._job is not None and self._job.running
+
+    def start(self, config: TrainConfig, listener: Callable[[Event], None] | None = None) -> Job:
+        """Creates the run folder and starts training in a daemon thread.
+
+        Args:
+            config: the run's settings.
+            listener: also receives every event (the CLI's progress bar), after the run folder
+                recorded it.
+
+        Returns:
+            The started :class:`Job`.
+
+        Raises:
+            BusyError: a job is already running; the message names it.
+        """
+        from .training import train
+
+        with self._lock:
+            if self.is_busy():
+                raise BusyError(
+                    f"A training run is already in progress ({self._job.run_dir.name}). "
+                    "Wait for it to finish or press Stop first."
+                )
+            run_dir = self.store.create_run(config)
+            recorder = RunRecorder(run_dir)
+
+            def emit(event: Event) -> None:
+                recorder(event)
+                if listener is not None:
+                    listener(event)
+
+            def target() -> None:
+                try:
+                    train(config, run_dir, emit, stop_event=job.stop_event, device=self.device)
+                except BaseException as exc:  # noqa: BLE001 - reported as RunFailed, not swallowed
+                    emit(RunFailed(error=error_message(exc), traceback=traceback.format_exc()))
+                finally:
+                    release_device_memory()
+
+            thread = threading.Thread(target=target, name=f"vitft-train-{run_dir.name}", daemon=True)
+            job = Job(run_dir=run_dir, config=config, thread=thread)
+            self._job = job
+            thread.start()
+            return job
+
+    def stop(self) -> bool:
+        """Asks the running job to stop (it exits before its next micro-batch).
+
+        Returns:
+            True when a running job was signalled, False when nothing was running.
+        """
+        job = self._job
+        if job is None or not job.running:
+            return False
+        job.stop_event.set()
+        return True
+

@@ -1,0 +1,366 @@
+"""Model choice, loading (Hub, local folder or from scratch) and freezing."""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from .config import SCRATCH_MODEL
+
+#: Hub checkpoints offered in the model dropdown (any other Hub id or local folder works too).
+CURATED_MODELS = (
+    "google/vit-base-patch16-224-in21k",
+    "google/vit-base-patch16-224",
+    "facebook/deit-tiny-patch16-224",
+    "facebook/deit-small-patch16-224",
+)
+#: Every choice of the model dropdown, the offline one first.
+MODEL_CHOICES = (SCRATCH_MODEL,) + CURATED_MODELS
+#: Default input size of vit-tiny-scratch.
+SCRATCH_DEFAULT_IMAGE_SIZE = 224
+
+
+class ModelLoadError(Exception):
+    """A model that cannot be loaded, with a message a user can act on."""
+
+
+def offline_message(name: str) -> str:
+    """The message shown when a Hub model is neither reachable nor cached."""
+    return (
+        f"Cannot load model '{name}': the Hugging Face Hub cannot be reached and the model is not "
+        "in the local cache. Offline choices: 'vit-tiny-scratch' (a ViT-Tiny trained from scratch), "
+        "or a local folder saved with save_pretrained, such as the model/ folder of an earlier run."
+    )
+
+
+def scratch_patch_size(image_size: int) -> int:
+    """Patch size of vit-tiny-scratch: 16 from 128 px (14x14 patches at 224, as ViT-Ti/16),
+    8 from 64 px, 4 below (8x8 patches at 32 px, the usual CIFAR ViT setting)."""
+    return 16 if image_size >= 128 else 8 if image_size >= 64 else 4
+
+
+def scratch_config(image_size: int, id2label: dict[int, str]) -> Any:
+    """ViT-Tiny (DeiT-Ti shape: hidden 192, 12 blocks, 3 heads, MLP 768) with the given labels.
+
+    Raises:
+        ValueError: ``image_size`` is outside 32..224 or not a multiple of its patch size.
+    """
+    from transformers import ViTConfig
+
+    if not 32 <= image_size <= 224:
+        raise ValueError(f"image_size for vit-tiny-scratch must be between 32 and 224, got {image_size}")
+    patch = scratch_patch_size(image_size)
+    if image_size % patch:
+        raise ValueError(
+            f"image_size {image_size} for vit-tiny-scratch must be a multiple of its patch size {patch}"
+        )
+    return ViTConfig(
+        hidden_size=192,
+        num_hidden_layers=12,
+        num_attention_heads=3,
+        intermediate_size=768,
+        image_size=image_size,
+        patch_size=patch,
+        num_labels=len(id2label),
+        id2label={int(k): v for k, v in id2label.items()},
+        label2id={v: int(k) for k, v in id2label.items()},
+    )
+
+
+def scratch_processor(image_size: int) -> Any:
+    """The image processor saved with vit-tiny-scratch: resize to a square, mean and std 0.5
+    (the ``ViTImageProcessor`` defaults)."""
+    from transformers import ViTImageProcessor
+
+    return ViTImageProcessor(size={"height": image_size, "width": image_size})
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to train, with its processor and what loading changed.
+
+    Attributes:
+        model: ``*ForImageClassification`` with ``num_labels``, ``id2label``, ``label2id`` set.
+        processor: the image processor (resize target, mean and std).
+        head_reinitialized: True when the classification head was freshly initialized.
+        notes: sentences for the UI and log (head re-initialized, source of weights).
+    """
+
+    model: nn.Module
+    processor: Any
+    head_reinitialized: bool
+    notes: list[str] = field(default_factory=list)
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """True when a TCP connection to the Hub endpoint opens (fast fail instead of retrying)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def is_local_model(name: str) -> bool:
+    """True when ``name`` is a folder on this machine (a save_pretrained model or a run)."""
+    return Path(name).expanduser().is_dir()
+
+
+def resolve_model_path(name: str) -> str:
+    """A run folder stands for its ``model/`` subfolder; other names are returned as given."""
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return name
+    if not (path / "config.json").exists() and (path / "model" / "config.json").exists():
+        return str(path / "model")
+    return str(path)
+
+
+def _call_hub(loader: Any, name: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained(name)`` with a fast, clear failure when offline and uncached."""
+    target = resolve_model_path(name)
+    if is_local_model(target):
+        try:
+            return loader.from_pretrained(target, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"Cannot load model from folder '{target}': {exc}") from exc
+    try:  # cached already? No network needed then.
+        return loader.from_pretrained(target, local_files_only=True, **kwargs)
+    except (OSError, ValueError):
+        pass
+    if not _hub_reachable():
+        raise ModelLoadError(offline_message(name))
+    try:
+        return loader.from_pretrained(target, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"Cannot load model '{name}' from the Hugging Face Hub: {exc}") from exc
+
+
+@functools.lru_cache(maxsize=32)
+def load_model_config(name: str) -> Any:
+    """The checkpoint's ``PretrainedConfig`` (cached per name; no weights are read).
+
+    Raises:
+        ModelLoadError: offline and not cached, or not a valid model.
+    """
+    from transformers import AutoConfig
+
+    return _call_hub(AutoConfig, name)
+
+
+def checkpoint_labels(config: Any) -> list[str] | None:
+    """Class names of a checkpoint's head, or None when it has no classification head."""
+    architectures = getattr(config, "architectures", None) or []
+    if not any("ForImageClassification" in a for a in architectures):
+        return None
+    id2label = getattr(config, "id2label", None) or {}
+    return [id2label[i] for i in sorted(id2label)]
+
+
+def head_matches(config: Any, classes: list[str]) -> bool:
+    """True when the checkpoint's head already predicts exactly these classes, in this order."""
+    return checkpoint_labels(config) == list(classes)
+
+
+def build_model(name: str, classes: list[str], image_size: int | None = None) -> LoadedModel:
+    """Loads a model for the dataset's classes.
+
+    ``vit-tiny-scratch`` builds a random ViT-Tiny (offline). Anything else goes through
+    ``AutoModelForImageClassification.from_pretrained`` and ``AutoImageProcessor``: a local folder
+    (a run folder stands for its ``model/``), a cached Hub model, or a Hub download. The head is
+    re-initialized (truncated normal, std ``initializer_range``, as ViT's ``_init_weights``) unless
+    the checkpoint already predicts exactly ``classes``.
+
+    Args:
+        name: model name or path.
+        classes: class names in index order.
+        image_size: input size for vit-tiny-scratch (default 224). For a checkpoint it must be None
+            or equal to the processor's size.
+
+    Returns:
+        A :class:`LoadedModel` on the CPU in fp32.
+
+    Raises:
+        ModelLoadError: offline and not cached, unknown id, unreadable folder, or a size the
+            checkpoint was not trained for.
+        ValueError: invalid image size for vit-tiny-scratch.
+    """
+    from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTForImageClassification
+
+    id2label = dict(enumerate(classes))
+    if name == SCRATCH_MODEL:
+        size = image_size or SCRATCH_DEFAULT_IMAGE_SIZE
+        model = ViTForImageClassification(scratch_config(size, id2label))
+        return LoadedModel(
+            model,
+            scratch_processor(size),
+            head_reinitialized=True,
+            notes=[f"vit-tiny-scratch: random ViT-Tiny at {size}x{size} px, patch {scratch_patch_size(size)}"],
+        )
+
+    config = load_model_config(name)
+    processor = _call_hub(AutoImageProcessor, name)
+    from .data import processor_spec
+
+    native = processor_spec(processor).output_size
+    if image_size is not None and (image_size, image_size) != native:
+        raise ModelLoadError(
+            f"Model '{name}' was trained at {native[0]}x{native[1]} px; image size {image_size} is "
+            "only adjustable for vit-tiny-scratch. Leave image size empty for pretrained models."
+        )
+    keep_head = head_matches(config, classes)
+    model = _call_hub(
+        AutoModelForImageClassification,
+        name,
+        num_labels=len(classes),
+        id2label=id2label,
+        label2id={c: i for i, c in id2label.items()},
+        ignore_mismatched_sizes=True,
+    )
+    notes = [f"Loaded pretrained weights from '{name}'"]
+    if not keep_head:
+        reset_classifier(model)
+        old = checkpoint_labels(config)
+        if old is None:
+            notes.append(f"New classification head for {len(classes)} classes (the checkpoint has none)")
+        else:
+            notes.append(
+                f"Classification head re-initialized: checkpoint predicts {len(old)} classes,"
+                f" this dataset has {len(classes)} with other names"
+            )
+    else:
+        notes.append("Classification head kept: the checkpoint already predicts these classes")
+    return LoadedModel(model, processor, head_reinitialized=not keep_head, notes=notes)
+
+
+def reset_classifier(model: nn.Module) -> None:
+    """Re-initializes the final linear head(s): truncated normal weights (std
+    ``config.initializer_range``, as ViT's ``_init_weights``) and zero bias."""
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    for attr in ("classifier", "cls_classifier", "distillation_classifier"):
+        head = getattr(model, attr, None)
+        if isinstance(head, nn.Linear):
+            with torch.no_grad():
+                nn.init.trunc_normal_(head.weight, std=std)
+                nn.init.zeros_(head.bias)
+
+
+# --------------------------------------------------------------------------------------------
+# Freezing
+# --------------------------------------------------------------------------------------------
+
+
+def encoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module | None]:
+    """Returns ``(embeddings, encoder blocks, final norm)`` of a ViT-style model.
+
+    Raises:
+        ValueError: the model has no ``embeddings`` and ``encoder.layer`` (not ViT-like).
+    """
+    base = getattr(model, "base_model", model)
+    embeddings = getattr(base, "embeddings", None)
+    # transformers < 5 keeps blocks in `encoder.layer`; 5.x moved ViT's to `layers`.
+    encoder = getattr(base, "encoder", None)
+    candidates = (getattr(encoder, "layer", None), getattr(encoder, "layers", None), getattr(base, "layers", None))
+    blocks = next((c for c in candidates if isinstance(c, nn.ModuleList)), None)
+    if embeddings is None or blocks is None:
+        raise ValueError(
+            f"Freezing needs a ViT-style model (embeddings + encoder blocks); got {type(model).__name__}"
+        )
+    return embeddings, blocks, getattr(base, "layernorm", None)
+
+
+def num_blocks(model: nn.Module) -> int:
+    """Number of encoder blocks."""
+    return len(encoder_parts(model)[1])
+
+
+def freeze_layers(model: nn.Module, depth: int) -> None:
+    """Freezes the first ``depth`` encoder blocks (``requires_grad=False``).
+
+    ``depth = 0`` trains everything. ``depth >= 1`` also freezes the patch and position
+    embeddings (they feed block 0). ``depth = number of blocks`` is a linear probe: the final
+    LayerNorm is frozen as well, so only the classification head trains.
+
+    Raises:
+        ValueError: ``depth`` is negative or larger than the number of blocks.
+    """
+    embeddings, blocks, final_norm = encoder_parts(model)
+    if not 0 <= depth <= len(blocks):
+        raise ValueError(f"freeze_depth must be between 0 and {len(blocks)} for this model, got {depth}")
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    frozen: list[nn.Module] = []
+    if depth >= 1:
+        frozen = [embeddings, *blocks[:depth]]
+        if depth == len(blocks) and final_norm is not None:
+            frozen.append(final_norm)
+    for module in frozen:
+        for parameter in module.parameters():
+            parameter.requires_grad_(False)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """Returns ``(trainable, total)`` parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """What the Train tab shows before a run: depth, parameter counts and the head decision."""
+
+    num_blocks: int
+    trainable_params: int
+    total_params: int
+    head_note: str
+
+    def describe(self) -> str:
+        """Markdown line for the UI."""
+        share = 100.0 * self.trainable_params / max(self.total_params, 1)
+        return (
+            f"**{self.trainable_params:,} / {self.total_params:,}** parameters trainable ({share:.1f}%)"
+            f" · {self.num_blocks} encoder blocks · {self.head_note}"
+        )
+
+
+def summarize_model(name: str, classes: list[str], freeze_depth: int, image_size: int | None = None) -> ModelSummary:
+    """Counts trainable / total parameters for a freeze depth without loading weights.
+
+    The model is instantiated on PyTorch's ``meta`` device from its config, so this is fast even
+    for ViT-Base. ``freeze_depth`` is clipped to the number of blocks.
+
+    Raises:
+        ModelLoadError: the config cannot be loaded (offline and not cached, unknown id).
+        ValueError: invalid image size for vit-tiny-scratch.
+    """
+    from transformers import AutoModelForImageClassification
+
+    n = max(len(classes), 2)
+    id2label = dict(enumerate(classes)) if classes else {0: "LABEL_0", 1: "LABEL_1"}
+    if name == SCRATCH_MODEL:
+        config = scratch_config(image_size or SCRATCH_DEFAULT_IMAGE_SIZE, id2label)
+        head_note = "random weights, new head"
+    else:
+        config = load_model_config(name).__class__.from_dict(load_model_config(name).to_dict())
+        keep = head_matches(config, classes)
+        config.num_labels = n
+        head_note = "head kept" if keep else f"head re-initialized for {n} classes"
+    with torch.device("meta"):
+        model = AutoModelForImageClassification.from_config(config)
+    blocks = num_blocks(model)
+    freeze_layers(model, min(freeze_depth, blocks))
+    trainable, total = count_parameters(model)
+    return ModelSummary(blocks, trainable, total, head_note)

@@ -1,0 +1,85 @@
+"""Prediction with a saved model: the same loader and image processor as training."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .data import build_transforms
+from .device import resolve_device_plan
+from .images import ImageSource, load_image
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Top-k classes of one image, best first.
+
+    Attributes:
+        labels: class names.
+        scores: softmax probabilities (0..1), same order.
+    """
+
+    labels: list[str]
+    scores: list[float]
+
+    def as_dict(self) -> dict[str, float]:
+        """``{label: score}`` (the value ``gr.Label`` takes)."""
+        return dict(zip(self.labels, self.scores))
+
+
+class Predictor:
+    """A trained model ready to predict.
+
+    Args:
+        model_path: a run folder (its ``model/`` is used) or a ``save_pretrained`` folder.
+        device: force a device; default from the device policy. Prediction runs in fp32.
+
+    Raises:
+        FileNotFoundError: no saved model in ``model_path``.
+    """
+
+    def __init__(self, model_path: str | os.PathLike, device: str | None = None):
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        from .runs import model_dir
+
+        path = Path(model_path).expanduser()
+        folder = path if (path / "config.json").exists() else model_dir(path)
+        if folder is None:
+            raise FileNotFoundError(f"No saved model in {path} (a run saves one after its first epoch)")
+        self.path = folder
+        self.plan = resolve_device_plan("fp32", device)
+        self.processor = AutoImageProcessor.from_pretrained(folder)
+        self.model = AutoModelForImageClassification.from_pretrained(folder).to(self.plan.device).eval()
+        self.id2label = {int(k): v for k, v in self.model.config.id2label.items()}
+        self.transform = build_transforms(self.processor, train=False)
+
+    @torch.inference_mode()
+    def predict(self, images: Sequence[ImageSource], top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
+        """Predicts each image.
+
+        Args:
+            images: paths, bytes, file objects or PIL images (all go through ``load_image``).
+            top_k: classes to return per image (clipped to the number of classes).
+            batch_size: images per forward pass.
+
+        Returns:
+            One :class:`Prediction` per image, in order.
+
+        Raises:
+            ImageLoadError: an image cannot be read (the caller decides how to show it).
+        """
+        k = max(1, min(top_k, len(self.id2label)))
+        results: list[Prediction] = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            pixels = torch.stack([self.transform(load_image(img)) for img in chunk]).to(self.plan.device)
+            probs = self.model(pixel_values=pixels).logits.float().softmax(-1)
+            scores, indices = probs.topk(k, dim=-1)
+            for row_scores, row_indices in zip(scores.tolist(), indices.tolist()):
+                results.append(Prediction([self.id2label[i] for i in row_indices], row_scores))
+        return results

@@ -1,0 +1,318 @@
+"""The run folder: the contract between training, the UI, the CLI and prediction.
+
+``runs/<run-id>/`` holds ``config.json`` (the TrainConfig), ``status.json`` (live state),
+``metrics.csv`` (a row per logging step and per evaluation, appended as it goes), ``train.log``
+and ``model/`` (the best model so far, ``save_pretrained`` model and image processor). Files are
+written atomically (temp file, then ``os.replace``), so a reader never sees half a file and a
+crash never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .config import TrainConfig
+from .events import EvalDone, Event, LogMessage, RunFailed, RunFinished, RunStarted, StepLogged
+
+METRICS_COLUMNS = [
+    "kind",  # "train" (logging step) or "eval" (end of epoch)
+    "step",
+    "epoch",
+    "loss",
+    "lr",
+    "images_per_sec",
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "time_s",
+]
+#: Statuses a run can have; ``interrupted`` is derived when the process that ran it is gone.
+STATUSES = ("starting", "running", "completed", "stopped", "failed", "interrupted")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` to a temp file beside ``path`` and renames it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these files are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model_atomically(model: Any, processor: Any, dest: str | os.PathLike) -> None:
+    """``save_pretrained`` the model and processor into a temp folder, then swap it into ``dest``.
+
+    The previous ``dest`` is renamed aside and deleted only after the new folder is in place, so
+    at every moment either the old or the new complete model exists (:func:`model_dir` finds the
+    aside copy if a crash hit between the two renames).
+    """
+    dest = Path(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.chmod(tmp, 0o755)  # mkdtemp creates 0700
+    old = dest.with_name(f".{dest.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def model_dir(run_dir: str | os.PathLike) -> Path | None:
+    """The run's saved model folder, or None when no model was saved yet."""
+    run_dir = Path(run_dir)
+    for candidate in (run_dir / "model", run_dir / ".model.old"):
+        if (candidate / "config.json").exists():
+            return candidate
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def read_status(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Reads ``status.json``; a ``running`` run whose process is gone reads as ``interrupted``.
+
+    Returns:
+        The status dict (empty dict when the file is missing or unreadable).
+    """
+    try:
+        status = json.loads((Path(run_dir) / "status.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if status.get("status") in ("starting", "running"):
+        pid = status.get("pid")
+        if not isinstance(pid, int) or (pid != os.getpid() and not _pid_alive(pid)):
+            status["status"] = "interrupted"
+    return status
+
+
+def read_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """Reads ``metrics.csv`` (a partially written last line is skipped).
+
+    Returns:
+        A DataFrame with :data:`METRICS_COLUMNS` (empty when no row was written yet).
+    """
+    path = Path(run_dir) / "metrics.csv"
+    try:
+        frame = pd.read_csv(path, on_bad_lines="skip")
+    except (OSError, ValueError, pd.errors.EmptyDataError):
+        return pd.DataFrame(columns=METRICS_COLUMNS)
+    return frame
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:40] or "run"
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One row of the runs list."""
+
+    run_id: str
+    path: str
+    status: str
+    model: str
+    data_dir: str
+    best_val_accuracy: float | None
+    started_at: str
+    has_model: bool
+
+
+class RunStore:
+    """The runs folder: creates run folders and lists them.
+
+    Args:
+        root: the runs folder (created when missing).
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def create_run(self, config: TrainConfig) -> Path:
+        """Makes ``<root>/<timestamp>-<name>/`` with ``config.json`` and a ``starting`` status.
+
+        The run id is ``YYYYmmdd-HHMMSS-<run_name or model name>``, with ``-2``, ``-3`` ... when
+        taken.
+        """
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = f"{stamp}-{_slug(config.run_name or Path(config.model).name)}"
+        for n in range(1, 1000):
+            run_dir = self.root / (base if n == 1 else f"{base}-{n}")
+            try:
+                run_dir.mkdir(parents=True)
+                break
+            except FileExistsError:
+                continue
+        else:  # pragma: no cover - a thousand runs in one second
+            raise RuntimeError("could not create a unique run folder")
+        atomic_write_text(run_dir / "config.json", config.to_json())
+        RunRecorder(run_dir).write_status(status="starting")
+        return run_dir
+
+    def list_runs(self) -> list[RunInfo]:
+        """All run folders, newest first."""
+        runs = []
+        for path in self.root.iterdir() if self.root.is_dir() else []:
+            if not (path / "config.json").exists():
+                continue
+            status = read_status(path)
+            try:
+                config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                config = {}
+            runs.append(
+                RunInfo(
+                    run_id=path.name,
+                    path=str(path),
+                    status=status.get("status", "unknown"),
+                    model=str(config.get("model", "")),
+                    data_dir=str(config.get("data_dir", "")),
+                    best_val_accuracy=status.get("best_val_accuracy"),
+                    started_at=status.get("started_at", ""),
+                    has_model=model_dir(path) is not None,
+                )
+            )
+        return sorted(runs, key=lambda r: r.run_id, reverse=True)
+
+    def runs_with_model(self) -> list[RunInfo]:
+        """Runs that saved a model, newest first (the Predict tab's choices)."""
+        return [r for r in self.list_runs() if r.has_model]
+
+
+class RunRecorder:
+    """Writes events into a run folder: ``status.json``, ``metrics.csv`` and ``train.log``.
+
+    An instance is the ``emit`` callable the training loop gets. Thread-safe.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.run_dir = Path(run_dir)
+        self._lock = threading.Lock()
+        self._t0 = time.time()
+        self.status: dict[str, Any] = read_status_raw(self.run_dir) or {
+            "run_id": self.run_dir.name,
+            "status": "starting",
+            "pid": os.getpid(),
+            "started_at": datetime.now().isoformat(timespec="seconds"),
+        }
+
+    def write_status(self, **changes: Any) -> None:
+        """Merges ``changes`` into ``status.json`` (atomic)."""
+        with self._lock:
+            self.status.update(changes)
+            atomic_write_text(self.run_dir / "status.json", json.dumps(self.status, indent=2))
+
+    def log(self, text: str) -> None:
+        """Appends a timestamped line to ``train.log``."""
+        line = f"{datetime.now().isoformat(timespec='seconds')} {text}\n"
+        with self._lock, open(self.run_dir / "train.log", "a", encoding="utf-8") as handle:
+            handle.write(line)
+
+    def _append_metrics(self, row: dict[str, Any]) -> None:
+        path = self.run_dir / "metrics.csv"
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=METRICS_COLUMNS)
+        with self._lock:
+            if not path.exists():
+                writer.writeheader()
+            writer.writerow({**row, "time_s": round(time.time() - self._t0, 3)})
+            with open(path, "a", encoding="utf-8", newline="") as handle:
+                handle.write(buffer.getvalue())  # one write per row: readers see whole lines
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, RunStarted):
+            self._t0 = time.time()
+            self.write_status(
+                status="running",
+                pid=os.getpid(),
+                classes=event.classes,
+                num_train=event.num_train,
+                num_val=event.num_val,
+                epochs=event.epochs,
+                total_steps=event.total_steps,
+                device=event.device,
+                precision=event.precision,
+                trainable_params=event.trainable_params,
+                total_params=event.total_params,
+                notes=event.notes,
+                step=0,
+                epoch=0.0,
+            )
+            self.log(
+                f"started: {event.num_train} train / {event.num_val} val images, {len(event.classes)} classes,"
+                f" {event.total_steps} optimizer steps on {event.device} ({event.precision})"
+            )
+            for note in event.notes:
+                self.log(note)
+        elif isinstance(event, StepLogged):
+            self._append_metrics(
+                {"kind": "train", "step": event.step, "epoch": round(event.epoch, 4), "loss": event.loss,
+                 "lr": event.lr, "images_per_sec": round(event.images_per_sec, 2)}
+            )
+            self.write_status(step=event.step, epoch=event.epoch, loss=event.loss, lr=event.lr,
+                              images_per_sec=event.images_per_sec, eta_s=event.eta_s)
+            self.log(f"step {event.step} epoch {event.epoch:.2f} loss {event.loss:.4f} lr {event.lr:.3g}"
+                     f" {event.images_per_sec:.1f} img/s")
+        elif isinstance(event, EvalDone):
+            self._append_metrics(
+                {"kind": "eval", "step": event.step, "epoch": event.epoch, "train_loss": event.train_loss,
+                 "train_accuracy": event.train_accuracy, "val_loss": event.val_loss,
+                 "val_accuracy": event.val_accuracy}
+            )
+            self.write_status(best_val_accuracy=event.best_val_accuracy, val_accuracy=event.val_accuracy,
+                              epoch=float(event.epoch), step=event.step)
+            self.log(f"epoch {event.epoch}: train loss {event.train_loss:.4f} acc {event.train_accuracy:.4f},"
+                     f" val loss {event.val_loss:.4f} acc {event.val_accuracy:.4f}"
+                     + (" (best, model saved)" if event.is_best else ""))
+        elif isinstance(event, LogMessage):
+            self.log(event.text)
+        elif isinstance(event, RunFinished):
+            self.write_status(status=event.status, finished_at=datetime.now().isoformat(timespec="seconds"),
+                              duration_s=event.duration_s, eta_s=0)
+            self.log(f"{event.status} after {event.duration_s:.1f} s; best val accuracy {event.best_val_accuracy}")
+        elif isinstance(event, RunFailed):
+            self.write_status(status="failed", error=event.error,
+                              finished_at=datetime.now().isoformat(timespec="seconds"))
+            self.log(f"failed: {event.error}\n{event.traceback}")
+
+
+def read_status_raw(run_dir: Path) -> dict[str, Any]:
+    """``status.json`` as written (no interrupted detection); empty dict when missing."""
+    try:
+        return json.loads((run_dir / "status.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}

@@ -1,0 +1,93 @@
+"""Builds the Gradio app: one module per tab, sharing one :class:`AppContext`."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+
+from ..jobs import JobRunner
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """Server-side settings from the command line.
+
+    Attributes:
+        data_root: the path box and folder picker accept only folders under this one.
+        runs_dir: the runs folder.
+        example_dir: the built-in example dataset (always allowed).
+        device: force a training and prediction device (tests use ``"cpu"``).
+    """
+
+    data_root: Path
+    runs_dir: Path
+    example_dir: Path
+    device: str | None = None
+
+
+@dataclass
+class AppContext:
+    """What every tab shares inside one app process: settings, the job runner, loaded predictors.
+
+    Created by :func:`build_app`, never at module level, so two apps in one process (tests)
+    do not share state.
+    """
+
+    settings: AppSettings
+    runner: JobRunner
+    _predictors: OrderedDict = field(default_factory=OrderedDict)
+    _predictor_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def predictor(self, model_path: str):
+        """A cached :class:`~vitft_app.predict.Predictor`, reloaded when the saved model changes
+        (a running job replaces ``model/`` when validation improves). Keeps the two latest."""
+        from ..predict import Predictor
+        from ..runs import model_dir
+
+        folder = model_dir(model_path) or Path(model_path)
+        weights = sorted(folder.glob("*.safetensors")) or [folder / "config.json"]
+        key = (str(folder), tuple(p.stat().st_mtime_ns for p in weights if p.exists()))
+        with self._predictor_lock:
+            if key not in self._predictors:
+                self._predictors[key] = Predictor(folder, device=self.settings.device)
+                while len(self._predictors) > 2:
+                    self._predictors.popitem(last=False)
+            return self._predictors[key]
+
+
+CSS = """
+.vitft-status {font-size: 1.05em}
+footer {display: none !important}
+"""
+
+
+def build_app(settings: AppSettings) -> gr.Blocks:
+    """Builds the vitft UI.
+
+    Args:
+        settings: data root, runs folder and example dataset.
+
+    Returns:
+        The ``gr.Blocks`` app (call ``.launch()``).
+    """
+    from . import data_tab, predict_tab, train_tab
+
+    ctx = AppContext(settings=settings, runner=JobRunner(settings.runs_dir, device=settings.device))
+    with gr.Blocks(title="vitft: fine-tune a Vision Transformer") as demo:
+        gr.Markdown(
+            "# vitft\nFine-tune a Vision Transformer on a folder of images: **Data** → **Train** → **Predict**."
+        )
+        with gr.Tabs():
+            with gr.Tab("Data", id="data"):
+                data = data_tab.build(ctx)
+            with gr.Tab("Train", id="train"):
+                train_tab.build(ctx, data)
+            with gr.Tab("Predict", id="predict") as predict:
+                predict_tab.build(ctx, demo, predict)
+        demo.load(data_tab.scan_folder_outputs_fn(ctx), inputs=data.path, outputs=data.outputs)
+    demo.vitft_context = ctx  # type: ignore[attr-defined]  # for tests and launchers
+    return demo
