@@ -54,6 +54,7 @@ class DatasetReport:
         ignored: hidden entries and non-image files that were left out.
         warnings: human sentences (tiny classes, imbalance, classes missing from a split).
         errors: problems that prevent training (fewer than 2 classes, no validation images).
+        image_sizes: ``{path: (width, height)}`` of the decodable images (empty without decode).
     """
 
     root: str
@@ -65,6 +66,7 @@ class DatasetReport:
     ignored: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    image_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -88,6 +90,16 @@ class DatasetReport:
             f" ({'given split' if self.split_given else 'automatic split'}),"
             f" {len(self.skipped)} skipped, {len(self.ignored)} ignored"
         )
+
+    def suggested_image_size(self) -> int:
+        """Input size suggested for vit-tiny-scratch: the median shorter image side rounded up to
+        a multiple of 16, between 32 and 224 (224 when sizes are unknown). Upscaling 28 px digits
+        to 224 only costs time; a photo dataset gets the full 224."""
+        sides = sorted(min(size) for size in self.image_sizes.values())
+        if not sides:
+            return 224
+        median = sides[len(sides) // 2]
+        return int(min(224, max(32, -(-median // 16) * 16)))
 
     def id2label(self) -> dict[int, str]:
         """Returns ``{index: class name}`` for the model config."""
@@ -135,23 +147,34 @@ def find_split_dirs(root: Path) -> tuple[Path | None, Path | None]:
     return train, val
 
 
-def _check_decodable(paths: Sequence[str], max_workers: int | None) -> dict[str, str]:
+def _check_decodable(
+    paths: Sequence[str], max_workers: int | None
+) -> tuple[dict[str, str], dict[str, tuple[int, int]]]:
     """Fully decodes each file in a thread pool (Pillow releases the GIL while decoding).
 
-    Returns ``{path: reason}`` for the files that failed.
+    Returns:
+        ``({path: reason} for the files that failed, {path: (width, height)} for the others)``;
+        sizes are the stored sizes, before EXIF rotation.
     """
 
-    def check(path: str) -> str | None:
+    def check(path: str) -> tuple[str | None, tuple[int, int] | None]:
+        try:
+            with Image.open(path) as header:
+                size = header.size
+        except Exception:  # noqa: BLE001 - load_image below gives the typed reason
+            size = None
         try:
             load_image(path, draft_size=(64, 64))
         except ImageLoadError as exc:
-            return exc.reason
-        return None
+            return exc.reason, None
+        return None, size
 
     workers = max_workers or min(8, (os.cpu_count() or 1) + 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        reasons = list(pool.map(check, paths))
-    return {p: r for p, r in zip(paths, reasons) if r is not None}
+        results = list(pool.map(check, paths))
+    failures = {p: reason for p, (reason, _) in zip(paths, results) if reason is not None}
+    sizes = {p: size for p, (_, size) in zip(paths, results) if size is not None}
+    return failures, sizes
 
 
 def stratified_split(
@@ -231,7 +254,7 @@ def scan_dataset(
             for path in _find_images(folder / name, ignored)
         ]
     all_paths = [path for entries in files.values() for _, path in entries]
-    failures = _check_decodable(all_paths, max_workers) if decode else {}
+    failures, sizes = _check_decodable(all_paths, max_workers) if decode else ({}, {})
     skipped = [(path, failures[path]) for path in all_paths if path in failures]
 
     # 3. Classes with no usable image are named and left out.
@@ -267,6 +290,7 @@ def scan_dataset(
         skipped=skipped,
         ignored=ignored,
         warnings=warnings,
+        image_sizes=sizes,
     )
     _add_checks(report)
     return report

@@ -118,14 +118,25 @@ def is_local_model(name: str) -> bool:
     return Path(name).expanduser().is_dir()
 
 
+def is_model_folder(path: str | os.PathLike) -> bool:
+    """True when ``path`` holds a ``save_pretrained`` model (a config and weights).
+
+    A run folder has a ``config.json`` too (the TrainConfig), so the weights decide.
+    """
+    path = Path(path)
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    return (path / "config.json").is_file() and any((path / name).is_file() for name in weights)
+
+
 def resolve_model_path(name: str) -> str:
-    """A run folder stands for its ``model/`` subfolder; other names are returned as given."""
+    """A run folder stands for its saved ``model/``; other names are returned as given."""
+    from .runs import model_dir
+
     path = Path(name).expanduser()
-    if not path.is_dir():
-        return name
-    if not (path / "config.json").exists() and (path / "model" / "config.json").exists():
-        return str(path / "model")
-    return str(path)
+    if not path.is_dir() or is_model_folder(path):
+        return str(path) if path.is_dir() else name
+    saved = model_dir(path)
+    return str(saved) if saved is not None else str(path)
 
 
 def _call_hub(loader: Any, name: str, **kwargs: Any) -> Any:

@@ -45,11 +45,11 @@ class Predictor:
     def __init__(self, model_path: str | os.PathLike, device: str | None = None):
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-        from .runs import model_dir
+        from .modeling import is_model_folder, resolve_model_path
 
         path = Path(model_path).expanduser()
-        folder = path if (path / "config.json").exists() else model_dir(path)
-        if folder is None:
+        folder = Path(resolve_model_path(str(path)))
+        if not is_model_folder(folder):
             raise FileNotFoundError(f"No saved model in {path} (a run saves one after its first epoch)")
         self.path = folder
         self.plan = resolve_device_plan("fp32", device)

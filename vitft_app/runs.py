@@ -85,9 +85,11 @@ def save_model_atomically(model: Any, processor: Any, dest: str | os.PathLike) -
 
 def model_dir(run_dir: str | os.PathLike) -> Path | None:
     """The run's saved model folder, or None when no model was saved yet."""
+    from .modeling import is_model_folder
+
     run_dir = Path(run_dir)
     for candidate in (run_dir / "model", run_dir / ".model.old"):
-        if (candidate / "config.json").exists():
+        if is_model_folder(candidate):
             return candidate
     return None
 

@@ -45,10 +45,10 @@ class AppContext:
     def predictor(self, model_path: str):
         """A cached :class:`~vitft_app.predict.Predictor`, reloaded when the saved model changes
         (a running job replaces ``model/`` when validation improves). Keeps the two latest."""
+        from ..modeling import resolve_model_path
         from ..predict import Predictor
-        from ..runs import model_dir
 
-        folder = model_dir(model_path) or Path(model_path)
+        folder = Path(resolve_model_path(model_path))
         weights = sorted(folder.glob("*.safetensors")) or [folder / "config.json"]
         key = (str(folder), tuple(p.stat().st_mtime_ns for p in weights if p.exists()))
         with self._predictor_lock:

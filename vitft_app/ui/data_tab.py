@@ -81,6 +81,7 @@ class DataTab:
 
     path: gr.Textbox
     classes: gr.State
+    suggested_size: gr.State
     outputs: list
 
 
@@ -88,10 +89,12 @@ def scan_folder(text: str | None, settings: Any) -> dict[str, Any]:
     """Scans the folder named in the path box.
 
     Returns:
-        ``{"summary", "problems", "counts" (DataFrame), "figure", "samples", "classes"}``;
+        ``{"summary", "problems", "counts" (DataFrame), "figure", "samples", "classes",
+        "suggested_image_size"}``;
         on bad input ``summary`` holds the message and the rest is empty (never raises).
     """
-    empty = {"counts": pd.DataFrame(columns=["class", "train", "val", "total"]), "samples": [], "classes": []}
+    empty = {"counts": pd.DataFrame(columns=["class", "train", "val", "total"]), "samples": [], "classes": [],
+             "suggested_image_size": None}
     try:
         folder = resolve_data_path(text, settings)
         report = scan_dataset(folder)
@@ -106,6 +109,7 @@ def scan_folder(text: str | None, settings: Any) -> dict[str, Any]:
         "figure": figure_class_counts(counts),
         "samples": sample_thumbnails(report),
         "classes": report.classes,
+        "suggested_image_size": report.suggested_image_size(),
     }
 
 
@@ -115,7 +119,7 @@ def scan_folder_outputs_fn(ctx: Any) -> Callable:
     def handler(text: str | None):
         result = scan_folder(text, ctx.settings)
         return (result["summary"], result["problems"], result["counts"], result["figure"],
-                result["samples"], result["classes"])
+                result["samples"], result["classes"], result["suggested_image_size"])
 
     return handler
 
@@ -167,11 +171,12 @@ def build(ctx: Any) -> DataTab:
         figure = gr.Plot(label="Class counts")
     samples = gr.Gallery(label="Samples (first images of each class)", columns=8, height=260, object_fit="contain")
     classes = gr.State([])
-    outputs = [summary, problems, counts, figure, samples, classes]
+    suggested_size = gr.State(None)
+    outputs = [summary, problems, counts, figure, samples, classes, suggested_size]
 
     handler = scan_folder_outputs_fn(ctx)
     scan.click(handler, inputs=path, outputs=outputs)
     path.submit(handler, inputs=path, outputs=outputs)
     example.click(lambda: str(settings.example_dir), outputs=path).then(handler, inputs=path, outputs=outputs)
     browser.change(lambda sel: picked_folder(sel, settings), inputs=browser, outputs=path)
-    return DataTab(path=path, classes=classes, outputs=outputs)
+    return DataTab(path=path, classes=classes, suggested_size=suggested_size, outputs=outputs)

