@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from PIL import Image, ImageOps
 
 from ..images import ImageLoadError, load_image
 
@@ -78,8 +79,7 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> None:
                 continue
             with gr.Row(equal_height=True):
                 try:
-                    thumb = load_image(item["path"])
-                    thumb.thumbnail((224, 224))
+                    thumb = ImageOps.contain(load_image(item["path"]), (224, 224), Image.Resampling.NEAREST)
                 except ImageLoadError:
                     thumb = None
                 gr.Image(thumb, label=item["name"], height=200, interactive=False, scale=1)

@@ -1,0 +1,155 @@
+"""Real browser: Playwright drives Debian's chromium against the app started on a free port."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = os.environ.get("VITFT_CHROMIUM", "/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory, tiny_vit):
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"Chromium not found at {CHROMIUM}: install Debian's chromium (see README, .ci/run)")
+    tmp = tmp_path_factory.mktemp("browser")
+    (tmp / "data").mkdir()
+    port = free_port()
+    env = {**os.environ, "VITFT_HOME": str(tmp / "home"), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    log = open(tmp / "app.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "app.py"), "--port", str(port), "--data-root", str(tmp / "data"),
+         "--runs-dir", str(tmp / "runs"), "--no-browser"],
+        cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"app exited: {(tmp / 'app.log').read_text()[-3000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("app did not start within 180 s")
+    yield url, tiny_vit, tmp / "home"
+    process.terminate()
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
+
+
+@pytest.fixture
+def page(request):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"],
+        )
+        page = browser.new_page(viewport={"width": 1300, "height": 1500})
+        page.set_default_timeout(30_000)
+        yield page
+        failed = getattr(request.node, "rep_call", None)
+        if failed is not None and failed.failed:
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
+        browser.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):  # noqa: D103 - records the outcome for the screenshot
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)
+
+
+def choose_model(page, name: str) -> None:
+    box = page.locator("#model-choice input")
+    box.click()
+    box.fill(name)
+    box.press("Enter")
+
+
+def test_train_on_the_example_then_predict(app_url, page):
+    from playwright.sync_api import expect
+
+    url, tiny_vit, home = app_url
+    page.goto(url)
+    # Data tab: the built-in example is scanned on load.
+    expect(page.locator("#data-summary")).to_contain_text("10 classes", timeout=120_000)
+    expect(page.locator("#class-table")).to_contain_text("500")
+
+    # Train tab: a tiny model for one epoch.
+    page.get_by_role("tab", name="Train").click()
+    expect(page.locator("#param-count")).to_contain_text("12 encoder blocks", timeout=30_000)  # vit-tiny-scratch
+    choose_model(page, "google/vit-base-patch16-224")  # not cached, Hub unreachable
+    expect(page.locator("#param-count")).to_contain_text("cannot be reached", timeout=30_000)
+    expect(page.locator("#param-count")).to_contain_text("vit-tiny-scratch")
+    choose_model(page, str(tiny_vit))
+    expect(page.locator("#param-count")).to_contain_text("2 encoder blocks", timeout=30_000)
+    page.locator("#epochs input").fill("1")
+    page.locator("#start-button").click()
+    expect(page.locator("#train-message")).to_contain_text("Started run", timeout=30_000)
+    expect(page.locator("#train-status")).to_contain_text("completed", timeout=300_000)
+    expect(page.locator("#train-status")).to_contain_text("best val accuracy")
+    page.wait_for_function(
+        "() => document.querySelectorAll('#loss-plot .scatterlayer .point').length > 0", timeout=30_000
+    )
+
+    # Predict tab: the new run is chosen, an uploaded digit gets a label.
+    page.get_by_role("tab", name="Predict").click()
+    expect(page.locator("#predict-run input")).to_have_value(re.compile("tiny-vit"), timeout=30_000)
+    example = sorted((home / "datasets" / "mnist-digits" / "7").glob("*.png"))[0]
+    page.locator("#predict-files input[type=file]").set_input_files(str(example))
+    label = page.locator(".predict-label").first
+    expect(label).to_be_visible(timeout=60_000)
+    expect(label).to_contain_text(re.compile(r"\b[0-9]\b"))
+    expect(label).to_contain_text("%")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "predict-tab.png"), full_page=True)
+
+
+def test_busy_and_stop_in_the_browser(app_url, page):
+    from playwright.sync_api import expect
+
+    url, tiny_vit, _ = app_url
+    page.goto(url)
+    expect(page.locator("#data-summary")).to_contain_text("10 classes", timeout=120_000)
+    page.get_by_role("tab", name="Train").click()
+    choose_model(page, str(tiny_vit))
+    expect(page.locator("#param-count")).to_contain_text("2 encoder blocks", timeout=30_000)
+    page.locator("#epochs input").fill("100")
+    page.locator("#start-button").click()
+    expect(page.locator("#train-message")).to_contain_text("Started run", timeout=30_000)
+    expect(page.locator("#train-status")).to_contain_text("running", timeout=60_000)
+    page.locator("#start-button").click()
+    expect(page.locator("#train-message")).to_contain_text("Busy", timeout=30_000)
+    page.locator("#stop-button").click()
+    expect(page.locator("#train-message")).to_contain_text("Stopping", timeout=30_000)
+    expect(page.locator("#train-status")).to_contain_text("stopped", timeout=60_000)

@@ -1,0 +1,84 @@
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vitft_app.cli import build_parser, config_from_args, flag_name
+from vitft_app.config import TrainConfig
+
+ISSUE_FLAGS = ["--data", "--model", "--freeze-depth", "--epochs", "--batch-size", "--lr", "--weight-decay",
+               "--warmup-ratio", "--grad-accum-steps", "--precision", "--augment", "--image-size",
+               "--val-fraction", "--seed", "--output-dir"]
+
+
+def test_every_config_field_has_a_flag_and_the_documented_names_exist():
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]  # noqa: SLF001
+    flags = {option for action in train._actions for option in action.option_strings}
+    assert {flag_name(f.name) for f in dataclasses.fields(TrainConfig)} <= flags
+    assert set(ISSUE_FLAGS) <= flags
+
+
+def test_flags_build_the_same_config_as_keywords():
+    args = build_parser().parse_args(
+        ["train", "--data", "d", "--model", "m", "--freeze-depth", "3", "--lr", "1e-4", "--precision", "fp32",
+         "--augment", "none", "--image-size", "64", "--grad-accum-steps", "2"]
+    )
+    assert config_from_args(args) == TrainConfig(data_dir="d", model="m", freeze_depth=3, lr=1e-4,
+                                                 precision="fp32", augment="none", image_size=64,
+                                                 grad_accum_steps=2)
+
+
+def test_invalid_choice_is_rejected_by_argparse(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--data", "d", "--precision", "fp8"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def _vitft(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "vitft_app.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_train_then_predict_from_the_command_line(tmp_path, digits_small, tiny_vit):
+    result = _vitft("train", "--data", str(digits_small), "--model", str(tiny_vit), "--epochs", "2",
+                    "--batch-size", "16", "--lr", "3e-3", "--precision", "fp32", "--output-dir",
+                    str(tmp_path / "runs"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    assert run_dir.parent == tmp_path / "runs" and (run_dir / "model" / "config.json").exists()
+    assert "epoch 2:" in result.stderr
+
+    images = sorted((digits_small / "7").iterdir())[:2]
+    predicted = _vitft("predict", "--model", str(run_dir), *map(str, images), "--top-k", "2", cwd=tmp_path)
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    records = [json.loads(line) for line in predicted.stdout.strip().splitlines()]
+    assert [r["image"] for r in records] == [str(p) for p in images]
+    for record in records:
+        assert len(record["predictions"]) == 2
+        assert {p["label"] for p in record["predictions"]} <= {"0", "1", "7"}
+        assert 0 <= record["predictions"][1]["score"] <= record["predictions"][0]["score"] <= 1
+
+
+def test_predict_reports_a_bad_image_without_crashing(tmp_path, tiny_vit):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"nope")
+    result = _vitft("predict", "--model", str(tiny_vit), str(bad), cwd=tmp_path)
+    assert result.returncode == 1
+    assert json.loads(result.stdout) == {"image": str(bad), "error": "not an image"}
+
+
+def test_train_with_a_bad_setting_prints_the_reason(tmp_path, digits_small):
+    result = _vitft("train", "--data", str(digits_small), "--batch-size", "0", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "batch_size must be >= 1, got 0" in result.stderr
+
+
+def test_help_texts_come_from_the_config_docstrings():
+    result = subprocess.run([sys.executable, "-m", "vitft_app.cli", "train", "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert "linear probe" in result.stdout and "--grad-accum-steps" in result.stdout

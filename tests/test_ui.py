@@ -1,0 +1,166 @@
+"""UI logic: the handlers called directly (the browser test covers the wiring)."""
+
+import time
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+from PIL import Image
+
+from vitft_app.jobs import JobRunner
+from vitft_app.ui import data_tab, predict_tab, train_tab
+from vitft_app.ui.app import AppContext, AppSettings, build_app
+from vitft_app.ui.plots import figure_accuracy, figure_class_counts, figure_loss
+
+
+@pytest.fixture
+def ctx(tmp_path, digits_small):
+    settings = AppSettings(data_root=digits_small.parent, runs_dir=tmp_path / "runs",
+                           example_dir=tmp_path / "example", device="cpu")
+    return AppContext(settings=settings, runner=JobRunner(settings.runs_dir, device="cpu"))
+
+
+def form(model, **changes):
+    values = {"model": str(model), "image_size": 32, "freeze_depth": 0, "epochs": 2.0, "batch_size": 16.0,
+              "lr": 3e-3, "weight_decay": 0.01, "warmup_ratio": 0.1, "grad_accum_steps": 1.0, "precision": "fp32",
+              "augment": "none", "val_fraction": 0.2, "seed": 42.0, "log_every_steps": 2.0}
+    values.update(changes)
+    return values
+
+
+def wait_for(run_dir, states=("completed", "stopped", "failed"), timeout=120):
+    from vitft_app.runs import read_status
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = read_status(run_dir)
+        if status.get("status") in states:
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"run did not reach {states}: {read_status(run_dir)}")
+
+
+def test_app_builds(ctx):
+    demo = build_app(ctx.settings)
+    assert isinstance(demo, gr.Blocks)
+
+
+def test_path_box_accepts_only_the_data_root_and_the_example(ctx, tmp_path, digits_small):
+    assert data_tab.resolve_data_path(str(digits_small), ctx.settings) == digits_small.resolve()
+    assert data_tab.resolve_data_path(digits_small.name, ctx.settings) == digits_small.resolve()  # relative
+    (tmp_path / "example").mkdir()
+    assert data_tab.resolve_data_path(str(tmp_path / "example"), ctx.settings) == (tmp_path / "example").resolve()
+    with pytest.raises(ValueError, match="outside the data root"):
+        data_tab.resolve_data_path("/etc", ctx.settings)
+    with pytest.raises(ValueError, match="outside the data root"):
+        data_tab.resolve_data_path(str(digits_small / ".." / ".."), ctx.settings)
+    with pytest.raises(ValueError, match="not found"):
+        data_tab.resolve_data_path(str(digits_small / "missing"), ctx.settings)
+    with pytest.raises(ValueError, match="Enter a dataset folder"):
+        data_tab.resolve_data_path("  ", ctx.settings)
+
+
+def test_scan_shows_table_chart_samples_and_warnings(ctx, digits_small):
+    (digits_small / "7" / "broken.png").write_bytes(b"garbage")
+    result = data_tab.scan_folder(str(digits_small), ctx.settings)
+    assert result["classes"] == ["0", "1", "7"]
+    assert isinstance(result["counts"], pd.DataFrame) and result["counts"]["total"].tolist() == [20, 20, 20]
+    assert isinstance(result["figure"], go.Figure)
+    assert {caption for _, caption in result["samples"]} == {"0", "1", "7"}
+    assert "broken.png" in result["problems"] and "not an image" in result["problems"]
+    assert result["suggested_image_size"] == 32
+
+
+def test_scan_of_a_bad_path_is_a_message_not_an_exception(ctx):
+    result = data_tab.scan_folder("/etc", ctx.settings)
+    assert result["summary"].startswith("❌") and result["classes"] == []
+
+
+def test_form_values_become_a_config_by_keyword(tmp_path):
+    config = train_tab.config_from_form(form("vit-tiny-scratch", epochs=3.0), tmp_path)
+    assert config.epochs == 3 and isinstance(config.epochs, int) and config.image_size == 32
+    other = train_tab.config_from_form(form("google/vit-base-patch16-224"), tmp_path)
+    assert other.image_size is None  # the size slider only applies to vit-tiny-scratch
+    with pytest.raises(ValueError, match="whole number"):
+        train_tab.config_from_form(form("m", epochs=2.5), tmp_path)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        train_tab.config_from_form(form("m", batch_size=0), tmp_path)
+
+
+def test_start_busy_stop_and_live_view(ctx, digits_small, tiny_vit):
+    message, run_dir = train_tab.start_run(ctx, form(tiny_vit, epochs=200), str(digits_small))
+    assert message.startswith("▶️") and run_dir
+    busy, second = train_tab.start_run(ctx, form(tiny_vit), str(digits_small))
+    assert "Busy" in busy and "already in progress" in busy and second is None
+    wait_for(run_dir, states=("running",))
+    assert train_tab.initial_run(ctx) == run_dir  # a reopened page shows the running job
+    deadline = time.time() + 60
+    while time.time() < deadline and "epoch" not in str(train_tab.poll(ctx, run_dir, None)[0]):
+        time.sleep(0.2)
+    assert "Stopping" in train_tab.stop_run(ctx)
+    status = wait_for(run_dir)
+    assert status["status"] == "stopped"
+    text, loss, accuracy, signature = train_tab.poll(ctx, run_dir, None)
+    assert "stopped" in text and isinstance(loss, go.Figure) and isinstance(accuracy, go.Figure)
+    unchanged = train_tab.poll(ctx, run_dir, signature)
+    assert all(isinstance(v, type(gr.skip())) for v in unchanged)
+    assert train_tab.stop_run(ctx) == "Nothing is running."
+
+
+def test_failure_and_bad_input_show_messages(ctx, digits_small, tmp_path):
+    message, run_dir = train_tab.start_run(ctx, form(tmp_path / "missing-model"), str(digits_small))
+    status = wait_for(run_dir)
+    text = train_tab.status_markdown(status, Path(run_dir).name)
+    assert "failed" in text and "missing-model" in text and "Traceback" not in text
+    bad, none = train_tab.start_run(ctx, form("vit-tiny-scratch", lr=-1), str(digits_small))
+    assert bad.startswith("❌") and "lr must be > 0" in bad and none is None
+    outside, _ = train_tab.start_run(ctx, form("vit-tiny-scratch"), "/etc")
+    assert "outside the data root" in outside
+
+
+def test_offline_model_shows_a_clear_message(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty"))
+    from vitft_app import modeling
+
+    modeling.load_model_config.cache_clear()
+    _, text = train_tab.model_info("facebook/deit-tiny-patch16-224", 224, 0, ["a", "b"])
+    assert "facebook/deit-tiny-patch16-224" in text and "cannot be reached" in text and "vit-tiny-scratch" in text
+
+
+def test_parameter_counts_follow_freeze_depth(tiny_vit):
+    update, text = train_tab.model_info("vit-tiny-scratch", 32, 12, ["a", "b"])
+    assert update["maximum"] == 12 and "linear probe" in text
+    update, text = train_tab.model_info(str(tiny_vit), None, 9, ["a", "b"])
+    assert update["maximum"] == 2 and update["value"] == 2  # clipped to the model's depth
+
+
+def test_predict_tab(ctx, digits_small, tiny_vit, tmp_path):
+    assert "No trained model" in predict_tab.predict_files(ctx, None, [str(tmp_path / "x.png")], 3)[0]["error"]
+    _, run_dir = train_tab.start_run(ctx, form(tiny_vit, epochs=1), str(digits_small))
+    wait_for(run_dir)
+    choices = predict_tab.run_choices(ctx)
+    assert choices and choices[0][1] == run_dir
+    assert predict_tab.refresh_runs(ctx, None)["value"] == run_dir
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    good = sorted((digits_small / "1").iterdir())[0]
+    results = predict_tab.predict_files(ctx, run_dir, [str(good), str(bad)], 2)
+    assert set(results[0]["scores"]) <= {"0", "1", "7"} and len(results[0]["scores"]) == 2
+    assert 0 < sum(results[0]["scores"].values()) <= 1 + 1e-6  # top-2 of a softmax
+    assert results[1]["error"] == "bad.png: not an image"
+
+
+def test_figures_are_pure_functions_of_the_metrics():
+    metrics = pd.DataFrame([
+        {"kind": "train", "step": 5, "loss": 2.0},
+        {"kind": "eval", "step": 10, "train_loss": 1.8, "train_accuracy": 0.3, "val_loss": 1.9, "val_accuracy": 0.25},
+    ])
+    loss = figure_loss(metrics)
+    assert [list(t.y) for t in loss.data] == [[2.0], [1.9]]
+    assert [list(t.y) for t in figure_accuracy(metrics).data] == [[0.3], [0.25]]
+    counts = figure_class_counts(pd.DataFrame({"class": ["a"], "train": [3], "val": [1]}))
+    assert [list(t.y) for t in counts.data] == [[3], [1]]
+    assert figure_loss(pd.DataFrame()).data == ()
