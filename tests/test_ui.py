@@ -152,6 +152,14 @@ def test_predict_tab(ctx, digits_small, tiny_vit, tmp_path):
     assert 0 < sum(results[0]["scores"].values()) <= 1 + 1e-6  # top-2 of a softmax
     assert results[1]["error"] == "bad.png: not an image"
 
+    # Prediction keeps working while another job trains.
+    _, busy_run = train_tab.start_run(ctx, form(tiny_vit, epochs=200), str(digits_small))
+    wait_for(busy_run, states=("running",))
+    during = predict_tab.predict_files(ctx, run_dir, [str(good)], 3)
+    assert ctx.runner.is_busy() and len(during[0]["scores"]) == 3
+    train_tab.stop_run(ctx)
+    wait_for(busy_run)
+
 
 def test_figures_are_pure_functions_of_the_metrics():
     metrics = pd.DataFrame([

@@ -172,9 +172,20 @@ def run_predict(args: argparse.Namespace) -> int:
     return code
 
 
+def _quiet_library_progress_bars() -> None:
+    """Hides transformers' own "Loading weights" / "Writing model shards" bars, which would
+    interleave with vitft's progress bar; warnings and errors still print."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vitft`` console script."""
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "predict"):
+        _quiet_library_progress_bars()
     if args.command == "train":
         return run_train(args)
     if args.command == "predict":

@@ -147,6 +147,8 @@ def _call_hub(loader: Any, name: str, **kwargs: Any) -> Any:
             return loader.from_pretrained(target, **kwargs)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"Cannot load model from folder '{target}': {exc}") from exc
+    if name.startswith(("/", "./", "../", "~")) or (len(name) > 1 and name[1] == ":"):  # a path, not a Hub id
+        raise ModelLoadError(f"Model folder not found: {Path(name).expanduser()}")
     try:  # cached already? No network needed then.
         return loader.from_pretrained(target, local_files_only=True, **kwargs)
     except (OSError, ValueError):
