@@ -96,6 +96,17 @@ def choose_model(page, name: str) -> None:
     box.press("Enter")
 
 
+def start_tiny_run(page, tiny_vit, epochs: int) -> None:
+    """Train tab: choose the tiny model, set the epochs, press Start and see it accepted."""
+    from playwright.sync_api import expect
+
+    choose_model(page, str(tiny_vit))
+    expect(page.locator("#param-count")).to_contain_text("2 encoder blocks", timeout=30_000)
+    page.locator("#epochs input").fill(str(epochs))
+    page.locator("#start-button").click()
+    expect(page.locator("#train-message")).to_contain_text("Started run", timeout=30_000)
+
+
 def test_train_on_the_example_then_predict(app_url, page):
     from playwright.sync_api import expect
 
@@ -111,11 +122,7 @@ def test_train_on_the_example_then_predict(app_url, page):
     choose_model(page, "google/vit-base-patch16-224")  # not cached, Hub unreachable
     expect(page.locator("#param-count")).to_contain_text("cannot be reached", timeout=30_000)
     expect(page.locator("#param-count")).to_contain_text("vit-tiny-scratch")
-    choose_model(page, str(tiny_vit))
-    expect(page.locator("#param-count")).to_contain_text("2 encoder blocks", timeout=30_000)
-    page.locator("#epochs input").fill("1")
-    page.locator("#start-button").click()
-    expect(page.locator("#train-message")).to_contain_text("Started run", timeout=30_000)
+    start_tiny_run(page, tiny_vit, epochs=1)
     expect(page.locator("#train-status")).to_contain_text("completed", timeout=300_000)
     expect(page.locator("#train-status")).to_contain_text("best val accuracy")
     page.wait_for_function(
@@ -142,11 +149,7 @@ def test_busy_and_stop_in_the_browser(app_url, page):
     page.goto(url)
     expect(page.locator("#data-summary")).to_contain_text("10 classes", timeout=120_000)
     page.get_by_role("tab", name="Train").click()
-    choose_model(page, str(tiny_vit))
-    expect(page.locator("#param-count")).to_contain_text("2 encoder blocks", timeout=30_000)
-    page.locator("#epochs input").fill("100")
-    page.locator("#start-button").click()
-    expect(page.locator("#train-message")).to_contain_text("Started run", timeout=30_000)
+    start_tiny_run(page, tiny_vit, epochs=100)
     expect(page.locator("#train-status")).to_contain_text("running", timeout=60_000)
     page.locator("#start-button").click()
     expect(page.locator("#train-message")).to_contain_text("Busy", timeout=30_000)

@@ -67,7 +67,7 @@ def test_offline_hub_model_gives_clear_message_quickly(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
     from vitft_app import modeling
 
-    modeling.load_model_config.cache_clear()
+    modeling._hub_config.cache_clear()
     start = time.perf_counter()
     with pytest.raises(ModelLoadError) as info:
         build_model("google/vit-base-patch16-224", CLASSES)

@@ -136,27 +136,33 @@ def test_second_start_is_refused_while_busy(tmp_path, digits_root, tiny_vit):
     assert len(RunStore(tmp_path / "runs").list_runs()) == 1
 
 
-def test_failure_in_the_thread_becomes_failed_status(tmp_path, digits_root):
+def test_unloadable_model_is_refused_before_a_run_folder_exists(tmp_path, digits_root):
+    from vitft_app.modeling import ModelLoadError
+
+    runner = JobRunner(tmp_path / "runs", device="cpu")
+    with pytest.raises(ModelLoadError, match="no-such-model"):
+        runner.start(tiny_config(digits_root, tmp_path / "no-such-model", tmp_path))
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+        runner.start(tiny_config(digits_root, "vit-tiny-scratch", tmp_path, precision="fp16"))
+    with pytest.raises(FileNotFoundError):
+        runner.start(tiny_config(tmp_path / "no-data", "vit-tiny-scratch", tmp_path))
+    assert RunStore(tmp_path / "runs").list_runs() == []
+
+
+def test_failure_in_the_thread_becomes_failed_status_with_advice(tmp_path, tiny_vit):
+    from PIL import Image
+
+    (tmp_path / "one" / "only").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "one" / "only" / "a.png")
     runner = JobRunner(tmp_path / "runs", device="cpu")
     seen = []
-    job = runner.start(tiny_config(digits_root, tmp_path / "no-such-model", tmp_path), listener=seen.append)
+    job = runner.start(tiny_config(tmp_path / "one", tiny_vit, tmp_path), listener=seen.append)
     job.thread.join(60)
     assert isinstance(seen[-1], RunFailed)
     status = read_status(job.run_dir)
-    assert status["status"] == "failed" and "no-such-model" in status["error"]
+    assert status["status"] == "failed" and "at least 2" in status["error"]
     assert "Traceback" in (job.run_dir / "train.log").read_text()
     assert "Traceback" not in status["error"]
-
-
-def test_dataset_problems_fail_with_advice(tmp_path, tiny_vit):
-    (tmp_path / "one" / "only").mkdir(parents=True)
-    from PIL import Image
-
-    Image.new("RGB", (8, 8)).save(tmp_path / "one" / "only" / "a.png")
-    runner = JobRunner(tmp_path / "runs", device="cpu")
-    job = runner.start(tiny_config(tmp_path / "one", tiny_vit, tmp_path))
-    job.thread.join(60)
-    assert "at least 2" in read_status(job.run_dir)["error"]
 
 
 def test_crashed_process_reads_as_interrupted(tmp_path):

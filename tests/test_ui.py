@@ -1,5 +1,6 @@
 """UI logic: the handlers called directly (the browser test covers the wiring)."""
 
+import shutil
 import time
 from pathlib import Path
 
@@ -109,11 +110,18 @@ def test_start_busy_stop_and_live_view(ctx, digits_small, tiny_vit):
     assert train_tab.stop_run(ctx) == "Nothing is running."
 
 
-def test_failure_and_bad_input_show_messages(ctx, digits_small, tmp_path):
-    message, run_dir = train_tab.start_run(ctx, form(tmp_path / "missing-model"), str(digits_small))
+def test_failure_and_bad_input_show_messages(ctx, digits_small, tmp_path, tiny_vit):
+    shutil.rmtree(digits_small / "1")
+    shutil.rmtree(digits_small / "7")  # one class left: the run starts, then fails with advice
+    message, run_dir = train_tab.start_run(ctx, form(tiny_vit), str(digits_small))
     status = wait_for(run_dir)
+    ctx.runner.current.thread.join(30)
     text = train_tab.status_markdown(status, Path(run_dir).name)
-    assert "failed" in text and "missing-model" in text and "Traceback" not in text
+    assert "failed" in text and "at least 2" in text and "Traceback" not in text
+    missing, none = train_tab.start_run(ctx, form(tmp_path / "missing-model"), str(digits_small))
+    assert missing.startswith("❌") and "missing-model" in missing and none is None
+    fp16, _ = train_tab.start_run(ctx, form("vit-tiny-scratch", precision="fp16"), str(digits_small))
+    assert "fp16 needs a CUDA GPU" in fp16
     bad, none = train_tab.start_run(ctx, form("vit-tiny-scratch", lr=-1), str(digits_small))
     assert bad.startswith("❌") and "lr must be > 0" in bad and none is None
     outside, _ = train_tab.start_run(ctx, form("vit-tiny-scratch"), "/etc")
@@ -125,7 +133,7 @@ def test_offline_model_shows_a_clear_message(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty"))
     from vitft_app import modeling
 
-    modeling.load_model_config.cache_clear()
+    modeling._hub_config.cache_clear()
     _, text = train_tab.model_info("facebook/deit-tiny-patch16-224", 224, 0, ["a", "b"])
     assert "facebook/deit-tiny-patch16-224" in text and "cannot be reached" in text and "vit-tiny-scratch" in text
 

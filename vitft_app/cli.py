@@ -133,7 +133,13 @@ def run_train(args: argparse.Namespace) -> int:
                 bar.close()
             print(f"failed: {event.error}", file=sys.stderr)
 
-    job = runner.start(config, listener=listener)
+    from .modeling import ModelLoadError
+
+    try:
+        job = runner.start(config, listener=listener)
+    except (ModelLoadError, ValueError, FileNotFoundError) as exc:
+        print(f"vitft train: error: {exc}", file=sys.stderr)
+        return 2
     try:
         while job.thread.is_alive():
             job.thread.join(timeout=0.5)

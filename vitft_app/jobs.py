@@ -86,8 +86,11 @@ class JobRunner:
 
         Raises:
             BusyError: a job is already running; the message names it.
+            ModelLoadError, ValueError, FileNotFoundError: from :func:`~vitft_app.training.preflight`
+                (unloadable model, precision the device lacks, missing dataset folder); no run
+                folder is created then.
         """
-        from .training import train
+        from .training import preflight, train
 
         with self._lock:
             if self.is_busy():
@@ -95,6 +98,7 @@ class JobRunner:
                     f"A training run is already in progress ({self._job.run_dir.name}). "
                     "Wait for it to finish or press Stop first."
                 )
+            preflight(config, self.device)
             run_dir = self.store.create_run(config)
             recorder = RunRecorder(run_dir)
 

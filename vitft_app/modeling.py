@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import socket
@@ -162,15 +163,24 @@ def _call_hub(loader: Any, name: str, **kwargs: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=32)
-def load_model_config(name: str) -> Any:
-    """The checkpoint's ``PretrainedConfig`` (cached per name; no weights are read).
-
-    Raises:
-        ModelLoadError: offline and not cached, or not a valid model.
-    """
+def _hub_config(name: str) -> Any:
     from transformers import AutoConfig
 
     return _call_hub(AutoConfig, name)
+
+
+def load_model_config(name: str) -> Any:
+    """The checkpoint's ``PretrainedConfig`` (no weights are read). Hub configs are cached per
+    name for the process; local folders are read each time (a run's model/ changes as it trains).
+
+    Raises:
+        ModelLoadError: offline and not cached, unknown id, or missing folder.
+    """
+    from transformers import AutoConfig
+
+    if is_local_model(resolve_model_path(name)):
+        return _call_hub(AutoConfig, name)
+    return _hub_config(name)
 
 
 def checkpoint_labels(config: Any) -> list[str] | None:
@@ -367,7 +377,7 @@ def summarize_model(name: str, classes: list[str], freeze_depth: int, image_size
         config = scratch_config(image_size or SCRATCH_DEFAULT_IMAGE_SIZE, id2label)
         head_note = "random weights, new head"
     else:
-        config = load_model_config(name).__class__.from_dict(load_model_config(name).to_dict())
+        config = copy.deepcopy(load_model_config(name))
         keep = head_matches(config, classes)
         config.num_labels = n
         head_note = "head kept" if keep else f"head re-initialized for {n} classes"

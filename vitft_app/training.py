@@ -119,6 +119,25 @@ def evaluate(
     return loss_sum.item() / seen, correct.item() / seen
 
 
+def preflight(config: TrainConfig, device: str | None = None) -> None:
+    """Fast checks before a run folder is created: the dataset folder exists, the precision is
+    supported on the device, and the model's config loads (no weights are read).
+
+    Raises:
+        FileNotFoundError: the dataset folder does not exist.
+        ValueError: the precision is not supported on the device.
+        ModelLoadError: the model cannot be loaded (offline and not cached, unknown id, missing folder).
+    """
+    from .config import SCRATCH_MODEL
+    from .modeling import load_model_config
+
+    if not Path(config.data_dir).expanduser().is_dir():
+        raise FileNotFoundError(f"Dataset folder not found: {config.data_dir}")
+    resolve_device_plan(config.precision, device)
+    if config.model != SCRATCH_MODEL:
+        load_model_config(config.model)
+
+
 def prepare_data(config: TrainConfig, emit: Emit) -> DatasetReport:
     """Scans the dataset and reports skipped files.
 

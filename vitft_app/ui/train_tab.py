@@ -89,6 +89,8 @@ def start_run(ctx: Any, values: dict[str, Any], data_text: str) -> tuple[str, st
         job = ctx.runner.start(dataclasses.replace(config, output_dir=str(ctx.settings.runs_dir)))
     except BusyError as exc:
         return f"⏳ Busy: {exc}", None
+    except (ModelLoadError, ValueError, FileNotFoundError) as exc:
+        return f"❌ {exc}", None
     return f"▶️ Started run `{job.run_dir.name}`.", str(job.run_dir)
 
 
@@ -132,7 +134,8 @@ def status_markdown(status: dict[str, Any], run_id: str) -> str:
         parts.append(f"best val accuracy {status['best_val_accuracy']:.4f}")
     if status.get("device"):
         parts.append(f"{status['device']} {status.get('precision', '')}")
-    return " · ".join(parts)
+    notes = status.get("notes") or []
+    return " · ".join(parts) + ("\n\n" + " · ".join(f"_{n}_" for n in notes) if notes else "")
 
 
 def initial_run(ctx: Any) -> str | None:
