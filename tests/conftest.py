@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
-# Never let a test reach for the network: real Hub calls are replaced by the offline path.
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# The app folder (example dataset, scan cache) of this test session, never the user's ~/.vitft.
+os.environ["VITFT_HOME"] = tempfile.mkdtemp(prefix="vitft-test-home-")
 
 
 def save_tiny_vit(folder: Path, image_size: int = 32, labels: list[str] | None = None, layers: int = 2) -> Path:

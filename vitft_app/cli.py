@@ -2,6 +2,7 @@
 
     vitft train --data DIR --model NAME_OR_PATH [--freeze-depth N] [--epochs E] ...
     vitft predict --model DIR IMAGE... [--top-k K]
+    vitft scan DIR [--json]
     vitft app [--host 127.0.0.1] [--port 7860] ...   (same as ``python app.py``)
 
 ``train`` flags are generated from the :class:`~vitft_app.config.TrainConfig` fields (their
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -85,6 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     predict.add_argument("--top-k", type=int, default=5, help="classes per image (default: 5)")
 
+    scan = commands.add_parser("scan", help="check a dataset folder (the dataset doctor)",
+                               description="Decode every image, report classes, counts, skipped and ignored"
+                                           " files, duplicates, imbalance. Exit 0 when the dataset can train,"
+                                           " 2 when it cannot (reasons on stderr).")
+    scan.add_argument("data", metavar="DIR", help="dataset folder")
+    scan.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    scan.add_argument("--val-fraction", type=float, default=0.2, help="automatic split share (default: 0.2)")
+    scan.add_argument("--seed", type=int, default=42, help="automatic split seed (default: 42)")
+    scan.add_argument("--max-pixels", type=int, default=None,
+                      help="skip images with more pixels than this as too large (default: Pillow's limit)")
+    scan.add_argument("--no-cache", action="store_true", help="decode every file again, ignoring the scan cache")
+
     app = commands.add_parser("app", help="start the web app (same as python app.py)")
     add_server_arguments(app)
     return parser
@@ -151,6 +165,45 @@ def run_train(args: argparse.Namespace) -> int:
     return 0 if state["status"] in ("completed", "stopped") else 1
 
 
+def run_scan(args: argparse.Namespace) -> int:
+    """Scans with a progress bar on stderr; prints the report (text or ``--json``) on stdout."""
+    from tqdm import tqdm
+
+    from .data import scan_dataset
+
+    bar = tqdm(unit="file", file=sys.stderr, dynamic_ncols=True, desc="decoding", disable=None)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        report = scan_dataset(args.data, val_fraction=args.val_fraction, seed=args.seed, max_pixels=args.max_pixels,
+                              cache=None if args.no_cache else "default", progress=progress)
+    except (FileNotFoundError, NotADirectoryError, PermissionError, ValueError) as exc:
+        bar.close()
+        print(f"vitft scan: error: {exc}", file=sys.stderr)
+        return 2
+    bar.close()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.summary())
+        print(report.counts().to_string(index=False))
+        for path, reason in report.skipped:
+            print(f"skipped: {os.path.relpath(path, report.root)}: {reason}")
+        for group in report.duplicates:
+            print(f"duplicates ({', '.join(group.kinds)}): "
+                  + ", ".join(os.path.relpath(p, report.root) for p in group.paths))
+        if report.ignored:
+            print(f"ignored: {len(report.ignored)} entries (hidden, system or non-image files)")
+        for warning in report.warnings:
+            print(f"warning: {warning}")
+    for error in report.errors:
+        print(f"cannot train: {error}", file=sys.stderr)
+    return 0 if report.ok else 2
+
+
 def run_predict(args: argparse.Namespace) -> int:
     """Prints ``{"image": PATH, "predictions": [{"label", "score"}, ...]}`` per image (JSON lines).
 
@@ -196,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_train(args)
     if args.command == "predict":
         return run_predict(args)
+    if args.command == "scan":
+        return run_scan(args)
     from .server import launch
 
     launch(args)

@@ -13,6 +13,14 @@ from urllib.parse import urlparse
 
 import torch
 from torch import nn
+from transformers import (  # imported up front: transformers' lazy imports race across threads
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessor,
+)
 
 from .config import SCRATCH_MODEL
 
@@ -54,8 +62,6 @@ def scratch_config(image_size: int, id2label: dict[int, str]) -> Any:
     Raises:
         ValueError: ``image_size`` is outside 32..224 or not a multiple of its patch size.
     """
-    from transformers import ViTConfig
-
     if not 32 <= image_size <= 224:
         raise ValueError(f"image_size for vit-tiny-scratch must be between 32 and 224, got {image_size}")
     patch = scratch_patch_size(image_size)
@@ -73,14 +79,13 @@ def scratch_config(image_size: int, id2label: dict[int, str]) -> Any:
         num_labels=len(id2label),
         id2label={int(k): v for k, v in id2label.items()},
         label2id={v: int(k) for k, v in id2label.items()},
+        problem_type="single_label_classification",
     )
 
 
 def scratch_processor(image_size: int) -> Any:
     """The image processor saved with vit-tiny-scratch: resize to a square, mean and std 0.5
     (the ``ViTImageProcessor`` defaults)."""
-    from transformers import ViTImageProcessor
-
     return ViTImageProcessor(size={"height": image_size, "width": image_size})
 
 
@@ -164,8 +169,6 @@ def _call_hub(loader: Any, name: str, **kwargs: Any) -> Any:
 
 @functools.lru_cache(maxsize=32)
 def _hub_config(name: str) -> Any:
-    from transformers import AutoConfig
-
     return _call_hub(AutoConfig, name)
 
 
@@ -176,8 +179,6 @@ def load_model_config(name: str) -> Any:
     Raises:
         ModelLoadError: offline and not cached, unknown id, or missing folder.
     """
-    from transformers import AutoConfig
-
     if is_local_model(resolve_model_path(name)):
         return _call_hub(AutoConfig, name)
     return _hub_config(name)
@@ -220,8 +221,8 @@ def build_model(name: str, classes: list[str], image_size: int | None = None) ->
             checkpoint was not trained for.
         ValueError: invalid image size for vit-tiny-scratch.
     """
-    from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTForImageClassification
-
+    if len(classes) < 2:
+        raise ValueError(f"A classifier needs at least 2 classes, got {len(classes)}")
     id2label = dict(enumerate(classes))
     if name == SCRATCH_MODEL:
         size = image_size or SCRATCH_DEFAULT_IMAGE_SIZE
@@ -250,6 +251,7 @@ def build_model(name: str, classes: list[str], image_size: int | None = None) ->
         num_labels=len(classes),
         id2label=id2label,
         label2id={c: i for i, c in id2label.items()},
+        problem_type="single_label_classification",
         ignore_mismatched_sizes=True,
     )
     notes = [f"Loaded pretrained weights from '{name}'"]
@@ -369,8 +371,6 @@ def summarize_model(name: str, classes: list[str], freeze_depth: int, image_size
         ModelLoadError: the config cannot be loaded (offline and not cached, unknown id).
         ValueError: invalid image size for vit-tiny-scratch.
     """
-    from transformers import AutoModelForImageClassification
-
     n = max(len(classes), 2)
     id2label = dict(enumerate(classes)) if classes else {0: "LABEL_0", 1: "LABEL_1"}
     if name == SCRATCH_MODEL:

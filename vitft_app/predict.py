@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from .data import build_transforms
 from .device import resolve_device_plan
@@ -43,8 +44,6 @@ class Predictor:
     """
 
     def __init__(self, model_path: str | os.PathLike, device: str | None = None):
-        from transformers import AutoImageProcessor, AutoModelForImageClassification
-
         from .modeling import is_model_folder, resolve_model_path
 
         path = Path(model_path).expanduser()

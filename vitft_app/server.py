@@ -57,5 +57,4 @@ def launch(args: argparse.Namespace) -> None:
         auth=auth,
         inbrowser=not args.no_browser,
         show_error=False,
-        theme=None,
     )

@@ -14,6 +14,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import get_cosine_schedule_with_warmup
+from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
+from transformers.trainer_pt_utils import get_parameter_names
 
 from .config import TrainConfig
 from .data import DatasetReport, ImageDataset, build_transforms, collate_skipping_failures, processor_spec, scan_dataset
@@ -52,9 +55,6 @@ def create_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.
     (``requires_grad=False``) are not given to the optimizer at all, so weight decay cannot move
     them.
     """
-    from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
-    from transformers.trainer_pt_utils import get_parameter_names
-
     decay_names = {n for n in get_parameter_names(model, ALL_LAYERNORM_LAYERS) if not n.endswith("bias")}
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [
@@ -77,8 +77,6 @@ def optimizer_steps_per_epoch(num_micro_batches: int, grad_accum_steps: int) -> 
 def create_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float) -> Any:
     """Linear warmup over ``ceil(warmup_ratio * total_steps)`` optimizer steps, then cosine decay
     to 0, as ``transformers.get_cosine_schedule_with_warmup`` (the Trainer's warmup rounding)."""
-    from transformers import get_cosine_schedule_with_warmup
-
     warmup = math.ceil(warmup_ratio * total_steps)
     return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 

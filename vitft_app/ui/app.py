@@ -59,12 +59,6 @@ class AppContext:
             return self._predictors[key]
 
 
-CSS = """
-.vitft-status {font-size: 1.05em}
-footer {display: none !important}
-"""
-
-
 def build_app(settings: AppSettings) -> gr.Blocks:
     """Builds the vitft UI.
 
@@ -89,5 +83,4 @@ def build_app(settings: AppSettings) -> gr.Blocks:
             with gr.Tab("Predict", id="predict") as predict:
                 predict_tab.build(ctx, demo, predict)
         demo.load(data_tab.scan_folder_outputs_fn(ctx), inputs=data.path, outputs=data.outputs)
-    demo.vitft_context = ctx  # type: ignore[attr-defined]  # for tests and launchers
     return demo

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -12,7 +13,8 @@ import pandas as pd
 
 from ..data import DatasetReport, scan_dataset
 from ..images import ImageLoadError, load_image
-from .plots import figure_class_counts
+from ..uploads import UnsafeArchiveError, extract_zip
+from .plots import figure_class_counts, figure_image_stats
 
 SAMPLES_PER_CLASS = 4
 MAX_CLASSES_SHOWN = 12
@@ -62,17 +64,34 @@ def sample_thumbnails(report: DatasetReport, per_class: int = SAMPLES_PER_CLASS)
 
 
 def report_markdown(report: DatasetReport) -> tuple[str, str]:
-    """``(summary, problems)`` Markdown for a scanned dataset."""
+    """``(summary, problems)`` Markdown for a scanned dataset: errors, warnings, skipped files
+    with reasons, duplicate groups and ignored entries (first 50 of each)."""
+
+    def rel(path: str) -> str:
+        return os.path.relpath(path, report.root)
+
     summary = f"**{Path(report.root).name}** · {report.summary()}"
     lines = [f"- ❌ {e}" for e in report.errors] + [f"- ⚠️ {w}" for w in report.warnings]
-    if report.skipped:
-        lines.append("\n**Skipped files**")
-        lines += [f"- `{os.path.relpath(p, report.root)}`: {reason}" for p, reason in report.skipped[:50]]
-        if len(report.skipped) > 50:
-            lines.append(f"- … and {len(report.skipped) - 50} more")
-    if not lines:
-        lines = ["✅ No problems found."]
+    sections = [
+        ("Skipped files", [f"`{rel(p)}`: {reason}" for p, reason in report.skipped]),
+        ("Duplicates", [f"{', '.join(g.kinds)}: " + ", ".join(f"`{rel(p)}`" for p in g.paths)
+                        for g in report.duplicates]),
+        ("Ignored (hidden, system or non-image files, links)", [f"`{rel(p)}`" for p in report.ignored]),
+    ]
+    for title, entries in sections:
+        if entries:
+            lines.append(f"\n**{title}** ({len(entries)})")
+            lines += [f"- {e}" for e in entries[:50]]
+            if len(entries) > 50:
+                lines.append(f"- … and {len(entries) - 50} more (download the CSV report)")
+    if not report.errors and not report.warnings:
+        lines.insert(0, "✅ Ready to train: no problems found.")
     return summary, "\n".join(lines)
+
+
+#: Keys of :func:`scan_folder`'s result, in the order of :attr:`DataTab.outputs`.
+OUTPUT_KEYS = ("summary", "problems", "counts", "figure", "sizes_figure", "samples", "csv", "classes",
+               "suggested_image_size")
 
 
 @dataclass
@@ -85,21 +104,34 @@ class DataTab:
     outputs: list
 
 
-def scan_folder(text: str | None, settings: Any) -> dict[str, Any]:
+def _write_csv(report: DatasetReport) -> str:
+    """Writes the per-file report to a fresh temp file and returns its path (for download)."""
+    folder = Path(tempfile.mkdtemp(prefix="vitft-scan-"))
+    path = folder / f"{Path(report.root).name}-scan.csv"
+    path.write_text(report.to_csv(), encoding="utf-8")
+    return str(path)
+
+
+def scan_folder(text: str | None, settings: Any, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Scans the folder named in the path box.
 
     Returns:
-        ``{"summary", "problems", "counts" (DataFrame), "figure", "samples", "classes",
-        "suggested_image_size"}``;
-        on bad input ``summary`` holds the message and the rest is empty (never raises).
+        A dict with :data:`OUTPUT_KEYS`: markdown ``summary`` and ``problems``, ``counts``
+        (DataFrame), class-count and image-size ``figure``s, ``samples`` for the gallery, ``csv``
+        (path of the downloadable report), ``classes`` and ``suggested_image_size``. On bad input
+        ``summary`` holds the message and the rest is empty (never raises).
     """
-    empty = {"counts": pd.DataFrame(columns=["class", "train", "val", "total"]), "samples": [], "classes": [],
-             "suggested_image_size": None}
+    empty_counts = pd.DataFrame(columns=["class", "train", "val", "total"])
+    failed = {"problems": "", "counts": empty_counts, "figure": figure_class_counts(empty_counts),
+              "sizes_figure": figure_image_stats(pd.DataFrame()), "samples": [], "csv": None, "classes": [],
+              "suggested_image_size": None}
     try:
         folder = resolve_data_path(text, settings)
-        report = scan_dataset(folder)
+        report = scan_dataset(folder, progress=progress)
     except (ValueError, FileNotFoundError, PermissionError) as exc:
-        return {"summary": f"❌ {exc}", "problems": "", "figure": figure_class_counts(empty["counts"]), **empty}
+        return {"summary": f"❌ {exc}", **failed}
+    except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
+        return {"summary": f"❌ Scan failed: {type(exc).__name__}: {exc}", **failed}
     counts = report.counts()
     summary, problems = report_markdown(report)
     return {
@@ -107,7 +139,9 @@ def scan_folder(text: str | None, settings: Any) -> dict[str, Any]:
         "problems": problems,
         "counts": counts,
         "figure": figure_class_counts(counts),
+        "sizes_figure": figure_image_stats(report.file_table()),
         "samples": sample_thumbnails(report),
+        "csv": _write_csv(report),
         "classes": report.classes,
         "suggested_image_size": report.suggested_image_size(),
     }
@@ -116,12 +150,34 @@ def scan_folder(text: str | None, settings: Any) -> dict[str, Any]:
 def scan_folder_outputs_fn(ctx: Any) -> Callable:
     """The handler wired to Scan and page load: returns values in :attr:`DataTab.outputs` order."""
 
-    def handler(text: str | None):
-        result = scan_folder(text, ctx.settings)
-        return (result["summary"], result["problems"], result["counts"], result["figure"],
-                result["samples"], result["classes"], result["suggested_image_size"])
+    def handler(text: str | None, progress: gr.Progress = gr.Progress()):
+        def report_progress(done: int, total: int) -> None:
+            progress((done, total), desc="Decoding images", unit="files")
+
+        result = scan_folder(text, ctx.settings, report_progress)
+        return tuple(result[key] for key in OUTPUT_KEYS)
 
     return handler
+
+
+def receive_upload(file: Any, settings: Any) -> tuple[Any, str]:
+    """Extracts an uploaded zip under ``<data root>/uploads`` and points the path box at it.
+
+    Returns:
+        ``(path box value or gr.skip(), message markdown)``; never raises.
+    """
+    if not file:
+        return gr.skip(), ""
+    path = file if isinstance(file, str) else getattr(file, "name", str(file))
+    if not str(path).lower().endswith(".zip"):
+        return gr.skip(), "❌ Upload a .zip file holding one folder per class (or train/ and val/)."
+    try:
+        folder = extract_zip(path, Path(settings.data_root) / "uploads")
+    except UnsafeArchiveError as exc:
+        return gr.skip(), f"❌ {exc}"
+    except OSError as exc:
+        return gr.skip(), f"❌ Could not extract the zip into {settings.data_root}/uploads: {exc}"
+    return str(folder), f"📦 Extracted to `{folder}`."
 
 
 def picked_folder(selection: str | list | None, settings: Any) -> str:
@@ -164,17 +220,28 @@ def build(ctx: Any) -> DataTab:
                     label=f"Folders under {settings.data_root}",
                     height=260,
                 )
+    with gr.Accordion("Upload a dataset (.zip)", open=False):
+        upload = gr.File(label="Drop a .zip holding one folder per class (or train/ and val/)",
+                         file_types=[".zip"], type="filepath", elem_id="zip-upload")
+        upload_message = gr.Markdown(elem_id="upload-message")
     summary = gr.Markdown(elem_id="data-summary")
     problems = gr.Markdown(elem_id="data-problems")
     with gr.Row():
         counts = gr.Dataframe(label="Images per class", interactive=False, elem_id="class-table")
         figure = gr.Plot(label="Class counts")
+    sizes_figure = gr.Plot(label="Image sizes, aspect ratios and modes")
+    csv = gr.DownloadButton("Download the scan report (CSV)", elem_id="scan-csv")
     samples = gr.Gallery(label="Samples (first images of each class)", columns=8, height=260, object_fit="contain")
     classes = gr.State([])
     suggested_size = gr.State(None)
-    outputs = [summary, problems, counts, figure, samples, classes, suggested_size]
+    by_key = {"summary": summary, "problems": problems, "counts": counts, "figure": figure,
+              "sizes_figure": sizes_figure, "samples": samples, "csv": csv, "classes": classes,
+              "suggested_image_size": suggested_size}
+    outputs = [by_key[key] for key in OUTPUT_KEYS]
 
     handler = scan_folder_outputs_fn(ctx)
+    upload.upload(lambda f: receive_upload(f, settings), inputs=upload, outputs=[path, upload_message]).then(
+        handler, inputs=path, outputs=outputs)
     scan.click(handler, inputs=path, outputs=outputs)
     path.submit(handler, inputs=path, outputs=outputs)
     example.click(lambda: str(settings.example_dir), outputs=path).then(handler, inputs=path, outputs=outputs)

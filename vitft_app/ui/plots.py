@@ -63,3 +63,25 @@ def figure_class_counts(counts: pd.DataFrame) -> go.Figure:
         xaxis=dict(type="category"),
     )
     return fig
+
+
+def figure_image_stats(files: pd.DataFrame) -> go.Figure:
+    """Histograms of usable images' widths and heights, aspect ratios (width / height), and a bar
+    chart of their Pillow modes.
+
+    Args:
+        files: ``DatasetReport.file_table()`` (columns ``status``, ``width``, ``height``,
+            ``aspect``, ``mode``); an empty frame gives empty axes.
+    """
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("Size (pixels)", "Aspect ratio (w/h)", "Mode"))
+    if not files.empty:
+        usable = files[files["status"] == "ok"]
+        fig.add_trace(go.Histogram(x=usable["width"], name="width", opacity=0.7), row=1, col=1)
+        fig.add_trace(go.Histogram(x=usable["height"], name="height", opacity=0.7), row=1, col=1)
+        fig.add_trace(go.Histogram(x=usable["aspect"], name="aspect", showlegend=False), row=1, col=2)
+        modes = usable["mode"].value_counts()
+        fig.add_trace(go.Bar(x=modes.index.astype(str), y=modes.values, name="mode", showlegend=False), row=1, col=3)
+    fig.update_layout(barmode="overlay", template="plotly_white", height=300, margin=dict(l=40, r=20, t=50, b=40))
+    return fig

@@ -44,7 +44,7 @@ def predict_files(ctx: Any, run_dir: str | None, files: list | None, top_k: int)
         return [{"name": "", "path": None, "error": "No trained model yet: train a run first, then choose it above."}]
     try:
         predictor = ctx.predictor(run_dir)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a broken model folder is a message, not a server error
         return [{"name": "", "path": None, "error": f"Cannot load the model of {Path(run_dir).name}: {exc}"}]
     results = []
     for path in paths:

@@ -34,6 +34,8 @@ def model_info(model: str, image_size: int | None, freeze_depth: int, classes: l
         summary = summarize_model(model, classes, int(freeze_depth or 0), image_size if model == SCRATCH_MODEL else None)
     except (ModelLoadError, ValueError, OSError) as exc:
         return gr.update(), f"❌ {exc}"
+    except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
+        return gr.update(), f"❌ Cannot describe model '{model}': {type(exc).__name__}: {exc}"
     depth = min(int(freeze_depth or 0), summary.num_blocks)
     probe = " (linear probe: only the head trains)" if depth == summary.num_blocks else ""
     return (
@@ -91,6 +93,8 @@ def start_run(ctx: Any, values: dict[str, Any], data_text: str) -> tuple[str, st
         return f"⏳ Busy: {exc}", None
     except (ModelLoadError, ValueError, FileNotFoundError) as exc:
         return f"❌ {exc}", None
+    except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
+        return f"❌ Could not start: {type(exc).__name__}: {exc}", None
     return f"▶️ Started run `{job.run_dir.name}`.", str(job.run_dir)
 
 
@@ -219,7 +223,7 @@ def build(ctx: Any, data: Any) -> None:
         start = gr.Button("Start", variant="primary", elem_id="start-button")
         stop = gr.Button("Stop", variant="stop", elem_id="stop-button")
     message = gr.Markdown(elem_id="train-message")
-    status = gr.Markdown(elem_id="train-status", elem_classes="vitft-status")
+    status = gr.Markdown(elem_id="train-status")
     with gr.Row():
         loss_plot = gr.Plot(label="Loss", elem_id="loss-plot")
         acc_plot = gr.Plot(label="Accuracy", elem_id="accuracy-plot")
