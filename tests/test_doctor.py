@@ -209,7 +209,7 @@ def test_train_and_val_with_different_classes_refuse_training(tmp_path):
         png(tmp_path / "val" / "fox" / f"{i}.png", (2, 2, i * 60))
     report = scan_dataset(tmp_path, cache=None)
     assert not report.ok
-    assert any("only in train/: dog" in e and "only in val/: fox" in e for e in report.errors)
+    assert any("only in train: dog" in e and "only in val: fox" in e for e in report.errors)
 
 
 def test_a_class_with_one_image_refuses_training(tmp_path):
@@ -364,3 +364,58 @@ def test_upload_handler_shows_messages(tmp_path):
     path, message = data_tab.receive_upload(str(good), settings)
     assert Path(path).parent == tmp_path / "uploads" and "Extracted" in message
     assert data_tab.resolve_data_path(path, settings) == Path(path).resolve()
+
+
+# ---- CSV labels ----------------------------------------------------------------------------
+
+
+def test_csv_labels_single_label_trains_like_folders(tmp_path, tiny_vit):
+    from vitft_app.config import TrainConfig
+    from vitft_app.runs import RunStore
+    from vitft_app.training import train
+
+    rows = ["file,label"]
+    for i in range(6):
+        png(tmp_path / "imgs" / f"c{i}.png", (i * 40, 5, 5))
+        png(tmp_path / "imgs" / f"d{i}.png", (5, i * 40, 5))
+        rows += [f"imgs/c{i}.png,cat", f"imgs/d{i}.png,dog"]
+    rows += ["imgs/missing.png,cat", "../outside.png,dog", "imgs/c0.png,"]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+
+    report = scan_dataset(tmp_path / "labels.csv", cache=None)
+    assert report.classes == ["cat", "dog"] and not report.multi_label
+    assert len(report.train) + len(report.val) == 12
+    reasons = {Path(p).name: r for p, r in report.skipped}
+    assert reasons == {"missing.png": "missing file", "outside.png": "outside the dataset folder",
+                       "c0.png": "no label"}
+
+    config = TrainConfig(data_dir=str(tmp_path / "labels.csv"), model=str(tiny_vit), epochs=1, batch_size=4,
+                         precision="fp32", output_dir=str(tmp_path / "runs"))
+    run_dir = RunStore(config.output_dir).create_run(config)
+    assert train(config, run_dir, lambda event: None, device="cpu").status == "completed"
+
+
+def test_csv_with_split_column_and_multi_label(tmp_path):
+    rows = ["image,labels,split"]
+    for i in range(4):
+        png(tmp_path / f"{i}.png", (i * 60, 1, 1))
+        rows.append(f"{i}.png,{'cat;dog' if i % 2 else 'cat|bird'},{'train' if i < 3 else 'val'}")
+    (tmp_path / "tags.csv").write_text("\n".join(rows) + "\n")
+    report = scan_dataset(tmp_path / "tags.csv", cache=None)
+    assert report.multi_label and report.split_given
+    assert report.classes == ["bird", "cat", "dog"]
+    assert [sorted(report.classes[i] for i in item.labels) for item in report.train] == [
+        ["bird", "cat"], ["cat", "dog"], ["bird", "cat"]]
+    assert report.counts().set_index("class")["train"].to_dict() == {"bird": 2, "cat": 3, "dog": 1}
+
+    from vitft_app.training import DatasetError, prepare_data
+    from vitft_app.config import TrainConfig
+
+    with pytest.raises(DatasetError, match="multi-label"):
+        prepare_data(TrainConfig(data_dir=str(tmp_path / "tags.csv")), lambda event: None)
+
+
+def test_csv_without_known_columns_is_a_clear_error(tmp_path):
+    (tmp_path / "x.csv").write_text("foo,bar\n1,2\n")
+    with pytest.raises(ValueError, match="needs an image-path column"):
+        scan_dataset(tmp_path / "x.csv", cache=None)

@@ -33,7 +33,7 @@ class TrainConfig:
     """
 
     data_dir: str
-    """Dataset folder: one subfolder per class, or train/ and val/ (or validation/, valid/) holding them."""
+    """Dataset folder (one subfolder per class, or train/ and val/ holding them), or a labels CSV (image path, label)."""
 
     model: str = SCRATCH_MODEL
     """Hub id, local save_pretrained folder, or 'vit-tiny-scratch' (random ViT-Tiny, works offline)."""

@@ -45,10 +45,17 @@ DuplicateKind = Literal["same class", "conflicting labels", "train/val leakage"]
 
 @dataclass(frozen=True)
 class ImageItem:
-    """One usable image: its path and class index."""
+    """One usable image: its path, class index and, for multi-label datasets, every class index.
+
+    Attributes:
+        path: absolute path.
+        label: class index (the first label of a multi-label image).
+        labels: all class indices of a multi-label image; empty for single-label datasets.
+    """
 
     path: str
     label: int
+    labels: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,7 @@ class DatasetReport:
         warnings: human sentences (tiny classes, imbalance, duplicates, empty classes).
         errors: problems that prevent training, each saying what to do.
         files: one :class:`FileRecord` per image file (usable or skipped).
+        multi_label: True for a CSV whose label cells hold several labels (``;`` or ``|``).
     """
 
     root: str
@@ -111,6 +119,7 @@ class DatasetReport:
     warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     files: list[FileRecord] = field(default_factory=list)
+    multi_label: bool = False
 
     @property
     def ok(self) -> bool:
@@ -119,8 +128,8 @@ class DatasetReport:
 
     def counts(self) -> pd.DataFrame:
         """Returns one row per class: ``class``, ``train``, ``val``, ``total`` (int64 counts)."""
-        train = Counter(item.label for item in self.train)
-        val = Counter(item.label for item in self.val)
+        train = Counter(i for item in self.train for i in (item.labels or (item.label,)))
+        val = Counter(i for item in self.val for i in (item.labels or (item.label,)))
         rows = [
             {"class": name, "train": train[i], "val": val[i], "total": train[i] + val[i]}
             for i, name in enumerate(self.classes)
@@ -131,7 +140,7 @@ class DatasetReport:
         """One line: classes, train/val counts, skipped and ignored files, duplicates."""
         return (
             f"{len(self.classes)} classes, {len(self.train)} train / {len(self.val)} val images"
-            f" ({'given split' if self.split_given else 'automatic split'}),"
+            f" ({'given split' if self.split_given else 'automatic split'}{', multi-label' if self.multi_label else ''}),"
             f" {len(self.skipped)} skipped, {len(self.ignored)} ignored, {len(self.duplicates)} duplicate groups"
         )
 
@@ -171,6 +180,7 @@ class DatasetReport:
         return {
             "root": self.root,
             "ok": self.ok,
+            "multi_label": self.multi_label,
             "split_given": self.split_given,
             "classes": self.classes,
             "counts": {row["class"]: {"train": int(row["train"]), "val": int(row["val"])}
@@ -300,11 +310,12 @@ def scan_dataset(
     cache: ScanCache | None | Literal["default"] = "default",
     progress: Progress | None = None,
 ) -> DatasetReport:
-    """Finds classes and images in a dataset folder and checks every image by decoding it.
+    """Finds classes and images in a dataset and checks every image by decoding it.
 
     Args:
-        root: the dataset folder (see the module docstring for layouts).
-        val_fraction: validation share for the automatic split (ignored with a given val/).
+        root: the dataset folder (see the module docstring for layouts), or a CSV file of labels
+            (see :func:`read_label_csv`).
+        val_fraction: validation share for the automatic split (ignored with a given split).
         seed: seed of the automatic split.
         max_workers: decoding threads (default: CPU count + 1, at most 8).
         max_pixels: images larger than this are skipped as "too large" (default Pillow's limit).
@@ -316,72 +327,170 @@ def scan_dataset(
         A :class:`DatasetReport`; problems that block training are in ``report.errors``.
 
     Raises:
-        FileNotFoundError: ``root`` is not a folder.
+        FileNotFoundError: ``root`` is neither a folder nor a CSV file.
+        ValueError: a CSV file without recognizable image and label columns.
     """
     root_path = Path(root).expanduser().resolve()
-    if not root_path.is_dir():
-        raise FileNotFoundError(f"Dataset folder not found: {root_path}")
     ignored: list[str] = []
-    warnings: list[str] = []
-    errors: list[str] = []
-    train_dir, val_dir = find_split_dirs(root_path)
-    split_given = train_dir is not None and val_dir is not None
-
-    # 1. Class folders (sorted names) of each part.
-    if train_dir is not None:
-        parts = {"train": train_dir} | ({"val": val_dir} if val_dir is not None else {})
-        for entry in sorted(os.scandir(root_path), key=lambda e: e.name):
-            if Path(entry.path) not in parts.values():
-                ignored.append(entry.path)
+    pre_skipped: list[tuple[str, str]] = []
+    multi_label = False
+    if root_path.is_file() and root_path.suffix.lower() == ".csv":
+        entries, pre_skipped, multi_label = read_label_csv(root_path)
+        folders: list[str] = []
+    elif root_path.is_dir():
+        entries, folders = _folder_entries(root_path, ignored)
     else:
-        parts = {"all": root_path}
-    part_classes = {part: _list_class_dirs(folder, ignored) for part, folder in parts.items()}
-    classes_all = sorted(set().union(*part_classes.values()))
-
-    # 2. Image files per part and class, then a full decode of each (cached).
-    files = {part: [(name, path) for name in part_classes[part] for path in _find_images(folder / name, root_path, ignored)]
-             for part, folder in parts.items()}
-    all_paths = [path for entries in files.values() for _, path in entries]
+        raise FileNotFoundError(f"Dataset folder not found: {root_path}")
     if cache == "default":
         cache = default_scan_cache()
-    checks = check_files(all_paths, cache=cache, max_workers=max_workers, max_pixels=max_pixels, progress=progress)
-    skipped = [(path, checks[path].reason) for path in all_paths if checks[path].reason is not None]
+    paths = list(dict.fromkeys(path for _, _, path in entries))
+    checks = check_files(paths, cache=cache, max_workers=max_workers, max_pixels=max_pixels, progress=progress)
+    return _build_report(str(root_path), entries, folders, checks, ignored, pre_skipped, multi_label,
+                         val_fraction, seed)
 
-    # 3. Classes with no usable image are named and left out.
-    usable = Counter(name for entries in files.values() for name, p in entries if checks[p].reason is None)
+
+Entry = tuple[str, tuple[str, ...], str]  # (part: "train" | "val" | "all", class names, path)
+
+
+def _folder_entries(root: Path, ignored: list[str]) -> tuple[list[Entry], list[str]]:
+    """Image files of a class-folder dataset with their part and class (sorted), and every class
+    folder name (empty ones included, so the report can name them)."""
+    train_dir, val_dir = find_split_dirs(root)
+    if train_dir is not None and val_dir is not None:
+        parts = {"train": train_dir, "val": val_dir}
+    elif train_dir is not None:
+        parts = {"all": train_dir}  # train/ alone: split automatically
+    else:
+        parts = {"all": root}
+    if root not in parts.values():
+        for entry in sorted(os.scandir(root), key=lambda e: e.name):
+            if Path(entry.path) not in parts.values():
+                ignored.append(entry.path)
+    entries: list[Entry] = []
+    folders: set[str] = set()
+    for part, folder in parts.items():
+        for name in _list_class_dirs(folder, ignored):
+            folders.add(name)
+            entries += [(part, (name,), path) for path in _find_images(folder / name, root, ignored)]
+    return entries, sorted(folders)
+
+
+_IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filename", "file_name", "filepath", "img")
+_LABEL_COLUMNS = ("label", "labels", "class", "classes", "category", "tags", "target")
+_LABEL_SEPARATORS = (";", "|")
+
+
+def read_label_csv(csv_path: str | os.PathLike) -> tuple[list[Entry], list[tuple[str, str]], bool]:
+    """Reads a CSV of labels: an image-path column (relative to the CSV's folder) and a label column.
+
+    Column names are matched case-insensitively: image from ``image, image_path, path, file,
+    filename, file_name, filepath, img``; label from ``label, labels, class, classes, category,
+    tags, target``; an optional ``split`` column (``train``, ``val``/``validation``/``valid``) gives
+    the split. A label cell holding several labels separated by ``;`` or ``|`` makes the dataset
+    multi-label.
+
+    Returns:
+        ``(entries, skipped rows as (path, reason), multi_label)``. Rows whose file is missing,
+        outside the CSV's folder or unlabelled are skipped with that reason.
+
+    Raises:
+        ValueError: no recognizable image or label column, or the file is not readable CSV.
+    """
+    csv_path = Path(csv_path)
+    base = csv_path.parent.resolve()
+    try:
+        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise ValueError(f"Cannot read {csv_path.name} as CSV: {exc}") from exc
+    lower = {c.strip().lower(): c for c in frame.columns}
+    image_col = next((lower[c] for c in _IMAGE_COLUMNS if c in lower), None)
+    label_col = next((lower[c] for c in _LABEL_COLUMNS if c in lower), None)
+    if image_col is None or label_col is None:
+        raise ValueError(
+            f"{csv_path.name} needs an image-path column ({', '.join(_IMAGE_COLUMNS)}) and a label column"
+            f" ({', '.join(_LABEL_COLUMNS)}); found columns: {', '.join(map(str, frame.columns))}"
+        )
+    split_col = lower.get("split")
+    multi_label = any(sep in cell for cell in frame[label_col] for sep in _LABEL_SEPARATORS)
+    entries: list[Entry] = []
+    skipped: list[tuple[str, str]] = []
+    for _, row in frame.iterrows():
+        raw = str(row[image_col]).strip()
+        path = os.path.realpath(base / raw)
+        cell = str(row[label_col])
+        for sep in _LABEL_SEPARATORS[1:]:
+            cell = cell.replace(sep, _LABEL_SEPARATORS[0])
+        labels = tuple(dict.fromkeys(x.strip() for x in cell.split(_LABEL_SEPARATORS[0]) if x.strip()))
+        split = str(row[split_col]).strip().lower() if split_col else ""
+        part = "train" if split == "train" else "val" if split in VAL_DIR_NAMES else "all"
+        if not raw:
+            continue
+        if not Path(path).is_relative_to(base):
+            skipped.append((path, "outside the dataset folder"))
+        elif not os.path.isfile(path):
+            skipped.append((path, "missing file"))
+        elif not labels:
+            skipped.append((path, "no label"))
+        else:
+            entries.append((part, labels, path))
+    return entries, skipped, multi_label
+
+
+def _build_report(
+    root: str,
+    entries: list[Entry],
+    folders: list[str],
+    checks: dict[str, FileCheck],
+    ignored: list[str],
+    pre_skipped: list[tuple[str, str]],
+    multi_label: bool,
+    val_fraction: float,
+    seed: int,
+) -> DatasetReport:
+    """Classes, split, skipped files, duplicates, warnings and errors from checked entries."""
+    warnings: list[str] = []
+    errors: list[str] = []
+    ok = [(part, labels, path) for part, labels, path in entries if checks[path].reason is None]
+    skipped = pre_skipped + [(path, checks[path].reason) for _, _, path in entries if checks[path].reason is not None]
+
+    # Classes: sorted names; those without a usable image are named and left out.
+    classes_all = sorted({name for _, labels, _ in entries for name in labels} | set(folders))
+    usable = Counter(name for _, labels, _ in ok for name in labels)
     empty = [name for name in classes_all if usable[name] == 0]
     if empty:
         warnings.append(f"Empty classes left out (no usable images): {', '.join(empty)}")
     classes = [name for name in classes_all if usable[name] > 0]
     index = {name: i for i, name in enumerate(classes)}
 
-    def items(part: str) -> list[ImageItem]:
-        return [ImageItem(path, index[name]) for name, path in files.get(part, [])
-                if checks[path].reason is None and name in index]
+    def item(labels: tuple[str, ...], path: str) -> ImageItem:
+        indices = tuple(index[name] for name in labels)
+        return ImageItem(path, indices[0], indices if multi_label else ())
 
-    # 4. The split: given, or stratified and seeded.
+    # The split: given (train and val both present), or stratified and seeded.
+    parts = {part for part, _, _ in ok}
+    split_given = {"train", "val"} <= parts
     if split_given:
-        train, val = items("train"), items("val")
-        train_classes = {classes[i.label] for i in train}
-        val_classes = {classes[i.label] for i in val}
-        if train_classes != val_classes:
-            only_train = sorted(train_classes - val_classes)
-            only_val = sorted(val_classes - train_classes)
+        train = [item(labels, path) for part, labels, path in ok if part == "train"]
+        val = [item(labels, path) for part, labels, path in ok if part == "val"]
+        train_classes = {classes[i] for it in train for i in (it.labels or (it.label,))}
+        val_classes = {classes[i] for it in val for i in (it.labels or (it.label,))}
+        if train_classes != val_classes and not multi_label:
+            only_train, only_val = sorted(train_classes - val_classes), sorted(val_classes - train_classes)
             errors.append(
-                "train/ and val/ hold different classes"
-                + (f"; only in train/: {', '.join(only_train)}" if only_train else "")
-                + (f"; only in val/: {', '.join(only_val)}" if only_val else "")
-                + ". Give every class images in both folders, or remove val/ to split automatically."
+                "train and val hold different classes"
+                + (f"; only in train: {', '.join(only_train)}" if only_train else "")
+                + (f"; only in val: {', '.join(only_val)}" if only_val else "")
+                + ". Give every class images in both splits, or drop the val split to split automatically."
             )
     else:
-        train, val = stratified_split(items("train" if train_dir else "all"), val_fraction, seed)
+        train, val = stratified_split([item(labels, path) for _, labels, path in ok], val_fraction, seed)
 
     split_of = {i.path: "train" for i in train} | {i.path: "val" for i in val}
-    records = [FileRecord(path, split_of.get(path, "unsplit" if not split_given else part), name, checks[path])
-               for part, entries in files.items() for name, path in entries]
+    records = [FileRecord(path, split_of.get(path, part if split_given else "unsplit"), ";".join(labels), checks[path])
+               for part, labels, path in entries]
     report = DatasetReport(
-        root=str(root_path), classes=classes, train=train, val=val, split_given=split_given,
-        skipped=skipped, ignored=ignored, warnings=warnings, errors=errors, files=records,
+        root=root, classes=classes, train=train, val=val, split_given=split_given, skipped=skipped,
+        ignored=ignored, warnings=warnings, errors=errors, files=records, multi_label=multi_label,
     )
     report.duplicates = find_duplicates(records, split_of)
     _add_checks(report)

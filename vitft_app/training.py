@@ -129,8 +129,9 @@ def preflight(config: TrainConfig, device: str | None = None) -> None:
     from .config import SCRATCH_MODEL
     from .modeling import load_model_config
 
-    if not Path(config.data_dir).expanduser().is_dir():
-        raise FileNotFoundError(f"Dataset folder not found: {config.data_dir}")
+    data = Path(config.data_dir).expanduser()
+    if not (data.is_dir() or (data.is_file() and data.suffix.lower() == ".csv")):
+        raise FileNotFoundError(f"Dataset folder (or labels CSV) not found: {config.data_dir}")
     resolve_device_plan(config.precision, device)
     if config.model != SCRATCH_MODEL:
         load_model_config(config.model)
@@ -150,6 +151,12 @@ def prepare_data(config: TrainConfig, emit: Emit) -> DatasetReport:
         emit(LogMessage(f"warning: {warning}"))
     if not report.ok:
         raise DatasetError(" ".join(report.errors))
+    if report.multi_label:
+        raise DatasetError(
+            "This CSV is multi-label (label cells hold several labels separated by ';' or '|'). This version"
+            " trains single-label classifiers only; give each image one label, or wait for multi-label training"
+            " (sigmoid head, BCE loss)."
+        )
     return report
 
 

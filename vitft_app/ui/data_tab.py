@@ -43,8 +43,8 @@ def resolve_data_path(text: str | None, settings: Any) -> Path:
         )
     if not path.exists():
         raise ValueError(f"Folder not found: {path}")
-    if not path.is_dir():
-        raise ValueError(f"{path} is a file; choose the folder that holds one subfolder per class.")
+    if not path.is_dir() and path.suffix.lower() != ".csv":
+        raise ValueError(f"{path} is a file; choose the folder that holds one subfolder per class, or a labels CSV.")
     return path
 
 
@@ -190,8 +190,8 @@ def picked_folder(selection: str | list | None, settings: Any) -> str:
     path = Path(selection)
     if not path.is_absolute():
         path = Path(settings.data_root) / path
-    if path.is_file():
-        gr.Warning("Pick a folder (the one that holds a subfolder per class), not a file.")
+    if path.is_file() and path.suffix.lower() != ".csv":
+        gr.Warning("Pick a folder (the one that holds a subfolder per class) or a labels CSV, not an image.")
         return gr.skip()
     return str(path)
 
@@ -204,7 +204,8 @@ def build(ctx: Any) -> DataTab:
             path = gr.Textbox(
                 label="Dataset folder",
                 value=str(settings.example_dir),
-                info=f"One subfolder per class, or train/ and val/ holding them. Must be under {settings.data_root}"
+                info=f"One subfolder per class, or train/ and val/ holding them, or a labels CSV (image path, label)."
+                     f" Must be under {settings.data_root}"
                      " (the built-in MNIST example is always allowed).",
                 elem_id="data-path",
             )
