@@ -82,3 +82,43 @@ def test_help_texts_come_from_the_config_docstrings():
     result = subprocess.run([sys.executable, "-m", "vitft_app.cli", "train", "--help"], capture_output=True,
                             text=True, timeout=120)
     assert "linear probe" in result.stdout and "--grad-accum-steps" in result.stdout
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_the_run(tmp_path, digits_small, tiny_vit):
+    import signal
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vitft_app.cli", "train", "--data", str(digits_small), "--model", str(tiny_vit),
+         "--epochs", "500", "--batch-size", "8", "--precision", "fp32", "--output-dir", str(tmp_path / "runs")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    deadline = time.time() + 120
+    status_files = []
+    while time.time() < deadline and not status_files:
+        status_files = [p for p in (tmp_path / "runs").glob("*/metrics.csv")] if (tmp_path / "runs").exists() else []
+        time.sleep(0.2)
+    assert status_files, "training did not start"
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err[-2000:]
+    run_dir = Path(out.strip().splitlines()[-1])
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "stopped", status
+    assert "stopping after the current step" in err
+
+
+def test_unusable_output_dir_is_a_message(tmp_path, digits_small):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    result = _vitft("train", "--data", str(digits_small), "--output-dir", str(blocker / "runs"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "cannot use --output-dir" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_predict_explains_what_model_it_needs(tmp_path):
+    result = _vitft("predict", "--model", "google/vit-base-patch16-224", str(tmp_path / "x.png"), cwd=tmp_path)
+    assert result.returncode == 2 and "Hub ids are used for training" in result.stderr
+    zero = _vitft("predict", "--model", str(tmp_path), "--top-k", "0", str(tmp_path / "x.png"), cwd=tmp_path)
+    assert zero.returncode == 2 and "--top-k must be >= 1" in zero.stderr

@@ -419,3 +419,15 @@ def test_csv_without_known_columns_is_a_clear_error(tmp_path):
     (tmp_path / "x.csv").write_text("foo,bar\n1,2\n")
     with pytest.raises(ValueError, match="needs an image-path column"):
         scan_dataset(tmp_path / "x.csv", cache=None)
+
+
+def test_scan_cache_respects_the_pixel_limit(tmp_path):
+    for name in ("cat", "dog"):
+        for i in range(2):
+            png(tmp_path / "data" / name / f"{i}.png", (i * 90, 1, 1) if name == "cat" else (1, i * 90, 1))
+    cache = ScanCache(tmp_path / "cache.sqlite")
+    strict = scan_dataset(tmp_path / "data", cache=cache, max_pixels=10)
+    assert len(strict.skipped) == 4 and all(r.startswith("too large") for _, r in strict.skipped)
+    relaxed = scan_dataset(tmp_path / "data", cache=cache)
+    assert relaxed.skipped == [] and relaxed.ok
+    assert len(scan_dataset(tmp_path / "data", cache=cache, max_pixels=10).skipped) == 4

@@ -115,7 +115,7 @@ def test_stop_mid_run_ends_as_stopped_and_keeps_best_model(tmp_path, digits_root
     job = runner.start(tiny_config(digits_root, tiny_vit, tmp_path, epochs=50), listener=listener)
     assert stop_after_first_eval.wait(120)
     assert runner.stop()
-    job.thread.join(60)
+    job.wait(60)
     assert not job.running
     assert isinstance(seen[-1], RunFinished) and seen[-1].status == "stopped"
     assert sum(isinstance(e, EvalDone) for e in seen) < 50
@@ -132,7 +132,7 @@ def test_second_start_is_refused_while_busy(tmp_path, digits_root, tiny_vit):
             runner.start(tiny_config(digits_root, tiny_vit, tmp_path))
     finally:
         runner.stop()
-        job.thread.join(60)
+        job.wait(60)
     assert len(RunStore(tmp_path / "runs").list_runs()) == 1
 
 
@@ -149,20 +149,44 @@ def test_unloadable_model_is_refused_before_a_run_folder_exists(tmp_path, digits
     assert RunStore(tmp_path / "runs").list_runs() == []
 
 
-def test_failure_in_the_thread_becomes_failed_status_with_advice(tmp_path, tiny_vit):
+def test_dataset_problems_are_refused_before_a_run_folder_exists(tmp_path, tiny_vit):
     from PIL import Image
 
+    from vitft_app.training import DatasetError
+
     (tmp_path / "one" / "only").mkdir(parents=True)
-    Image.new("RGB", (8, 8)).save(tmp_path / "one" / "only" / "a.png")
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i * 80, 0, 0)).save(tmp_path / "one" / "only" / f"{i}.png")
+    (tmp_path / "one" / "other").mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (0, i * 80, 0)).save(tmp_path / "one" / "other" / f"{i}.png")
+    runner = JobRunner(tmp_path / "runs", device="cpu")
+    with pytest.raises(ValueError, match="freeze_depth must be between 0 and 2"):
+        runner.start(tiny_config(tmp_path / "one", tiny_vit, tmp_path, freeze_depth=5))
+    import shutil
+
+    shutil.rmtree(tmp_path / "one" / "other")
+    with pytest.raises(DatasetError, match="at least 2"):
+        runner.start(tiny_config(tmp_path / "one", tiny_vit, tmp_path))
+    assert RunStore(tmp_path / "runs").list_runs() == []
+
+
+def test_failure_in_the_thread_becomes_failed_status(tmp_path, digits_small, tiny_vit, monkeypatch):
+    from vitft_app import training
+
+    def broken_model(*args, **kwargs):
+        raise RuntimeError("simulated failure while loading weights")
+
+    monkeypatch.setattr(training, "build_model", broken_model)
     runner = JobRunner(tmp_path / "runs", device="cpu")
     seen = []
-    job = runner.start(tiny_config(tmp_path / "one", tiny_vit, tmp_path), listener=seen.append)
-    job.thread.join(60)
+    job = runner.start(tiny_config(digits_small, tiny_vit, tmp_path), listener=seen.append)
+    assert job.wait(60)
     assert isinstance(seen[-1], RunFailed)
     status = read_status(job.run_dir)
-    assert status["status"] == "failed" and "at least 2" in status["error"]
+    assert status["status"] == "failed"
+    assert status["error"] == "RuntimeError: simulated failure while loading weights"
     assert "Traceback" in (job.run_dir / "train.log").read_text()
-    assert "Traceback" not in status["error"]
 
 
 def test_crashed_process_reads_as_interrupted(tmp_path):

@@ -110,18 +110,27 @@ def test_start_busy_stop_and_live_view(ctx, digits_small, tiny_vit):
     assert train_tab.stop_run(ctx) == "Nothing is running."
 
 
-def test_failure_and_bad_input_show_messages(ctx, digits_small, tmp_path, tiny_vit):
-    shutil.rmtree(digits_small / "1")
-    shutil.rmtree(digits_small / "7")  # one class left: the run starts, then fails with advice
+def test_failure_and_bad_input_show_messages(ctx, digits_small, tmp_path, tiny_vit, monkeypatch):
+    from vitft_app import training
+
+    def broken_model(*args, **kwargs):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(training, "build_model", broken_model)
     message, run_dir = train_tab.start_run(ctx, form(tiny_vit), str(digits_small))
     status = wait_for(run_dir)
-    ctx.runner.current.thread.join(30)
+    ctx.runner.current.wait(30)
     text = train_tab.status_markdown(status, Path(run_dir).name)
-    assert "failed" in text and "at least 2" in text and "Traceback" not in text
+    assert "failed" in text and "simulated failure" in text and "Traceback" not in text
+    monkeypatch.undo()
     missing, none = train_tab.start_run(ctx, form(tmp_path / "missing-model"), str(digits_small))
     assert missing.startswith("❌") and "missing-model" in missing and none is None
     fp16, _ = train_tab.start_run(ctx, form("vit-tiny-scratch", precision="fp16"), str(digits_small))
     assert "fp16 needs a CUDA GPU" in fp16
+    shutil.rmtree(digits_small / "1")
+    shutil.rmtree(digits_small / "7")  # one class left: refused before a run starts
+    one, none = train_tab.start_run(ctx, form(tiny_vit), str(digits_small))
+    assert one.startswith("❌") and "at least 2" in one and none is None
     bad, none = train_tab.start_run(ctx, form("vit-tiny-scratch", lr=-1), str(digits_small))
     assert bad.startswith("❌") and "lr must be > 0" in bad and none is None
     outside, _ = train_tab.start_run(ctx, form("vit-tiny-scratch"), "/etc")
@@ -149,6 +158,7 @@ def test_predict_tab(ctx, digits_small, tiny_vit, tmp_path):
     assert "No trained model" in predict_tab.predict_files(ctx, None, [str(tmp_path / "x.png")], 3)[0]["error"]
     _, run_dir = train_tab.start_run(ctx, form(tiny_vit, epochs=1), str(digits_small))
     wait_for(run_dir)
+    ctx.runner.current.wait(30)
     choices = predict_tab.run_choices(ctx)
     assert choices and choices[0][1] == run_dir
     assert predict_tab.refresh_runs(ctx, None)["value"] == run_dir

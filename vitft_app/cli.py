@@ -116,7 +116,24 @@ def run_train(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"vitft train: error: {exc}", file=sys.stderr)
         return 2
-    runner = JobRunner(config.output_dir)
+    from .data import scan_dataset
+
+    try:
+        runner = JobRunner(config.output_dir)
+    except OSError as exc:
+        print(f"vitft train: error: cannot use --output-dir {config.output_dir}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    # Scan first with a progress bar; the preflight and the run then read the scan cache.
+    try:
+        with tqdm(unit="file", file=sys.stderr, desc="checking images", disable=None, leave=False) as scan_bar:
+            def scan_progress(done: int, total: int) -> None:
+                scan_bar.total = total
+                scan_bar.update(done - scan_bar.n)
+
+            scan_dataset(config.data_dir, val_fraction=config.val_fraction, seed=config.seed, progress=scan_progress)
+    except (FileNotFoundError, ValueError, PermissionError) as exc:
+        print(f"vitft train: error: {exc}", file=sys.stderr)
+        return 2
     state: dict[str, Any] = {"bar": None, "status": "failed"}
 
     def listener(event: Any) -> None:
@@ -151,16 +168,20 @@ def run_train(args: argparse.Namespace) -> int:
 
     try:
         job = runner.start(config, listener=listener)
-    except (ModelLoadError, ValueError, FileNotFoundError) as exc:
+    except (ModelLoadError, ValueError, FileNotFoundError, OSError) as exc:
         print(f"vitft train: error: {exc}", file=sys.stderr)
         return 2
-    try:
-        while job.thread.is_alive():
-            job.thread.join(timeout=0.5)
-    except KeyboardInterrupt:
-        print("\nstopping after the current step...", file=sys.stderr)
-        runner.stop()
-        job.thread.join()
+    stopping = False
+    while not job.done.is_set():
+        try:
+            job.wait(timeout=0.5)
+        except KeyboardInterrupt:
+            if not stopping:
+                print("\nstopping after the current step... (the best model so far stays saved)", file=sys.stderr)
+                runner.stop()
+                stopping = True
+            else:
+                print("\nstill stopping: waiting for the current step to end", file=sys.stderr)
     print(job.run_dir)
     return 0 if state["status"] in ("completed", "stopped") else 1
 
@@ -189,7 +210,8 @@ def run_scan(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print(report.summary())
-        print(report.counts().to_string(index=False))
+        if report.classes:
+            print(report.counts().to_string(index=False))
         for path, reason in report.skipped:
             print(f"skipped: {os.path.relpath(path, report.root)}: {reason}")
         for group in report.duplicates:
@@ -212,6 +234,9 @@ def run_predict(args: argparse.Namespace) -> int:
     from .images import ImageLoadError
     from .predict import Predictor
 
+    if args.top_k < 1:
+        print("vitft predict: error: --top-k must be >= 1", file=sys.stderr)
+        return 2
     try:
         predictor = Predictor(args.model)
     except (FileNotFoundError, OSError, ValueError) as exc:

@@ -19,10 +19,10 @@ from typing import Callable, Sequence
 
 from PIL import Image
 
-from .images import ImageLoadError, load_image
+from .images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 
 #: Bump when the meaning of a cached row changes (forces re-checking every file).
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 Progress = Callable[[int, int], None]
 
@@ -71,7 +71,8 @@ def check_image_file(path: str, max_pixels: int | None = None) -> FileCheck:
 
 
 class ScanCache:
-    """``{(path, size, mtime_ns): FileCheck}`` in an SQLite file (thread-safe).
+    """``{(path, size, mtime_ns, max_pixels): FileCheck}`` in an SQLite file (thread-safe). The
+    pixel limit is part of the key because it decides whether a large image is usable.
 
     Args:
         path: the database file; None keeps the cache in memory for this process only.
@@ -95,30 +96,31 @@ class ScanCache:
 
     def _create(self) -> None:
         self._db.execute(
-            "CREATE TABLE IF NOT EXISTS checks (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER,"
-            " version INTEGER, reason TEXT, width INTEGER, height INTEGER, mode TEXT, format TEXT, digest TEXT)"
+            "CREATE TABLE IF NOT EXISTS checks_v2 (path TEXT, max_pixels INTEGER, size INTEGER, mtime_ns INTEGER,"
+            " version INTEGER, reason TEXT, width INTEGER, height INTEGER, mode TEXT, format TEXT, digest TEXT,"
+            " PRIMARY KEY (path, max_pixels))"
         )
         self._db.commit()
 
-    def get(self, path: str, size: int, mtime_ns: int) -> FileCheck | None:
-        """The cached check of an unchanged file, else None."""
+    def get(self, path: str, size: int, mtime_ns: int, max_pixels: int) -> FileCheck | None:
+        """The cached check of an unchanged file under the same pixel limit, else None."""
         with self._lock:
             row = self._db.execute(
-                "SELECT reason, width, height, mode, format, digest FROM checks"
-                " WHERE path = ? AND size = ? AND mtime_ns = ? AND version = ?",
-                (path, size, mtime_ns, CACHE_VERSION),
+                "SELECT reason, width, height, mode, format, digest FROM checks_v2"
+                " WHERE path = ? AND max_pixels = ? AND size = ? AND mtime_ns = ? AND version = ?",
+                (path, max_pixels, size, mtime_ns, CACHE_VERSION),
             ).fetchone()
         return FileCheck(*row) if row else None
 
-    def put_many(self, rows: Sequence[tuple[str, int, int, FileCheck]]) -> None:
-        """Stores ``(path, size, mtime_ns, check)`` rows."""
+    def put_many(self, rows: Sequence[tuple[str, int, int, FileCheck]], max_pixels: int) -> None:
+        """Stores ``(path, size, mtime_ns, check)`` rows checked under ``max_pixels``."""
         if not rows:
             return
         with self._lock:
             try:
                 self._db.executemany(
-                    "INSERT OR REPLACE INTO checks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(p, s, m, CACHE_VERSION, *astuple(c)) for p, s, m, c in rows],
+                    "INSERT OR REPLACE INTO checks_v2 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(p, max_pixels, s, m, CACHE_VERSION, *astuple(c)) for p, s, m, c in rows],
                 )
                 self._db.commit()
             except sqlite3.Error:
@@ -144,6 +146,7 @@ def check_files(
     Returns:
         ``{path: FileCheck}`` for every path.
     """
+    limit = max_pixels or DEFAULT_MAX_PIXELS
     results: dict[str, FileCheck] = {}
     todo: list[tuple[str, int, int]] = []
     for path in paths:
@@ -152,7 +155,7 @@ def check_files(
         except OSError as exc:
             results[path] = FileCheck(f"unreadable ({exc.strerror or exc})", None, None, None, None, None)
             continue
-        cached = cache.get(path, stat.st_size, stat.st_mtime_ns) if cache is not None else None
+        cached = cache.get(path, stat.st_size, stat.st_mtime_ns, limit) if cache is not None else None
         if cached is not None:
             results[path] = cached
         else:
@@ -163,12 +166,12 @@ def check_files(
     new_rows = []
     workers = max_workers or min(8, (os.cpu_count() or 1) + 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for (path, size, mtime), check in zip(todo, pool.map(lambda t: check_image_file(t[0], max_pixels), todo)):
+        for (path, size, mtime), check in zip(todo, pool.map(lambda t: check_image_file(t[0], limit), todo)):
             results[path] = check
             new_rows.append((path, size, mtime, check))
             done += 1
             if progress:
                 progress(done, total)
     if cache is not None:
-        cache.put_many(new_rows)
+        cache.put_many(new_rows, limit)
     return results

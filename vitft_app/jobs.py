@@ -26,11 +26,18 @@ class Job:
     config: TrainConfig
     thread: threading.Thread
     stop_event: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    """Set by the thread as its very last action. Waiting on it, not on ``thread.join``, stays
+    correct when Ctrl-C interrupts the wait (an interrupted ``join`` can return early in CPython)."""
 
     @property
     def running(self) -> bool:
-        """True while the training thread is alive."""
-        return self.thread.is_alive()
+        """True until the training thread has finished."""
+        return not self.done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Waits for the thread to finish; returns True when it has."""
+        return self.done.wait(timeout)
 
 
 def error_message(exc: BaseException) -> str:
@@ -114,6 +121,7 @@ class JobRunner:
                     emit(RunFailed(error=error_message(exc), traceback=traceback.format_exc()))
                 finally:
                     release_device_memory()
+                    job.done.set()
 
             thread = threading.Thread(target=target, name=f"vitft-train-{run_dir.name}", daemon=True)
             job = Job(run_dir=run_dir, config=config, thread=thread)

@@ -48,6 +48,11 @@ class Predictor:
 
         path = Path(model_path).expanduser()
         folder = Path(resolve_model_path(str(path)))
+        if not path.exists():
+            raise FileNotFoundError(
+                f"'{model_path}' is not a folder here. Prediction needs a run folder or a local"
+                " save_pretrained folder (Hub ids are used for training, not here)."
+            )
         if not is_model_folder(folder):
             raise FileNotFoundError(f"No saved model in {path} (a run saves one after its first epoch)")
         self.path = folder

@@ -117,24 +117,37 @@ def evaluate(
     return loss_sum.item() / seen, correct.item() / seen
 
 
-def preflight(config: TrainConfig, device: str | None = None) -> None:
-    """Fast checks before a run folder is created: the dataset folder exists, the precision is
-    supported on the device, and the model's config loads (no weights are read).
+def preflight(config: TrainConfig, device: str | None = None) -> DatasetReport:
+    """Checks everything that can be checked before a run folder is created, so a run that cannot
+    work is refused with a message instead of becoming a "failed" run: the dataset (scanned, or
+    read from the scan cache), the precision on the device, the model's config (no weights are
+    read), the image size of vit-tiny-scratch and the freeze depth.
+
+    Returns:
+        The dataset report.
 
     Raises:
-        FileNotFoundError: the dataset folder does not exist.
-        ValueError: the precision is not supported on the device.
+        FileNotFoundError: the dataset folder (or labels CSV) does not exist.
+        DatasetError: the dataset cannot be trained on (the message says what to do).
+        ValueError: precision not supported on the device, bad image size, freeze depth too large.
         ModelLoadError: the model cannot be loaded (offline and not cached, unknown id, missing folder).
     """
     from .config import SCRATCH_MODEL
-    from .modeling import load_model_config
+    from .modeling import summarize_model
 
     data = Path(config.data_dir).expanduser()
     if not (data.is_dir() or (data.is_file() and data.suffix.lower() == ".csv")):
-        raise FileNotFoundError(f"Dataset folder (or labels CSV) not found: {config.data_dir}")
+        kind = "is a file, not a dataset folder or a labels .csv" if data.exists() else "not found"
+        raise FileNotFoundError(f"Dataset folder (or labels CSV) {kind}: {config.data_dir}")
     resolve_device_plan(config.precision, device)
-    if config.model != SCRATCH_MODEL:
-        load_model_config(config.model)
+    report = prepare_data(config, lambda event: None)
+    scratch = config.model == SCRATCH_MODEL
+    summary = summarize_model(config.model, report.classes, 0, config.image_size if scratch else None)
+    if config.freeze_depth > summary.num_blocks:
+        raise ValueError(
+            f"freeze_depth must be between 0 and {summary.num_blocks} for this model, got {config.freeze_depth}"
+        )
+    return report
 
 
 def prepare_data(config: TrainConfig, emit: Emit) -> DatasetReport:
