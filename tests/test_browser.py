@@ -156,3 +156,34 @@ def test_busy_and_stop_in_the_browser(app_url, page):
     page.locator("#stop-button").click()
     expect(page.locator("#train-message")).to_contain_text("Stopping", timeout=30_000)
     expect(page.locator("#train-status")).to_contain_text("stopped", timeout=60_000)
+
+
+def test_upload_a_folder_and_a_zip(app_url, page, tmp_path):
+    import zipfile
+
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    url, _, _ = app_url
+    folder = tmp_path / "pets"
+    for n, name in enumerate(("cat", "dog")):
+        (folder / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (12, 12), (n * 120, i * 60, 30)).save(folder / name / f"{i}.png")
+    page.goto(url)
+    expect(page.locator("#data-summary")).to_contain_text("10 classes", timeout=120_000)
+    page.get_by_text("Upload a dataset").click()
+    page.locator("#folder-upload input[type=file]").set_input_files(str(folder))
+    expect(page.locator("#upload-message")).to_contain_text("Copied 6 files", timeout=60_000)
+    expect(page.locator("#data-summary")).to_contain_text("2 classes", timeout=60_000)
+    expect(page.locator("#class-table")).to_contain_text("cat")
+
+    archive = tmp_path / "birds.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for name in ("owl", "tit", "wren"):
+            for i in range(2):
+                zipped.write(folder / "cat" / f"{i}.png", f"birds/{name}/{i}.png")
+    page.locator("#zip-upload input[type=file]").set_input_files(str(archive))
+    expect(page.locator("#upload-message")).to_contain_text("Extracted", timeout=60_000)
+    expect(page.locator("#data-summary")).to_contain_text("3 classes", timeout=60_000)
+    expect(page.locator("#data-problems")).to_contain_text("duplicate")  # the same picture in three classes

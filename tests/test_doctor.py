@@ -431,3 +431,18 @@ def test_scan_cache_respects_the_pixel_limit(tmp_path):
     relaxed = scan_dataset(tmp_path / "data", cache=cache)
     assert relaxed.skipped == [] and relaxed.ok
     assert len(scan_dataset(tmp_path / "data", cache=cache, max_pixels=10).skipped) == 4
+
+
+def test_folder_upload_rebuilds_class_folders_and_refuses_bad_paths(tmp_path):
+    from vitft_app.uploads import copy_folder_upload
+
+    sources = [png(tmp_path / "tmp-upload" / f"f{i}.png", (i * 70, 0, 0)) for i in range(3)]
+    rel = ["pets/cat/a.png", "pets/cat/b.png", "pets/dog/c.png"]
+    folder = copy_folder_upload([str(p) for p in sources], rel, tmp_path / "uploads")
+    assert folder.name == "pets" and sorted(p.name for p in folder.iterdir()) == ["cat", "dog"]
+    assert (folder / "dog" / "c.png").read_bytes() == sources[2].read_bytes()
+    with pytest.raises(UnsafeArchiveError, match="folder structure"):
+        copy_folder_upload([str(sources[0])], [], tmp_path / "uploads")
+    with pytest.raises(UnsafeArchiveError, match="unsafe path"):
+        copy_folder_upload([str(sources[0])], ["../../evil.png"], tmp_path / "uploads")
+    assert not (tmp_path / "evil.png").exists()

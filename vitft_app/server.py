@@ -38,6 +38,7 @@ def launch(args: argparse.Namespace) -> None:
     """Writes the example dataset if needed, builds the UI and serves it (blocks)."""
     from .data import ensure_example_dataset
     from .ui.app import AppSettings, build_app
+    from .ui.data_tab import FOLDER_UPLOAD_JS
 
     try:
         auth = parse_auth(args.auth)
@@ -57,4 +58,6 @@ def launch(args: argparse.Namespace) -> None:
         auth=auth,
         inbrowser=not args.no_browser,
         show_error=False,
+        head=FOLDER_UPLOAD_JS,
+        css=".vitft-hidden {display: none !important}",
     )

@@ -130,3 +130,69 @@ def _dataset_root(folder: Path) -> Path:
     if len(visible) == 1 and visible[0].is_dir():
         return visible[0]
     return folder
+
+
+def copy_folder_upload(
+    files: list[str],
+    relative_paths: list[str],
+    uploads_dir: str | os.PathLike,
+    max_total_bytes: int = MAX_TOTAL_BYTES,
+    max_files: int = MAX_FILES,
+) -> Path:
+    """Rebuilds a folder chosen in the browser under ``uploads_dir``.
+
+    The browser uploads each file separately; ``relative_paths`` (the files' ``webkitRelativePath``,
+    in the same order) restores the class folders. The same refusals as for a zip apply.
+
+    Args:
+        files: server-side paths of the uploaded files.
+        relative_paths: ``"animals/cat/1.jpg"``-style paths, one per file.
+        uploads_dir: parent folder (``<data root>/uploads``).
+        max_total_bytes: largest total size.
+        max_files: most files.
+
+    Returns:
+        The dataset folder (the chosen folder itself).
+
+    Raises:
+        UnsafeArchiveError: counts differ, a path is absolute or has ``..``, or a limit is exceeded.
+    """
+    if len(files) != len(relative_paths) or not files:
+        raise UnsafeArchiveError(
+            "The browser did not send the folder structure (class folders); upload a .zip instead."
+        )
+    if len(files) > max_files:
+        raise UnsafeArchiveError(f"The folder has {len(files):,} files; the limit is {max_files:,}.")
+    total = 0
+    for source, rel in zip(files, relative_paths):
+        info = zipfile.ZipInfo(rel)  # reuse the zip member rules for names
+        problem = _member_problem(info)
+        if problem:
+            raise UnsafeArchiveError(f"Refused: unsafe path ({problem}).")
+        total += os.path.getsize(source)
+    if total > max_total_bytes:
+        raise UnsafeArchiveError(f"Refused: the folder holds {total / 1024**2:,.0f} MiB; the limit is"
+                                 f" {max_total_bytes / 1024**2:,.0f} MiB.")
+    uploads = Path(uploads_dir)
+    uploads.mkdir(parents=True, exist_ok=True)
+    top = PurePosixPath(relative_paths[0].replace("\\", "/")).parts[0] if "/" in relative_paths[0] else "folder"
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", top).strip("-") or "upload"
+    tmp = Path(tempfile.mkdtemp(prefix=".upload-", dir=uploads))
+    try:
+        for source, rel in zip(files, relative_paths):
+            target = (tmp / rel.replace("\\", "/")).resolve()
+            if not target.is_relative_to(tmp.resolve()):
+                raise UnsafeArchiveError(f"Refused: '{rel}' would land outside the upload folder.")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+        os.chmod(tmp, 0o755)
+        dest = uploads / f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = uploads / f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{n}"
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _dataset_root(dest)

@@ -13,7 +13,7 @@ import pandas as pd
 
 from ..data import DatasetReport, scan_dataset
 from ..images import ImageLoadError, load_image
-from ..uploads import UnsafeArchiveError, extract_zip
+from ..uploads import UnsafeArchiveError, copy_folder_upload, extract_zip
 from .plots import figure_class_counts, figure_image_stats
 
 SAMPLES_PER_CLASS = 4
@@ -160,6 +160,45 @@ def scan_folder_outputs_fn(ctx: Any) -> Callable:
     return handler
 
 
+#: Sent in the page head by the launcher: records each chosen file's path inside the chosen folder
+#: (``webkitRelativePath``), which Gradio's directory upload does not pass to the server, so the
+#: class folders can be rebuilt. Runs in the capture phase, before Gradio starts the upload.
+FOLDER_UPLOAD_JS = """
+<script>
+document.addEventListener("change", (event) => {
+  const input = event.target;
+  if (!(input instanceof HTMLInputElement) || input.type !== "file" || !input.closest("#folder-upload")) return;
+  const paths = Array.from(input.files || []).map((file) => file.webkitRelativePath || file.name);
+  const box = document.querySelector("#folder-relpaths textarea");
+  if (!box) return;
+  box.value = JSON.stringify(paths);
+  box.dispatchEvent(new Event("input", { bubbles: true }));
+}, true);
+</script>
+"""
+
+
+def receive_folder(files: list | None, relative_paths_json: str | None, settings: Any) -> tuple[Any, str]:
+    """Rebuilds a browser-chosen folder under ``<data root>/uploads`` and points the path box at it.
+
+    Returns:
+        ``(path box value or gr.skip(), message markdown)``; never raises.
+    """
+    import json
+
+    paths = [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in (files or [])]
+    if not paths:
+        return gr.skip(), ""
+    try:
+        relative = json.loads(relative_paths_json or "[]")
+        folder = copy_folder_upload(paths, relative, Path(settings.data_root) / "uploads")
+    except (UnsafeArchiveError, ValueError) as exc:
+        return gr.skip(), f"❌ {exc}"
+    except OSError as exc:
+        return gr.skip(), f"❌ Could not copy the folder into {settings.data_root}/uploads: {exc}"
+    return str(folder), f"📁 Copied {len(paths)} files to `{folder}`."
+
+
 def receive_upload(file: Any, settings: Any) -> tuple[Any, str]:
     """Extracts an uploaded zip under ``<data root>/uploads`` and points the path box at it.
 
@@ -221,9 +260,13 @@ def build(ctx: Any) -> DataTab:
                     label=f"Folders under {settings.data_root}",
                     height=260,
                 )
-    with gr.Accordion("Upload a dataset (.zip)", open=False):
-        upload = gr.File(label="Drop a .zip holding one folder per class (or train/ and val/)",
-                         file_types=[".zip"], type="filepath", elem_id="zip-upload")
+    with gr.Accordion("Upload a dataset (.zip or a folder)", open=False):
+        with gr.Row():
+            upload = gr.File(label="A .zip holding one folder per class (or train/ and val/)",
+                             file_types=[".zip"], type="filepath", elem_id="zip-upload")
+            folder_upload = gr.File(label="Or click to choose a folder (one subfolder per class)",
+                                    file_count="directory", type="filepath", elem_id="folder-upload")
+        relpaths = gr.Textbox(elem_id="folder-relpaths", elem_classes="vitft-hidden", container=False)
         upload_message = gr.Markdown(elem_id="upload-message")
     summary = gr.Markdown(elem_id="data-summary")
     problems = gr.Markdown(elem_id="data-problems")
@@ -243,6 +286,9 @@ def build(ctx: Any) -> DataTab:
     handler = scan_folder_outputs_fn(ctx)
     upload.upload(lambda f: receive_upload(f, settings), inputs=upload, outputs=[path, upload_message]).then(
         handler, inputs=path, outputs=outputs)
+    # The recorded paths are cleared after each folder, so a later upload never reuses them.
+    folder_upload.upload(lambda f, rel: (*receive_folder(f, rel, settings), ""), inputs=[folder_upload, relpaths],
+                         outputs=[path, upload_message, relpaths]).then(handler, inputs=path, outputs=outputs)
     scan.click(handler, inputs=path, outputs=outputs)
     path.submit(handler, inputs=path, outputs=outputs)
     example.click(lambda: str(settings.example_dir), outputs=path).then(handler, inputs=path, outputs=outputs)
