@@ -93,7 +93,6 @@ def extract_zip(
                 f"Refused: the zip expands to {declared / 1024**2:,.0f} MiB; the limit is"
                 f" {max_total_bytes / 1024**2:,.0f} MiB."
             )
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(zip_path).stem).strip("-") or "upload"
         tmp = Path(tempfile.mkdtemp(prefix=".upload-", dir=uploads))
         try:
             written = 0
@@ -111,17 +110,24 @@ def extract_zip(
                         if written > max_total_bytes:
                             raise UnsafeArchiveError("Refused: the zip expands beyond the size limit.")
                         sink.write(chunk)
-            os.chmod(tmp, 0o755)
-            dest = uploads / f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-            n = 1
-            while dest.exists():
-                n += 1
-                dest = uploads / f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{n}"
-            os.replace(tmp, dest)
+            dest = _publish(tmp, uploads, Path(zip_path).stem)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return _dataset_root(dest)
+
+
+def _publish(tmp: Path, uploads: Path, name: str) -> Path:
+    """Renames a fully written temp folder to ``<uploads>/<name>-<timestamp>`` (``-2``, ... when taken)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "upload"
+    os.chmod(tmp, 0o755)  # mkdtemp creates 0700
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    dest, n = uploads / f"{stem}-{stamp}", 1
+    while dest.exists():
+        n += 1
+        dest = uploads / f"{stem}-{stamp}-{n}"
+    os.replace(tmp, dest)
+    return dest
 
 
 def _dataset_root(folder: Path) -> Path:
@@ -176,7 +182,6 @@ def copy_folder_upload(
     uploads = Path(uploads_dir)
     uploads.mkdir(parents=True, exist_ok=True)
     top = PurePosixPath(relative_paths[0].replace("\\", "/")).parts[0] if "/" in relative_paths[0] else "folder"
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", top).strip("-") or "upload"
     tmp = Path(tempfile.mkdtemp(prefix=".upload-", dir=uploads))
     try:
         for source, rel in zip(files, relative_paths):
@@ -185,13 +190,7 @@ def copy_folder_upload(
                 raise UnsafeArchiveError(f"Refused: '{rel}' would land outside the upload folder.")
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
-        os.chmod(tmp, 0o755)
-        dest = uploads / f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-        n = 1
-        while dest.exists():
-            n += 1
-            dest = uploads / f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{n}"
-        os.replace(tmp, dest)
+        dest = _publish(tmp, uploads, top)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
