@@ -116,23 +116,10 @@ def run_train(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"vitft train: error: {exc}", file=sys.stderr)
         return 2
-    from .data import scan_dataset
-
     try:
         runner = JobRunner(config.output_dir)
     except OSError as exc:
         print(f"vitft train: error: cannot use --output-dir {config.output_dir}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
-    # Scan first with a progress bar; the preflight and the run then read the scan cache.
-    try:
-        with tqdm(unit="file", file=sys.stderr, desc="checking images", disable=None, leave=False) as scan_bar:
-            def scan_progress(done: int, total: int) -> None:
-                scan_bar.total = total
-                scan_bar.update(done - scan_bar.n)
-
-            scan_dataset(config.data_dir, val_fraction=config.val_fraction, seed=config.seed, progress=scan_progress)
-    except (FileNotFoundError, ValueError, PermissionError) as exc:
-        print(f"vitft train: error: {exc}", file=sys.stderr)
         return 2
     state: dict[str, Any] = {"bar": None, "status": "failed"}
 
@@ -166,11 +153,19 @@ def run_train(args: argparse.Namespace) -> int:
 
     from .modeling import ModelLoadError
 
+    scan_bar = tqdm(unit="file", file=sys.stderr, desc="checking images", disable=None, leave=False)
+
+    def scan_progress(done: int, total: int) -> None:
+        scan_bar.total = total
+        scan_bar.update(done - scan_bar.n)
+
     try:
-        job = runner.start(config, listener=listener)
+        job = runner.start(config, listener=listener, progress=scan_progress)
     except (ModelLoadError, ValueError, FileNotFoundError, OSError) as exc:
+        scan_bar.close()
         print(f"vitft train: error: {exc}", file=sys.stderr)
         return 2
+    scan_bar.close()
     stopping = False
     while not job.done.is_set():
         try:

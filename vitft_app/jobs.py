@@ -80,13 +80,19 @@ class JobRunner:
         """True while a job's thread is alive."""
         return self._job is not None and self._job.running
 
-    def start(self, config: TrainConfig, listener: Callable[[Event], None] | None = None) -> Job:
+    def start(
+        self,
+        config: TrainConfig,
+        listener: Callable[[Event], None] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Job:
         """Creates the run folder and starts training in a daemon thread.
 
         Args:
             config: the run's settings.
             listener: also receives every event (the CLI's progress bar), after the run folder
                 recorded it.
+            progress: ``progress(done, total)`` while the preflight decodes the dataset's images.
 
         Returns:
             The started :class:`Job`.
@@ -105,7 +111,7 @@ class JobRunner:
                     f"A training run is already in progress ({self._job.run_dir.name}). "
                     "Wait for it to finish or press Stop first."
                 )
-            preflight(config, self.device)
+            report = preflight(config, self.device, progress)
             run_dir = self.store.create_run(config)
             recorder = RunRecorder(run_dir)
 
@@ -116,7 +122,7 @@ class JobRunner:
 
             def target() -> None:
                 try:
-                    train(config, run_dir, emit, stop_event=job.stop_event, device=self.device)
+                    train(config, run_dir, emit, stop_event=job.stop_event, device=self.device, report=report)
                 except BaseException as exc:  # noqa: BLE001 - reported as RunFailed, not swallowed
                     emit(RunFailed(error=error_message(exc), traceback=traceback.format_exc()))
                 finally:

@@ -22,6 +22,7 @@ from .config import TrainConfig
 from .data import DatasetReport, ImageDataset, build_transforms, collate_skipping_failures, processor_spec, scan_dataset
 from .device import DevicePlan, resolve_device_plan
 from .events import Emit, EvalDone, LogMessage, RunFinished, RunStarted, StepLogged
+from .filecheck import Progress
 from .modeling import build_model, count_parameters, freeze_layers
 from .runs import save_model_atomically
 
@@ -117,14 +118,19 @@ def evaluate(
     return loss_sum.item() / seen, correct.item() / seen
 
 
-def preflight(config: TrainConfig, device: str | None = None) -> DatasetReport:
+def preflight(config: TrainConfig, device: str | None = None, progress: Progress | None = None) -> DatasetReport:
     """Checks everything that can be checked before a run folder is created, so a run that cannot
     work is refused with a message instead of becoming a "failed" run: the dataset (scanned, or
     read from the scan cache), the precision on the device, the model's config (no weights are
     read), the image size of vit-tiny-scratch and the freeze depth.
 
+    Args:
+        config: the run's settings.
+        device: force a device (tests use ``"cpu"``).
+        progress: ``progress(done, total)`` while the dataset's images are decoded.
+
     Returns:
-        The dataset report.
+        The dataset report (give it to :func:`train` so the run does not scan again).
 
     Raises:
         FileNotFoundError: the dataset folder (or labels CSV) does not exist.
@@ -140,7 +146,7 @@ def preflight(config: TrainConfig, device: str | None = None) -> DatasetReport:
         kind = "is a file, not a dataset folder or a labels .csv" if data.exists() else "not found"
         raise FileNotFoundError(f"Dataset folder (or labels CSV) {kind}: {config.data_dir}")
     resolve_device_plan(config.precision, device)
-    report = prepare_data(config, lambda event: None)
+    report = prepare_data(config, lambda event: None, progress)
     scratch = config.model == SCRATCH_MODEL
     summary = summarize_model(config.model, report.classes, 0, config.image_size if scratch else None)
     if config.freeze_depth > summary.num_blocks:
@@ -150,14 +156,28 @@ def preflight(config: TrainConfig, device: str | None = None) -> DatasetReport:
     return report
 
 
-def prepare_data(config: TrainConfig, emit: Emit) -> DatasetReport:
-    """Scans the dataset and reports skipped files.
+def prepare_data(config: TrainConfig, emit: Emit, progress: Progress | None = None) -> DatasetReport:
+    """Scans the dataset (the scan cache makes a repeat cheap) and checks it can be trained on.
+
+    Args:
+        config: the run's settings (``data_dir``, ``val_fraction``, ``seed``).
+        emit: receives a ``LogMessage`` per skipped file and per warning.
+        progress: passed to :func:`~vitft_app.data.scan_dataset`.
 
     Raises:
         FileNotFoundError: the folder does not exist.
         DatasetError: the dataset cannot be trained on; the message says what to do.
     """
-    report = scan_dataset(config.data_dir, val_fraction=config.val_fraction, seed=config.seed)
+    report = scan_dataset(config.data_dir, val_fraction=config.val_fraction, seed=config.seed, progress=progress)
+    return check_trainable(report, emit)
+
+
+def check_trainable(report: DatasetReport, emit: Emit) -> DatasetReport:
+    """Logs skipped files and warnings; raises when the report's dataset cannot be trained on.
+
+    Raises:
+        DatasetError: errors in the report, or a multi-label dataset.
+    """
     for path, reason in report.skipped:
         emit(LogMessage(f"skipped {path}: {reason}"))
     for warning in report.warnings:
@@ -179,6 +199,7 @@ def train(
     emit: Emit,
     stop_event: threading.Event | None = None,
     device: str | None = None,
+    report: DatasetReport | None = None,
 ) -> TrainResult:
     """Fine-tunes a model on a dataset folder and saves the best model to ``run_dir/model``.
 
@@ -190,6 +211,7 @@ def train(
             turns them into ``RunFailed``.
         stop_event: when set, the loop exits before the next micro-batch; status ``"stopped"``.
         device: force a device (tests use ``"cpu"``); default from the device policy.
+        report: the dataset report from :func:`preflight`; scanned here when None.
 
     Returns:
         A :class:`TrainResult`.
@@ -204,7 +226,7 @@ def train(
     run_dir = Path(run_dir)
 
     # ---- data -------------------------------------------------------------------------------
-    report = prepare_data(config, emit)
+    report = prepare_data(config, emit) if report is None else check_trainable(report, emit)
 
     # ---- model: seeded so the head (and a scratch model) initialize the same way every run ----
     plan = resolve_device_plan(config.precision, device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 
@@ -75,8 +75,10 @@ def config_from_form(values: dict[str, Any], data_dir: Path) -> TrainConfig:
     return TrainConfig(**kwargs)
 
 
-def start_run(ctx: Any, values: dict[str, Any], data_text: str) -> tuple[str, str | None]:
-    """Starts a job from the form.
+def start_run(
+    ctx: Any, values: dict[str, Any], data_text: str, progress: Callable[[int, int], None] | None = None
+) -> tuple[str, str | None]:
+    """Starts a job from the form (``progress`` reports the preflight's image decoding).
 
     Returns:
         ``(message markdown, run folder or None)``. Never raises: bad input, a busy runner or an
@@ -88,7 +90,7 @@ def start_run(ctx: Any, values: dict[str, Any], data_text: str) -> tuple[str, st
     except ValueError as exc:
         return f"❌ {exc}", None
     try:
-        job = ctx.runner.start(dataclasses.replace(config, output_dir=str(ctx.settings.runs_dir)))
+        job = ctx.runner.start(dataclasses.replace(config, output_dir=str(ctx.settings.runs_dir)), progress=progress)
     except BusyError as exc:
         return f"⏳ Busy: {exc}", None
     except (ModelLoadError, ValueError, FileNotFoundError) as exc:
@@ -239,8 +241,11 @@ def build(ctx: Any, data: Any) -> None:
     signature = gr.State(None)
     timer = gr.Timer(1.0)
 
-    def on_start(values: dict) -> tuple:
-        text, run_dir = start_run(ctx, {name: values[comp] for name, comp in form.items()}, values[data.path])
+    def on_start(values: dict, progress: gr.Progress = gr.Progress()) -> tuple:
+        def report(done: int, total: int) -> None:
+            progress((done, total), desc="Checking images", unit="files")
+
+        text, run_dir = start_run(ctx, {name: values[comp] for name, comp in form.items()}, values[data.path], report)
         return text, (run_dir if run_dir else gr.skip()), None
 
     start.click(on_start, inputs=set(form.values()) | {data.path}, outputs=[message, run_state, signature])
