@@ -59,3 +59,12 @@ def digits_small(tmp_path, digits_root) -> Path:
 def tiny_vit(tmp_path_factory) -> Path:
     """A tiny random ViT with a 2-class LABEL_0/LABEL_1 head, saved and loaded by path."""
     return save_tiny_vit(tmp_path_factory.mktemp("tiny-vit"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Records each phase's report on the test item (``item.rep_call``), so a fixture can take a
+    screenshot when the test failed (see tests/test_browser.py)."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)

@@ -82,13 +82,6 @@ def page(request):
         browser.close()
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):  # noqa: D103 - records the outcome for the screenshot
-    outcome = yield
-    report = outcome.get_result()
-    setattr(item, f"rep_{report.when}", report)
-
-
 def choose_model(page, name: str) -> None:
     box = page.locator("#model-choice input")
     box.click()
@@ -187,3 +180,24 @@ def test_upload_a_folder_and_a_zip(app_url, page, tmp_path):
     expect(page.locator("#upload-message")).to_contain_text("Extracted", timeout=60_000)
     expect(page.locator("#data-summary")).to_contain_text("3 classes", timeout=60_000)
     expect(page.locator("#data-problems")).to_contain_text("duplicate")  # the same picture in three classes
+
+
+def test_evaluate_tab_in_the_browser(app_url, page):
+    from playwright.sync_api import expect
+
+    url, tiny_vit, _ = app_url
+    page.goto(url)
+    expect(page.locator("#data-summary")).to_contain_text("10 classes", timeout=120_000)
+    page.get_by_role("tab", name="Train").click()
+    start_tiny_run(page, tiny_vit, epochs=1)
+    expect(page.locator("#train-status")).to_contain_text("completed", timeout=300_000)
+    page.get_by_role("tab", name="Evaluate").click()
+    expect(page.locator("#eval-run input")).to_have_value(re.compile("tiny-vit"), timeout=30_000)
+    page.locator("#evaluate-button").click()
+    expect(page.locator("#eval-summary")).to_contain_text("macro precision", timeout=120_000)
+    expect(page.locator("#eval-per-class")).to_contain_text("support")
+    # Click the first count of the confusion matrix (true "0", predicted "0").
+    page.locator("#eval-matrix [role=gridcell]").nth(1).click()
+    expect(page.locator("#eval-cell-caption")).to_contain_text("true 0, predicted 0", timeout=30_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "evaluate-tab.png"), full_page=True)

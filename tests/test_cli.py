@@ -122,3 +122,27 @@ def test_predict_explains_what_model_it_needs(tmp_path):
     assert result.returncode == 2 and "Hub ids are used for training" in result.stderr
     zero = _vitft("predict", "--model", str(tmp_path), "--top-k", "0", str(tmp_path / "x.png"), cwd=tmp_path)
     assert zero.returncode == 2 and "--top-k must be >= 1" in zero.stderr
+
+
+def test_export_onnx_zip_and_onnx_prediction(tmp_path, digits_small, tiny_vit):
+    trained = _vitft("train", "--data", str(digits_small), "--model", str(tiny_vit), "--epochs", "1",
+                     "--batch-size", "16", "--precision", "fp32", "--output-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    run_dir = Path(trained.stdout.strip().splitlines()[-1])
+
+    exported = _vitft("export", str(run_dir), cwd=tmp_path)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    onnx_path = Path(exported.stdout.strip().splitlines()[-1])
+    assert onnx_path == run_dir / "model" / "onnx" / "model.onnx" and onnx_path.exists()
+    diff = float(exported.stderr.split("=")[-1].split("over")[0])
+    assert diff < 1e-4
+
+    image = str(sorted((digits_small / "1").iterdir())[0])
+    torch_out = json.loads(_vitft("predict", "--model", str(run_dir), image, cwd=tmp_path).stdout)
+    onnx_out = json.loads(_vitft("predict", "--model", str(run_dir), "--backend", "onnx", image, cwd=tmp_path).stdout)
+    assert [p["label"] for p in onnx_out["predictions"]] == [p["label"] for p in torch_out["predictions"]]
+    for a, b in zip(onnx_out["predictions"], torch_out["predictions"]):
+        assert abs(a["score"] - b["score"]) < 1e-4
+
+    zipped = _vitft("export", str(run_dir), "--format", "zip", cwd=tmp_path)
+    assert zipped.returncode == 0 and Path(zipped.stdout.strip()) == run_dir / "model.zip"

@@ -13,7 +13,7 @@ from PIL import Image
 from vitft_app.jobs import JobRunner
 from vitft_app.ui import data_tab, predict_tab, train_tab
 from vitft_app.ui.app import AppContext, AppSettings, build_app
-from vitft_app.ui.plots import figure_accuracy, figure_class_counts, figure_loss
+from vitft_app.plots import figure_accuracy, figure_class_counts, figure_loss
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@
     vitft train --data DIR --model NAME_OR_PATH [--freeze-depth N] [--epochs E] ...
     vitft predict --model DIR IMAGE... [--top-k K]
     vitft scan DIR [--json]
+    vitft evaluate RUN_DIR [--data DIR] [--split val|test]
+    vitft export RUN_DIR [--format onnx|zip]
     vitft app [--host 127.0.0.1] [--port 7860] ...   (same as ``python app.py``)
 
 ``train`` flags are generated from the :class:`~vitft_app.config.TrainConfig` fields (their
@@ -18,6 +20,7 @@ import os
 import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal, Sequence, get_args, get_origin
 
 from .config import TrainConfig, field_docs
@@ -86,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True, help="a run folder or its model/ folder (save_pretrained format)")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     predict.add_argument("--top-k", type=int, default=5, help="classes per image (default: 5)")
+    predict.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                         help="onnx runs MODEL/onnx/model.onnx with onnxruntime (make it with vitft export)")
 
     scan = commands.add_parser("scan", help="check a dataset folder (the dataset doctor)",
                                description="Decode every image, report classes, counts, skipped and ignored"
@@ -98,6 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--max-pixels", type=int, default=None,
                       help="skip images with more pixels than this as too large (default: Pillow's limit)")
     scan.add_argument("--no-cache", action="store_true", help="decode every file again, ignoring the scan cache")
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a trained run on its validation or test split",
+                                   description="Write RUN_DIR/eval/<split>/metrics.json, predictions.csv and"
+                                               " figures, and print the summary.")
+    evaluate.add_argument("run", metavar="RUN_DIR", help="a run folder (or a save_pretrained folder with --data)")
+    evaluate.add_argument("--data", default=None, help="dataset folder (default: the run's)")
+    evaluate.add_argument("--split", choices=["val", "test"], default="val",
+                          help="val: the run's validation split; test: DATA/test/, never used in training"
+                               " (default: val)")
+    evaluate.add_argument("--top-k", type=int, default=5, help="k of the top-k accuracy (default: 5)")
+
+    export = commands.add_parser("export", help="export a trained model (ONNX, or a zip for transformers.pipeline)",
+                                 description="onnx: write MODEL/onnx/model.onnx, checked against PyTorch on the"
+                                             " run's validation images; zip: the save_pretrained folder as a zip.")
+    export.add_argument("run", metavar="RUN_DIR", help="a run folder or a save_pretrained folder")
+    export.add_argument("--format", choices=["onnx", "zip"], default="onnx", help="(default: onnx)")
+    export.add_argument("--output", default=None,
+                        help="onnx: output folder (default MODEL/onnx); zip: file (default RUN_DIR/model.zip)")
 
     app = commands.add_parser("app", help="start the web app (same as python app.py)")
     add_server_arguments(app)
@@ -221,6 +244,40 @@ def run_scan(args: argparse.Namespace) -> int:
     return 0 if report.ok else 2
 
 
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Evaluates, writes ``eval/<split>/`` and prints the summary and the output folder."""
+    from .evaluate import EvaluationError, evaluate_run, summary_text
+
+    try:
+        result = evaluate_run(args.run, data_dir=args.data, split=args.split, top_k=args.top_k)
+    except (EvaluationError, FileNotFoundError, ValueError) as exc:
+        print(f"vitft evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    print(summary_text(result.metrics))
+    print(result.out_dir)
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Exports and prints the written path (and, for ONNX, the measured parity)."""
+    from .export import ExportError, export_model_zip, export_onnx, validation_images
+
+    try:
+        if args.format == "zip":
+            dest = args.output or str(Path(args.run) / "model.zip")
+            print(export_model_zip(args.run, dest))
+            return 0
+        images = validation_images(args.run)
+        result = export_onnx(args.run, output_dir=args.output, images=images or None)
+    except (ExportError, FileNotFoundError, OSError) as exc:
+        print(f"vitft export: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"ONNX opset {result.opset}; largest |p_onnx - p_torch| = {result.max_abs_prob_diff:.3g}"
+          f" over {result.num_images} images", file=sys.stderr)
+    print(result.path)
+    return 0
+
+
 def run_predict(args: argparse.Namespace) -> int:
     """Prints ``{"image": PATH, "predictions": [{"label", "score"}, ...]}`` per image (JSON lines).
 
@@ -233,7 +290,15 @@ def run_predict(args: argparse.Namespace) -> int:
         print("vitft predict: error: --top-k must be >= 1", file=sys.stderr)
         return 2
     try:
-        predictor = Predictor(args.model)
+        if args.backend == "onnx":
+            from .export import ExportError, OnnxPredictor
+
+            try:
+                predictor = OnnxPredictor(args.model)
+            except ExportError as exc:
+                raise ValueError(str(exc)) from exc
+        else:
+            predictor = Predictor(args.model)
     except (FileNotFoundError, OSError, ValueError) as exc:
         print(f"vitft predict: error: {exc}", file=sys.stderr)
         return 2
@@ -263,7 +328,7 @@ def _quiet_library_progress_bars() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vitft`` console script."""
     args = build_parser().parse_args(argv)
-    if args.command in ("train", "predict"):
+    if args.command in ("train", "predict", "evaluate", "export"):
         _quiet_library_progress_bars()
     if args.command == "train":
         return run_train(args)
@@ -271,6 +336,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_predict(args)
     if args.command == "scan":
         return run_scan(args)
+    if args.command == "evaluate":
+        return run_evaluate(args)
+    if args.command == "export":
+        return run_export(args)
     from .server import launch
 
     launch(args)

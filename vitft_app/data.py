@@ -8,7 +8,9 @@ torchvision's ``ImageFolder`` and timm's ``ReaderImageFolder``)::
     DATA/train/cat/*.jpg, DATA/val/cat/*.jpg            -> the given split
     (val/ may also be called validation/ or valid/; train/ alone is split automatically)
 
-Images are found recursively inside class folders. Hidden entries (names starting with ``.``),
+A top-level ``test/`` folder (class folders inside) is the held-out test split: training never
+reads it and ``vitft evaluate --split test`` does. Images are found recursively inside class
+folders. Hidden entries (names starting with ``.``),
 ``__MACOSX``, ``Thumbs.db``, ``desktop.ini`` and files without an image extension are ignored and
 listed in the report. Symbolic links are never followed out of the dataset folder: a linked file
 inside it is read, a link to a folder is not descended (so a link loop cannot hang the scan).
@@ -362,6 +364,9 @@ def _folder_entries(root: Path, ignored: list[str]) -> tuple[list[Entry], list[s
         parts = {"all": train_dir}  # train/ alone: split automatically
     else:
         parts = {"all": root}
+    test_dir = root / "test"
+    if root in parts.values() and test_dir.is_dir():
+        ignored.append(str(test_dir))  # the held-out test split: evaluation only, never a class
     if root not in parts.values():
         for entry in sorted(os.scandir(root), key=lambda e: e.name):
             if Path(entry.path) not in parts.values():
@@ -370,6 +375,8 @@ def _folder_entries(root: Path, ignored: list[str]) -> tuple[list[Entry], list[s
     folders: set[str] = set()
     for part, folder in parts.items():
         for name in _list_class_dirs(folder, ignored):
+            if folder == root and name == "test":
+                continue  # listed as ignored above
             folders.add(name)
             entries += [(part, (name,), path) for path in _find_images(folder / name, root, ignored)]
     return entries, sorted(folders)

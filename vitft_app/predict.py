@@ -63,6 +63,28 @@ class Predictor:
         self.transform = build_transforms(self.processor, train=False)
 
     @torch.inference_mode()
+    def predict_proba(self, images: Sequence[ImageSource], batch_size: int = 32) -> torch.Tensor:
+        """Softmax probabilities of every class.
+
+        Args:
+            images: paths, bytes, file objects or PIL images (all go through ``load_image``).
+            batch_size: images per forward pass.
+
+        Returns:
+            float32 tensor ``(len(images), num_labels)`` on the CPU, rows summing to 1, columns in
+            ``id2label`` order.
+
+        Raises:
+            ImageLoadError: an image cannot be read.
+        """
+        rows = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            pixels = torch.stack([self.transform(load_image(img)) for img in chunk]).to(self.plan.device)
+            rows.append(self.model(pixel_values=pixels).logits.float().softmax(-1).cpu())
+        return torch.cat(rows) if rows else torch.empty(0, len(self.id2label))
+
+    @torch.inference_mode()
     def predict(self, images: Sequence[ImageSource], top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
         """Predicts each image.
 
@@ -78,12 +100,6 @@ class Predictor:
             ImageLoadError: an image cannot be read (the caller decides how to show it).
         """
         k = max(1, min(top_k, len(self.id2label)))
-        results: list[Prediction] = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            pixels = torch.stack([self.transform(load_image(img)) for img in chunk]).to(self.plan.device)
-            probs = self.model(pixel_values=pixels).logits.float().softmax(-1)
-            scores, indices = probs.topk(k, dim=-1)
-            for row_scores, row_indices in zip(scores.tolist(), indices.tolist()):
-                results.append(Prediction([self.id2label[i] for i in row_indices], row_scores))
-        return results
+        scores, indices = self.predict_proba(images, batch_size).topk(k, dim=-1)
+        return [Prediction([self.id2label[i] for i in row_indices], row_scores)
+                for row_scores, row_indices in zip(scores.tolist(), indices.tolist())]

@@ -68,18 +68,20 @@ def build_app(settings: AppSettings) -> gr.Blocks:
     Returns:
         The ``gr.Blocks`` app (call ``.launch()``).
     """
-    from . import data_tab, predict_tab, train_tab
+    from . import data_tab, evaluate_tab, predict_tab, train_tab
 
     ctx = AppContext(settings=settings, runner=JobRunner(settings.runs_dir, device=settings.device))
     with gr.Blocks(title="vitft: fine-tune a Vision Transformer") as demo:
         gr.Markdown(
-            "# vitft\nFine-tune a Vision Transformer on a folder of images: **Data** → **Train** → **Predict**."
+            "# vitft\nFine-tune a Vision Transformer on a folder of images: **Data** → **Train** → **Evaluate** → **Predict**."
         )
         with gr.Tabs():
             with gr.Tab("Data", id="data"):
                 data = data_tab.build(ctx)
             with gr.Tab("Train", id="train"):
                 train_tab.build(ctx, data)
+            with gr.Tab("Evaluate", id="evaluate") as evaluate:
+                evaluate_tab.build(ctx, demo, evaluate)
             with gr.Tab("Predict", id="predict") as predict:
                 predict_tab.build(ctx, demo, predict)
         demo.load(data_tab.scan_folder_outputs_fn(ctx), inputs=data.path, outputs=data.outputs)

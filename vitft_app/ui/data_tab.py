@@ -14,7 +14,7 @@ import pandas as pd
 from ..data import DatasetReport, scan_dataset
 from ..images import ImageLoadError, load_image
 from ..uploads import UnsafeArchiveError, copy_folder_upload, extract_zip
-from .plots import figure_class_counts, figure_image_stats
+from ..plots import figure_class_counts, figure_image_stats
 
 SAMPLES_PER_CLASS = 4
 MAX_CLASSES_SHOWN = 12

@@ -58,6 +58,41 @@ def predict_files(ctx: Any, run_dir: str | None, files: list | None, top_k: int)
     return results
 
 
+def export_zip(run_dir: str | None) -> tuple[str | None, str]:
+    """Zips the run's model (``transformers.pipeline`` format) into a temp folder for download.
+
+    Returns:
+        ``(zip path or None, message markdown)``; never raises.
+    """
+    import tempfile
+
+    from ..export import ExportError, export_model_zip
+
+    if not run_dir:
+        return None, "Choose a run first."
+    dest = Path(tempfile.mkdtemp(prefix="vitft-export-")) / f"{Path(run_dir).name}-model.zip"
+    try:
+        path = export_model_zip(run_dir, dest)
+    except (ExportError, OSError) as exc:
+        return None, f"❌ {exc}"
+    return str(path), f"📦 `{path.name}`: unzip it and load it with `transformers.pipeline(\"image-classification\", model=FOLDER)`."
+
+
+def export_onnx_for_run(run_dir: str | None) -> str:
+    """Exports the run's model to ONNX, checked on its validation images; returns a message."""
+    from ..export import ExportError, export_onnx, validation_images
+
+    if not run_dir:
+        return "Choose a run first."
+    try:
+        result = export_onnx(run_dir, images=validation_images(run_dir) or None)
+    except (ExportError, OSError) as exc:
+        return f"❌ {exc}"
+    return (f"✅ `{result.path}` (opset {result.opset}); largest probability difference from PyTorch"
+            f" {result.max_abs_prob_diff:.2g} over {result.num_images} images."
+            f" Use it with `vitft predict --backend onnx --model {run_dir} IMAGE`.")
+
+
 def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> None:
     """Builds the Predict tab's components and events."""
     with gr.Row():
@@ -66,6 +101,12 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> None:
         top_k = gr.Slider(1, 10, value=5, step=1, label="Top-k", scale=2)
     files = gr.File(label="Drop one or more images here", file_count="multiple", file_types=["image"],
                     elem_id="predict-files")
+    with gr.Accordion("Export this model", open=False):
+        with gr.Row():
+            zip_button = gr.Button("Make a model zip (for transformers.pipeline)", elem_id="export-zip")
+            onnx_button = gr.Button("Export to ONNX (checked against PyTorch)", elem_id="export-onnx")
+        export_file = gr.File(label="Model zip", interactive=False, elem_id="export-file")
+        export_message = gr.Markdown(elem_id="export-message")
     results = gr.State([])
 
     @gr.render(inputs=results)
@@ -91,6 +132,8 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> None:
     files.change(on_predict, inputs=[run, files, top_k], outputs=results)
     run.change(on_predict, inputs=[run, files, top_k], outputs=results)
     top_k.release(on_predict, inputs=[run, files, top_k], outputs=results)
+    zip_button.click(export_zip, inputs=run, outputs=[export_file, export_message])
+    onnx_button.click(export_onnx_for_run, inputs=run, outputs=export_message)
     refresh.click(lambda current: refresh_runs(ctx, current), inputs=run, outputs=run)
     demo.load(lambda: refresh_runs(ctx, None), outputs=run)
     tab.select(lambda current: refresh_runs(ctx, current), inputs=run, outputs=run)

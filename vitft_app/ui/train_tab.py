@@ -14,7 +14,7 @@ from ..jobs import BusyError
 from ..modeling import MODEL_CHOICES, ModelLoadError, summarize_model
 from ..runs import read_metrics, read_status
 from .data_tab import resolve_data_path
-from .plots import figure_accuracy, figure_loss
+from ..plots import figure_accuracy, figure_loss
 
 #: Suggested peak learning rates: a random-init ViT needs a much larger step than fine-tuning.
 SCRATCH_LR = 1e-3

@@ -1,0 +1,269 @@
+"""Evaluation of a trained model: metrics (scikit-learn), confusion matrix, calibration, mistakes.
+
+``vitft evaluate RUN_DIR [--data DIR] [--split val|test]`` and the Evaluate tab both call
+:func:`evaluate_run`, which writes ``RUN_DIR/eval/<split>/`` (``metrics.json``,
+``predictions.csv`` and plotly HTML figures).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from sklearn import metrics as skm
+
+from .config import TrainConfig
+from .data import ImageItem, scan_dataset
+from .runs import atomic_write_text
+
+Split = Literal["val", "test"]
+#: Bins of the expected calibration error (Guo et al. 2017, "On Calibration of Modern Neural
+#: Networks", equal-width confidence bins).
+ECE_BINS = 15
+
+
+class EvaluationError(ValueError):
+    """The evaluation cannot run (no model, no such split, classes the model does not know)."""
+
+
+@dataclass
+class Evaluation:
+    """Predictions and metrics of one model on one split.
+
+    Attributes:
+        split: ``"val"`` or ``"test"``.
+        classes: the model's class names in index order.
+        paths: evaluated image files, ``(N,)``.
+        y_true: int64 class indices ``(N,)``.
+        probs: float32 softmax probabilities ``(N, C)``.
+        metrics: the dict written to ``metrics.json`` (see :func:`compute_metrics`).
+        out_dir: where the files were written, when they were.
+    """
+
+    split: str
+    classes: list[str]
+    paths: list[str]
+    y_true: np.ndarray
+    probs: np.ndarray
+    metrics: dict[str, Any]
+    out_dir: Path | None = None
+
+    @property
+    def y_pred(self) -> np.ndarray:
+        """Top-1 predicted class indices ``(N,)``."""
+        return self.probs.argmax(1)
+
+    def predictions_frame(self) -> pd.DataFrame:
+        """One row per image: path, true, predicted, confidence (top-1 probability), correct, loss
+        (cross-entropy of the true class)."""
+        conf = self.probs.max(1)
+        true_prob = self.probs[np.arange(len(self.y_true)), self.y_true]
+        return pd.DataFrame({
+            "path": self.paths,
+            "true": [self.classes[i] for i in self.y_true],
+            "predicted": [self.classes[i] for i in self.y_pred],
+            "confidence": conf.round(6),
+            "correct": self.y_true == self.y_pred,
+            "loss": (-np.log(np.clip(true_prob, 1e-12, 1.0))).round(6),
+        })
+
+    def cell_images(self, true_class: int, predicted_class: int) -> pd.DataFrame:
+        """The images behind one confusion-matrix cell, most confident first."""
+        frame = self.predictions_frame()
+        mask = (self.y_true == true_class) & (self.y_pred == predicted_class)
+        return frame[mask].sort_values("confidence", ascending=False)
+
+    def top_losses(self, n: int = 12) -> pd.DataFrame:
+        """The most confident mistakes: wrong predictions sorted by confidence, highest first."""
+        frame = self.predictions_frame()
+        return frame[~frame["correct"]].sort_values("confidence", ascending=False).head(n)
+
+
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> tuple[float, list[dict]]:
+    """Expected calibration error of the top-1 confidence (Guo et al. 2017).
+
+    ``ECE = sum_b |B_b| / N * |accuracy(B_b) - confidence(B_b)|`` over ``bins`` equal-width
+    confidence bins ``(lo, hi]``.
+
+    Returns:
+        ``(ece, bins)`` where each bin is ``{"lo", "hi", "count", "accuracy", "confidence"}``
+        (accuracy and confidence None for empty bins): the reliability diagram's data.
+    """
+    conf = probs.max(1)
+    correct = probs.argmax(1) == y_true
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece, table = 0.0, []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        mask = (conf > lo) & (conf <= hi) if lo > 0 else (conf >= lo) & (conf <= hi)
+        count = int(mask.sum())
+        if count:
+            acc, mean_conf = float(correct[mask].mean()), float(conf[mask].mean())
+            ece += count / len(conf) * abs(acc - mean_conf)
+        else:
+            acc = mean_conf = None
+        table.append({"lo": float(lo), "hi": float(hi), "count": count, "accuracy": acc, "confidence": mean_conf})
+    return float(ece), table
+
+
+def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], top_k: int = 5) -> dict[str, Any]:
+    """All metrics of the Evaluate tab, computed with scikit-learn.
+
+    Args:
+        y_true: int class indices ``(N,)``.
+        probs: probabilities ``(N, C)``, rows summing to 1.
+        classes: ``C`` class names.
+        top_k: k of the top-k accuracy (clipped to ``C - 1``: a larger k is always right).
+
+    Returns:
+        ``accuracy``, ``top_k``, ``top_k_accuracy``, ``macro_precision``, ``macro_recall``,
+        ``macro_f1``, ``weighted_precision``, ``weighted_recall``, ``weighted_f1``, ``per_class``
+        (list of ``{class, precision, recall, f1, support}``), ``confusion_matrix`` (rows = true,
+        columns = predicted), ``roc_auc`` (binary: of the positive class; more classes: one-vs-rest
+        macro average; None when a class is absent from ``y_true``), ``ece``, ``reliability``,
+        ``num_images``.
+    """
+    labels = list(range(len(classes)))
+    y_pred = probs.argmax(1)
+    k = max(1, min(top_k, len(classes) - 1))  # k >= C would make top-k accuracy trivially 1
+    accuracy = float(skm.accuracy_score(y_true, y_pred))
+    result: dict[str, Any] = {
+        "num_images": int(len(y_true)),
+        "accuracy": accuracy,
+        "top_k": k,
+        "top_k_accuracy": float(skm.top_k_accuracy_score(y_true, probs, k=k, labels=labels)) if k > 1 else accuracy,
+    }
+    for average in ("macro", "weighted"):
+        p, r, f, _ = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels, average=average, zero_division=0)
+        result |= {f"{average}_precision": float(p), f"{average}_recall": float(r), f"{average}_f1": float(f)}
+    p, r, f, support = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    result["per_class"] = [
+        {"class": c, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(support[i])}
+        for i, c in enumerate(classes)
+    ]
+    result["confusion_matrix"] = skm.confusion_matrix(y_true, y_pred, labels=labels).tolist()
+    present = set(np.unique(y_true).tolist())
+    if present != set(labels):
+        result["roc_auc"] = None
+    elif len(classes) == 2:
+        result["roc_auc"] = float(skm.roc_auc_score(y_true, probs[:, 1]))
+    else:
+        result["roc_auc"] = float(skm.roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=labels))
+    result["ece"], result["reliability"] = expected_calibration_error(y_true, probs)
+    return result
+
+
+def _split_items(run_config: TrainConfig | None, data_dir: str, split: Split) -> tuple[list[ImageItem], list[str]]:
+    """Images and dataset class names of the requested split.
+
+    ``val``: the same validation split as training (given val/, or the seeded automatic split with
+    the run's ``val_fraction`` and ``seed``). ``test``: every usable image of ``DATA/test/``, which
+    training never reads.
+    """
+    root = Path(data_dir).expanduser()
+    val_fraction = run_config.val_fraction if run_config else 0.2
+    seed = run_config.seed if run_config else 42
+    if split == "test":
+        test_dir = root / "test" if root.is_dir() else None
+        if test_dir is None or not test_dir.is_dir():
+            raise EvaluationError(f"No test/ folder in {root}: put held-out images in test/<class>/ to evaluate them.")
+        report = scan_dataset(test_dir, val_fraction=0.5, seed=seed)
+        items = sorted(report.train + report.val, key=lambda i: i.path)
+    else:
+        report = scan_dataset(root, val_fraction=val_fraction, seed=seed)
+        items = report.val
+    if not items:
+        raise EvaluationError(f"No usable {split} images in {root}.")
+    return items, report.classes
+
+
+def evaluate_run(
+    run_or_model: str | os.PathLike,
+    data_dir: str | None = None,
+    split: Split = "val",
+    top_k: int = 5,
+    write: bool = True,
+    device: str | None = None,
+) -> Evaluation:
+    """Evaluates a trained model on a dataset split and writes the results.
+
+    Args:
+        run_or_model: a run folder (its ``model/`` and ``config.json`` are used) or a
+            ``save_pretrained`` folder (then ``data_dir`` is required).
+        data_dir: the dataset; default the run's ``data_dir``.
+        split: ``"val"`` (the training run's validation split) or ``"test"`` (``DATA/test/``).
+        top_k: k of the top-k accuracy.
+        write: write ``<run>/eval/<split>/`` (``metrics.json``, ``predictions.csv``, figures).
+        device: force a device; default from the device policy.
+
+    Returns:
+        An :class:`Evaluation`.
+
+    Raises:
+        EvaluationError: no model, no data folder, no such split, or dataset classes the model
+            does not predict.
+    """
+    from .predict import Predictor
+
+    path = Path(run_or_model).expanduser()
+    run_config = TrainConfig.from_json_file(path / "config.json") if (path / "config.json").exists() and (
+        path / "status.json").exists() else None
+    data = data_dir or (run_config.data_dir if run_config else None)
+    if not data:
+        raise EvaluationError("Give the dataset with --data (a model folder does not record it).")
+    try:
+        predictor = Predictor(path, device=device)
+    except (FileNotFoundError, OSError) as exc:
+        raise EvaluationError(str(exc)) from exc
+    classes = [predictor.id2label[i] for i in sorted(predictor.id2label)]
+    items, data_classes = _split_items(run_config, data, split)
+    unknown = sorted(set(data_classes) - set(classes))
+    if unknown:
+        raise EvaluationError(f"The model does not predict these dataset classes: {', '.join(unknown)}")
+    index = {name: i for i, name in enumerate(classes)}
+    paths = [item.path for item in items]
+    y_true = np.array([index[data_classes[item.label]] for item in items], dtype=np.int64)
+    probs = predictor.predict_proba(paths).numpy().astype(np.float32)
+    result = Evaluation(split, classes, paths, y_true, probs, compute_metrics(y_true, probs, classes, top_k))
+    result.metrics["split"] = split
+    result.metrics["data_dir"] = str(Path(data).resolve())
+    if write:
+        base = path if run_config else predictor.path
+        write_evaluation(result, base / "eval" / split)
+    return result
+
+
+def write_evaluation(result: Evaluation, out_dir: Path) -> None:
+    """Writes ``metrics.json``, ``predictions.csv`` and the figures (plotly HTML, with
+    ``plotly.min.js`` once beside them so they open offline)."""
+    from . import plots
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "metrics.json", json.dumps(result.metrics, indent=2))
+    atomic_write_text(out_dir / "predictions.csv", result.predictions_frame().to_csv(index=False))
+    figures = {
+        "confusion_matrix": plots.figure_confusion_matrix(result.metrics["confusion_matrix"], result.classes),
+        "confusion_matrix_normalized": plots.figure_confusion_matrix(
+            result.metrics["confusion_matrix"], result.classes, normalize=True),
+        "reliability": plots.figure_reliability(result.metrics["reliability"], result.metrics["ece"]),
+        "roc": plots.figure_roc(result.y_true, result.probs, result.classes),
+        "precision_recall": plots.figure_precision_recall(result.y_true, result.probs, result.classes),
+    }
+    for name, figure in figures.items():
+        figure.write_html(out_dir / f"{name}.html", include_plotlyjs="directory")
+    result.out_dir = out_dir
+
+
+def summary_text(metrics: dict[str, Any]) -> str:
+    """A few lines for the terminal: accuracy, top-k, macro-F1, ROC-AUC, ECE."""
+    auc = "n/a" if metrics.get("roc_auc") is None else f"{metrics['roc_auc']:.4f}"
+    return (
+        f"{metrics['split']}: {metrics['num_images']} images\n"
+        f"accuracy {metrics['accuracy']:.4f} · top-{metrics['top_k']} {metrics['top_k_accuracy']:.4f}"
+        f" · macro-F1 {metrics['macro_f1']:.4f} · weighted-F1 {metrics['weighted_f1']:.4f}"
+        f" · ROC-AUC {auc} · ECE {metrics['ece']:.4f}"
+    )

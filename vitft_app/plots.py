@@ -1,0 +1,162 @@
+"""Plotly figures: pure functions of DataFrames (no Gradio, no file access)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+
+def _layout(fig: go.Figure, title: str, y_title: str) -> go.Figure:
+    fig.update_layout(
+        title=title,
+        xaxis_title="optimizer step",
+        yaxis_title=y_title,
+        template="plotly_white",
+        height=320,
+        margin=dict(l=50, r=20, t=50, b=40),
+        legend=dict(orientation="h", y=-0.25),
+    )
+    return fig
+
+
+def figure_loss(metrics: pd.DataFrame) -> go.Figure:
+    """Training loss per logging step and validation loss per epoch.
+
+    Args:
+        metrics: rows of ``metrics.csv`` (columns ``kind``, ``step``, ``loss``, ``val_loss``).
+    """
+    fig = go.Figure()
+    if not metrics.empty:
+        train = metrics[metrics["kind"] == "train"]
+        evals = metrics[metrics["kind"] == "eval"]
+        fig.add_trace(go.Scatter(x=train["step"], y=train["loss"], mode="lines+markers", name="train loss"))
+        fig.add_trace(go.Scatter(x=evals["step"], y=evals["val_loss"], mode="lines+markers", name="val loss"))
+    return _layout(fig, "Loss", "cross-entropy")
+
+
+def figure_accuracy(metrics: pd.DataFrame) -> go.Figure:
+    """Training and validation accuracy per epoch (x = optimizer step at the epoch's end)."""
+    fig = go.Figure()
+    if not metrics.empty:
+        evals = metrics[metrics["kind"] == "eval"]
+        fig.add_trace(go.Scatter(x=evals["step"], y=evals["train_accuracy"], mode="lines+markers", name="train accuracy"))
+        fig.add_trace(go.Scatter(x=evals["step"], y=evals["val_accuracy"], mode="lines+markers", name="val accuracy"))
+    fig = _layout(fig, "Accuracy", "accuracy")
+    fig.update_yaxes(range=[0, 1.02])
+    return fig
+
+
+def figure_class_counts(counts: pd.DataFrame) -> go.Figure:
+    """Stacked bar chart of train and val images per class (columns ``class``, ``train``, ``val``)."""
+    fig = go.Figure()
+    if not counts.empty:
+        fig.add_trace(go.Bar(x=counts["class"].astype(str), y=counts["train"], name="train"))
+        fig.add_trace(go.Bar(x=counts["class"].astype(str), y=counts["val"], name="val"))
+    fig.update_layout(
+        barmode="stack",
+        title="Images per class",
+        xaxis_title="class",
+        yaxis_title="images",
+        template="plotly_white",
+        height=320,
+        margin=dict(l=50, r=20, t=50, b=40),
+        xaxis=dict(type="category"),
+    )
+    return fig
+
+
+def figure_image_stats(files: pd.DataFrame) -> go.Figure:
+    """Histograms of usable images' widths and heights, aspect ratios (width / height), and a bar
+    chart of their Pillow modes.
+
+    Args:
+        files: ``DatasetReport.file_table()`` (columns ``status``, ``width``, ``height``,
+            ``aspect``, ``mode``); an empty frame gives empty axes.
+    """
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("Size (pixels)", "Aspect ratio (w/h)", "Mode"))
+    if not files.empty:
+        usable = files[files["status"] == "ok"]
+        fig.add_trace(go.Histogram(x=usable["width"], name="width", opacity=0.7), row=1, col=1)
+        fig.add_trace(go.Histogram(x=usable["height"], name="height", opacity=0.7), row=1, col=1)
+        fig.add_trace(go.Histogram(x=usable["aspect"], name="aspect", showlegend=False), row=1, col=2)
+        modes = usable["mode"].value_counts()
+        fig.add_trace(go.Bar(x=modes.index.astype(str), y=modes.values, name="mode", showlegend=False), row=1, col=3)
+    fig.update_layout(barmode="overlay", template="plotly_white", height=300, margin=dict(l=40, r=20, t=50, b=40))
+    return fig
+
+
+def figure_confusion_matrix(matrix: list[list[int]], classes: list[str], normalize: bool = False) -> go.Figure:
+    """Confusion-matrix heatmap: rows = true class, columns = predicted class.
+
+    Args:
+        matrix: counts ``C x C`` (``metrics["confusion_matrix"]``).
+        classes: ``C`` names.
+        normalize: divide each row by its total (recall on the diagonal); empty rows stay 0.
+    """
+    counts = np.asarray(matrix, dtype=float)
+    values = counts / np.maximum(counts.sum(1, keepdims=True), 1) if normalize else counts
+    text = [[f"{v:.2f}" if normalize else f"{int(v)}" for v in row] for row in values]
+    fig = go.Figure(go.Heatmap(z=values, x=classes, y=classes, text=text, texttemplate="%{text}",
+                               colorscale="Blues", hovertemplate="true %{y}<br>predicted %{x}<br>%{text}<extra></extra>"))
+    fig.update_layout(title="Confusion matrix" + (" (row-normalized)" if normalize else " (counts)"),
+                      xaxis_title="predicted", yaxis_title="true", template="plotly_white", height=420,
+                      yaxis=dict(autorange="reversed", type="category"), xaxis=dict(type="category"))
+    return fig
+
+
+def figure_reliability(bins: list[dict], ece: float) -> go.Figure:
+    """Reliability diagram: accuracy against mean confidence per confidence bin, with the diagonal
+    of perfect calibration (bins from ``metrics["reliability"]``)."""
+    filled = [b for b in bins if b["count"]]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfect calibration",
+                             line=dict(dash="dash", color="gray")))
+    fig.add_trace(go.Bar(x=[(b["lo"] + b["hi"]) / 2 for b in filled], y=[b["accuracy"] for b in filled],
+                         width=[b["hi"] - b["lo"] for b in filled], name="accuracy", opacity=0.7,
+                         customdata=[b["count"] for b in filled],
+                         hovertemplate="confidence %{x:.2f}<br>accuracy %{y:.2f}<br>%{customdata} images"))
+    fig.update_layout(title=f"Reliability (ECE {ece:.4f})", xaxis_title="confidence", yaxis_title="accuracy",
+                      template="plotly_white", height=360, xaxis=dict(range=[0, 1]), yaxis=dict(range=[0, 1]))
+    return fig
+
+
+def _one_vs_rest(y_true: np.ndarray, probs: np.ndarray, classes: list[str]):
+    """``(name, binary truth, score)`` per curve: the positive class only for two classes."""
+    indices = [1] if len(classes) == 2 else range(len(classes))
+    for i in indices:
+        truth = (y_true == i).astype(int)
+        if 0 < truth.sum() < len(truth):
+            yield classes[i], truth, probs[:, i]
+
+
+def figure_roc(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> go.Figure:
+    """ROC curves (one-vs-rest per class; the positive class for two classes), scikit-learn's
+    ``roc_curve``, with each curve's AUC in the legend."""
+    from sklearn.metrics import auc, roc_curve
+
+    fig = go.Figure()
+    for name, truth, score in _one_vs_rest(y_true, probs, classes):
+        fpr, tpr, _ = roc_curve(truth, score)
+        fig.add_trace(go.Scatter(x=fpr, y=tpr, mode="lines", name=f"{name} (AUC {auc(fpr, tpr):.3f})"))
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dash", color="gray"), name="chance"))
+    fig.update_layout(title="ROC", xaxis_title="false positive rate", yaxis_title="true positive rate",
+                      template="plotly_white", height=360)
+    return fig
+
+
+def figure_precision_recall(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> go.Figure:
+    """Precision-recall curves (one-vs-rest), scikit-learn's ``precision_recall_curve``, with
+    average precision in the legend."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    fig = go.Figure()
+    for name, truth, score in _one_vs_rest(y_true, probs, classes):
+        precision, recall, _ = precision_recall_curve(truth, score)
+        ap = average_precision_score(truth, score)
+        fig.add_trace(go.Scatter(x=recall, y=precision, mode="lines", name=f"{name} (AP {ap:.3f})"))
+    fig.update_layout(title="Precision-recall", xaxis_title="recall", yaxis_title="precision",
+                      template="plotly_white", height=360)
+    return fig

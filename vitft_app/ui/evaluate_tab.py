@@ -1,0 +1,155 @@
+"""Evaluate tab: metrics, per-class table, confusion matrix with clickable cells, curves, mistakes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+from PIL import Image, ImageOps
+
+from ..evaluate import Evaluation, EvaluationError, evaluate_run
+from ..images import ImageLoadError, load_image
+from ..plots import figure_confusion_matrix, figure_precision_recall, figure_reliability, figure_roc
+from .predict_tab import refresh_runs
+
+#: Keys of :func:`run_evaluation`'s result, in the order of the tab's outputs.
+OUTPUT_KEYS = ("summary", "per_class", "per_class_csv", "matrix_table", "matrix", "matrix_normalized", "roc",
+               "pr", "reliability", "top_losses", "evaluation")
+
+
+def summary_markdown(metrics: dict[str, Any]) -> str:
+    """The headline numbers as a Markdown table."""
+    auc = "n/a (a class is missing from this split)" if metrics.get("roc_auc") is None else f"{metrics['roc_auc']:.4f}"
+    rows = [
+        ("images", f"{metrics['num_images']}"),
+        ("accuracy", f"{metrics['accuracy']:.4f}"),
+        (f"top-{metrics['top_k']} accuracy", f"{metrics['top_k_accuracy']:.4f}"),
+        ("macro precision / recall / F1",
+         f"{metrics['macro_precision']:.4f} / {metrics['macro_recall']:.4f} / {metrics['macro_f1']:.4f}"),
+        ("weighted precision / recall / F1",
+         f"{metrics['weighted_precision']:.4f} / {metrics['weighted_recall']:.4f} / {metrics['weighted_f1']:.4f}"),
+        ("ROC-AUC (one-vs-rest)", auc),
+        ("expected calibration error", f"{metrics['ece']:.4f}"),
+    ]
+    return "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def _thumbnail(path: str) -> Image.Image | None:
+    try:
+        return ImageOps.contain(load_image(path, draft_size=(256, 256)), (160, 160), Image.Resampling.NEAREST)
+    except ImageLoadError:
+        return None
+
+
+def gallery_items(frame: pd.DataFrame) -> list[tuple[Image.Image, str]]:
+    """``(thumbnail, "true → predicted (confidence)")`` for each row of a predictions frame."""
+    items = []
+    for _, row in frame.iterrows():
+        thumb = _thumbnail(row["path"])
+        if thumb is not None:
+            caption = f"{row['true']} → {row['predicted']} ({row['confidence']:.2f})  {os.path.basename(row['path'])}"
+            items.append((thumb, caption))
+    return items
+
+
+def run_evaluation(ctx: Any, run_dir: str | None, split: str, top_k: int) -> dict[str, Any]:
+    """Evaluates a run for the tab.
+
+    Returns:
+        A dict with :data:`OUTPUT_KEYS`; on failure only ``summary`` (the message) is meaningful.
+        Never raises.
+    """
+    empty: dict[str, Any] = {key: None for key in OUTPUT_KEYS}
+    if not run_dir:
+        return empty | {"summary": "Choose a run with a saved model first."}
+    try:
+        result = evaluate_run(run_dir, split=split, top_k=int(top_k), device=ctx.settings.device)
+    except (EvaluationError, FileNotFoundError, ValueError, OSError) as exc:
+        return empty | {"summary": f"❌ {exc}"}
+    except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
+        return empty | {"summary": f"❌ Evaluation failed: {type(exc).__name__}: {exc}"}
+    metrics = result.metrics
+    per_class = pd.DataFrame(metrics["per_class"]).round(4)
+    matrix = pd.DataFrame(metrics["confusion_matrix"], columns=result.classes)
+    matrix.insert(0, "true \\ predicted", result.classes)
+    csv_path = result.out_dir / "per_class.csv" if result.out_dir else None
+    if csv_path is not None:
+        per_class.to_csv(csv_path, index=False)
+    return {
+        "summary": f"**{Path(run_dir).name}**, {split} split (saved in `{result.out_dir}`)\n\n" + summary_markdown(metrics),
+        "per_class": per_class,
+        "per_class_csv": str(csv_path) if csv_path else None,
+        "matrix_table": matrix,
+        "matrix": figure_confusion_matrix(metrics["confusion_matrix"], result.classes),
+        "matrix_normalized": figure_confusion_matrix(metrics["confusion_matrix"], result.classes, normalize=True),
+        "roc": figure_roc(result.y_true, result.probs, result.classes),
+        "pr": figure_precision_recall(result.y_true, result.probs, result.classes),
+        "reliability": figure_reliability(metrics["reliability"], metrics["ece"]),
+        "top_losses": gallery_items(result.top_losses(12)),
+        "evaluation": result,
+    }
+
+
+def cell_gallery(result: Evaluation | None, row: int, column: int) -> tuple[list, str]:
+    """Images behind the clicked confusion-matrix cell (column 0 holds the true-class names).
+
+    Returns:
+        ``(gallery items, caption markdown)``.
+    """
+    if result is None or column < 1:
+        return [], "Click a number in the matrix to see the images behind it."
+    true_class, predicted_class = row, column - 1
+    frame = result.cell_images(true_class, predicted_class)
+    caption = (f"**{len(frame)}** image(s): true **{result.classes[true_class]}**, predicted"
+               f" **{result.classes[predicted_class]}** (most confident first)")
+    return gallery_items(frame.head(48)), caption
+
+
+def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> None:
+    """Builds the Evaluate tab's components and events."""
+    with gr.Row():
+        run = gr.Dropdown(label="Model (run)", choices=[], elem_id="eval-run", scale=4)
+        refresh = gr.Button("↻ Refresh", scale=1)
+        split = gr.Radio(["val", "test"], value="val", label="Split",
+                         info="test = DATA/test/, never used in training", scale=2)
+        top_k = gr.Number(value=5, precision=0, minimum=1, label="Top-k", scale=1)
+    evaluate = gr.Button("Evaluate", variant="primary", elem_id="evaluate-button")
+    summary = gr.Markdown(elem_id="eval-summary")
+    with gr.Row():
+        per_class = gr.Dataframe(label="Per class (click a header to sort)", interactive=False,
+                                 elem_id="eval-per-class")
+        per_class_csv = gr.DownloadButton("Download per-class CSV")
+    gr.Markdown("**Confusion matrix**: rows are the true class, columns the prediction; click a count to see"
+                " its images.")
+    matrix_table = gr.Dataframe(interactive=False, elem_id="eval-matrix")
+    cell_caption = gr.Markdown(elem_id="eval-cell-caption")
+    cell_images = gr.Gallery(label="Images in the selected cell", columns=8, height=240, elem_id="eval-cell-gallery")
+    with gr.Row():
+        matrix = gr.Plot(label="Counts")
+        matrix_normalized = gr.Plot(label="Row-normalized")
+    with gr.Row():
+        roc = gr.Plot(label="ROC")
+        pr = gr.Plot(label="Precision-recall")
+        reliability = gr.Plot(label="Calibration")
+    top_losses = gr.Gallery(label="Top losses: the most confident mistakes", columns=6, height=260)
+    evaluation = gr.State(None)
+    by_key = {"summary": summary, "per_class": per_class, "per_class_csv": per_class_csv,
+              "matrix_table": matrix_table, "matrix": matrix, "matrix_normalized": matrix_normalized, "roc": roc,
+              "pr": pr, "reliability": reliability, "top_losses": top_losses, "evaluation": evaluation}
+
+    def on_evaluate(run_dir: str | None, split_name: str, k: float) -> tuple:
+        result = run_evaluation(ctx, run_dir, split_name, int(k or 5))
+        return tuple(result[key] for key in OUTPUT_KEYS)
+
+    def on_cell(result: Evaluation | None, event: gr.SelectData) -> tuple:
+        row, column = event.index
+        return cell_gallery(result, int(row), int(column))
+
+    evaluate.click(on_evaluate, inputs=[run, split, top_k], outputs=[by_key[k] for k in OUTPUT_KEYS])
+    matrix_table.select(on_cell, inputs=evaluation, outputs=[cell_images, cell_caption])
+    refresh.click(lambda current: refresh_runs(ctx, current), inputs=run, outputs=run)
+    demo.load(lambda: refresh_runs(ctx, None), outputs=run)
+    tab.select(lambda current: refresh_runs(ctx, current), inputs=run, outputs=run)
