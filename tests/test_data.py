@@ -1,4 +1,3 @@
-import shutil
 from collections import Counter
 from pathlib import Path
 

@@ -6,9 +6,7 @@ import os
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 
@@ -16,7 +14,7 @@ from vitft_app.config import TrainConfig
 from vitft_app.events import EvalDone, RunFailed, RunFinished, RunStarted, StepLogged
 from vitft_app.jobs import BusyError, JobRunner
 from vitft_app.runs import RunRecorder, RunStore, read_metrics, read_status
-from vitft_app.training import _window_sizes, create_optimizer, create_scheduler, optimizer_steps_per_epoch, train
+from vitft_app.training import _window_sizes, create_scheduler, optimizer_steps_per_epoch, train
 
 
 def tiny_config(data, model, tmp_path, **changes) -> TrainConfig:

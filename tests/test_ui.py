@@ -8,7 +8,6 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
-from PIL import Image
 
 from vitft_app.jobs import JobRunner
 from vitft_app.ui import data_tab, predict_tab, train_tab

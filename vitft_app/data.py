@@ -18,8 +18,6 @@ inside it is read, a link to a folder is not descended (so a link loop cannot ha
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import random
 from collections import Counter, defaultdict

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .images import ImageLoadError, ImageSource, load_image
-from .predict import Prediction, Predictor
+from .images import ImageLoadError, ImageSource
+from .predict import ClassifierBackend, Predictor, load_pixels
 
 #: Largest accepted absolute difference between PyTorch and onnxruntime softmax probabilities.
 PARITY_TOLERANCE = 1e-4
@@ -124,22 +124,6 @@ def synthetic_images(count: int = SYNTHETIC_IMAGE_COUNT, size: tuple[int, int] =
             image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), mode="RGB")
         images.append(image)
     return images
-
-
-def load_pixels(images: Sequence[ImageSource], transform: Any) -> torch.Tensor:
-    """Loads images through :func:`~vitft_app.images.load_image` and the model's eval transform.
-
-    Args:
-        images: paths, bytes, file objects or PIL images.
-        transform: PIL RGB image -> float32 tensor ``(3, H, W)`` (``build_transforms(..., train=False)``).
-
-    Returns:
-        float32 tensor of shape ``(len(images), 3, H, W)``.
-
-    Raises:
-        ImageLoadError: an image cannot be read.
-    """
-    return torch.stack([transform(load_image(image)) for image in images])
 
 
 def softmax_numpy(logits: np.ndarray) -> np.ndarray:
@@ -379,7 +363,7 @@ def _read_id2label(config_path: Path) -> dict[int, str]:
         raise ExportError(f"Cannot read the class names from {config_path}: {exc!r}") from exc
 
 
-class OnnxPredictor:
+class OnnxPredictor(ClassifierBackend):
     """An exported ONNX classifier ready to predict, with the interface of
     :class:`~vitft_app.predict.Predictor`.
 
@@ -425,45 +409,9 @@ class OnnxPredictor:
             raise ExportError(f"Cannot load {self.path / ONNX_FILE_NAME}: {exc}") from exc
         self.input_name = self.session.get_inputs()[0].name
 
-    def predict_proba(self, images: Sequence[ImageSource], batch_size: int = 32) -> torch.Tensor:
-        """Softmax probabilities of every class, as :meth:`Predictor.predict_proba`.
-
-        Args:
-            images: paths, bytes, file objects or PIL images (all go through ``load_image``).
-            batch_size: images per onnxruntime call.
-
-        Returns:
-            float32 tensor ``(len(images), num_labels)`` on the CPU, rows summing to 1, columns in
-            ``id2label`` order.
-
-        Raises:
-            ImageLoadError: an image cannot be read.
-        """
-        rows = []
-        for start in range(0, len(images), batch_size):
-            pixels = load_pixels(images[start : start + batch_size], self.transform)
-            logits = self.session.run(None, {self.input_name: pixels.numpy()})[0]
-            rows.append(torch.from_numpy(logits).float().softmax(-1))
-        return torch.cat(rows) if rows else torch.empty(0, len(self.id2label))
-
-    def predict(self, images: Sequence[ImageSource], top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
-        """Predicts each image.
-
-        Args:
-            images: paths, bytes, file objects or PIL images (all go through ``load_image``).
-            top_k: classes to return per image (clipped to the number of classes).
-            batch_size: images per onnxruntime call.
-
-        Returns:
-            One :class:`~vitft_app.predict.Prediction` per image, in order, best class first.
-
-        Raises:
-            ImageLoadError: an image cannot be read (the caller decides how to show it).
-        """
-        k = max(1, min(top_k, len(self.id2label)))
-        scores, indices = self.predict_proba(images, batch_size).topk(k, dim=-1)
-        return [Prediction([self.id2label[i] for i in row_indices], row_scores)
-                for row_scores, row_indices in zip(scores.tolist(), indices.tolist())]
+    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Runs the graph with onnxruntime on float32 ``(B, 3, H, W)``; returns logits ``(B, C)``."""
+        return torch.from_numpy(self.session.run(None, {self.input_name: pixels.numpy()})[0]).float()
 
 
 #: Suffixes stored without compression in the zip (weights barely compress and are large).

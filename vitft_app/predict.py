@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import abc
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification
@@ -32,8 +33,78 @@ class Prediction:
         return dict(zip(self.labels, self.scores))
 
 
-class Predictor:
-    """A trained model ready to predict.
+def load_pixels(images: Sequence[ImageSource], transform: Any) -> torch.Tensor:
+    """Loads images through :func:`~vitft_app.images.load_image` and the model's eval transform.
+
+    Args:
+        images: paths, bytes, file objects or PIL images.
+        transform: PIL RGB image -> float32 tensor ``(3, H, W)`` (``build_transforms(..., train=False)``).
+
+    Returns:
+        float32 tensor of shape ``(len(images), 3, H, W)``.
+
+    Raises:
+        ImageLoadError: an image cannot be read.
+    """
+    return torch.stack([transform(load_image(image)) for image in images])
+
+
+class ClassifierBackend(abc.ABC):
+    """What every prediction backend shares: images -> pixels (the one loader and the eval
+    transform) -> logits (:meth:`logits`, per backend) -> probabilities -> top-k.
+
+    Subclasses set ``id2label`` (``{index: class name}``) and ``transform`` and implement
+    :meth:`logits`.
+    """
+
+    id2label: dict[int, str]
+    transform: Any
+
+    @abc.abstractmethod
+    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        """float32 ``(B, 3, H, W)`` -> float32 logits ``(B, num_labels)`` on the CPU."""
+
+    @torch.inference_mode()
+    def predict_proba(self, images: Sequence[ImageSource], batch_size: int = 32) -> torch.Tensor:
+        """Softmax probabilities of every class.
+
+        Args:
+            images: paths, bytes, file objects or PIL images (all go through ``load_image``).
+            batch_size: images per forward pass.
+
+        Returns:
+            float32 tensor ``(len(images), num_labels)`` on the CPU, rows summing to 1, columns in
+            ``id2label`` order.
+
+        Raises:
+            ImageLoadError: an image cannot be read.
+        """
+        rows = [self.logits(load_pixels(images[start : start + batch_size], self.transform)).float().softmax(-1)
+                for start in range(0, len(images), batch_size)]
+        return torch.cat(rows) if rows else torch.empty(0, len(self.id2label))
+
+    def predict(self, images: Sequence[ImageSource], top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
+        """Predicts each image.
+
+        Args:
+            images: paths, bytes, file objects or PIL images (all go through ``load_image``).
+            top_k: classes to return per image (clipped to the number of classes).
+            batch_size: images per forward pass.
+
+        Returns:
+            One :class:`Prediction` per image, in order, best class first.
+
+        Raises:
+            ImageLoadError: an image cannot be read (the caller decides how to show it).
+        """
+        k = max(1, min(top_k, len(self.id2label)))
+        scores, indices = self.predict_proba(images, batch_size).topk(k, dim=-1)
+        return [Prediction([self.id2label[i] for i in row_indices], row_scores)
+                for row_scores, row_indices in zip(scores.tolist(), indices.tolist())]
+
+
+class Predictor(ClassifierBackend):
+    """A trained model ready to predict (PyTorch, fp32).
 
     Args:
         model_path: a run folder (its ``model/`` is used) or a ``save_pretrained`` folder.
@@ -63,43 +134,6 @@ class Predictor:
         self.transform = build_transforms(self.processor, train=False)
 
     @torch.inference_mode()
-    def predict_proba(self, images: Sequence[ImageSource], batch_size: int = 32) -> torch.Tensor:
-        """Softmax probabilities of every class.
-
-        Args:
-            images: paths, bytes, file objects or PIL images (all go through ``load_image``).
-            batch_size: images per forward pass.
-
-        Returns:
-            float32 tensor ``(len(images), num_labels)`` on the CPU, rows summing to 1, columns in
-            ``id2label`` order.
-
-        Raises:
-            ImageLoadError: an image cannot be read.
-        """
-        rows = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            pixels = torch.stack([self.transform(load_image(img)) for img in chunk]).to(self.plan.device)
-            rows.append(self.model(pixel_values=pixels).logits.float().softmax(-1).cpu())
-        return torch.cat(rows) if rows else torch.empty(0, len(self.id2label))
-
-    @torch.inference_mode()
-    def predict(self, images: Sequence[ImageSource], top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
-        """Predicts each image.
-
-        Args:
-            images: paths, bytes, file objects or PIL images (all go through ``load_image``).
-            top_k: classes to return per image (clipped to the number of classes).
-            batch_size: images per forward pass.
-
-        Returns:
-            One :class:`Prediction` per image, in order.
-
-        Raises:
-            ImageLoadError: an image cannot be read (the caller decides how to show it).
-        """
-        k = max(1, min(top_k, len(self.id2label)))
-        scores, indices = self.predict_proba(images, batch_size).topk(k, dim=-1)
-        return [Prediction([self.id2label[i] for i in row_indices], row_scores)
-                for row_scores, row_indices in zip(scores.tolist(), indices.tolist())]
+    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Runs the model on ``pixels`` (float32 ``(B, 3, H, W)``); returns CPU logits ``(B, C)``."""
+        return self.model(pixel_values=pixels.to(self.plan.device)).logits.float().cpu()
