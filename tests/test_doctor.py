@@ -446,3 +446,32 @@ def test_folder_upload_rebuilds_class_folders_and_refuses_bad_paths(tmp_path):
     with pytest.raises(UnsafeArchiveError, match="unsafe path"):
         copy_folder_upload([str(sources[0])], ["../../evil.png"], tmp_path / "uploads")
     assert not (tmp_path / "evil.png").exists()
+
+
+def test_animated_gif_gives_its_first_frame_and_extensions_do_not_matter(tmp_path):
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert load_image(tmp_path / "anim.GIF").getpixel((4, 4))[0] > 200  # red: the first frame
+    frames[1].save(tmp_path / "really-a-png.jpg", format="PNG")  # content and extension disagree
+    assert load_image(tmp_path / "really-a-png.jpg").getpixel((4, 4)) == (0, 0, 255)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_all_eight_exif_orientations_come_out_upright(tmp_path, orientation):
+    # An upright picture: red top-left quadrant on a 40x20 (w x h) canvas.
+    upright = np.zeros((20, 40, 3), dtype=np.uint8)
+    upright[:10, :20] = (255, 0, 0)
+    # Store it the way a camera would for this orientation (the inverse of exif_transpose).
+    inverse = {1: [], 2: [Image.Transpose.FLIP_LEFT_RIGHT], 3: [Image.Transpose.ROTATE_180],
+               4: [Image.Transpose.FLIP_TOP_BOTTOM], 5: [Image.Transpose.TRANSPOSE],
+               6: [Image.Transpose.ROTATE_90], 7: [Image.Transpose.TRANSVERSE], 8: [Image.Transpose.ROTATE_270]}
+    stored = Image.fromarray(upright)
+    for op in inverse[orientation]:
+        stored = stored.transpose(op)
+    exif = stored.getexif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"o{orientation}.png"
+    stored.save(path, exif=exif)
+    loaded = np.asarray(load_image(path))
+    assert loaded.shape[:2] == (20, 40)
+    assert loaded[:10, :20, 0].mean() > 200 and loaded[10:, 20:, 0].mean() < 50
