@@ -146,3 +146,12 @@ def test_export_onnx_zip_and_onnx_prediction(tmp_path, digits_small, tiny_vit):
 
     zipped = _vitft("export", str(run_dir), "--format", "zip", cwd=tmp_path)
     assert zipped.returncode == 0 and Path(zipped.stdout.strip()) == run_dir / "model.zip"
+
+
+def test_predict_a_folder_with_a_threshold(tmp_path, digits_small, tiny_vit):
+    result = _vitft("predict", "--model", str(tiny_vit), str(digits_small / "7"), "--threshold", "0.99",
+                    "--tta", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert len(records) == 20 and all(r["image"].startswith(str(digits_small / "7")) for r in records)
+    assert all(r["answer"] == "not sure" for r in records)  # a random tiny model is never 99% sure

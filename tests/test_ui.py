@@ -189,3 +189,35 @@ def test_figures_are_pure_functions_of_the_metrics():
     counts = figure_class_counts(pd.DataFrame({"class": ["a"], "train": [3], "val": [1]}))
     assert [list(t.y) for t in counts.data] == [[3], [1]]
     assert figure_loss(pd.DataFrame()).data == ()
+
+
+def test_threshold_tta_and_batch_prediction(ctx, digits_small, tiny_vit, tmp_path):
+    import zipfile
+
+    import torch
+
+    from vitft_app.predict import load_pixels
+
+    good = str(sorted((digits_small / "1").iterdir())[0])
+    sure = predict_tab.predict_files(ctx, str(tiny_vit), [good], 2, threshold=0.0)[0]
+    assert sure["answer"] == max(sure["scores"], key=sure["scores"].get)
+    unsure = predict_tab.predict_files(ctx, str(tiny_vit), [good], 2, threshold=0.999)[0]
+    assert unsure["answer"] == "not sure"
+
+    predictor = ctx.predictor(str(tiny_vit))
+    pixels = load_pixels([good], predictor.transform)
+    expected = (predictor.logits(pixels).softmax(-1) + predictor.logits(pixels.flip(-1)).softmax(-1)) / 2
+    assert torch.allclose(predictor.predict_proba([good], tta=True), expected, atol=1e-6)
+
+    (digits_small / "1" / "broken.png").write_bytes(b"nope")
+    table, csv_path, message = predict_tab.predict_batch(ctx, str(tiny_vit), str(digits_small), None, 3, 0.0, False)
+    assert message.startswith("✅") and len(table) == 61
+    assert table.loc[table["file"] == "1/broken.png", "error"].item() == "not an image"
+    assert Path(csv_path).read_text().splitlines()[0] == "file,top1,score,answer,top_k,error"
+    archive = tmp_path / "imgs.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.write(good, "imgs/a.png")
+    table, _, message = predict_tab.predict_batch(ctx, str(tiny_vit), None, str(archive), 3, 0.0, False)
+    assert table["file"].tolist() == ["a.png"] and table["top1"].notna().all()
+    _, _, outside = predict_tab.predict_batch(ctx, str(tiny_vit), "/etc", None, 3, 0.0, False)
+    assert "outside the data root" in outside

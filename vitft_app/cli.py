@@ -87,8 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="predict images with a trained model",
                                   description="Print one JSON object per image: {image, predictions}.")
     predict.add_argument("--model", required=True, help="a run folder or its model/ folder (save_pretrained format)")
-    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders (searched recursively)")
     predict.add_argument("--top-k", type=int, default=5, help="classes per image (default: 5)")
+    predict.add_argument("--threshold", type=float, default=0.0,
+                         help="top-1 probability under which the answer is 'not sure' (default: 0)")
+    predict.add_argument("--tta", action="store_true", help="average over the image and its horizontal flip")
     predict.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                          help="onnx runs MODEL/onnx/model.onnx with onnxruntime (make it with vitft export)")
 
@@ -302,14 +305,18 @@ def run_predict(args: argparse.Namespace) -> int:
     except (FileNotFoundError, OSError, ValueError) as exc:
         print(f"vitft predict: error: {exc}", file=sys.stderr)
         return 2
+    from .predict import apply_threshold, expand_image_paths
+
     code = 0
-    for image in args.images:
+    for image in expand_image_paths(args.images):
         try:
-            prediction = predictor.predict([image], top_k=args.top_k)[0]
+            prediction = predictor.predict([image], top_k=args.top_k, tta=args.tta)[0]
             record: dict[str, Any] = {
                 "image": image,
                 "predictions": [{"label": l, "score": s} for l, s in zip(prediction.labels, prediction.scores)],
             }
+            if args.threshold > 0:
+                record["answer"] = apply_threshold(prediction, args.threshold)
         except ImageLoadError as exc:
             record, code = {"image": image, "error": exc.reason}, 1
         print(json.dumps(record), flush=True)

@@ -33,6 +33,30 @@ class Prediction:
         return dict(zip(self.labels, self.scores))
 
 
+#: Label shown instead of a class when the top probability is under the confidence threshold.
+NOT_SURE = "not sure"
+
+
+def apply_threshold(prediction: Prediction, threshold: float) -> str:
+    """The top-1 label, or :data:`NOT_SURE` when its probability is below ``threshold`` (0..1)."""
+    return prediction.labels[0] if prediction.scores[0] >= threshold else NOT_SURE
+
+
+def expand_image_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Files as given; folders replaced by their image files, recursively, sorted (hidden entries
+    skipped)."""
+    from .images import is_image_file
+
+    found: list[str] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += sorted(str(p) for p in path.rglob("*")
+                            if p.is_file() and is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        else:
+            found.append(str(path))
+    return found
+
+
 def load_pixels(images: Sequence[ImageSource], transform: Any) -> torch.Tensor:
     """Loads images through :func:`~vitft_app.images.load_image` and the model's eval transform.
 
@@ -65,12 +89,14 @@ class ClassifierBackend(abc.ABC):
         """float32 ``(B, 3, H, W)`` -> float32 logits ``(B, num_labels)`` on the CPU."""
 
     @torch.inference_mode()
-    def predict_proba(self, images: Sequence[ImageSource], batch_size: int = 32) -> torch.Tensor:
+    def predict_proba(self, images: Sequence[ImageSource], batch_size: int = 32, tta: bool = False) -> torch.Tensor:
         """Softmax probabilities of every class.
 
         Args:
             images: paths, bytes, file objects or PIL images (all go through ``load_image``).
             batch_size: images per forward pass.
+            tta: test-time augmentation: average the probabilities of the image and its
+                horizontal flip.
 
         Returns:
             float32 tensor ``(len(images), num_labels)`` on the CPU, rows summing to 1, columns in
@@ -79,17 +105,25 @@ class ClassifierBackend(abc.ABC):
         Raises:
             ImageLoadError: an image cannot be read.
         """
-        rows = [self.logits(load_pixels(images[start : start + batch_size], self.transform)).float().softmax(-1)
-                for start in range(0, len(images), batch_size)]
+        rows = []
+        for start in range(0, len(images), batch_size):
+            pixels = load_pixels(images[start : start + batch_size], self.transform)
+            probs = self.logits(pixels).float().softmax(-1)
+            if tta:
+                probs = (probs + self.logits(pixels.flip(-1)).float().softmax(-1)) / 2
+            rows.append(probs)
         return torch.cat(rows) if rows else torch.empty(0, len(self.id2label))
 
-    def predict(self, images: Sequence[ImageSource], top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
+    def predict(
+        self, images: Sequence[ImageSource], top_k: int = 5, batch_size: int = 32, tta: bool = False
+    ) -> list[Prediction]:
         """Predicts each image.
 
         Args:
             images: paths, bytes, file objects or PIL images (all go through ``load_image``).
             top_k: classes to return per image (clipped to the number of classes).
             batch_size: images per forward pass.
+            tta: average over the image and its horizontal flip (see :meth:`predict_proba`).
 
         Returns:
             One :class:`Prediction` per image, in order, best class first.
@@ -98,7 +132,7 @@ class ClassifierBackend(abc.ABC):
             ImageLoadError: an image cannot be read (the caller decides how to show it).
         """
         k = max(1, min(top_k, len(self.id2label)))
-        scores, indices = self.predict_proba(images, batch_size).topk(k, dim=-1)
+        scores, indices = self.predict_proba(images, batch_size, tta=tta).topk(k, dim=-1)
         return [Prediction([self.id2label[i] for i in row_indices], row_scores)
                 for row_scores, row_indices in zip(scores.tolist(), indices.tolist())]
 

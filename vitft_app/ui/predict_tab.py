@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import pandas as pd
 from PIL import Image, ImageOps
 
 from ..images import ImageLoadError, load_image
+from ..predict import NOT_SURE, apply_threshold, expand_image_paths
 
 
 def run_choices(ctx: Any) -> list[tuple[str, str]]:
@@ -29,33 +32,92 @@ def refresh_runs(ctx: Any, current: str | None) -> Any:
     return gr.update(choices=choices, value=value)
 
 
-def predict_files(ctx: Any, run_dir: str | None, files: list | None, top_k: int) -> list[dict[str, Any]]:
+def _load_predictor(ctx: Any, run_dir: str | None) -> tuple[Any, str | None]:
+    """``(predictor, None)`` or ``(None, message)``."""
+    if not run_dir:
+        return None, "No trained model yet: train a run first, then choose it above."
+    try:
+        return ctx.predictor(run_dir), None
+    except Exception as exc:  # noqa: BLE001 - a broken model folder is a message, not a server error
+        return None, f"Cannot load the model of {Path(run_dir).name}: {exc}"
+
+
+def predict_files(
+    ctx: Any, run_dir: str | None, files: list | None, top_k: int, threshold: float = 0.0, tta: bool = False
+) -> list[dict[str, Any]]:
     """Predicts uploaded files.
 
+    Args:
+        threshold: top-1 probability under which the answer is "not sure" (0..1).
+        tta: average over the image and its horizontal flip.
+
     Returns:
-        One dict per file: ``{"name", "path", "scores"}`` (``{label: probability}``) or
-        ``{"name", "path", "error"}``. Never raises: a missing run, a broken model or a bad
-        image becomes an error entry.
+        One dict per file: ``{"name", "path", "scores", "answer"}`` (``scores`` is
+        ``{label: probability}``, ``answer`` the top-1 label or "not sure") or ``{"name", "path",
+        "error"}``. Never raises: a missing run, a broken model or a bad image becomes an error entry.
     """
     paths = [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in (files or [])]
     if not paths:
         return []
-    if not run_dir:
-        return [{"name": "", "path": None, "error": "No trained model yet: train a run first, then choose it above."}]
-    try:
-        predictor = ctx.predictor(run_dir)
-    except Exception as exc:  # noqa: BLE001 - a broken model folder is a message, not a server error
-        return [{"name": "", "path": None, "error": f"Cannot load the model of {Path(run_dir).name}: {exc}"}]
+    predictor, problem = _load_predictor(ctx, run_dir)
+    if problem:
+        return [{"name": "", "path": None, "error": problem}]
     results = []
     for path in paths:
         name = os.path.basename(path)
         try:
-            prediction = predictor.predict([path], top_k=int(top_k))[0]
+            prediction = predictor.predict([path], top_k=int(top_k), tta=bool(tta))[0]
         except ImageLoadError as exc:
             results.append({"name": name, "path": None, "error": f"{name}: {exc.reason}"})
             continue
-        results.append({"name": name, "path": path, "scores": prediction.as_dict()})
+        results.append({"name": name, "path": path, "scores": prediction.as_dict(),
+                        "answer": apply_threshold(prediction, float(threshold or 0))})
     return results
+
+
+def predict_batch(
+    ctx: Any, run_dir: str | None, folder_text: str | None, zip_file: Any, top_k: int, threshold: float, tta: bool
+) -> tuple[pd.DataFrame | None, str | None, str]:
+    """Predicts every image of a server folder (under the data root) or of an uploaded zip.
+
+    Returns:
+        ``(table, CSV path, message)``: one row per image (file, top1, score, answer, top_k as
+        ``label:score`` pairs, error). Never raises.
+    """
+    from ..uploads import UnsafeArchiveError, extract_zip
+    from .data_tab import resolve_data_path
+
+    predictor, problem = _load_predictor(ctx, run_dir)
+    if problem:
+        return None, None, f"❌ {problem}"
+    try:
+        if zip_file:
+            zip_path = zip_file if isinstance(zip_file, str) else getattr(zip_file, "name", str(zip_file))
+            folder = extract_zip(zip_path, Path(ctx.settings.data_root) / "uploads")
+        else:
+            folder = resolve_data_path(folder_text, ctx.settings)
+    except (UnsafeArchiveError, ValueError, OSError) as exc:
+        return None, None, f"❌ {exc}"
+    paths = expand_image_paths([folder])
+    if not paths:
+        return None, None, f"❌ No images in {folder}."
+    rows = []
+    for path in paths:
+        row: dict[str, Any] = {"file": os.path.relpath(path, folder)}
+        try:
+            prediction = predictor.predict([path], top_k=int(top_k), tta=bool(tta))[0]
+        except ImageLoadError as exc:
+            rows.append(row | {"error": exc.reason})
+            continue
+        rows.append(row | {
+            "top1": prediction.labels[0], "score": round(prediction.scores[0], 6),
+            "answer": apply_threshold(prediction, float(threshold or 0)),
+            "top_k": "; ".join(f"{l}:{s:.4f}" for l, s in zip(prediction.labels, prediction.scores)), "error": "",
+        })
+    table = pd.DataFrame(rows, columns=["file", "top1", "score", "answer", "top_k", "error"])
+    out = Path(tempfile.mkdtemp(prefix="vitft-predict-")) / f"{Path(folder).name}-predictions.csv"
+    table.to_csv(out, index=False)
+    return table, str(out), f"✅ {len(table)} images from `{folder}`."
 
 
 def export_zip(run_dir: str | None) -> tuple[str | None, str]:
@@ -64,8 +126,6 @@ def export_zip(run_dir: str | None) -> tuple[str | None, str]:
     Returns:
         ``(zip path or None, message markdown)``; never raises.
     """
-    import tempfile
-
     from ..export import ExportError, export_model_zip
 
     if not run_dir:
@@ -99,8 +159,19 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> None:
         run = gr.Dropdown(label="Model (run)", choices=[], elem_id="predict-run", scale=4)
         refresh = gr.Button("↻ Refresh", scale=1)
         top_k = gr.Slider(1, 10, value=5, step=1, label="Top-k", scale=2)
+        threshold = gr.Slider(0, 1, value=0, step=0.05, label="Confidence threshold",
+                              info="below it the answer is 'not sure'", scale=2, elem_id="predict-threshold")
+        tta = gr.Checkbox(False, label="Test-time augmentation (image + flip)", scale=1)
     files = gr.File(label="Drop one or more images here", file_count="multiple", file_types=["image"],
                     elem_id="predict-files")
+    with gr.Accordion("Batch prediction: a folder or a zip of images", open=False):
+        with gr.Row():
+            batch_folder = gr.Textbox(label="Folder on the server (under the data root)", scale=3)
+            batch_zip = gr.File(label="or a .zip of images", file_types=[".zip"], type="filepath", scale=2)
+        batch_button = gr.Button("Predict all", elem_id="batch-predict")
+        batch_message = gr.Markdown()
+        batch_table = gr.Dataframe(interactive=False, elem_id="batch-table")
+        batch_csv = gr.DownloadButton("Download predictions (CSV)")
     with gr.Accordion("Export this model", open=False):
         with gr.Row():
             zip_button = gr.Button("Make a model zip (for transformers.pipeline)", elem_id="export-zip")
@@ -124,14 +195,24 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> None:
                 except ImageLoadError:
                     thumb = None
                 gr.Image(thumb, label=item["name"], height=200, interactive=False, scale=1)
-                gr.Label(item["scores"], label=f"Top classes: {item['name']}", scale=2, elem_classes="predict-label")
+                with gr.Column(scale=2):
+                    if item["answer"] == NOT_SURE:
+                        gr.Markdown("**Not sure**: the top class is below the confidence threshold.",
+                                    elem_classes="predict-not-sure")
+                    gr.Label(item["scores"], label=f"Top classes: {item['name']}", elem_classes="predict-label")
 
-    def on_predict(run_dir: str | None, uploaded: list | None, k: int) -> list[dict[str, Any]]:
-        return predict_files(ctx, run_dir, uploaded, k)
+    def on_predict(run_dir: str | None, uploaded: list | None, k: int, limit: float, flip: bool) -> list[dict[str, Any]]:
+        return predict_files(ctx, run_dir, uploaded, k, limit, flip)
 
-    files.change(on_predict, inputs=[run, files, top_k], outputs=results)
-    run.change(on_predict, inputs=[run, files, top_k], outputs=results)
-    top_k.release(on_predict, inputs=[run, files, top_k], outputs=results)
+    inputs = [run, files, top_k, threshold, tta]
+    files.change(on_predict, inputs=inputs, outputs=results)
+    run.change(on_predict, inputs=inputs, outputs=results)
+    top_k.release(on_predict, inputs=inputs, outputs=results)
+    threshold.release(on_predict, inputs=inputs, outputs=results)
+    tta.change(on_predict, inputs=inputs, outputs=results)
+    batch_button.click(lambda r, f, z, k, t, a: predict_batch(ctx, r, f, z, k, t, a),
+                       inputs=[run, batch_folder, batch_zip, top_k, threshold, tta],
+                       outputs=[batch_table, batch_csv, batch_message])
     zip_button.click(export_zip, inputs=run, outputs=[export_file, export_message])
     onnx_button.click(export_onnx_for_run, inputs=run, outputs=export_message)
     refresh.click(lambda current: refresh_runs(ctx, current), inputs=run, outputs=run)
