@@ -181,3 +181,27 @@ def test_predict_tab_export_buttons(tmp_path, digits_small, tiny_vit):
     text = predict_tab.export_onnx_for_run(str(run_dir))
     assert text.startswith("✅") and "over 12 images" in text  # the run's validation images
     assert (run_dir / "model" / "onnx" / "model.onnx").exists()
+
+
+def test_predict_tab_onnx_backend(tmp_path, digits_small, tiny_vit):
+    import shutil
+
+    from vitft_app.export import export_onnx
+    from vitft_app.jobs import JobRunner
+    from vitft_app.ui import predict_tab
+    from vitft_app.ui.app import AppContext, AppSettings
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_vit, model)
+    settings = AppSettings(data_root=tmp_path, runs_dir=tmp_path / "runs", example_dir=tmp_path, device="cpu")
+    ctx = AppContext(settings=settings, runner=JobRunner(settings.runs_dir, device="cpu"))
+    image = str(sorted((digits_small / "0").iterdir())[0])
+    missing = predict_tab.predict_files(ctx, str(model), [image], 2, backend="onnx")
+    assert "No ONNX export" in missing[0]["error"]
+    export_onnx(model)
+    onnx_result = predict_tab.predict_files(ctx, str(model), [image], 2, backend="onnx")[0]
+    assert "scores" in onnx_result, onnx_result
+    torch_result = predict_tab.predict_files(ctx, str(model), [image], 2, backend="torch")[0]
+    assert onnx_result["scores"].keys() == torch_result["scores"].keys()
+    for label, score in torch_result["scores"].items():
+        assert abs(onnx_result["scores"][label] - score) < 1e-4

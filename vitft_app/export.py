@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 import logging
 import os
 import shutil
@@ -351,14 +350,17 @@ def _find_onnx_dir(folder: Path) -> Path:
 
 
 def _read_id2label(config_path: Path) -> dict[int, str]:
-    """``{index: class name}`` from a model ``config.json``.
+    """``{index: class name}`` from a model ``config.json``, read with ``AutoConfig`` so that a
+    config saved without ``id2label`` (transformers' default ``LABEL_0..``) works too.
 
     Raises:
-        ExportError: the file is missing, not JSON, or has no ``id2label``.
+        ExportError: the file is missing or not a model config.
     """
+    from transformers import AutoConfig
+
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        return {int(k): str(v) for k, v in config["id2label"].items()}
+        config = AutoConfig.from_pretrained(config_path.parent, local_files_only=True)
+        return {int(k): str(v) for k, v in config.id2label.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ExportError(f"Cannot read the class names from {config_path}: {exc!r}") from exc
 

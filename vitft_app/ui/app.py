@@ -42,18 +42,29 @@ class AppContext:
     _predictors: OrderedDict = field(default_factory=OrderedDict)
     _predictor_lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def predictor(self, model_path: str):
-        """A cached :class:`~vitft_app.predict.Predictor`, reloaded when the saved model changes
-        (a running job replaces ``model/`` when validation improves). Keeps the two latest."""
+    def predictor(self, model_path: str, backend: str = "torch"):
+        """A cached prediction backend for a run or model folder, reloaded when the saved model
+        changes (a running job replaces ``model/`` when validation improves). Keeps the two latest.
+
+        Args:
+            model_path: a run folder or a ``save_pretrained`` folder.
+            backend: ``"torch"`` (:class:`~vitft_app.predict.Predictor`) or ``"onnx"``
+                (:class:`~vitft_app.export.OnnxPredictor`, needs ``vitft export`` first).
+        """
         from ..modeling import resolve_model_path
         from ..predict import Predictor
 
         folder = Path(resolve_model_path(model_path))
-        weights = sorted(folder.glob("*.safetensors")) or [folder / "config.json"]
-        key = (str(folder), tuple(p.stat().st_mtime_ns for p in weights if p.exists()))
+        weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("onnx/*.onnx")) or [folder / "config.json"]
+        key = (str(folder), backend, tuple(p.stat().st_mtime_ns for p in weights if p.exists()))
         with self._predictor_lock:
             if key not in self._predictors:
-                self._predictors[key] = Predictor(folder, device=self.settings.device)
+                if backend == "onnx":
+                    from ..export import OnnxPredictor
+
+                    self._predictors[key] = OnnxPredictor(folder)
+                else:
+                    self._predictors[key] = Predictor(folder, device=self.settings.device)
                 while len(self._predictors) > 2:
                     self._predictors.popitem(last=False)
             return self._predictors[key]

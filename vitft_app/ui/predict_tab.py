@@ -32,34 +32,45 @@ def refresh_runs(ctx: Any, current: str | None) -> Any:
     return gr.update(choices=choices, value=value)
 
 
-def _load_predictor(ctx: Any, run_dir: str | None) -> tuple[Any, str | None]:
+def _load_predictor(ctx: Any, run_dir: str | None, backend: str = "torch") -> tuple[Any, str | None]:
     """``(predictor, None)`` or ``(None, message)``."""
     if not run_dir:
         return None, "No trained model yet: train a run first, then choose it above."
     try:
-        return ctx.predictor(run_dir), None
+        return ctx.predictor(run_dir, backend), None
+    except FileNotFoundError as exc:
+        if backend == "onnx":
+            return None, "No ONNX export of this model yet: open *Export this model* and press *Export to ONNX*."
+        return None, f"Cannot load the model of {Path(run_dir).name}: {exc}"
     except Exception as exc:  # noqa: BLE001 - a broken model folder is a message, not a server error
         return None, f"Cannot load the model of {Path(run_dir).name}: {exc}"
 
 
 def predict_files(
-    ctx: Any, run_dir: str | None, files: list | None, top_k: int, threshold: float = 0.0, tta: bool = False
+    ctx: Any,
+    run_dir: str | None,
+    files: list | None,
+    top_k: int,
+    threshold: float = 0.0,
+    tta: bool = False,
+    backend: str = "torch",
 ) -> list[dict[str, Any]]:
-    """Predicts uploaded files.
+    """Predicts uploaded (or webcam) image files.
 
     Args:
         threshold: top-1 probability under which the answer is "not sure" (0..1).
         tta: average over the image and its horizontal flip.
+        backend: ``"torch"`` or ``"onnx"`` (the run's ONNX export).
 
     Returns:
         One dict per file: ``{"name", "path", "scores", "answer"}`` (``scores`` is
         ``{label: probability}``, ``answer`` the top-1 label or "not sure") or ``{"name", "path",
         "error"}``. Never raises: a missing run, a broken model or a bad image becomes an error entry.
     """
-    paths = [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in (files or [])]
+    paths = [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in (files or []) if f]
     if not paths:
         return []
-    predictor, problem = _load_predictor(ctx, run_dir)
+    predictor, problem = _load_predictor(ctx, run_dir, backend)
     if problem:
         return [{"name": "", "path": None, "error": problem}]
     results = []
@@ -162,8 +173,13 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> None:
         threshold = gr.Slider(0, 1, value=0, step=0.05, label="Confidence threshold",
                               info="below it the answer is 'not sure'", scale=2, elem_id="predict-threshold")
         tta = gr.Checkbox(False, label="Test-time augmentation (image + flip)", scale=1)
-    files = gr.File(label="Drop one or more images here", file_count="multiple", file_types=["image"],
-                    elem_id="predict-files")
+        backend = gr.Radio(["torch", "onnx"], value="torch", label="Backend",
+                           info="onnx runs the model's ONNX export with onnxruntime", scale=1)
+    with gr.Row():
+        files = gr.File(label="Drop one or more images here", file_count="multiple", file_types=["image"],
+                        elem_id="predict-files", scale=3)
+        webcam = gr.Image(sources=["webcam"], type="filepath", label="Or take a photo", scale=2,
+                          elem_id="predict-webcam")
     with gr.Accordion("Batch prediction: a folder or a zip of images", open=False):
         with gr.Row():
             batch_folder = gr.Textbox(label="Folder on the server (under the data root)", scale=3)
@@ -201,11 +217,14 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> None:
                                     elem_classes="predict-not-sure")
                     gr.Label(item["scores"], label=f"Top classes: {item['name']}", elem_classes="predict-label")
 
-    def on_predict(run_dir: str | None, uploaded: list | None, k: int, limit: float, flip: bool) -> list[dict[str, Any]]:
-        return predict_files(ctx, run_dir, uploaded, k, limit, flip)
+    def on_predict(run_dir: str | None, uploaded: list | None, k: int, limit: float, flip: bool, engine: str,
+                   photo: str | None) -> list[dict[str, Any]]:
+        return predict_files(ctx, run_dir, list(uploaded or []) + ([photo] if photo else []), k, limit, flip, engine)
 
-    inputs = [run, files, top_k, threshold, tta]
+    inputs = [run, files, top_k, threshold, tta, backend, webcam]
     files.change(on_predict, inputs=inputs, outputs=results)
+    webcam.change(on_predict, inputs=inputs, outputs=results)
+    backend.change(on_predict, inputs=inputs, outputs=results)
     run.change(on_predict, inputs=inputs, outputs=results)
     top_k.release(on_predict, inputs=inputs, outputs=results)
     threshold.release(on_predict, inputs=inputs, outputs=results)
