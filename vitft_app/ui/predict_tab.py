@@ -54,6 +54,7 @@ def predict_files(
     threshold: float = 0.0,
     tta: bool = False,
     backend: str = "torch",
+    explain: bool = False,
 ) -> list[dict[str, Any]]:
     """Predicts uploaded (or webcam) image files.
 
@@ -61,6 +62,8 @@ def predict_files(
         threshold: top-1 probability under which the answer is "not sure" (0..1).
         tta: average over the image and its horizontal flip.
         backend: ``"torch"`` or ``"onnx"`` (the run's ONNX export).
+        explain: add ``"explanation"`` (an overlay image) and ``"method"``: attention rollout for
+            ViT models (PyTorch backend only).
 
     Returns:
         One dict per file: ``{"name", "path", "scores", "answer"}`` (``scores`` is
@@ -81,8 +84,14 @@ def predict_files(
         except ImageLoadError as exc:
             results.append({"name": name, "path": None, "error": f"{name}: {exc.reason}"})
             continue
-        results.append({"name": name, "path": path, "scores": prediction.as_dict(),
-                        "answer": apply_threshold(prediction, float(threshold or 0))})
+        item = {"name": name, "path": path, "scores": prediction.as_dict(),
+                "answer": apply_threshold(prediction, float(threshold or 0))}
+        if explain and backend == "torch":
+            from ..explain import explain_image
+
+            explanation = explain_image(predictor, path)
+            item |= {"explanation": explanation.overlay, "method": f"{explanation.method} for '{explanation.label}'"}
+        results.append(item)
     return results
 
 
@@ -175,6 +184,7 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> None:
         tta = gr.Checkbox(False, label="Test-time augmentation (image + flip)", scale=1)
         backend = gr.Radio(["torch", "onnx"], value="torch", label="Backend",
                            info="onnx runs the model's ONNX export with onnxruntime", scale=1)
+        explain = gr.Checkbox(False, label="Explain (attention rollout heatmap)", scale=1, elem_id="predict-explain")
     with gr.Row():
         files = gr.File(label="Drop one or more images here", file_count="multiple", file_types=["image"],
                         elem_id="predict-files", scale=3)
@@ -211,6 +221,9 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> None:
                 except ImageLoadError:
                     thumb = None
                 gr.Image(thumb, label=item["name"], height=200, interactive=False, scale=1)
+                if item.get("explanation") is not None:
+                    gr.Image(ImageOps.contain(item["explanation"], (224, 224)), label=item["method"], height=200,
+                             interactive=False, scale=1, elem_classes="predict-explanation")
                 with gr.Column(scale=2):
                     if item["answer"] == NOT_SURE:
                         gr.Markdown("**Not sure**: the top class is below the confidence threshold.",
@@ -218,10 +231,12 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> None:
                     gr.Label(item["scores"], label=f"Top classes: {item['name']}", elem_classes="predict-label")
 
     def on_predict(run_dir: str | None, uploaded: list | None, k: int, limit: float, flip: bool, engine: str,
-                   photo: str | None) -> list[dict[str, Any]]:
-        return predict_files(ctx, run_dir, list(uploaded or []) + ([photo] if photo else []), k, limit, flip, engine)
+                   photo: str | None, why: bool) -> list[dict[str, Any]]:
+        images = list(uploaded or []) + ([photo] if photo else [])
+        return predict_files(ctx, run_dir, images, k, limit, flip, engine, why)
 
-    inputs = [run, files, top_k, threshold, tta, backend, webcam]
+    inputs = [run, files, top_k, threshold, tta, backend, webcam, explain]
+    explain.change(on_predict, inputs=inputs, outputs=results)
     files.change(on_predict, inputs=inputs, outputs=results)
     webcam.change(on_predict, inputs=inputs, outputs=results)
     backend.change(on_predict, inputs=inputs, outputs=results)
