@@ -5,6 +5,7 @@
     vitft scan DIR [--json]
     vitft evaluate RUN_DIR [--data DIR] [--split val|test]
     vitft export RUN_DIR [--format onnx|zip]
+    vitft report RUN_DIR
     vitft app [--host 127.0.0.1] [--port 7860] ...   (same as ``python app.py``)
 
 ``train`` flags are generated from the :class:`~vitft_app.config.TrainConfig` fields (their
@@ -124,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["onnx", "zip"], default="onnx", help="(default: onnx)")
     export.add_argument("--output", default=None,
                         help="onnx: output folder (default MODEL/onnx); zip: file (default RUN_DIR/model.zip)")
+
+    report = commands.add_parser("report", help="write a one-page HTML report of a run (opens offline)",
+                                 description="Evaluate the validation split if needed and write RUN_DIR/report.html.")
+    report.add_argument("run", metavar="RUN_DIR", help="a run folder")
+    report.add_argument("--output", default=None, help="HTML file (default: RUN_DIR/report.html)")
 
     app = commands.add_parser("app", help="start the web app (same as python app.py)")
     add_server_arguments(app)
@@ -281,6 +287,19 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_report(args: argparse.Namespace) -> int:
+    """Writes the HTML report and prints its path."""
+    from .evaluate import EvaluationError
+    from .report import write_html_report
+
+    try:
+        print(write_html_report(args.run, args.output))
+    except (EvaluationError, FileNotFoundError, ValueError, OSError) as exc:
+        print(f"vitft report: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def run_predict(args: argparse.Namespace) -> int:
     """Prints ``{"image": PATH, "predictions": [{"label", "score"}, ...]}`` per image (JSON lines).
 
@@ -335,7 +354,7 @@ def _quiet_library_progress_bars() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vitft`` console script."""
     args = build_parser().parse_args(argv)
-    if args.command in ("train", "predict", "evaluate", "export"):
+    if args.command in ("train", "predict", "evaluate", "export", "report"):
         _quiet_library_progress_bars()
     if args.command == "train":
         return run_train(args)
@@ -347,6 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_evaluate(args)
     if args.command == "export":
         return run_export(args)
+    if args.command == "report":
+        return run_report(args)
     from .server import launch
 
     launch(args)

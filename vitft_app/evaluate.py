@@ -234,6 +234,10 @@ def evaluate_run(
     if write:
         base = path if run_config else predictor.path
         write_evaluation(result, base / "eval" / split)
+        if run_config and split == "val":
+            from .report import write_model_card
+
+            write_model_card(path, result.metrics)  # the card shows the latest validation metrics
     return result
 
 

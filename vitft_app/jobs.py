@@ -123,6 +123,7 @@ class JobRunner:
             def target() -> None:
                 try:
                     train(config, run_dir, emit, stop_event=job.stop_event, device=self.device, report=report)
+                    _write_card(run_dir, recorder.log)  # after RunFinished, so not an event
                 except BaseException as exc:  # noqa: BLE001 - reported as RunFailed, not swallowed
                     emit(RunFailed(error=error_message(exc), traceback=traceback.format_exc()))
                 finally:
@@ -147,3 +148,16 @@ class JobRunner:
         job.stop_event.set()
         return True
 
+
+def _write_card(run_dir: Path, log: Callable[[str], None]) -> None:
+    """Writes the model card after a run that saved a model; a card problem is logged to
+    ``train.log`` and never fails the run."""
+    from .report import write_model_card
+    from .runs import model_dir
+
+    if model_dir(run_dir) is None:
+        return
+    try:
+        log(f"model card written: {write_model_card(run_dir)}")
+    except (OSError, ValueError, KeyError) as exc:
+        log(f"model card not written: {exc}")

@@ -108,6 +108,25 @@ def cell_gallery(result: Evaluation | None, row: int, column: int) -> tuple[list
     return gallery_items(frame.head(48)), caption
 
 
+def make_report(run_dir: str | None) -> tuple[str | None, str]:
+    """Writes the run's one-page HTML report; returns ``(a copy in a temp folder to download,
+    message)``. Never raises."""
+    import shutil
+    import tempfile
+
+    from ..report import write_html_report
+
+    if not run_dir:
+        return None, "Choose a run first."
+    try:
+        path = write_html_report(run_dir)
+    except (EvaluationError, FileNotFoundError, ValueError, OSError) as exc:
+        return None, f"❌ {exc}"
+    copy = Path(tempfile.mkdtemp(prefix="vitft-report-")) / f"{Path(run_dir).name}-report.html"
+    shutil.copyfile(path, copy)
+    return str(copy), f"📄 Written to `{path}`; it opens in any browser, without the app."
+
+
 def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> None:
     """Builds the Evaluate tab's components and events."""
     with gr.Row():
@@ -116,7 +135,12 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> None:
         split = gr.Radio(["val", "test"], value="val", label="Split",
                          info="test = DATA/test/, never used in training", scale=2)
         top_k = gr.Number(value=5, precision=0, minimum=1, label="Top-k", scale=1)
-    evaluate = gr.Button("Evaluate", variant="primary", elem_id="evaluate-button")
+    with gr.Row():
+        evaluate = gr.Button("Evaluate", variant="primary", elem_id="evaluate-button", scale=3)
+        report_button = gr.Button("Make a one-page HTML report", elem_id="report-button", scale=2)
+    with gr.Row():
+        report_file = gr.File(label="Report", interactive=False, elem_id="report-file")
+        report_message = gr.Markdown(elem_id="report-message")
     summary = gr.Markdown(elem_id="eval-summary")
     with gr.Row():
         per_class = gr.Dataframe(label="Per class (click a header to sort)", interactive=False,
@@ -148,6 +172,7 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> None:
         row, column = event.index
         return cell_gallery(result, int(row), int(column))
 
+    report_button.click(make_report, inputs=run, outputs=[report_file, report_message])
     evaluate.click(on_evaluate, inputs=[run, split, top_k], outputs=[by_key[k] for k in OUTPUT_KEYS])
     matrix_table.select(on_cell, inputs=evaluation, outputs=[cell_images, cell_caption])
     refresh.click(lambda current: refresh_runs(ctx, current), inputs=run, outputs=run)

@@ -173,6 +173,21 @@ def export_onnx_for_run(run_dir: str | None) -> str:
             f" Use it with `vitft predict --backend onnx --model {run_dir} IMAGE`.")
 
 
+def push_model(run_dir: str | None, repo_id: str | None, token: str | None, private: bool) -> str:
+    """Pushes the run's model (with its card) to the Hub; returns a message. Never raises."""
+    from ..report import push_to_hub
+
+    if not run_dir:
+        return "Choose a run first."
+    try:
+        url = push_to_hub(run_dir, repo_id or "", token or "", private=bool(private))
+    except (ValueError, ConnectionError, FileNotFoundError) as exc:
+        return f"❌ {exc}"
+    except Exception as exc:  # noqa: BLE001 - the Hub client raises many types; the user needs the message
+        return f"❌ Push failed: {type(exc).__name__}: {exc}"
+    return f"✅ Pushed to {url}"
+
+
 def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> None:
     """Builds the Predict tab's components and events."""
     with gr.Row():
@@ -204,6 +219,12 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> None:
             onnx_button = gr.Button("Export to ONNX (checked against PyTorch)", elem_id="export-onnx")
         export_file = gr.File(label="Model zip", interactive=False, elem_id="export-file")
         export_message = gr.Markdown(elem_id="export-message")
+        with gr.Row():
+            repo_id = gr.Textbox(label="Hub repository (user/name)", scale=2)
+            token = gr.Textbox(label="Hugging Face write token", type="password", scale=2)
+            private = gr.Checkbox(True, label="private", scale=1)
+            push_button = gr.Button("Push to the Hub", scale=1, elem_id="push-button")
+        push_message = gr.Markdown(elem_id="push-message")
     results = gr.State([])
 
     @gr.render(inputs=results)
@@ -248,6 +269,7 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> None:
                        inputs=[run, batch_folder, batch_zip, top_k, threshold, tta],
                        outputs=[batch_table, batch_csv, batch_message])
     zip_button.click(export_zip, inputs=run, outputs=[export_file, export_message])
+    push_button.click(push_model, inputs=[run, repo_id, token, private], outputs=push_message)
     onnx_button.click(export_onnx_for_run, inputs=run, outputs=export_message)
     refresh.click(lambda current: refresh_runs(ctx, current), inputs=run, outputs=run)
     demo.load(lambda: refresh_runs(ctx, None), outputs=run)
