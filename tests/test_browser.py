@@ -129,6 +129,9 @@ def test_train_on_the_example_then_predict(app_url, page):
     expect(label).to_be_visible(timeout=60_000)
     expect(label).to_contain_text(re.compile(r"\b[0-9]\b"))
     expect(label).to_contain_text("%")
+    page.locator("#predict-explain input").check()
+    expect(page.locator(".predict-explanation").first).to_be_visible(timeout=60_000)
+    expect(page.locator(".predict-explanation").first).to_contain_text("attention rollout")
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "predict-tab.png"), full_page=True)
 

@@ -193,6 +193,7 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> None:
     with gr.Row():
         run = gr.Dropdown(label="Model (run)", choices=[], elem_id="predict-run", scale=4)
         refresh = gr.Button("↻ Refresh", scale=1)
+    with gr.Row():
         top_k = gr.Slider(1, 10, value=5, step=1, label="Top-k", scale=2)
         threshold = gr.Slider(0, 1, value=0, step=0.05, label="Confidence threshold",
                               info="below it the answer is 'not sure'", scale=2, elem_id="predict-threshold")
