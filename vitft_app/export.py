@@ -37,7 +37,7 @@ from .predict import ClassifierBackend, Predictor, load_pixels
 #: Largest accepted absolute difference between PyTorch and onnxruntime softmax probabilities.
 PARITY_TOLERANCE = 1e-4
 #: What to install when the ONNX packages are missing.
-ONNX_INSTALL_HINT = "pip install vitft[onnx]"
+ONNX_INSTALL_HINT = "pip install onnx onnxruntime (vitft depends on both; the dynamo exporter also needs pip install 'vitft[onnx]')"
 #: File name of the exported graph inside the ONNX folder.
 ONNX_FILE_NAME = "model.onnx"
 #: Sub-folder of a model folder that :func:`export_onnx` writes by default.
