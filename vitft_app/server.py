@@ -7,6 +7,10 @@ import sys
 from pathlib import Path
 
 
+#: The app's icon, in the repository's assets/ (absent from a non-editable install: no icon then).
+FAVICON = Path(__file__).resolve().parent.parent / "assets" / "favicon.png"
+
+
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds ``--host --port --auth --data-root --runs-dir --no-browser``."""
     parser.add_argument("--host", default="127.0.0.1",
@@ -58,6 +62,7 @@ def launch(args: argparse.Namespace) -> None:
         auth=auth,
         inbrowser=not args.no_browser,
         show_error=False,
+        favicon_path=str(FAVICON) if FAVICON.exists() else None,
         head=FOLDER_UPLOAD_JS,
         css=".vitft-hidden {display: none !important}",
     )
