@@ -87,10 +87,19 @@ def choose_model(page, name: str) -> None:
     box.press("Enter")
 
 
+def open_app(page, url: str) -> None:
+    """Opens the app and waits for the example dataset's scan (10 digit classes)."""
+    from playwright.sync_api import expect
+
+    page.goto(url)
+    expect(page.locator("#data-summary")).to_contain_text("10 classes", timeout=120_000)
+
+
 def start_tiny_run(page, tiny_vit, epochs: int) -> None:
     """Train tab: choose the tiny model, set the epochs, press Start and see it accepted."""
     from playwright.sync_api import expect
 
+    page.get_by_role("tab", name="Train").click()
     choose_model(page, str(tiny_vit))
     expect(page.locator("#param-count")).to_contain_text("2 encoder blocks", timeout=30_000)
     page.locator("#epochs input").fill(str(epochs))
@@ -102,9 +111,7 @@ def test_train_on_the_example_then_predict(app_url, page):
     from playwright.sync_api import expect
 
     url, tiny_vit, home = app_url
-    page.goto(url)
-    # Data tab: the built-in example is scanned on load.
-    expect(page.locator("#data-summary")).to_contain_text("10 classes", timeout=120_000)
+    open_app(page, url)  # Data tab: the built-in example is scanned on load
     expect(page.locator("#class-table")).to_contain_text("500")
 
     # Train tab: a tiny model for one epoch.
@@ -140,9 +147,7 @@ def test_busy_and_stop_in_the_browser(app_url, page):
     from playwright.sync_api import expect
 
     url, tiny_vit, _ = app_url
-    page.goto(url)
-    expect(page.locator("#data-summary")).to_contain_text("10 classes", timeout=120_000)
-    page.get_by_role("tab", name="Train").click()
+    open_app(page, url)
     start_tiny_run(page, tiny_vit, epochs=100)
     expect(page.locator("#train-status")).to_contain_text("running", timeout=60_000)
     page.locator("#start-button").click()
@@ -164,8 +169,7 @@ def test_upload_a_folder_and_a_zip(app_url, page, tmp_path):
         (folder / name).mkdir(parents=True)
         for i in range(3):
             Image.new("RGB", (12, 12), (n * 120, i * 60, 30)).save(folder / name / f"{i}.png")
-    page.goto(url)
-    expect(page.locator("#data-summary")).to_contain_text("10 classes", timeout=120_000)
+    open_app(page, url)
     page.get_by_text("Upload a dataset").click()
     page.locator("#folder-upload input[type=file]").set_input_files(str(folder))
     expect(page.locator("#upload-message")).to_contain_text("Copied 6 files", timeout=60_000)
@@ -187,9 +191,7 @@ def test_evaluate_tab_in_the_browser(app_url, page):
     from playwright.sync_api import expect
 
     url, tiny_vit, _ = app_url
-    page.goto(url)
-    expect(page.locator("#data-summary")).to_contain_text("10 classes", timeout=120_000)
-    page.get_by_role("tab", name="Train").click()
+    open_app(page, url)
     start_tiny_run(page, tiny_vit, epochs=1)
     expect(page.locator("#train-status")).to_contain_text("completed", timeout=300_000)
     page.get_by_role("tab", name="Evaluate").click()

@@ -354,24 +354,16 @@ def _quiet_library_progress_bars() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vitft`` console script."""
     args = build_parser().parse_args(argv)
-    if args.command in ("train", "predict", "evaluate", "export", "report"):
-        _quiet_library_progress_bars()
-    if args.command == "train":
-        return run_train(args)
-    if args.command == "predict":
-        return run_predict(args)
-    if args.command == "scan":
-        return run_scan(args)
-    if args.command == "evaluate":
-        return run_evaluate(args)
-    if args.command == "export":
-        return run_export(args)
-    if args.command == "report":
-        return run_report(args)
-    from .server import launch
+    commands = {"train": run_train, "predict": run_predict, "scan": run_scan, "evaluate": run_evaluate,
+                "export": run_export, "report": run_report}
+    if args.command not in commands:  # "app"
+        from .server import launch
 
-    launch(args)
-    return 0
+        launch(args)
+        return 0
+    if args.command != "scan":  # scan loads no model
+        _quiet_library_progress_bars()
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from sklearn import metrics as skm
 
 from .config import TrainConfig
 from .data import ImageItem, scan_dataset
-from .runs import atomic_write_text
+from .runs import atomic_write_text, is_run_dir
 
 Split = Literal["val", "test"]
 #: Bins of the expected calibration error (Guo et al. 2017, "On Calibration of Modern Neural
@@ -210,8 +210,7 @@ def evaluate_run(
     from .predict import Predictor
 
     path = Path(run_or_model).expanduser()
-    run_config = TrainConfig.from_json_file(path / "config.json") if (path / "config.json").exists() and (
-        path / "status.json").exists() else None
+    run_config = TrainConfig.from_json_file(path / "config.json") if is_run_dir(path) else None
     data = data_dir or (run_config.data_dir if run_config else None)
     if not data:
         raise EvaluationError("Give the dataset with --data (a model folder does not record it).")

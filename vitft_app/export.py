@@ -487,10 +487,11 @@ def validation_images(run: str, limit: int = 32) -> list[str]:
     from .config import TrainConfig
     from .data import scan_dataset
 
-    config_path = Path(run) / "config.json"
-    if not (Path(run) / "status.json").exists() or not config_path.exists():
+    from .runs import is_run_dir
+
+    if not is_run_dir(run):
         return []
-    config = TrainConfig.from_json_file(config_path)
+    config = TrainConfig.from_json_file(Path(run) / "config.json")
     try:
         report = scan_dataset(config.data_dir, val_fraction=config.val_fraction, seed=config.seed)
     except (FileNotFoundError, ValueError):

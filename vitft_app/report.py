@@ -14,11 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .config import SCRATCH_MODEL, TrainConfig
-from .runs import atomic_write_text, model_dir, read_metrics, read_status
-
-
-def _is_run(path: Path) -> bool:
-    return (path / "config.json").exists() and (path / "status.json").exists()
+from .runs import atomic_write_text, is_run_dir, model_dir, read_metrics, read_status
 
 
 def confusion_matrix_png(matrix: list[list[int]], classes: list[str], cell: int = 44) -> Image.Image:
@@ -234,7 +230,7 @@ def push_to_hub(run_dir: str | os.PathLike, repo_id: str, token: str, private: b
     folder = Path(resolve_model_path(str(run_dir)))
     if not (folder / "config.json").exists():
         raise ValueError(f"No saved model in {run_dir}")
-    if _is_run(Path(run_dir)) and not (folder / "README.md").exists():
+    if is_run_dir(run_dir) and not (folder / "README.md").exists():
         write_model_card(run_dir)
     if not _hub_reachable():
         raise ConnectionError(

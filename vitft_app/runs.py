@@ -104,16 +104,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """True for a vitft run folder (``config.json`` and ``status.json``), as opposed to a plain
+    ``save_pretrained`` folder, which has a ``config.json`` too."""
+    path = Path(path)
+    return (path / "config.json").is_file() and (path / "status.json").is_file()
+
+
 def read_status(run_dir: str | os.PathLike) -> dict[str, Any]:
     """Reads ``status.json``; a ``running`` run whose process is gone reads as ``interrupted``.
 
     Returns:
         The status dict (empty dict when the file is missing or unreadable).
     """
-    try:
-        status = json.loads((Path(run_dir) / "status.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    status = read_status_raw(Path(run_dir))
     if status.get("status") in ("starting", "running"):
         pid = status.get("pid")
         if not isinstance(pid, int) or (pid != os.getpid() and not _pid_alive(pid)):
