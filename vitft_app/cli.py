@@ -1,6 +1,7 @@
 """``vitft``: the same engine as the app, headless.
 
-    vitft train --data DIR --model NAME_OR_PATH [--freeze-depth N] [--epochs E] ...
+    vitft train --data DIR --model NAME_OR_PATH [--preset quick|balanced|best] [--freeze-depth N] ...
+    vitft train --resume RUN_DIR
     vitft predict --model DIR IMAGE... [--top-k K]
     vitft scan DIR [--json]
     vitft evaluate RUN_DIR [--data DIR] [--split val|test]
@@ -47,31 +48,59 @@ def _field_kind(annotation: Any) -> tuple[type, tuple | None]:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds one flag per TrainConfig field, with its type, choices, default and docstring."""
+    """Adds one flag per TrainConfig field (type, choices, docstring, default in the help), plus
+    ``--preset`` and ``--resume``.
+
+    Every field flag defaults to None in the parser, so :func:`config_from_args` can tell a value
+    the user typed (it wins over the preset) from one left out (preset, then field default).
+    """
+    from .presets import PRESETS
+
     hints = typing.get_type_hints(TrainConfig)
     docs = field_docs()
+    parser.add_argument("--preset", choices=PRESETS, default=None,
+                        help="fill the settings from a preset (quick: linear probe; balanced: partial freeze +"
+                             " basic augmentation; best: RandAugment, MixUp/CutMix, layer decay, EMA, label"
+                             " smoothing); flags given explicitly override it")
+    parser.add_argument("--resume", metavar="RUN_DIR", default=None,
+                        help="continue a stopped, failed or interrupted run from its checkpoint (other flags are"
+                             " ignored: the run keeps its config)")
     for field in dataclasses.fields(TrainConfig):
         kind, choices = _field_kind(hints[field.name])
-        required = field.default is dataclasses.MISSING
-        default = None if required else field.default
+        default = None if field.default is dataclasses.MISSING else field.default
         help_text = docs.get(field.name, "")
-        if not required and default is not None:
+        if field.default is dataclasses.MISSING:
+            help_text += " (required unless --resume)"
+        elif default is not None:
             help_text += f" (default: {default})"
         parser.add_argument(
             flag_name(field.name),
             dest=field.name,
             type=kind,
             choices=choices,
-            required=required,
-            default=default,
+            default=None,
             help=help_text,
             metavar=None if choices else field.name.split("_")[-1].upper(),
         )
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Builds the TrainConfig from parsed ``train`` flags (by keyword, never by position)."""
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    """Builds the TrainConfig from parsed ``train`` flags (by keyword, never by position): field
+    defaults, then the ``--preset`` values, then the flags given explicitly.
+
+    Raises:
+        ValueError: a missing ``--data``, an invalid value, or a preset for a model that cannot
+            be inspected.
+    """
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+    if "data_dir" not in given:
+        raise ValueError("the following arguments are required: --data")
+    values: dict[str, Any] = {}
+    if getattr(args, "preset", None):
+        from .presets import preset_values_for_model
+
+        values = preset_values_for_model(args.preset, given.get("model", TrainConfig.model), given.get("image_size"))
+    return TrainConfig(**{**values, **given})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,15 +172,23 @@ def run_train(args: argparse.Namespace) -> int:
     from .events import EvalDone, LogMessage, RunFailed, RunFinished, RunStarted, StepLogged
     from .jobs import JobRunner
 
+    from .checkpoint import ResumeError
+    from .modeling import ModelLoadError
+
+    if args.resume:
+        run_dir = Path(args.resume).expanduser()
+        output_dir = str(run_dir.resolve().parent)
+    else:
+        try:
+            config = config_from_args(args)
+        except (ValueError, ModelLoadError) as exc:
+            print(f"vitft train: error: {exc}", file=sys.stderr)
+            return 2
+        output_dir = config.output_dir
     try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        print(f"vitft train: error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        runner = JobRunner(config.output_dir)
+        runner = JobRunner(output_dir)
     except OSError as exc:
-        print(f"vitft train: error: cannot use --output-dir {config.output_dir}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"vitft train: error: cannot use --output-dir {output_dir}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     state: dict[str, Any] = {"bar": None, "status": "failed"}
 
@@ -168,7 +205,12 @@ def run_train(args: argparse.Namespace) -> int:
             bar.set_postfix(epoch=f"{event.epoch:.2f}", loss=f"{event.loss:.4f}", img_s=f"{event.images_per_sec:.1f}")
         elif isinstance(event, EvalDone):
             text = (f"epoch {event.epoch}: train loss {event.train_loss:.4f} acc {event.train_accuracy:.4f} | "
-                    f"val loss {event.val_loss:.4f} acc {event.val_accuracy:.4f}" + (" (best, saved)" if event.is_best else ""))
+                    f"val loss {event.val_loss:.4f} acc {event.val_accuracy:.4f}"
+                    + (f" mAP {event.val_map:.4f}" if event.val_map is not None else "")
+                    + (" (best, saved)" if event.is_best else ""))
+            if event.early_stopping_patience:
+                left = event.early_stopping_patience - event.epochs_without_improvement
+                text += f" | early stopping in {left} epoch(s) without improvement"
             (bar.write if bar is not None else print)(text, file=sys.stderr)
         elif isinstance(event, LogMessage):
             (bar.write if bar is not None else print)(event.text, file=sys.stderr)
@@ -176,14 +218,12 @@ def run_train(args: argparse.Namespace) -> int:
             state["status"] = event.status
             if bar is not None:
                 bar.close()
-            print(f"{event.status} in {event.duration_s:.1f} s; best val accuracy {event.best_val_accuracy}",
-                  file=sys.stderr)
+            print(f"{event.status} in {event.duration_s:.1f} s; best val accuracy {event.best_val_accuracy}"
+                  + (f" ({event.reason})" if event.reason else ""), file=sys.stderr)
         elif isinstance(event, RunFailed):
             if bar is not None:
                 bar.close()
             print(f"failed: {event.error}", file=sys.stderr)
-
-    from .modeling import ModelLoadError
 
     scan_bar = tqdm(unit="file", file=sys.stderr, desc="checking images", disable=None, leave=False)
 
@@ -192,8 +232,11 @@ def run_train(args: argparse.Namespace) -> int:
         scan_bar.update(done - scan_bar.n)
 
     try:
-        job = runner.start(config, listener=listener, progress=scan_progress)
-    except (ModelLoadError, ValueError, FileNotFoundError, OSError) as exc:
+        if args.resume:
+            job = runner.resume(run_dir, listener=listener, progress=scan_progress)
+        else:
+            job = runner.start(config, listener=listener, progress=scan_progress)
+    except (ModelLoadError, ResumeError, ValueError, FileNotFoundError, OSError) as exc:
         scan_bar.close()
         print(f"vitft train: error: {exc}", file=sys.stderr)
         return 2

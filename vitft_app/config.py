@@ -17,7 +17,11 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
-Augment = Literal["none", "basic"]
+Augment = Literal["none", "basic", "randaugment", "trivialaugment", "autoaugment"]
+Optimizer = Literal["adamw", "sgd"]
+Scheduler = Literal["cosine", "linear", "constant"]
+ClassWeights = Literal["none", "balanced"]
+Preset = Literal["quick", "balanced", "best"]
 
 #: Name of the built-in offline model (a ViT-Tiny with random weights).
 SCRATCH_MODEL = "vit-tiny-scratch"
@@ -51,13 +55,22 @@ class TrainConfig:
     """Images per micro-batch (per forward pass)."""
 
     lr: float = 5e-5
-    """Peak learning rate of AdamW, reached after warmup."""
+    """Peak learning rate (the head's rate under layer decay), reached after warmup."""
+
+    optimizer: Optimizer = "adamw"
+    """adamw (betas 0.9/0.999) or sgd (momentum 0.9, Nesterov)."""
 
     weight_decay: float = 0.01
-    """AdamW decoupled weight decay; never applied to biases and LayerNorm weights."""
+    """Decoupled (AdamW) or L2 (SGD) weight decay; never applied to biases and LayerNorm weights."""
+
+    layer_decay: float = 1.0
+    """Layer-wise lr decay: each encoder block's lr is this times the next block's, head at lr (BEiT/timm); 1 = off."""
+
+    scheduler: Scheduler = "cosine"
+    """Learning-rate schedule after warmup: cosine or linear decay to 0, or constant."""
 
     warmup_ratio: float = 0.1
-    """Fraction of the optimizer steps spent in linear warmup before the cosine decay."""
+    """Fraction of the optimizer steps spent in linear warmup from 0 to lr."""
 
     grad_accum_steps: int = 1
     """Micro-batches accumulated per optimizer step (effective batch = batch_size x this)."""
@@ -66,10 +79,52 @@ class TrainConfig:
     """Clip the global gradient norm to this value before each optimizer step (0 disables clipping)."""
 
     precision: Precision = "auto"
-    """auto picks bf16 autocast where the device supports it, else fp32; fp16 needs CUDA."""
+    """auto picks bf16 autocast where the device supports it, else fp32; fp16 needs CUDA. Weights stay fp32."""
 
     augment: Augment = "basic"
-    """Training augmentation: none, or basic (random resized crop + horizontal flip)."""
+    """Training augmentation: none; basic (random resized crop + flip); or basic + a torchvision policy."""
+
+    crop_scale_min: float = 0.08
+    """Smallest crop area (fraction of the image) of the random resized crop (torchvision's default 0.08)."""
+
+    color_jitter: float = 0.0
+    """Colour jitter strength for brightness, contrast and saturation (0 = off)."""
+
+    random_erasing: float = 0.0
+    """Probability of random erasing (a random rectangle replaced by noise) per training image; 0 = off."""
+
+    mixup: float = 0.0
+    """MixUp alpha (Beta(alpha, alpha) mixing weights); 0 = off. With cutmix on too, one is picked per batch."""
+
+    cutmix: float = 0.0
+    """CutMix alpha; 0 = off. With mixup on too, one is picked per batch."""
+
+    patch_mask_ratio: float = 0.0
+    """Fraction of each training image's patches (aligned to the model's patch grid) hidden as a regularizer."""
+
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing epsilon (single-label datasets)."""
+
+    class_weights: ClassWeights = "none"
+    """balanced weights each class's loss by n_images / (n_classes x n_class_images) (sklearn's rule)."""
+
+    distill_weight: float = 0.0
+    """Weight of a feature-matching loss to a frozen copy of the starting model (keeps small-data fine-tunes close); 0 = off."""
+
+    ema_decay: float = 0.0
+    """Exponential moving average of the weights per optimizer step (e.g. 0.999); evaluated and saved instead of the raw weights. 0 = off."""
+
+    gradual_unfreeze: int = 0
+    """Unfreeze one more encoder block every this many epochs, starting from freeze_depth; 0 = off."""
+
+    early_stopping_patience: int = 0
+    """Stop after this many epochs without a validation improvement of at least early_stopping_min_delta; 0 = off."""
+
+    early_stopping_min_delta: float = 0.0
+    """Smallest increase of the validation metric that counts as an improvement."""
+
+    max_nonfinite_steps: int = 3
+    """A non-finite loss or gradient skips its optimizer step; this many in a row stop the run."""
 
     val_fraction: float = 0.2
     """Validation fraction for the seeded stratified split when the folder has no val/ split."""
@@ -122,6 +177,29 @@ class TrainConfig:
             self.augment in get_args(Augment),
             f"augment must be one of {list(get_args(Augment))}, got {self.augment!r}",
         )
+        for name, choices in (("optimizer", Optimizer), ("scheduler", Scheduler), ("class_weights", ClassWeights)):
+            value = getattr(self, name)
+            check(value in get_args(choices), f"{name} must be one of {list(get_args(choices))}, got {value!r}")
+        check(0 < self.layer_decay <= 1, f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        check(0 < self.crop_scale_min <= 1, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        check(0 <= self.color_jitter <= 1, f"color_jitter must be in [0, 1], got {self.color_jitter}")
+        check(0 <= self.random_erasing <= 1, f"random_erasing must be in [0, 1], got {self.random_erasing}")
+        check(self.mixup >= 0, f"mixup must be >= 0, got {self.mixup}")
+        check(self.cutmix >= 0, f"cutmix must be >= 0, got {self.cutmix}")
+        check(0 <= self.patch_mask_ratio < 1, f"patch_mask_ratio must be in [0, 1), got {self.patch_mask_ratio}")
+        check(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        check(self.distill_weight >= 0, f"distill_weight must be >= 0, got {self.distill_weight}")
+        check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        check(self.gradual_unfreeze >= 0, f"gradual_unfreeze must be >= 0, got {self.gradual_unfreeze}")
+        check(
+            self.early_stopping_patience >= 0,
+            f"early_stopping_patience must be >= 0, got {self.early_stopping_patience}",
+        )
+        check(
+            self.early_stopping_min_delta >= 0,
+            f"early_stopping_min_delta must be >= 0, got {self.early_stopping_min_delta}",
+        )
+        check(self.max_nonfinite_steps >= 1, f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         check(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
         check(self.log_every_steps >= 1, f"log_every_steps must be >= 1, got {self.log_every_steps}")
         check(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")

@@ -631,39 +631,74 @@ def processor_spec(processor: Any) -> ProcessorSpec:
     return ProcessorSpec(resize, crop, mean, std, interpolation)  # type: ignore[arg-type]
 
 
-def build_transforms(processor: Any, train: bool, augment: str = "none") -> Callable:
+def build_transforms(
+    processor: Any,
+    train: bool,
+    augment: str = "none",
+    crop_scale_min: float = 0.08,
+    color_jitter: float = 0.0,
+    random_erasing: float = 0.0,
+) -> Callable:
     """Builds the ``torchvision.transforms.v2`` pipeline for a PIL image.
 
     Evaluation (and training with ``augment="none"``): resize and center crop exactly as the
-    image processor does, rescale to [0, 1], normalize with its mean and std. ``basic`` training
-    augmentation: ``RandomResizedCrop`` to the model size (torchvision's default scale
-    (0.08, 1) and ratio (3/4, 4/3), as in the transformers example) and a horizontal flip.
+    image processor does, rescale to [0, 1], normalize with its mean and std. Training with
+    ``basic``: ``RandomResizedCrop`` to the model size (scale ``(crop_scale_min, 1)``, ratio
+    (3/4, 4/3): torchvision's and the transformers example's defaults), a horizontal flip and,
+    when ``color_jitter > 0``, ``ColorJitter(brightness=contrast=saturation=color_jitter)``.
+    ``randaugment`` / ``trivialaugment`` / ``autoaugment`` add ``v2.RandAugment()`` (2 ops,
+    magnitude 9), ``v2.TrivialAugmentWide()`` or ``v2.AutoAugment(IMAGENET)`` on top of basic,
+    with their torchvision defaults. ``random_erasing > 0`` appends ``v2.RandomErasing(p,
+    value="random")`` after normalization (as in timm and DeiT). Evaluation never augments.
 
     Args:
         processor: a transformers image processor (``AutoImageProcessor``).
         train: True for the training split.
-        augment: ``"none"`` or ``"basic"``; ignored when ``train`` is False.
+        augment: one of ``none``, ``basic``, ``randaugment``, ``trivialaugment``, ``autoaugment``;
+            ignored (like the other options) when ``train`` is False.
+        crop_scale_min: smallest crop area fraction of the random resized crop, in (0, 1].
+        color_jitter: colour jitter strength in [0, 1]; 0 = off.
+        random_erasing: probability of random erasing per image; 0 = off.
 
     Returns:
         A callable mapping a PIL RGB image to a float32 tensor of shape ``(3, H, W)``.
+
+    Raises:
+        ValueError: unknown ``augment``.
     """
     spec = processor_spec(processor)
     mode = InterpolationMode[spec.interpolation]
-    tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
-    if train and augment == "basic":
-        head = [
-            v2.RandomResizedCrop(spec.output_size, interpolation=mode, antialias=True),
-            v2.RandomHorizontalFlip(),
-        ]
-    else:
-        head = [v2.Resize(spec.resize, interpolation=mode, antialias=True)]
+    tail: list = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
+    if not train or augment == "none":
+        head: list = [v2.Resize(spec.resize, interpolation=mode, antialias=True)]
         if spec.crop is not None:
             head.append(v2.CenterCrop(spec.crop))
+        if train and random_erasing > 0:
+            tail.append(v2.RandomErasing(p=random_erasing, value="random"))
+        return v2.Compose(head + tail)
+    policies = {
+        "basic": None,
+        "randaugment": v2.RandAugment,
+        "trivialaugment": v2.TrivialAugmentWide,
+        "autoaugment": v2.AutoAugment,
+    }
+    if augment not in policies:
+        raise ValueError(f"augment must be one of {['none', *policies]}, got {augment!r}")
+    head = [
+        v2.RandomResizedCrop(spec.output_size, scale=(crop_scale_min, 1.0), interpolation=mode, antialias=True),
+        v2.RandomHorizontalFlip(),
+    ]
+    if color_jitter > 0:
+        head.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
+    if policies[augment] is not None:
+        head.append(policies[augment](interpolation=mode))
+    if random_erasing > 0:
+        tail.append(v2.RandomErasing(p=random_erasing, value="random"))
     return v2.Compose(head + tail)
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Images and labels for a DataLoader; a file that fails to load yields ``None``.
+    """Images and targets for a DataLoader; a file that fails to load yields ``None``.
 
     Use :func:`collate_skipping_failures` as the DataLoader's ``collate_fn`` so a file that broke
     after the scan is dropped from its batch (and counted) instead of crashing the run.
@@ -672,6 +707,8 @@ class ImageDataset(torch.utils.data.Dataset):
         items: the images, e.g. ``report.train``.
         transform: PIL image -> float tensor ``(3, H, W)``, from :func:`build_transforms`.
         draft_size: passed to :func:`load_image` (fast JPEG decoding at reduced size).
+        num_classes: when given, targets are multi-hot float32 vectors of this length built from
+            ``item.labels`` (multi-label training); otherwise the int class index ``item.label``.
     """
 
     def __init__(
@@ -679,39 +716,48 @@ class ImageDataset(torch.utils.data.Dataset):
         items: Sequence[ImageItem],
         transform: Callable[[Image.Image], torch.Tensor],
         draft_size: tuple[int, int] | None = None,
+        num_classes: int | None = None,
     ):
         self.items = list(items)
         self.transform = transform
         self.draft_size = draft_size
+        self.num_classes = num_classes
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+    def target(self, index: int) -> int | torch.Tensor:
+        """The target of item ``index``: class index, or multi-hot float32 ``(num_classes,)``."""
+        item = self.items[index]
+        if self.num_classes is None:
+            return item.label
+        target = torch.zeros(self.num_classes)
+        target[list(item.labels or (item.label,))] = 1.0
+        return target
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor] | None:
         item = self.items[index]
         try:
             image = load_image(item.path, draft_size=self.draft_size)
         except ImageLoadError:
             return None
-        return self.transform(image), item.label
+        return self.transform(image), self.target(index)
 
 
 def collate_skipping_failures(batch: list) -> dict[str, torch.Tensor]:
-    """Stacks ``(pixel_values, label)`` pairs, dropping ``None`` entries.
+    """Stacks ``(pixel_values, target)`` pairs, dropping ``None`` entries.
 
     Returns:
-        ``{"pixel_values": float32 (B, 3, H, W), "labels": int64 (B,), "failed": int64 scalar}``;
-        B may be 0 when every image in the batch failed.
+        ``{"pixel_values": float32 (B, 3, H, W), "labels": int64 (B,) or float32 multi-hot
+        (B, C), "failed": int64 scalar}``; B may be 0 when every image in the batch failed.
     """
     good = [b for b in batch if b is not None]
     failed = torch.tensor(len(batch) - len(good))
     if not good:
         return {"pixel_values": torch.empty(0), "labels": torch.empty(0, dtype=torch.long), "failed": failed}
-    return {
-        "pixel_values": torch.stack([g[0] for g in good]),
-        "labels": torch.tensor([g[1] for g in good], dtype=torch.long),
-        "failed": failed,
-    }
+    targets = [g[1] for g in good]
+    labels = torch.stack(targets) if isinstance(targets[0], torch.Tensor) else torch.tensor(targets, dtype=torch.long)
+    return {"pixel_values": torch.stack([g[0] for g in good]), "labels": labels, "failed": failed}
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ class RunStarted:
     trainable_params: int
     total_params: int
     notes: list[str] = field(default_factory=list)
+    resumed_from_step: int | None = None
+    """The optimizer step a resumed run continues after; None for a fresh run."""
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,22 @@ class EvalDone:
     val_loss: float
     val_accuracy: float
     best_val_accuracy: float
+    """Validation accuracy of the best epoch so far (the epoch with the best monitored metric)."""
     is_best: bool
     """True when this evaluation set a new best and the model was saved."""
+    val_f1_macro: float | None = None
+    """Macro-F1 over classes (single-label: of the argmax; multi-label: at threshold 0.5)."""
+    val_f1_micro: float | None = None
+    """Micro-F1 at threshold 0.5 (multi-label only)."""
+    val_map: float | None = None
+    """Mean average precision over labels (multi-label only)."""
+    monitor: str = "val_accuracy"
+    """Metric that picks the best model and drives early stopping (val_map for multi-label)."""
+    best_metric: float | None = None
+    """Best value of ``monitor`` so far."""
+    epochs_without_improvement: int = 0
+    early_stopping_patience: int = 0
+    """0 when early stopping is off; the run stops when ``epochs_without_improvement`` reaches it."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +89,8 @@ class RunFinished:
     status: Literal["completed", "stopped"]
     best_val_accuracy: float | None
     duration_s: float
+    reason: str = ""
+    """Why a run ended early, e.g. ``"early stopping at epoch 7"``; empty otherwise."""
 
 
 @dataclass(frozen=True)

@@ -399,6 +399,13 @@ class OnnxPredictor(ClassifierBackend):
         self.path = _find_onnx_dir(Path(onnx_dir).expanduser())
         self.id2label = _read_id2label(self.path / "config.json")
         try:
+            import json
+
+            problem = json.loads((self.path / "config.json").read_text(encoding="utf-8")).get("problem_type")
+        except (OSError, ValueError):
+            problem = None
+        self.multi_label = problem == "multi_label_classification"
+        try:
             self.processor = AutoImageProcessor.from_pretrained(self.path)
             self.transform = build_transforms(self.processor, train=False)
         except (OSError, ValueError) as exc:

@@ -43,10 +43,10 @@ class Job:
 def error_message(exc: BaseException) -> str:
     """One line for people: the exception's message, with its type for unexpected errors."""
     from .modeling import ModelLoadError
-    from .training import DatasetError
+    from .training import DatasetError, NonFiniteLossError
 
     text = str(exc).strip() or type(exc).__name__
-    if isinstance(exc, (ModelLoadError, DatasetError, ValueError, FileNotFoundError)):
+    if isinstance(exc, (ModelLoadError, DatasetError, NonFiniteLossError, ValueError, FileNotFoundError)):
         return text
     if isinstance(exc, MemoryError) or "out of memory" in text.lower():
         return f"Out of memory: {text}. Try a smaller batch size, a smaller image size or a higher freeze depth."
@@ -106,35 +106,97 @@ class JobRunner:
         from .training import preflight, train
 
         with self._lock:
-            if self.is_busy():
-                raise BusyError(
-                    f"A training run is already in progress ({self._job.run_dir.name}). "
-                    "Wait for it to finish or press Stop first."
-                )
+            self._refuse_if_busy()
             report = preflight(config, self.device, progress)
             run_dir = self.store.create_run(config)
-            recorder = RunRecorder(run_dir)
 
-            def emit(event: Event) -> None:
-                recorder(event)
-                if listener is not None:
-                    listener(event)
+            def work(job: Job, emit: Callable[[Event], None]) -> None:
+                train(config, run_dir, emit, stop_event=job.stop_event, device=self.device, report=report)
 
-            def target() -> None:
-                try:
-                    train(config, run_dir, emit, stop_event=job.stop_event, device=self.device, report=report)
-                    _write_card(run_dir, recorder.log)  # after RunFinished, so not an event
-                except BaseException as exc:  # noqa: BLE001 - reported as RunFailed, not swallowed
-                    emit(RunFailed(error=error_message(exc), traceback=traceback.format_exc()))
-                finally:
-                    release_device_memory()
-                    job.done.set()
+            return self._launch(run_dir, config, work, listener)
 
-            thread = threading.Thread(target=target, name=f"vitft-train-{run_dir.name}", daemon=True)
-            job = Job(run_dir=run_dir, config=config, thread=thread)
-            self._job = job
-            thread.start()
-            return job
+    def resume(
+        self,
+        run_dir: str | Path,
+        listener: Callable[[Event], None] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Job:
+        """Continues a stopped, failed or interrupted run from its checkpoint, in a daemon thread.
+
+        Args:
+            run_dir: the run folder.
+            listener, progress: as :meth:`start`.
+
+        Returns:
+            The started :class:`Job` (same run folder).
+
+        Raises:
+            BusyError: a job is already running.
+            ResumeError: the run is still running, or has no checkpoint (a completed run).
+            ModelLoadError, ValueError, FileNotFoundError: from the preflight of the run's config.
+        """
+        from .checkpoint import ResumeError, has_checkpoint
+        from .runs import read_status
+        from .training import preflight, resume_run
+
+        run_dir = Path(run_dir)
+        with self._lock:
+            self._refuse_if_busy()
+            if not (run_dir / "config.json").is_file():
+                raise ResumeError(f"{run_dir} is not a run folder (no config.json).")
+            status = read_status(run_dir).get("status")
+            if status in ("starting", "running"):
+                raise ResumeError(f"{run_dir.name} is still running; stop it before resuming.")
+            if not has_checkpoint(run_dir):
+                raise ResumeError(
+                    f"{run_dir.name} has no checkpoint to resume from"
+                    + (" (a completed run deletes it)." if status == "completed" else ".")
+                )
+            config = TrainConfig.from_json_file(run_dir / "config.json")
+            preflight(config, self.device, progress)
+
+            def work(job: Job, emit: Callable[[Event], None]) -> None:
+                resume_run(run_dir, emit, stop_event=job.stop_event, device=self.device)
+
+            return self._launch(run_dir, config, work, listener)
+
+    def _refuse_if_busy(self) -> None:
+        if self.is_busy():
+            raise BusyError(
+                f"A training run is already in progress ({self._job.run_dir.name}). "
+                "Wait for it to finish or press Stop first."
+            )
+
+    def _launch(
+        self,
+        run_dir: Path,
+        config: TrainConfig,
+        work: Callable[[Job, Callable[[Event], None]], None],
+        listener: Callable[[Event], None] | None,
+    ) -> Job:
+        """Starts ``work(job, emit)`` in a daemon thread that records events into ``run_dir``."""
+        recorder = RunRecorder(run_dir)
+
+        def emit(event: Event) -> None:
+            recorder(event)
+            if listener is not None:
+                listener(event)
+
+        def target() -> None:
+            try:
+                work(job, emit)
+                _write_card(run_dir, recorder.log)  # after RunFinished, so not an event
+            except BaseException as exc:  # noqa: BLE001 - reported as RunFailed, not swallowed
+                emit(RunFailed(error=error_message(exc), traceback=traceback.format_exc()))
+            finally:
+                release_device_memory()
+                job.done.set()
+
+        thread = threading.Thread(target=target, name=f"vitft-train-{run_dir.name}", daemon=True)
+        job = Job(run_dir=run_dir, config=config, thread=thread)
+        self._job = job
+        thread.start()
+        return job
 
     def stop(self) -> bool:
         """Asks the running job to stop (it exits before its next micro-batch).

@@ -83,6 +83,9 @@ class ClassifierBackend(abc.ABC):
 
     id2label: dict[int, str]
     transform: Any
+    multi_label: bool = False
+    """True for a model trained on a multi-label dataset (``problem_type ==
+    "multi_label_classification"``): scores are independent sigmoids, not a softmax."""
 
     @abc.abstractmethod
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -90,7 +93,7 @@ class ClassifierBackend(abc.ABC):
 
     @torch.inference_mode()
     def predict_proba(self, images: Sequence[ImageSource], batch_size: int = 32, tta: bool = False) -> torch.Tensor:
-        """Softmax probabilities of every class.
+        """Probabilities of every class: softmax, or per-label sigmoid for a multi-label model.
 
         Args:
             images: paths, bytes, file objects or PIL images (all go through ``load_image``).
@@ -99,8 +102,8 @@ class ClassifierBackend(abc.ABC):
                 horizontal flip.
 
         Returns:
-            float32 tensor ``(len(images), num_labels)`` on the CPU, rows summing to 1, columns in
-            ``id2label`` order.
+            float32 tensor ``(len(images), num_labels)`` on the CPU, columns in ``id2label`` order;
+            rows sum to 1 unless :attr:`multi_label`.
 
         Raises:
             ImageLoadError: an image cannot be read.
@@ -108,11 +111,15 @@ class ClassifierBackend(abc.ABC):
         rows = []
         for start in range(0, len(images), batch_size):
             pixels = load_pixels(images[start : start + batch_size], self.transform)
-            probs = self.logits(pixels).float().softmax(-1)
+            probs = self._activate(self.logits(pixels))
             if tta:
-                probs = (probs + self.logits(pixels.flip(-1)).float().softmax(-1)) / 2
+                probs = (probs + self._activate(self.logits(pixels.flip(-1)))) / 2
             rows.append(probs)
         return torch.cat(rows) if rows else torch.empty(0, len(self.id2label))
+
+    def _activate(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        return torch.sigmoid(logits) if self.multi_label else logits.softmax(-1)
 
     def predict(
         self, images: Sequence[ImageSource], top_k: int = 5, batch_size: int = 32, tta: bool = False
@@ -165,6 +172,7 @@ class Predictor(ClassifierBackend):
         self.processor = AutoImageProcessor.from_pretrained(folder)
         self.model = AutoModelForImageClassification.from_pretrained(folder).to(self.plan.device).eval()
         self.id2label = {int(k): v for k, v in self.model.config.id2label.items()}
+        self.multi_label = getattr(self.model.config, "problem_type", None) == "multi_label_classification"
         self.transform = build_transforms(self.processor, train=False)
 
     @torch.inference_mode()

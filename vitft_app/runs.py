@@ -39,6 +39,8 @@ METRICS_COLUMNS = [
     "train_accuracy",
     "val_loss",
     "val_accuracy",
+    "val_f1_macro",
+    "val_map",
     "time_s",
 ]
 #: Statuses a run can have; ``interrupted`` is derived when the process that ran it is gone.
@@ -137,6 +139,23 @@ def read_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
     except (OSError, ValueError, pd.errors.EmptyDataError):
         return pd.DataFrame(columns=METRICS_COLUMNS)
     return frame
+
+
+def truncate_metrics(run_dir: str | os.PathLike, after_step: int) -> int:
+    """Drops ``metrics.csv`` rows logged after optimizer step ``after_step`` (atomic rewrite), so
+    a resumed run's curves continue from its checkpoint without duplicate steps.
+
+    Returns:
+        The number of rows dropped.
+    """
+    path = Path(run_dir) / "metrics.csv"
+    frame = read_metrics(run_dir)
+    if frame.empty or "step" not in frame:
+        return 0
+    keep = frame[pd.to_numeric(frame["step"], errors="coerce").fillna(0) <= after_step]
+    keep = keep.reindex(columns=METRICS_COLUMNS)
+    atomic_write_text(path, keep.to_csv(index=False))
+    return len(frame) - len(keep)
 
 
 def _slug(text: str) -> str:
@@ -262,8 +281,14 @@ class RunRecorder:
     def __call__(self, event: Event) -> None:
         if isinstance(event, RunStarted):
             self._t0 = time.time()
+            if event.resumed_from_step is not None:
+                # Continue the time axis of the resumed run's metrics.
+                previous = pd.to_numeric(read_metrics(self.run_dir).get("time_s", pd.Series(dtype=float)), errors="coerce")
+                self._t0 -= float(previous.max()) if previous.notna().any() else 0.0
             self.write_status(
                 status="running",
+                error=None,
+                resumed_from_step=event.resumed_from_step,
                 pid=os.getpid(),
                 classes=event.classes,
                 num_train=event.num_train,
@@ -297,19 +322,24 @@ class RunRecorder:
             self._append_metrics(
                 {"kind": "eval", "step": event.step, "epoch": event.epoch, "train_loss": event.train_loss,
                  "train_accuracy": event.train_accuracy, "val_loss": event.val_loss,
-                 "val_accuracy": event.val_accuracy}
+                 "val_accuracy": event.val_accuracy, "val_f1_macro": event.val_f1_macro, "val_map": event.val_map}
             )
             self.write_status(best_val_accuracy=event.best_val_accuracy, val_accuracy=event.val_accuracy,
-                              epoch=float(event.epoch), step=event.step)
+                              val_f1_macro=event.val_f1_macro, val_map=event.val_map, monitor=event.monitor,
+                              best_metric=event.best_metric, epoch=float(event.epoch), step=event.step,
+                              epochs_without_improvement=event.epochs_without_improvement,
+                              early_stopping_patience=event.early_stopping_patience)
+            extra = f" mAP {event.val_map:.4f}" if event.val_map is not None else ""
             self.log(f"epoch {event.epoch}: train loss {event.train_loss:.4f} acc {event.train_accuracy:.4f},"
-                     f" val loss {event.val_loss:.4f} acc {event.val_accuracy:.4f}"
+                     f" val loss {event.val_loss:.4f} acc {event.val_accuracy:.4f}{extra}"
                      + (" (best, model saved)" if event.is_best else ""))
         elif isinstance(event, LogMessage):
             self.log(event.text)
         elif isinstance(event, RunFinished):
             self.write_status(status=event.status, finished_at=datetime.now().isoformat(timespec="seconds"),
-                              duration_s=event.duration_s, eta_s=0)
-            self.log(f"{event.status} after {event.duration_s:.1f} s; best val accuracy {event.best_val_accuracy}")
+                              duration_s=event.duration_s, eta_s=0, reason=event.reason)
+            self.log(f"{event.status} after {event.duration_s:.1f} s; best val accuracy {event.best_val_accuracy}"
+                     + (f" ({event.reason})" if event.reason else ""))
         elif isinstance(event, RunFailed):
             self.write_status(status="failed", error=event.error,
                               finished_at=datetime.now().isoformat(timespec="seconds"))

@@ -1,34 +1,58 @@
 """The training loop. It reads top to bottom in stages: data, model, optimizer and schedule,
-then per step forward/backward with accumulation, clip, step, log; per epoch evaluate, save the
-best model, check Stop. It reports only through ``emit(event)`` and knows nothing of Gradio."""
+then per step forward/backward with accumulation, non-finite guard, clip, step, EMA, log; per
+epoch evaluate, save the best model, checkpoint, early stopping, Stop. It reports only through
+``emit(event)`` and knows nothing of Gradio."""
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import get_cosine_schedule_with_warmup
-from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
-from transformers.trainer_pt_utils import get_parameter_names
 
+from .augment import create_batch_mixer, mask_patches
+from .checkpoint import capture_rng, load_checkpoint, remove_checkpoint, restore_rng, save_checkpoint
 from .config import TrainConfig
 from .data import DatasetReport, ImageDataset, build_transforms, collate_skipping_failures, processor_spec, scan_dataset
 from .device import DevicePlan, resolve_device_plan
 from .events import Emit, EvalDone, LogMessage, RunFinished, RunStarted, StepLogged
 from .filecheck import Progress
 from .modeling import build_model, count_parameters, freeze_layers
+from .optim import create_ema, create_optimizer, create_scheduler
 from .runs import save_model_atomically
+
+__all__ = [
+    "DatasetError",
+    "NonFiniteLossError",
+    "TrainResult",
+    "class_weight_tensor",
+    "compute_loss",
+    "create_optimizer",
+    "create_scheduler",
+    "evaluate",
+    "feature_distill_loss",
+    "optimizer_steps_per_epoch",
+    "preflight",
+    "prepare_data",
+    "resume_run",
+    "train",
+]
 
 
 class DatasetError(ValueError):
     """The dataset cannot be trained on (fewer than 2 classes, no validation images, ...)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient was NaN/inf for ``max_nonfinite_steps`` optimizer steps in a row."""
 
 
 @dataclass(frozen=True)
@@ -37,49 +61,27 @@ class TrainResult:
 
     Attributes:
         status: ``"completed"`` or ``"stopped"``.
-        best_val_accuracy: best validation accuracy (0..1), or None when no epoch finished.
-        steps: optimizer steps taken.
+        best_val_accuracy: validation accuracy of the best epoch (0..1), or None when no epoch finished.
+        steps: optimizer steps taken (including steps skipped by the non-finite guard).
         duration_s: wall time of the whole call, seconds.
+        reason: why the run ended early (early stopping), else empty.
     """
 
     status: str
     best_val_accuracy: float | None
     steps: int
     duration_s: float
-
-
-def create_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW (betas 0.9, 0.999, eps 1e-8) over the trainable parameters only.
-
-    Biases and LayerNorm weights get no weight decay, the rule of the transformers ``Trainer``
-    (``get_parameter_names(model, ALL_LAYERNORM_LAYERS)``). Frozen parameters
-    (``requires_grad=False``) are not given to the optimizer at all, so weight decay cannot move
-    them.
-    """
-    decay_names = {n for n in get_parameter_names(model, ALL_LAYERNORM_LAYERS) if not n.endswith("bias")}
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for n, p in params if n in decay_names], "weight_decay": weight_decay},
-        {"params": [p for n, p in params if n not in decay_names], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    reason: str = ""
 
 
 def optimizer_steps_per_epoch(num_micro_batches: int, grad_accum_steps: int) -> int:
     """Optimizer steps in one epoch: ``ceil(micro-batches / grad_accum_steps)``.
 
-    The leftover micro-batches at the end of an epoch (fewer than ``grad_accum_steps``) still make
-    one optimizer step, with the loss averaged over the samples they actually hold, so no image is
-    dropped and the scheduler's total equals the steps really taken.
+    The rule for leftovers: the last micro-batches of an epoch (fewer than ``grad_accum_steps``)
+    still make one optimizer step, with the loss averaged over the samples they actually hold, so
+    no image is dropped and the scheduler's total equals the steps really taken.
     """
     return math.ceil(num_micro_batches / grad_accum_steps)
-
-
-def create_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float) -> Any:
-    """Linear warmup over ``ceil(warmup_ratio * total_steps)`` optimizer steps, then cosine decay
-    to 0, as ``transformers.get_cosine_schedule_with_warmup`` (the Trainer's warmup rounding)."""
-    warmup = math.ceil(warmup_ratio * total_steps)
-    return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 def _window_sizes(num_samples: int, batch_size: int, grad_accum_steps: int) -> list[int]:
@@ -88,34 +90,153 @@ def _window_sizes(num_samples: int, batch_size: int, grad_accum_steps: int) -> l
     return [sum(micro[i : i + grad_accum_steps]) for i in range(0, len(micro), grad_accum_steps)]
 
 
-@torch.inference_mode()
-def evaluate(
-    model: nn.Module, loader: torch.utils.data.DataLoader, plan: DevicePlan, stop_event: threading.Event | None = None
-) -> tuple[float, float] | None:
-    """Mean cross-entropy and accuracy over a loader (no augmentation, eval mode).
+def class_weight_tensor(report: DatasetReport, kind: str) -> torch.Tensor | None:
+    """Per-class loss weights from the training split.
+
+    ``balanced`` is scikit-learn's ``compute_class_weight("balanced")``: ``n_samples /
+    (n_classes * n_samples_of_class)``, so every class contributes the same total weight. For a
+    multi-label dataset it returns BCE ``pos_weight`` instead: ``negatives / positives`` per
+    label (the ``BCEWithLogitsLoss`` documentation's rule), clamped to [1/100, 100].
+
+    Args:
+        report: the dataset report (``train`` items, ``classes``, ``multi_label``).
+        kind: ``"none"`` or ``"balanced"``.
 
     Returns:
-        ``(loss, accuracy)``, or None when ``stop_event`` was set during evaluation.
+        float32 ``(C,)``, or None for ``"none"``. A class with no training image gets weight 0
+        (single-label) or 1 (multi-label).
     """
+    if kind == "none":
+        return None
+    num_classes = len(report.classes)
+    if report.multi_label:
+        positives = torch.zeros(num_classes)
+        for item in report.train:
+            positives[list(item.labels or (item.label,))] += 1
+        negatives = len(report.train) - positives
+        weights = torch.where(positives > 0, negatives / positives.clamp(min=1), torch.ones(num_classes))
+        return weights.clamp(0.01, 100.0)
+    counts = torch.bincount(torch.tensor([item.label for item in report.train]), minlength=num_classes).float()
+    return torch.where(counts > 0, len(report.train) / (num_classes * counts.clamp(min=1)), torch.zeros(num_classes))
+
+
+def compute_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    multi_label: bool = False,
+    class_weights: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Summed per-sample classification loss of a batch (divide by the sample count for the mean).
+
+    Single-label: ``F.cross_entropy`` with class-index targets ``(B,)`` int64 or soft targets
+    ``(B, C)`` float (MixUp/CutMix), optional class weights and label smoothing (PyTorch applies
+    the smoothing to soft targets too). Multi-label: ``BCEWithLogitsLoss`` on multi-hot targets,
+    averaged over the C labels per sample (the value ``ViTForImageClassification`` reports),
+    ``class_weights`` used as ``pos_weight``.
+
+    Args:
+        logits: ``(B, C)``, any float dtype (computed in float32).
+        targets: see above.
+        multi_label: BCE instead of cross-entropy.
+        class_weights: ``(C,)`` from :func:`class_weight_tensor`, or None.
+        label_smoothing: epsilon in [0, 1) (single-label only).
+
+    Returns:
+        A float32 scalar: the sum over the batch of the per-sample losses.
+    """
+    logits = logits.float()
+    if multi_label:
+        per_label = F.binary_cross_entropy_with_logits(
+            logits, targets.float(), pos_weight=class_weights, reduction="none"
+        )
+        return per_label.mean(dim=1).sum()
+    return F.cross_entropy(logits, targets, weight=class_weights, label_smoothing=label_smoothing, reduction="sum")
+
+
+def feature_distill_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Feature-matching loss between two ViTs' CLS features, summed over the batch.
+
+    For every encoder block's output (``hidden_states[1:]``), the CLS token of each model is
+    normalized with a parameter-free LayerNorm and the two are compared by mean squared error;
+    the per-sample loss is the mean over blocks and channels. MSE on normalized features, not KL
+    between softened distributions: CLS features are not probability vectors, and whitened
+    feature distillation (Wei et al. 2022, "Contrastive Learning Rivals Masked Image Modeling in
+    Fine-tuning via Feature Distillation") normalizes them the same way so the loss does not
+    depend on each block's feature scale. Blocks that are frozen in both models contribute 0.
+
+    Args:
+        student_hidden: ``hidden_states`` of the trained model, tuple of ``(B, T, D)``.
+        teacher_hidden: the frozen starting model's ``hidden_states``, same shapes.
+
+    Returns:
+        float32 scalar: sum over the batch of the per-sample loss.
+    """
+    losses = []
+    for student, teacher in zip(student_hidden[1:], teacher_hidden[1:]):
+        s = F.layer_norm(student[:, 0].float(), student.shape[-1:])
+        t = F.layer_norm(teacher[:, 0].float(), teacher.shape[-1:])
+        losses.append((s - t).pow(2).mean(dim=1))
+    return torch.stack(losses).mean(dim=0).sum()
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    plan: DevicePlan,
+    stop_event: threading.Event | None = None,
+    multi_label: bool = False,
+) -> dict[str, float | None] | None:
+    """Validation metrics over a loader (no augmentation, eval mode).
+
+    Single-label: mean cross-entropy, accuracy and macro-F1 of the argmax. Multi-label: mean BCE,
+    subset accuracy (every label right), micro and macro F1 at threshold 0.5 and mean average
+    precision over the labels that have a positive (``sklearn.metrics``).
+
+    Returns:
+        ``{"loss", "accuracy", "f1_macro", "f1_micro", "map"}`` (the last two None for
+        single-label), or None when ``stop_event`` was set during evaluation.
+    """
+    from sklearn.metrics import average_precision_score, f1_score
+
     model.eval()
-    loss_sum = torch.zeros((), device=plan.device)
-    correct = torch.zeros((), device=plan.device, dtype=torch.long)
-    seen = 0
+    all_logits, all_targets = [], []
     for batch in loader:
         if stop_event is not None and stop_event.is_set():
             return None
         if batch["labels"].numel() == 0:
             continue
         pixels = batch["pixel_values"].to(plan.device, non_blocking=True)
-        labels = batch["labels"].to(plan.device, non_blocking=True)
         with plan.autocast():
             logits = model(pixel_values=pixels).logits
-        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
-        correct += (logits.argmax(-1) == labels).sum()
-        seen += labels.numel()
-    if seen == 0:
-        return float("nan"), 0.0
-    return loss_sum.item() / seen, correct.item() / seen
+        all_logits.append(logits.float().cpu())
+        all_targets.append(batch["labels"])
+    if not all_logits:
+        return {"loss": float("nan"), "accuracy": 0.0, "f1_macro": 0.0, "f1_micro": None, "map": None}
+    logits, targets = torch.cat(all_logits), torch.cat(all_targets)
+    loss = compute_loss(logits, targets, multi_label).item() / len(targets)
+    if not multi_label:
+        predicted = logits.argmax(-1)
+        return {
+            "loss": loss,
+            "accuracy": (predicted == targets).float().mean().item(),
+            "f1_macro": float(f1_score(targets.numpy(), predicted.numpy(), average="macro", zero_division=0)),
+            "f1_micro": None,
+            "map": None,
+        }
+    truth = targets.numpy().astype(int)
+    scores = torch.sigmoid(logits).numpy()
+    predicted = (scores >= 0.5).astype(int)
+    has_positive = truth.sum(axis=0) > 0
+    mean_ap = float(average_precision_score(truth[:, has_positive], scores[:, has_positive], average="macro")) if has_positive.any() else 0.0
+    return {
+        "loss": loss,
+        "accuracy": float((predicted == truth).all(axis=1).mean()),
+        "f1_macro": float(f1_score(truth, predicted, average="macro", zero_division=0)),
+        "f1_micro": float(f1_score(truth, predicted, average="micro", zero_division=0)),
+        "map": mean_ap,
+    }
 
 
 def preflight(config: TrainConfig, device: str | None = None, progress: Progress | None = None) -> DatasetReport:
@@ -147,6 +268,7 @@ def preflight(config: TrainConfig, device: str | None = None, progress: Progress
         raise FileNotFoundError(f"Dataset folder (or labels CSV) {kind}: {config.data_dir}")
     resolve_device_plan(config.precision, device)
     report = prepare_data(config, lambda event: None, progress)
+    check_recipe(config, report)
     scratch = config.model == SCRATCH_MODEL
     summary = summarize_model(config.model, report.classes, 0, config.image_size if scratch else None)
     if config.freeze_depth > summary.num_blocks:
@@ -176,7 +298,7 @@ def check_trainable(report: DatasetReport, emit: Emit) -> DatasetReport:
     """Logs skipped files and warnings; raises when the report's dataset cannot be trained on.
 
     Raises:
-        DatasetError: errors in the report, or a multi-label dataset.
+        DatasetError: errors in the report.
     """
     for path, reason in report.skipped:
         emit(LogMessage(f"skipped {path}: {reason}"))
@@ -184,13 +306,83 @@ def check_trainable(report: DatasetReport, emit: Emit) -> DatasetReport:
         emit(LogMessage(f"warning: {warning}"))
     if not report.ok:
         raise DatasetError(" ".join(report.errors))
-    if report.multi_label:
-        raise DatasetError(
-            "This CSV is multi-label (label cells hold several labels separated by ';' or '|'). This version"
-            " trains single-label classifiers only; give each image one label, or wait for multi-label training"
-            " (sigmoid head, BCE loss)."
-        )
     return report
+
+
+def check_recipe(config: TrainConfig, report: DatasetReport) -> None:
+    """Refuses option combinations that have no meaning for this dataset.
+
+    Raises:
+        ValueError: MixUp/CutMix or label smoothing on a multi-label dataset (their targets
+            are defined for one label per image).
+    """
+    if report.multi_label:
+        for name in ("mixup", "cutmix", "label_smoothing"):
+            if getattr(config, name) > 0:
+                raise ValueError(
+                    f"{name} applies to single-label datasets; this CSV is multi-label. Set {name} to 0."
+                )
+
+
+class _OrderSampler(torch.utils.data.Sampler):
+    """Yields the indices it was last given: the loop sets each epoch's order (and, on resume,
+    the rest of it) itself, so the order is part of the checkpoint."""
+
+    def __init__(self) -> None:
+        self.indices: list[int] = []
+
+    def __iter__(self):
+        return iter(list(self.indices))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+@dataclass
+class _LoopState:
+    """The loop's counters; with the module and RNG states they make a checkpoint."""
+
+    epoch: int = 0
+    """Index of the epoch in progress (0-based)."""
+    position: int = 0
+    """Micro-batches of this epoch already done; always at an accumulation-window boundary."""
+    order: list[int] | None = None
+    """This epoch's sample order (None before the epoch drew it)."""
+    step: int = 0
+    best_metric: float | None = None
+    best_accuracy: float | None = None
+    patience_ref: float | None = None
+    epochs_without_improvement: int = 0
+    nonfinite_in_row: int = 0
+    skipped_steps: int = 0
+    epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    """Training loss sum, correct count and sample count of the epoch so far."""
+
+
+def resume_run(
+    run_dir: str | Path,
+    emit: Emit,
+    stop_event: threading.Event | None = None,
+    device: str | None = None,
+) -> TrainResult:
+    """Continues a stopped, failed or interrupted run from its checkpoint, in the same run folder.
+
+    The config comes from ``run_dir/config.json``; ``metrics.csv`` rows logged after the
+    checkpoint's step are dropped, so the curves continue where the checkpoint left them. With
+    ``num_workers = 0`` the continuation is exact: the same next-step loss and weights as an
+    uninterrupted run with the same seed.
+
+    Raises:
+        ResumeError: no readable checkpoint.
+        DatasetError, FileNotFoundError, ModelLoadError, ValueError: as :func:`train`.
+    """
+    from .runs import truncate_metrics
+
+    run_dir = Path(run_dir)
+    checkpoint = load_checkpoint(run_dir)
+    config = TrainConfig.from_json_file(run_dir / "config.json")
+    truncate_metrics(run_dir, checkpoint["loop"]["step"])
+    return train(config, run_dir, emit, stop_event=stop_event, device=device, checkpoint=checkpoint)
 
 
 def train(
@@ -200,6 +392,7 @@ def train(
     stop_event: threading.Event | None = None,
     device: str | None = None,
     report: DatasetReport | None = None,
+    checkpoint: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Fine-tunes a model on a dataset folder and saves the best model to ``run_dir/model``.
 
@@ -209,9 +402,12 @@ def train(
         emit: receives :mod:`~vitft_app.events` in order: ``RunStarted``, then ``StepLogged`` and
             ``EvalDone`` as they happen, then ``RunFinished``. Exceptions propagate; the job runner
             turns them into ``RunFailed``.
-        stop_event: when set, the loop exits before the next micro-batch; status ``"stopped"``.
+        stop_event: when set, the loop exits before the next micro-batch, writes a checkpoint at
+            the start of the unfinished accumulation window, and ends with status ``"stopped"``.
         device: force a device (tests use ``"cpu"``); default from the device policy.
         report: the dataset report from :func:`preflight`; scanned here when None.
+        checkpoint: a checkpoint from :func:`~vitft_app.checkpoint.load_checkpoint` to continue
+            (see :func:`resume_run`).
 
     Returns:
         A :class:`TrainResult`.
@@ -219,7 +415,9 @@ def train(
     Raises:
         DatasetError, FileNotFoundError: bad dataset.
         ModelLoadError: the model cannot be loaded.
-        ValueError: a setting the device or model does not support.
+        ValueError: a setting the device, model or dataset does not support.
+        NonFiniteLossError: ``max_nonfinite_steps`` non-finite steps in a row; the best model
+            saved so far (never a NaN one) and the last epoch's checkpoint stay on disk.
     """
     t_start = time.perf_counter()
     stop_event = stop_event or threading.Event()
@@ -227,12 +425,29 @@ def train(
 
     # ---- data -------------------------------------------------------------------------------
     report = prepare_data(config, emit) if report is None else check_trainable(report, emit)
+    check_recipe(config, report)
+    multi_label = report.multi_label
+    num_classes = len(report.classes)
 
-    # ---- model: seeded so the head (and a scratch model) initialize the same way every run ----
+    # ---- model: seeded so the head (and a scratch model) initialize the same way every run,
+    # which also rebuilds the distillation teacher exactly on resume -----------------------------
     plan = resolve_device_plan(config.precision, device)
     torch.manual_seed(config.seed)
     loaded = build_model(config.model, report.classes, config.image_size)
     model, processor = loaded.model, loaded.processor
+    model.config.problem_type = "multi_label_classification" if multi_label else "single_label_classification"
+    patch_size = int(getattr(model.config, "patch_size", 16))
+    teacher = None
+    if config.distill_weight > 0:
+        # A frozen copy of the starting model; only its features are used, so its head is irrelevant.
+        teacher = copy.deepcopy(model).requires_grad_(False).eval().to(plan.device)
+
+    def depth_at(epoch: int) -> int:
+        """Gradual unfreezing: one block fewer frozen every ``gradual_unfreeze`` epochs."""
+        if config.gradual_unfreeze <= 0:
+            return config.freeze_depth
+        return max(0, config.freeze_depth - epoch // config.gradual_unfreeze)
+
     freeze_layers(model, config.freeze_depth)
     model.to(plan.device)
     trainable, total = count_parameters(model)
@@ -246,21 +461,73 @@ def train(
         persistent_workers=config.num_workers > 0,
         pin_memory=plan.device.type == "cuda",
     )
-    train_set = ImageDataset(report.train, build_transforms(processor, True, config.augment), train_draft)
-    val_set = ImageDataset(report.val, build_transforms(processor, False), (out_w, out_h))
+    train_transform = build_transforms(
+        processor, True, config.augment, config.crop_scale_min, config.color_jitter, config.random_erasing
+    )
+    target_classes = num_classes if multi_label else None
+    train_set = ImageDataset(report.train, train_transform, train_draft, target_classes)
+    val_set = ImageDataset(report.val, build_transforms(processor, False), (out_w, out_h), target_classes)
+    sampler = _OrderSampler()
     shuffle_gen = torch.Generator().manual_seed(config.seed)
-    train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, generator=shuffle_gen, **loader_args)
+    # The loader's own generator seeds its workers, so creating an iterator (at every epoch and
+    # on resume) never draws from the global RNG that augmentation uses.
+    loader_gen = torch.Generator().manual_seed(config.seed + 1)
+    train_loader = torch.utils.data.DataLoader(train_set, sampler=sampler, generator=loader_gen, **loader_args)
     val_loader = torch.utils.data.DataLoader(val_set, shuffle=False, **loader_args)
+    num_micro = math.ceil(len(train_set) / config.batch_size)
+
+    # ---- losses and batch-level regularizers -----------------------------------------------------
+    class_weights = class_weight_tensor(report, config.class_weights)
+    if class_weights is not None:
+        class_weights = class_weights.to(plan.device)
+    mixer = None if multi_label else create_batch_mixer(config.mixup, config.cutmix, num_classes)
 
     # ---- optimizer and schedule: stepped once per optimizer step, not per micro-batch ---------
-    optimizer = create_optimizer(model, config.lr, config.weight_decay)
-    steps_per_epoch = optimizer_steps_per_epoch(len(train_loader), config.grad_accum_steps)
+    optimizer = create_optimizer(
+        model, config.lr, config.weight_decay, config.optimizer, config.layer_decay,
+        include_frozen=config.gradual_unfreeze > 0,
+    )
+    steps_per_epoch = optimizer_steps_per_epoch(num_micro, config.grad_accum_steps)
     total_steps = steps_per_epoch * config.epochs
-    scheduler = create_scheduler(optimizer, total_steps, config.warmup_ratio)
+    scheduler = create_scheduler(optimizer, total_steps, config.warmup_ratio, config.scheduler)
     scaler = torch.amp.GradScaler(plan.device.type) if plan.use_grad_scaler else None
+    ema = create_ema(model, config.ema_decay) if config.ema_decay > 0 else None
     window_sizes = _window_sizes(len(train_set), config.batch_size, config.grad_accum_steps)
-    trainable_params = [p for p in model.parameters() if p.requires_grad]
 
+    # ---- resume: module states, RNG states and counters from the checkpoint -------------------
+    state = _LoopState()
+    if checkpoint is not None:
+        state = _LoopState(**checkpoint["loop"])
+        freeze_layers(model, depth_at(state.epoch))
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        if ema is not None and checkpoint.get("ema"):
+            ema.load_state_dict(checkpoint["ema"])
+        restore_rng(checkpoint["rng"], shuffle_gen)
+    current_depth = depth_at(state.epoch)
+
+    def save_state(rng: dict[str, Any]) -> None:
+        """Checkpoint with the given RNG snapshot and the current module states and counters."""
+        save_checkpoint(
+            run_dir,
+            {
+                "loop": dict(state.__dict__),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "ema": ema.state_dict() if ema is not None else None,
+                "rng": rng,
+                "config": config.to_dict(),
+            },
+        )
+
+    notes = loaded.notes + [plan.reason]
+    if config.distill_weight > 0:
+        notes.append(f"feature distillation to the starting model, weight {config.distill_weight}")
     emit(
         RunStarted(
             run_id=run_dir.name,
@@ -274,75 +541,145 @@ def train(
             precision=plan.precision,
             trainable_params=trainable,
             total_params=total,
-            notes=loaded.notes + [plan.reason],
+            notes=notes,
+            resumed_from_step=state.step if checkpoint is not None else None,
         )
     )
+    if checkpoint is not None:
+        emit(LogMessage(f"resumed at epoch {state.epoch + 1}, step {state.step}"))
 
-    step = 0
-    best_acc: float | None = None
-    stopped = False
-    t_train = time.perf_counter()
-    for epoch in range(config.epochs):
+    monitor = "val_map" if multi_label else "val_accuracy"
+    stopped, reason = False, ""
+    start_step, t_train = state.step, time.perf_counter()
+    for epoch in range(state.epoch, config.epochs):
+        state.epoch = epoch
+        # ---- gradual unfreezing: the optimizer already holds every parameter; a frozen one has
+        # no gradient, so it is skipped (decay included) until it is unfrozen -----------------
+        depth = depth_at(epoch)
+        if depth != current_depth:
+            freeze_layers(model, depth)
+            current_depth = depth
+            emit(LogMessage(f"epoch {epoch + 1}: freeze depth now {depth} ({count_parameters(model)[0]:,} trainable parameters)"))
+        trainable_params = [p for p in model.parameters() if p.requires_grad]
+
+        # ---- this epoch's order: drawn once, kept in checkpoints, continued on resume ----------
+        if state.order is None:
+            state.order = torch.randperm(len(train_set), generator=shuffle_gen).tolist()
+            state.position = 0
+            state.epoch_sums = [0.0, 0.0, 0.0]
+        sampler.indices = state.order[state.position * config.batch_size :]
+        batches = iter(train_loader)
+
         model.train()
         # Running sums stay on the device: `.item()` is a sync, only done at the log interval.
-        epoch_loss = torch.zeros((), device=plan.device)
-        epoch_correct = torch.zeros((), device=plan.device, dtype=torch.long)
-        epoch_seen = 0
+        epoch_loss = torch.tensor(state.epoch_sums[0], device=plan.device)
+        epoch_correct = torch.tensor(state.epoch_sums[1], device=plan.device)
+        epoch_seen = int(state.epoch_sums[2])
         log_loss = torch.zeros((), device=plan.device)
         log_seen, log_t0 = 0, time.perf_counter()
         failed = 0
-        for micro, batch in enumerate(train_loader):
+        window_bad = False
+        snapshot: dict[str, Any] = {}
+        for micro in range(state.position, num_micro):
+            window = micro // config.grad_accum_steps
+            if micro % config.grad_accum_steps == 0:
+                # Window start: what a Stop checkpoint needs to redo this window exactly.
+                snapshot = {
+                    "rng": capture_rng(shuffle_gen),
+                    "position": micro,
+                    "sums": (epoch_loss.clone(), epoch_correct.clone(), epoch_seen),
+                }
             # ---- stop: checked every micro-batch, so Stop takes effect within one step ---------
             if stop_event.is_set():
                 stopped = True
                 break
+            batch = next(batches)
             failed += int(batch["failed"])
-            window = micro // config.grad_accum_steps
-            last_in_window = (micro + 1) % config.grad_accum_steps == 0 or micro + 1 == len(train_loader)
+            last_in_window = (micro + 1) % config.grad_accum_steps == 0 or micro + 1 == num_micro
             if batch["labels"].numel() > 0:
                 pixels = batch["pixel_values"].to(plan.device, non_blocking=True)
-                labels = batch["labels"].to(plan.device, non_blocking=True)
+                targets = batch["labels"].to(plan.device, non_blocking=True)
+                hard = targets
+                # ---- batch regularizers: MixUp/CutMix soft targets, then patch masking -----------
+                if mixer is not None:
+                    pixels, targets = mixer(pixels, targets)
+                if config.patch_mask_ratio > 0:
+                    pixels, _ = mask_patches(pixels, patch_size, config.patch_mask_ratio)
                 # ---- forward and backward; loss summed then divided by the window's sample
                 # count, so K accumulated micro-batches give exactly the gradient of one batch of
                 # K x batch_size (and a short last window is a per-sample mean too) ------------
                 with plan.autocast():
-                    logits = model(pixel_values=pixels).logits
-                loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
-                loss = loss_sum / window_sizes[window]
-                (scaler.scale(loss) if scaler else loss).backward()
-                detached = loss_sum.detach()
-                epoch_loss += detached
-                log_loss += detached
-                epoch_correct += (logits.detach().argmax(-1) == labels).sum()
-                epoch_seen += labels.numel()
-                log_seen += labels.numel()
+                    out = model(pixel_values=pixels, output_hidden_states=teacher is not None)
+                    loss_sum = compute_loss(out.logits, targets, multi_label, class_weights, config.label_smoothing)
+                    if teacher is not None:
+                        with torch.no_grad():
+                            teacher_out = teacher(pixel_values=pixels, output_hidden_states=True)
+                        loss_sum = loss_sum + config.distill_weight * feature_distill_loss(
+                            out.hidden_states, teacher_out.hidden_states
+                        )
+                # ---- non-finite guard: a NaN/inf loss never reaches the weights or the plots ---
+                if not torch.isfinite(loss_sum).item():
+                    window_bad = True
+                else:
+                    loss = loss_sum / window_sizes[window]
+                    (scaler.scale(loss) if scaler else loss).backward()
+                    detached = loss_sum.detach()
+                    epoch_loss += detached
+                    log_loss += detached
+                    logits = out.logits.detach()
+                    if multi_label:
+                        epoch_correct += ((logits > 0) == (hard > 0.5)).all(dim=1).sum()
+                    else:
+                        epoch_correct += (logits.argmax(-1) == hard).sum()
+                    epoch_seen += hard.shape[0]
+                    log_seen += hard.shape[0]
             if not last_in_window:
                 continue
-            # ---- clip, step, schedule -------------------------------------------------------
-            if scaler:
-                scaler.unscale_(optimizer)
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(trainable_params, config.max_grad_norm)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
+            # ---- clip, step (unless non-finite), EMA, schedule ----------------------------------
+            skip = window_bad
+            if not skip:
+                if scaler:
+                    scaler.unscale_(optimizer)
+                max_norm = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable_params, max_norm)
+                # With fp16 the scaler skips inf gradients itself (that is how it finds its scale).
+                skip = scaler is None and not torch.isfinite(grad_norm).item()
+            if skip:
+                state.nonfinite_in_row += 1
+                state.skipped_steps += 1
+                emit(LogMessage(f"step {state.step + 1}: non-finite loss or gradient, optimizer step skipped"))
             else:
-                optimizer.step()
+                state.nonfinite_in_row = 0
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                if ema is not None:
+                    ema.update_parameters(model)
+            # The schedule advances on a skipped step too, so it still ends at total_steps.
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
+            window_bad = False
+            state.step += 1
+            if state.nonfinite_in_row >= config.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"The loss was NaN or infinite for {state.nonfinite_in_row} optimizer steps in a row (at step"
+                    f" {state.step}); the run stopped. The best model saved so far is kept. Try a lower learning"
+                    " rate, precision fp32, or max_grad_norm 1."
+                )
             # ---- log ---------------------------------------------------------------------------
-            if step % config.log_every_steps == 0 or step == total_steps:
+            if (state.step % config.log_every_steps == 0 or state.step == total_steps) and log_seen > 0:
                 now = time.perf_counter()
-                elapsed = now - t_train
+                done = state.step - start_step
                 emit(
                     StepLogged(
-                        step=step,
-                        epoch=epoch + (micro + 1) / len(train_loader),
-                        loss=log_loss.item() / max(log_seen, 1),
-                        lr=scheduler.get_last_lr()[0],
+                        step=state.step,
+                        epoch=epoch + (micro + 1) / num_micro,
+                        loss=log_loss.item() / log_seen,
+                        lr=scheduler.get_last_lr()[-1],
                         images_per_sec=log_seen / max(now - log_t0, 1e-9),
-                        eta_s=elapsed / step * (total_steps - step),
+                        eta_s=(now - t_train) / max(done, 1) * (total_steps - state.step),
                     )
                 )
                 log_loss.zero_()
@@ -350,35 +687,75 @@ def train(
         if failed:
             emit(LogMessage(f"epoch {epoch + 1}: {failed} image(s) failed to load and were skipped"))
         if stopped:
+            # ---- checkpoint at the start of the unfinished window (its partial gradients are
+            # dropped; resume redoes it with the same data, augmentation and RNG) --------------
+            state.position = snapshot["position"]
+            loss_s, correct_s, seen_s = snapshot["sums"]
+            state.epoch_sums = [loss_s.item(), correct_s.item(), float(seen_s)]
+            save_state(snapshot["rng"])
             break
 
-        # ---- evaluate, keep the best model ------------------------------------------------------
-        result = evaluate(model, val_loader, plan, stop_event)
+        # ---- evaluate (the EMA weights when on), keep the best model -------------------------------
+        state.position = num_micro
+        state.epoch_sums = [epoch_loss.item(), epoch_correct.item(), float(epoch_seen)]
+        scored = ema.module if ema is not None else model
+        result = evaluate(scored, val_loader, plan, stop_event, multi_label)
         if result is None:
             stopped = True
+            save_state(capture_rng(shuffle_gen))  # trained, not evaluated: resume evaluates first
             break
-        val_loss, val_acc = result
-        is_best = best_acc is None or val_acc > best_acc
+        value = result["map"] if multi_label else result["accuracy"]
+        is_best = state.best_metric is None or value > state.best_metric
         if is_best:
-            best_acc = val_acc
-            save_model_atomically(model, processor, run_dir / "model")
+            if not all(torch.isfinite(p).all() for p in scored.parameters()):
+                raise NonFiniteLossError(
+                    "The weights became NaN or infinite; the run stopped and the best model saved so far is kept."
+                    " Try a lower learning rate or precision fp32."
+                )
+            state.best_metric, state.best_accuracy = value, result["accuracy"]
+            save_model_atomically(scored, processor, run_dir / "model")
+        # ---- early stopping: an improvement must beat the reference by min_delta -----------------
+        if state.patience_ref is None or value > state.patience_ref + config.early_stopping_min_delta:
+            state.patience_ref, state.epochs_without_improvement = value, 0
+        else:
+            state.epochs_without_improvement += 1
         emit(
             EvalDone(
-                step=step,
+                step=state.step,
                 epoch=epoch + 1,
-                train_loss=epoch_loss.item() / max(epoch_seen, 1),
-                train_accuracy=epoch_correct.item() / max(epoch_seen, 1),
-                val_loss=val_loss,
-                val_accuracy=val_acc,
-                best_val_accuracy=best_acc,
+                train_loss=state.epoch_sums[0] / max(state.epoch_sums[2], 1),
+                train_accuracy=state.epoch_sums[1] / max(state.epoch_sums[2], 1),
+                val_loss=result["loss"],
+                val_accuracy=result["accuracy"],
+                best_val_accuracy=state.best_accuracy,
                 is_best=is_best,
+                val_f1_macro=result["f1_macro"],
+                val_f1_micro=result["f1_micro"],
+                val_map=result["map"],
+                monitor=monitor,
+                best_metric=state.best_metric,
+                epochs_without_improvement=state.epochs_without_improvement,
+                early_stopping_patience=config.early_stopping_patience,
             )
         )
+        # ---- checkpoint: the next epoch starts from here ------------------------------------------
+        state.epoch, state.position, state.order = epoch + 1, 0, None
+        state.epoch_sums = [0.0, 0.0, 0.0]
+        save_state(capture_rng(shuffle_gen))
+        if 0 < config.early_stopping_patience <= state.epochs_without_improvement and epoch + 1 < config.epochs:
+            reason = (
+                f"early stopping at epoch {epoch + 1}: no {monitor} improvement > {config.early_stopping_min_delta:g}"
+                f" for {state.epochs_without_improvement} epochs"
+            )
+            emit(LogMessage(reason))
+            break
         if stop_event.is_set() and epoch + 1 < config.epochs:
             stopped = True
             break
 
     status = "stopped" if stopped else "completed"
+    if status == "completed":
+        remove_checkpoint(run_dir)
     duration = time.perf_counter() - t_start
-    emit(RunFinished(status=status, best_val_accuracy=best_acc, duration_s=duration))
-    return TrainResult(status, best_acc, step, duration)
+    emit(RunFinished(status=status, best_val_accuracy=state.best_accuracy, duration_s=duration, reason=reason))
+    return TrainResult(status, state.best_accuracy, state.step, duration, reason)

@@ -1,0 +1,78 @@
+"""Presets: named sets of :class:`~vitft_app.config.TrainConfig` values that fill the form (UI)
+or the flags (``vitft train --preset``). The user can change any value afterwards.
+
+- ``quick``: a linear probe (every block frozen, only the head trains), 3 epochs, no
+  augmentation. Minutes, a first answer to "can a ViT tell these classes apart?".
+- ``balanced``: half the blocks frozen, basic augmentation, 10 epochs. The default advice.
+- ``best``: most blocks trainable (a quarter frozen), RandAugment, MixUp 0.8 / CutMix 1.0,
+  random erasing 0.25, label smoothing 0.1, layer decay 0.75, weight EMA 0.999, 20 epochs:
+  the DeiT/BEiT fine-tuning recipe (Touvron et al. 2021, table 9; Bao et al. 2021).
+
+A model trained from scratch (``vit-tiny-scratch``) has no pretrained features to keep, so for
+it ``balanced`` and ``best`` freeze nothing and use no layer decay, and the learning rates are
+higher (1e-3, the rate DeiT scales to for small batches). ``quick`` stays a linear probe there
+too (on random features: only useful as a smoke test).
+"""
+
+from __future__ import annotations
+
+from typing import Any, get_args
+
+from .config import Preset
+
+PRESETS: tuple[str, ...] = get_args(Preset)
+
+
+def preset_values(name: str, num_blocks: int, pretrained: bool = True) -> dict[str, Any]:
+    """The config values a preset sets.
+
+    Args:
+        name: ``quick``, ``balanced`` or ``best``.
+        num_blocks: the model's encoder blocks (freeze depths are fractions of it).
+        pretrained: False for a randomly initialized model (see the module docstring).
+
+    Returns:
+        ``{TrainConfig field: value}``; fields not listed keep their current value.
+
+    Raises:
+        ValueError: unknown preset.
+    """
+    off = {"mixup": 0.0, "cutmix": 0.0, "random_erasing": 0.0, "label_smoothing": 0.0, "layer_decay": 1.0,
+           "ema_decay": 0.0, "patch_mask_ratio": 0.0, "gradual_unfreeze": 0, "distill_weight": 0.0,
+           "color_jitter": 0.0, "scheduler": "cosine", "optimizer": "adamw", "warmup_ratio": 0.1}
+    if name == "quick":
+        return {**off, "freeze_depth": num_blocks, "epochs": 3, "augment": "none", "lr": 1e-3,
+                "weight_decay": 0.0, "crop_scale_min": 0.08}
+    if name == "balanced":
+        return {**off, "freeze_depth": num_blocks // 2 if pretrained else 0, "epochs": 10, "augment": "basic",
+                "crop_scale_min": 0.25, "lr": 1e-4 if pretrained else 1e-3, "weight_decay": 0.01}
+    if name == "best":
+        return {**off, "freeze_depth": num_blocks // 4 if pretrained else 0, "epochs": 20,
+                "augment": "randaugment", "crop_scale_min": 0.25, "mixup": 0.8, "cutmix": 1.0,
+                "random_erasing": 0.25, "label_smoothing": 0.1, "layer_decay": 0.75 if pretrained else 1.0,
+                "ema_decay": 0.999, "lr": 2e-4 if pretrained else 1e-3, "weight_decay": 0.05}
+    raise ValueError(f"preset must be one of {list(PRESETS)}, got {name!r}")
+
+
+def is_pretrained(model: str) -> bool:
+    """False only for the built-in random-weight model."""
+    from .config import SCRATCH_MODEL
+
+    return model != SCRATCH_MODEL
+
+
+def preset_values_for_model(name: str, model: str, image_size: int | None = None) -> dict[str, Any]:
+    """:func:`preset_values` for a model name: reads its block count from its config (no
+    weights are loaded; a Hub model must be cached or reachable).
+
+    Raises:
+        ValueError: unknown preset.
+        ModelLoadError: the model's config cannot be read.
+    """
+    from .config import SCRATCH_MODEL
+    from .modeling import summarize_model
+
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {list(PRESETS)}, got {name!r}")
+    summary = summarize_model(model, ["a", "b"], 0, image_size if model == SCRATCH_MODEL else None)
+    return preset_values(name, summary.num_blocks, is_pretrained(model))
