@@ -221,3 +221,87 @@ def test_threshold_tta_and_batch_prediction(ctx, digits_small, tiny_vit, tmp_pat
     assert table["file"].tolist() == ["a.png"] and table["top1"].notna().all()
     _, _, outside = predict_tab.predict_batch(ctx, str(tiny_vit), "/etc", None, 3, 0.0, False)
     assert "outside the data root" in outside
+
+
+# ---- the recipe in the Train tab ------------------------------------------------------------------
+
+
+def test_preset_buttons_fill_the_form_by_field_name(tiny_vit):
+    fields = ["freeze_depth", "augment", "mixup", "layer_decay", "ema_decay", "seed"]
+    values, text = train_tab.preset_updates("best", str(tiny_vit), None, fields)
+    by_name = dict(zip(fields, values))
+    assert by_name["augment"] == "randaugment" and by_name["mixup"] == 0.8
+    assert by_name["layer_decay"] == 0.75 and by_name["ema_decay"] == 0.999
+    assert by_name["freeze_depth"] == 0  # a quarter of the tiny model's 2 blocks
+    assert isinstance(by_name["seed"], type(gr.skip()))  # a preset leaves the seed alone
+    assert "Preset **best**" in text
+    values, text = train_tab.preset_updates("quick", "vit-tiny-scratch", 32, ["freeze_depth"])
+    assert values == [12] and "smoke test" in text
+    values, text = train_tab.preset_updates("best", "/no/such/model", None, ["augment"])
+    assert text.startswith("❌")
+
+
+def test_every_config_field_but_the_paths_is_in_the_form():
+    """The form covers the whole recipe: a new TrainConfig field must get a control."""
+    import dataclasses
+    import inspect
+
+    from vitft_app.config import TrainConfig
+
+    source = inspect.getsource(train_tab.build)
+    missing = [f.name for f in dataclasses.fields(TrainConfig)
+               if f.name not in ("data_dir", "output_dir", "run_name") and f'"{f.name}":' not in source]
+    assert missing == []
+
+
+def test_augmentation_preview_shows_the_settings(ctx, digits_small):
+    values = form("vit-tiny-scratch", augment="randaugment", mixup=0.8, cutmix=0.0, patch_mask_ratio=0.5)
+    gallery, text = train_tab.augmentation_preview(values, str(digits_small), ctx.settings)
+    assert len(gallery) == 12 and "3 training images" in text  # 4 versions of one image per class
+    image = gallery[0][0]
+    assert image.size == (32, 32)
+    assert "mixed 2 images" in gallery[0][1]
+    gallery, text = train_tab.augmentation_preview(values, "/etc", ctx.settings)
+    assert gallery == [] and text.startswith("❌")
+
+
+def test_resume_button_continues_a_stopped_run(ctx, digits_small, tiny_vit):
+    from vitft_app.runs import read_metrics, read_status
+
+    text, run_dir = train_tab.start_run(ctx, form(tiny_vit, epochs=30.0), str(digits_small))
+    assert run_dir, text
+    deadline = time.time() + 60
+    while read_metrics(run_dir).query("kind == 'eval'").empty and time.time() < deadline:
+        time.sleep(0.2)
+    train_tab.stop_run(ctx)
+    wait_for(run_dir, states=("stopped",))
+    assert ctx.runner.current.wait(30)
+    text, resumed = train_tab.resume_run(ctx, run_dir)
+    assert resumed == run_dir, text
+    assert "Resumed" in text
+    assert train_tab.resume_run(ctx, run_dir)[0].startswith("⏳ Busy")
+    train_tab.stop_run(ctx)
+    assert ctx.runner.current.wait(60)
+    status = read_status(run_dir)
+    assert status["status"] == "stopped" and status.get("resumed_from_step") is not None
+    steps = read_metrics(run_dir).query("kind == 'train'")["step"].tolist()
+    assert steps == sorted(set(steps))
+
+
+def test_status_line_counts_down_early_stopping():
+    status = {"status": "running", "epoch": 3.0, "epochs": 10, "step": 30, "total_steps": 100,
+              "early_stopping_patience": 3, "epochs_without_improvement": 1, "best_val_accuracy": 0.5}
+    assert "early stopping after 2 more epoch(s)" in train_tab.status_markdown(status, "r")
+    done = {**status, "status": "completed", "reason": "early stopping at epoch 7: no val_accuracy improvement"}
+    assert "early stopping at epoch 7" in train_tab.status_markdown(done, "r")
+
+
+def test_imbalance_warning_offers_balanced_class_weights(ctx, digits_small):
+    for path in sorted((digits_small / "7").iterdir())[4:]:
+        path.unlink()
+    result = data_tab.scan_folder(str(digits_small), ctx.settings)
+    assert result["balance_button"]["visible"] is True
+
+
+def test_balanced_dataset_hides_the_class_weights_button(ctx, digits_small):
+    assert data_tab.scan_folder(str(digits_small), ctx.settings)["balance_button"]["visible"] is False

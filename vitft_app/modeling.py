@@ -198,6 +198,18 @@ def head_matches(config: Any, classes: list[str]) -> bool:
     return checkpoint_labels(config) == list(classes)
 
 
+def load_processor(name: str, image_size: int | None = None) -> Any:
+    """The image processor of a model without loading its weights (the scratch model's own for
+    ``vit-tiny-scratch`` at ``image_size``, default 224).
+
+    Raises:
+        ModelLoadError: as :func:`build_model`.
+    """
+    if name == SCRATCH_MODEL:
+        return scratch_processor(image_size or SCRATCH_DEFAULT_IMAGE_SIZE)
+    return _call_hub(AutoImageProcessor, name)
+
+
 def build_model(name: str, classes: list[str], image_size: int | None = None) -> LoadedModel:
     """Loads a model for the dataset's classes.
 

@@ -91,7 +91,7 @@ def report_markdown(report: DatasetReport) -> tuple[str, str]:
 
 #: Keys of :func:`scan_folder`'s result, in the order of :attr:`DataTab.outputs`.
 OUTPUT_KEYS = ("summary", "problems", "counts", "figure", "sizes_figure", "samples", "csv", "classes",
-               "suggested_image_size")
+               "suggested_image_size", "balance_button")
 
 
 @dataclass
@@ -102,6 +102,8 @@ class DataTab:
     classes: gr.State
     suggested_size: gr.State
     outputs: list
+    balance_button: gr.Button
+    """Shown when the scan warns about class imbalance; the Train tab sets balanced class weights."""
 
 
 def _write_csv(report: DatasetReport) -> str:
@@ -124,7 +126,7 @@ def scan_folder(text: str | None, settings: Any, progress: Callable[[int, int], 
     empty_counts = pd.DataFrame(columns=["class", "train", "val", "total"])
     failed = {"problems": "", "counts": empty_counts, "figure": figure_class_counts(empty_counts),
               "sizes_figure": figure_image_stats(pd.DataFrame()), "samples": [], "csv": None, "classes": [],
-              "suggested_image_size": None}
+              "suggested_image_size": None, "balance_button": gr.update(visible=False)}
     try:
         folder = resolve_data_path(text, settings)
         report = scan_dataset(folder, progress=progress)
@@ -144,6 +146,7 @@ def scan_folder(text: str | None, settings: Any, progress: Callable[[int, int], 
         "csv": _write_csv(report),
         "classes": report.classes,
         "suggested_image_size": report.suggested_image_size(),
+        "balance_button": gr.update(visible=any(w.startswith("Class imbalance") for w in report.warnings)),
     }
 
 
@@ -270,6 +273,8 @@ def build(ctx: Any) -> DataTab:
         upload_message = gr.Markdown(elem_id="upload-message")
     summary = gr.Markdown(elem_id="data-summary")
     problems = gr.Markdown(elem_id="data-problems")
+    balance_button = gr.Button("Train with balanced class weights", visible=False, size="sm",
+                               elem_id="balance-button")
     with gr.Row():
         counts = gr.Dataframe(label="Images per class", interactive=False, elem_id="class-table")
         figure = gr.Plot(label="Class counts")
@@ -280,7 +285,7 @@ def build(ctx: Any) -> DataTab:
     suggested_size = gr.State(None)
     by_key = {"summary": summary, "problems": problems, "counts": counts, "figure": figure,
               "sizes_figure": sizes_figure, "samples": samples, "csv": csv, "classes": classes,
-              "suggested_image_size": suggested_size}
+              "suggested_image_size": suggested_size, "balance_button": balance_button}
     outputs = [by_key[key] for key in OUTPUT_KEYS]
 
     handler = scan_folder_outputs_fn(ctx)
@@ -293,4 +298,5 @@ def build(ctx: Any) -> DataTab:
     path.submit(handler, inputs=path, outputs=outputs)
     example.click(lambda: str(settings.example_dir), outputs=path).then(handler, inputs=path, outputs=outputs)
     browser.change(lambda sel: picked_folder(sel, settings), inputs=browser, outputs=path)
-    return DataTab(path=path, classes=classes, suggested_size=suggested_size, outputs=outputs)
+    return DataTab(path=path, classes=classes, suggested_size=suggested_size, outputs=outputs,
+                   balance_button=balance_button)

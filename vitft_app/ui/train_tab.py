@@ -9,9 +9,11 @@ from typing import Any, Callable
 
 import gradio as gr
 
+from ..checkpoint import ResumeError, has_checkpoint
 from ..config import SCRATCH_MODEL, TrainConfig, field_docs
 from ..jobs import BusyError
 from ..modeling import MODEL_CHOICES, ModelLoadError, summarize_model
+from ..presets import PRESETS, preset_values_for_model
 from ..runs import read_metrics, read_status
 from .data_tab import resolve_data_path
 from ..plots import figure_accuracy, figure_loss
@@ -107,6 +109,95 @@ def stop_run(ctx: Any) -> str:
     return "Nothing is running."
 
 
+def resume_run(ctx: Any, run_dir: str | None) -> tuple[str, str | None]:
+    """Resumes the shown run (stopped, failed or interrupted) from its checkpoint.
+
+    Returns:
+        ``(message markdown, run folder or None)``; never raises.
+    """
+    run_dir = run_dir or initial_run(ctx)
+    if not run_dir:
+        return "No run to resume yet.", None
+    try:
+        job = ctx.runner.resume(run_dir)
+    except BusyError as exc:
+        return f"⏳ Busy: {exc}", None
+    except (ResumeError, ModelLoadError, ValueError, FileNotFoundError) as exc:
+        return f"❌ {exc}", None
+    except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
+        return f"❌ Could not resume: {type(exc).__name__}: {exc}", None
+    return f"▶️ Resumed run `{job.run_dir.name}` from its last checkpoint.", str(job.run_dir)
+
+
+def preset_updates(name: str, model: str, image_size: int | None, fields: list[str]) -> tuple[list[Any], str]:
+    """Form values for a preset, in the order of ``fields`` (``gr.skip()`` for fields it leaves).
+
+    Returns:
+        ``(values, message markdown)``; on a model that cannot be inspected every value is
+        ``gr.skip()`` and the message says why.
+    """
+    try:
+        values = preset_values_for_model(name, (model or "").strip() or SCRATCH_MODEL,
+                                         int(image_size) if image_size else None)
+    except (ModelLoadError, ValueError, OSError) as exc:
+        return [gr.skip() for _ in fields], f"❌ {exc}"
+    note = {
+        "quick": "linear probe, 3 epochs, no augmentation",
+        "balanced": "partial freeze, basic augmentation, 10 epochs",
+        "best": "RandAugment, MixUp/CutMix, label smoothing, layer decay, EMA, 20 epochs",
+    }[name]
+    scratch = (model or SCRATCH_MODEL) == SCRATCH_MODEL
+    if scratch and name == "quick":
+        note += " (on a random-weight model a linear probe only trains the head: a smoke test)"
+    elif scratch:
+        note += " (from scratch: nothing frozen, lr 1e-3)"
+    return [values.get(f, gr.skip()) for f in fields], f"Preset **{name}**: {note}. Edit anything before Start."
+
+
+def augmentation_preview(values: dict[str, Any], data_text: str, settings: Any, per_class: int = 1,
+                         max_images: int = 4) -> tuple[list, str]:
+    """A gallery of augmented versions of a few training images with the form's settings.
+
+    Returns:
+        ``(gallery items, message markdown)``; never raises.
+    """
+    from ..augment import preview_augmentations
+    from ..data import scan_dataset
+    from ..modeling import load_processor
+
+    try:
+        data_dir = resolve_data_path(data_text, settings)
+        config = config_from_form(values, data_dir)
+        report = scan_dataset(data_dir, val_fraction=config.val_fraction, seed=config.seed)
+        processor = load_processor(config.model, config.image_size)
+        patch = _patch_size(config)
+    except (ValueError, FileNotFoundError, ModelLoadError, OSError) as exc:
+        return [], f"❌ {exc}"
+    picked, seen = [], {}
+    for item in report.train:
+        if seen.get(item.label, 0) < per_class:
+            picked.append(item.path)
+            seen[item.label] = seen.get(item.label, 0) + 1
+        if len(picked) >= max_images:
+            break
+    if not picked:
+        return [], "❌ No training images to preview."
+    gallery = preview_augmentations(
+        picked, processor, patch_size=patch, augment=config.augment, crop_scale_min=config.crop_scale_min,
+        color_jitter=config.color_jitter, random_erasing=config.random_erasing, mixup=config.mixup,
+        cutmix=config.cutmix, patch_mask_ratio=config.patch_mask_ratio, copies=4, seed=config.seed,
+    )
+    return gallery, f"{len(gallery)} augmented versions of {len(picked)} training images (evaluation never augments)."
+
+
+def _patch_size(config: TrainConfig) -> int:
+    from ..modeling import load_model_config, scratch_patch_size
+
+    if config.model == SCRATCH_MODEL:
+        return scratch_patch_size(config.image_size or 224)
+    return int(getattr(load_model_config(config.model), "patch_size", 16))
+
+
 def _format_seconds(seconds: float | None) -> str:
     if seconds is None:
         return "–"
@@ -136,8 +227,16 @@ def status_markdown(status: dict[str, Any], run_id: str) -> str:
         parts.append(f"{status['images_per_sec']:.1f} images/s")
     if status.get("lr") is not None:
         parts.append(f"lr {status['lr']:.2e}")
-    if status.get("best_val_accuracy") is not None:
+    if status.get("monitor") == "val_map" and status.get("best_metric") is not None:
+        parts.append(f"best val mAP {status['best_metric']:.4f}")
+    elif status.get("best_val_accuracy") is not None:
         parts.append(f"best val accuracy {status['best_val_accuracy']:.4f}")
+    patience = status.get("early_stopping_patience") or 0
+    if patience and state == "running":
+        left = patience - int(status.get("epochs_without_improvement") or 0)
+        parts.append(f"early stopping after {left} more epoch(s) without improvement")
+    if status.get("reason"):
+        parts.append(status["reason"])
     if status.get("device"):
         parts.append(f"{status['device']} {status.get('precision', '')}")
     notes = status.get("notes") or []
@@ -183,9 +282,27 @@ def poll(ctx: Any, run_dir: str | None, last_signature: Any) -> tuple:
 
 
 def build(ctx: Any, data: Any) -> None:
-    """Builds the Train tab's components and events."""
+    """Builds the Train tab's components and events.
+
+    The common settings are always visible; the rest of the recipe sits in folded groups
+    (augmentation and regularization, optimization, data and logging). Preset buttons fill the
+    form; every control is named after its :class:`~vitft_app.config.TrainConfig` field.
+    """
     docs = field_docs()
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+    def number(name: str, label: str, integer: bool = False, **kwargs: Any) -> gr.Number:
+        return gr.Number(value=defaults[name], label=label, info=docs[name], precision=0 if integer else None,
+                         elem_id=name.replace("_", "-"), **kwargs)
+
+    def radio(name: str, label: str, choices: list[str]) -> gr.Radio:
+        return gr.Radio(choices, value=defaults[name], label=label, info=docs[name], elem_id=name.replace("_", "-"))
+
+    with gr.Row():
+        gr.Markdown("**Presets** fill the form (edit anything after): **Quick** = linear probe, no augmentation;"
+                    " **Balanced** = partial freeze + basic augmentation; **Best** = RandAugment, MixUp/CutMix,"
+                    " label smoothing, layer decay, EMA.")
+        preset_buttons = {name: gr.Button(name.capitalize(), size="sm", elem_id=f"preset-{name}") for name in PRESETS}
     with gr.Row():
         with gr.Column(scale=2):
             model = gr.Dropdown(
@@ -207,23 +324,55 @@ def build(ctx: Any, data: Any) -> None:
             with gr.Row():
                 precision = gr.Radio(["auto", "bf16", "fp16", "fp32"], value="auto", label="Precision",
                                      info=docs["precision"])
-                augment = gr.Radio(["none", "basic"], value=defaults["augment"], label="Augmentation",
-                                   info=docs["augment"])
-            with gr.Accordion("Advanced", open=False):
-                with gr.Row():
-                    weight_decay = gr.Number(value=defaults["weight_decay"], label="Weight decay")
-                    warmup_ratio = gr.Number(value=defaults["warmup_ratio"], label="Warmup ratio")
-                    grad_accum = gr.Number(value=defaults["grad_accum_steps"], label="Gradient accumulation steps",
-                                           precision=0, minimum=1)
-                with gr.Row():
-                    val_fraction = gr.Number(value=defaults["val_fraction"], label="Validation fraction",
-                                             info="used when the folder has no val/ split")
-                    seed = gr.Number(value=defaults["seed"], label="Seed", precision=0)
-                    log_every = gr.Number(value=defaults["log_every_steps"], label="Log every N steps", precision=0,
-                                          minimum=1)
+                augment = gr.Dropdown(["none", "basic", "randaugment", "trivialaugment", "autoaugment"],
+                                      value=defaults["augment"], label="Augmentation", info=docs["augment"],
+                                      elem_id="augment")
+    with gr.Accordion("Augmentation and regularization", open=False):
+        with gr.Row():
+            crop_scale_min = number("crop_scale_min", "Random crop: smallest area", minimum=0.01, maximum=1)
+            color_jitter = number("color_jitter", "Colour jitter", minimum=0, maximum=1)
+            random_erasing = number("random_erasing", "Random erasing probability", minimum=0, maximum=1)
+            patch_mask_ratio = number("patch_mask_ratio", "Patch mask ratio", minimum=0, maximum=0.95)
+        with gr.Row():
+            mixup = number("mixup", "MixUp alpha", minimum=0)
+            cutmix = number("cutmix", "CutMix alpha", minimum=0)
+            label_smoothing = number("label_smoothing", "Label smoothing", minimum=0, maximum=0.99)
+            class_weights = radio("class_weights", "Class weights", ["none", "balanced"])
+        with gr.Row():
+            preview_button = gr.Button("Preview augmentation", size="sm", elem_id="preview-button")
+            preview_message = gr.Markdown(elem_id="preview-message")
+        preview = gr.Gallery(label="Augmented training images (current settings)", columns=8, height=240,
+                             object_fit="contain", elem_id="augment-preview")
+    with gr.Accordion("Optimization", open=False):
+        with gr.Row():
+            optimizer = radio("optimizer", "Optimizer", ["adamw", "sgd"])
+            scheduler = radio("scheduler", "Schedule", ["cosine", "linear", "constant"])
+            warmup_ratio = number("warmup_ratio", "Warmup ratio", minimum=0, maximum=0.99)
+            weight_decay = number("weight_decay", "Weight decay", minimum=0)
+        with gr.Row():
+            layer_decay = number("layer_decay", "Layer decay", minimum=0.01, maximum=1)
+            grad_accum = number("grad_accum_steps", "Gradient accumulation steps", integer=True, minimum=1)
+            max_grad_norm = number("max_grad_norm", "Max gradient norm", minimum=0)
+            ema_decay = number("ema_decay", "EMA decay", minimum=0, maximum=0.99999)
+        with gr.Row():
+            gradual_unfreeze = number("gradual_unfreeze", "Gradual unfreeze (epochs per block)", integer=True,
+                                      minimum=0)
+            distill_weight = number("distill_weight", "Distillation weight", minimum=0)
+            patience = number("early_stopping_patience", "Early stopping patience", integer=True, minimum=0)
+            min_delta = number("early_stopping_min_delta", "Early stopping min improvement", minimum=0)
+    with gr.Accordion("Data and logging", open=False):
+        with gr.Row():
+            val_fraction = gr.Number(value=defaults["val_fraction"], label="Validation fraction",
+                                     info="used when the folder has no val/ split")
+            seed = gr.Number(value=defaults["seed"], label="Seed", precision=0)
+            log_every = gr.Number(value=defaults["log_every_steps"], label="Log every N steps", precision=0,
+                                  minimum=1)
+            num_workers = number("num_workers", "Loader workers", integer=True, minimum=0)
+            max_nonfinite = number("max_nonfinite_steps", "Non-finite steps before stopping", integer=True, minimum=1)
     with gr.Row():
         start = gr.Button("Start", variant="primary", elem_id="start-button")
         stop = gr.Button("Stop", variant="stop", elem_id="stop-button")
+        resume = gr.Button("Resume", elem_id="resume-button")
     message = gr.Markdown(elem_id="train-message")
     status = gr.Markdown(elem_id="train-status")
     with gr.Row():
@@ -233,10 +382,18 @@ def build(ctx: Any, data: Any) -> None:
     # The form, by TrainConfig field name: the one place that ties components to fields.
     form = {
         "model": model, "image_size": image_size, "freeze_depth": freeze_depth, "epochs": epochs,
-        "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup_ratio": warmup_ratio,
-        "grad_accum_steps": grad_accum, "precision": precision, "augment": augment,
-        "val_fraction": val_fraction, "seed": seed, "log_every_steps": log_every,
+        "batch_size": batch_size, "lr": lr, "precision": precision, "augment": augment,
+        "crop_scale_min": crop_scale_min, "color_jitter": color_jitter, "random_erasing": random_erasing,
+        "patch_mask_ratio": patch_mask_ratio, "mixup": mixup, "cutmix": cutmix, "label_smoothing": label_smoothing,
+        "class_weights": class_weights, "optimizer": optimizer, "scheduler": scheduler,
+        "warmup_ratio": warmup_ratio, "weight_decay": weight_decay, "layer_decay": layer_decay,
+        "grad_accum_steps": grad_accum, "max_grad_norm": max_grad_norm, "ema_decay": ema_decay,
+        "gradual_unfreeze": gradual_unfreeze, "distill_weight": distill_weight,
+        "early_stopping_patience": patience, "early_stopping_min_delta": min_delta,
+        "val_fraction": val_fraction, "seed": seed, "log_every_steps": log_every, "num_workers": num_workers,
+        "max_nonfinite_steps": max_nonfinite,
     }
+    fields = list(form)
     run_state = gr.State(None)
     signature = gr.State(None)
     timer = gr.Timer(1.0)
@@ -248,10 +405,31 @@ def build(ctx: Any, data: Any) -> None:
         text, run_dir = start_run(ctx, {name: values[comp] for name, comp in form.items()}, values[data.path], report)
         return text, (run_dir if run_dir else gr.skip()), None
 
+    def on_resume(run_dir: str | None) -> tuple:
+        text, resumed = resume_run(ctx, run_dir)
+        return text, (resumed if resumed else gr.skip()), None
+
     start.click(on_start, inputs=set(form.values()) | {data.path}, outputs=[message, run_state, signature])
     stop.click(lambda: stop_run(ctx), outputs=message)
+    resume.click(on_resume, inputs=run_state, outputs=[message, run_state, signature])
     timer.tick(lambda run, sig: poll(ctx, run, sig), inputs=[run_state, signature],
                outputs=[status, loss_plot, acc_plot, signature])
+
+    for name, button in preset_buttons.items():
+        def apply(model_name: str, size: float, name: str = name) -> list:
+            values, text = preset_updates(name, model_name, size, fields)
+            return [*values, text]
+
+        button.click(apply, inputs=[model, image_size], outputs=[*form.values(), message])
+
+    preview_button.click(
+        lambda values: augmentation_preview({n: values[c] for n, c in form.items()}, values[data.path], ctx.settings),
+        inputs=set(form.values()) | {data.path}, outputs=[preview, preview_message],
+    )
+    data.balance_button.click(
+        lambda: ("balanced", "⚖️ Class weights set to **balanced** (Train tab → Augmentation and regularization)."),
+        outputs=[class_weights, message],
+    )
 
     info_inputs = [model, image_size, freeze_depth, data.classes]
     model.change(
