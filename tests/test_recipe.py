@@ -509,3 +509,46 @@ def test_cli_preset_is_overridden_by_explicit_flags():
     assert config.epochs == 2 and config.augment == "randaugment" and config.mixup == 0.8
     plain = config_from_args(build_parser().parse_args(["train", "--data", "d"]))
     assert plain == TrainConfig(data_dir="d")
+
+
+def test_multi_label_evaluation_prediction_and_cli(tmp_path, multilabel_csv):
+    """After training: per-label F1, micro/macro F1 and mAP in the evaluation; prediction lists
+    every label above 0.5 (UI handler and CLI)."""
+    import json as jsonlib
+
+    from vitft_app.evaluate import evaluate_run, summary_text
+    from vitft_app.jobs import JobRunner
+    from vitft_app.ui.app import AppContext, AppSettings
+    from vitft_app.ui import evaluate_tab, predict_tab
+
+    config = recipe_config(multilabel_csv, "vit-tiny-scratch", tmp_path, image_size=32, epochs=4, batch_size=16,
+                           lr=1e-3)
+    run_dir, _, _ = run_train(config)
+    result = evaluate_run(run_dir, device="cpu")
+    metrics = result.metrics
+    assert metrics["multi_label"] and {c["class"] for c in metrics["per_class"]} == {"blue", "none", "red"}
+    for key in ("micro_f1", "macro_f1", "map", "subset_accuracy"):
+        assert 0 <= metrics[key] <= 1
+    assert "mAP" in summary_text({**metrics, "split": "val"})
+    assert (run_dir / "eval" / "val" / "precision_recall.html").exists()
+    frame = result.predictions_frame()
+    assert set(frame.columns) >= {"true", "predicted", "correct"} and ";" in "".join(frame["true"])
+
+    settings = AppSettings(data_root=tmp_path, runs_dir=tmp_path / "runs", example_dir=tmp_path / "ex", device="cpu")
+    ctx = AppContext(settings=settings, runner=JobRunner(settings.runs_dir, device="cpu"))
+    tab = evaluate_tab.run_evaluation(ctx, str(run_dir), "val", 5)
+    assert "mAP" in tab["summary"] and tab["matrix"] is None and len(tab["per_class"]) == 3
+
+    image = str(multilabel_csv.parent / "0.png")  # red and blue
+    item = predict_tab.predict_files(ctx, str(run_dir), [image], top_k=1, threshold=0.01)[0]
+    assert item["multi_label"]
+    scores = item["scores"]
+    probs = ctx.predictor(str(run_dir)).predict_proba([image])[0]
+    present = {ctx.predictor(str(run_dir)).id2label[i] for i in range(3) if probs[i] >= 0.5}
+    assert present <= set(scores)  # top_k 1, but every label above 0.5 is listed
+    assert set(item["answer"].split("; ")) == {label for label, s in scores.items() if s >= 0.01}
+
+    out = subprocess.run([sys.executable, "-m", "vitft_app.cli", "predict", "--model", str(run_dir), image],
+                         capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    record = jsonlib.loads(out.stdout.strip().splitlines()[-1])
+    assert record["labels"] == [p["label"] for p in record["predictions"] if p["score"] >= 0.5]

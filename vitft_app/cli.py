@@ -120,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders (searched recursively)")
     predict.add_argument("--top-k", type=int, default=5, help="classes per image (default: 5)")
     predict.add_argument("--threshold", type=float, default=0.0,
-                         help="top-1 probability under which the answer is 'not sure' (default: 0)")
+                         help="top-1 probability under which the answer is 'not sure' (default: 0); for a"
+                              " multi-label model, the score at or above which a label is listed in 'labels'"
+                              " (default 0 means 0.5)")
     predict.add_argument("--tta", action="store_true", help="average over the image and its horizontal flip")
     predict.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                          help="onnx runs MODEL/onnx/model.onnx with onnxruntime (make it with vitft export)")
@@ -344,7 +346,8 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    """Prints ``{"image": PATH, "predictions": [{"label", "score"}, ...]}`` per image (JSON lines).
+    """Prints ``{"image": PATH, "predictions": [{"label", "score"}, ...]}`` per image (JSON lines);
+    a multi-label model adds ``"labels"``: every label at or above the threshold.
 
     An unreadable image prints ``{"image": PATH, "error": reason}`` and makes the exit code 1.
     """
@@ -377,7 +380,11 @@ def run_predict(args: argparse.Namespace) -> int:
                 "image": image,
                 "predictions": [{"label": l, "score": s} for l, s in zip(prediction.labels, prediction.scores)],
             }
-            if args.threshold > 0:
+            if prediction.multi_label:
+                from .predict import labels_present
+
+                record["labels"] = labels_present(prediction, args.threshold)
+            elif args.threshold > 0:
                 record["answer"] = apply_threshold(prediction, args.threshold)
         except ImageLoadError as exc:
             record, code = {"image": image, "error": exc.reason}, 1

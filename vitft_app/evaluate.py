@@ -25,6 +25,8 @@ Split = Literal["val", "test"]
 #: Bins of the expected calibration error (Guo et al. 2017, "On Calibration of Modern Neural
 #: Networks", equal-width confidence bins).
 ECE_BINS = 15
+#: Score at or above which a multi-label model predicts a label (the issue's and sklearn's usual 0.5).
+MULTI_LABEL_THRESHOLD = 0.5
 
 
 class EvaluationError(ValueError):
@@ -39,8 +41,8 @@ class Evaluation:
         split: ``"val"`` or ``"test"``.
         classes: the model's class names in index order.
         paths: evaluated image files, ``(N,)``.
-        y_true: int64 class indices ``(N,)``.
-        probs: float32 softmax probabilities ``(N, C)``.
+        y_true: int64 class indices ``(N,)``, or multi-hot int64 ``(N, C)`` for a multi-label model.
+        probs: float32 softmax probabilities ``(N, C)`` (per-label sigmoids when multi-label).
         metrics: the dict written to ``metrics.json`` (see :func:`compute_metrics`).
         out_dir: where the files were written, when they were.
     """
@@ -54,13 +56,36 @@ class Evaluation:
     out_dir: Path | None = None
 
     @property
+    def multi_label(self) -> bool:
+        """True when ``y_true`` is multi-hot."""
+        return self.y_true.ndim == 2
+
+    @property
     def y_pred(self) -> np.ndarray:
-        """Top-1 predicted class indices ``(N,)``."""
+        """Top-1 predicted class indices ``(N,)``, or multi-hot ``(N, C)`` at threshold 0.5."""
+        if self.multi_label:
+            return (self.probs >= MULTI_LABEL_THRESHOLD).astype(np.int64)
         return self.probs.argmax(1)
 
     def predictions_frame(self) -> pd.DataFrame:
         """One row per image: path, true, predicted, confidence (top-1 probability), correct, loss
-        (cross-entropy of the true class)."""
+        (cross-entropy of the true class). Multi-label: true and predicted are ``;``-joined label
+        sets (predicted = every label scoring at least 0.5), confidence is the highest label
+        score, correct means the two sets are equal, loss is the mean binary cross-entropy over
+        the labels."""
+        if self.multi_label:
+            pred = self.y_pred
+            names = lambda row: ";".join(c for c, on in zip(self.classes, row) if on)  # noqa: E731
+            p = np.clip(self.probs, 1e-12, 1 - 1e-12)
+            bce = -(self.y_true * np.log(p) + (1 - self.y_true) * np.log(1 - p)).mean(1)
+            return pd.DataFrame({
+                "path": self.paths,
+                "true": [names(r) for r in self.y_true],
+                "predicted": [names(r) for r in pred],
+                "confidence": self.probs.max(1).round(6),
+                "correct": (pred == self.y_true).all(1),
+                "loss": bce.round(6),
+            })
         conf = self.probs.max(1)
         true_prob = self.probs[np.arange(len(self.y_true)), self.y_true]
         return pd.DataFrame({
@@ -73,15 +98,17 @@ class Evaluation:
         })
 
     def cell_images(self, true_class: int, predicted_class: int) -> pd.DataFrame:
-        """The images behind one confusion-matrix cell, most confident first."""
+        """The images behind one confusion-matrix cell, most confident first (single-label)."""
         frame = self.predictions_frame()
         mask = (self.y_true == true_class) & (self.y_pred == predicted_class)
         return frame[mask].sort_values("confidence", ascending=False)
 
     def top_losses(self, n: int = 12) -> pd.DataFrame:
-        """The most confident mistakes: wrong predictions sorted by confidence, highest first."""
+        """The worst mistakes: wrong predictions sorted by confidence (single-label) or by loss
+        (multi-label), highest first."""
         frame = self.predictions_frame()
-        return frame[~frame["correct"]].sort_values("confidence", ascending=False).head(n)
+        key = "loss" if self.multi_label else "confidence"
+        return frame[~frame["correct"]].sort_values(key, ascending=False).head(n)
 
 
 def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> tuple[float, list[dict]]:
@@ -157,6 +184,50 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], t
     return result
 
 
+def compute_multilabel_metrics(
+    y_true: np.ndarray, probs: np.ndarray, classes: list[str], threshold: float = MULTI_LABEL_THRESHOLD
+) -> dict[str, Any]:
+    """Metrics of a multi-label model, computed with scikit-learn.
+
+    Args:
+        y_true: multi-hot int ``(N, C)``.
+        probs: per-label sigmoid scores ``(N, C)``.
+        classes: ``C`` label names.
+        threshold: a label is predicted when its score is at or above this.
+
+    Returns:
+        ``multi_label`` (True), ``num_images``, ``threshold``, ``subset_accuracy`` (every label
+        right; also under ``accuracy``), ``micro_f1``, ``macro_f1``, ``micro_precision``,
+        ``micro_recall``, ``map`` (mean over labels with a positive of
+        ``average_precision_score``), ``per_class`` (``{class, precision, recall, f1, ap,
+        support}``; ap None for a label without positives).
+    """
+    y_pred = (probs >= threshold).astype(int)
+    p, r, f, support = skm.precision_recall_fscore_support(y_true, y_pred, average=None, zero_division=0)
+    aps = [float(skm.average_precision_score(y_true[:, i], probs[:, i])) if y_true[:, i].any() else None
+           for i in range(len(classes))]
+    present = [a for a in aps if a is not None]
+    micro = skm.precision_recall_fscore_support(y_true, y_pred, average="micro", zero_division=0)
+    subset = float(skm.accuracy_score(y_true, y_pred))
+    return {
+        "multi_label": True,
+        "num_images": int(len(y_true)),
+        "threshold": threshold,
+        "accuracy": subset,
+        "subset_accuracy": subset,
+        "micro_precision": float(micro[0]),
+        "micro_recall": float(micro[1]),
+        "micro_f1": float(micro[2]),
+        "macro_f1": float(skm.f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "map": float(np.mean(present)) if present else None,
+        "per_class": [
+            {"class": c, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "ap": aps[i],
+             "support": int(support[i])}
+            for i, c in enumerate(classes)
+        ],
+    }
+
+
 def _split_items(run_config: TrainConfig | None, data_dir: str, split: Split) -> tuple[list[ImageItem], list[str]]:
     """Images and dataset class names of the requested split.
 
@@ -225,9 +296,16 @@ def evaluate_run(
         raise EvaluationError(f"The model does not predict these dataset classes: {', '.join(unknown)}")
     index = {name: i for i, name in enumerate(classes)}
     paths = [item.path for item in items]
-    y_true = np.array([index[data_classes[item.label]] for item in items], dtype=np.int64)
     probs = predictor.predict_proba(paths).numpy().astype(np.float32)
-    result = Evaluation(split, classes, paths, y_true, probs, compute_metrics(y_true, probs, classes, top_k))
+    if predictor.multi_label:
+        y_true = np.zeros((len(items), len(classes)), dtype=np.int64)
+        for row, item in enumerate(items):
+            y_true[row, [index[data_classes[j]] for j in (item.labels or (item.label,))]] = 1
+        metrics = compute_multilabel_metrics(y_true, probs, classes)
+    else:
+        y_true = np.array([index[data_classes[item.label]] for item in items], dtype=np.int64)
+        metrics = compute_metrics(y_true, probs, classes, top_k)
+    result = Evaluation(split, classes, paths, y_true, probs, metrics)
     result.metrics["split"] = split
     result.metrics["data_dir"] = str(Path(data).resolve())
     if write:
@@ -248,6 +326,15 @@ def write_evaluation(result: Evaluation, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "metrics.json", json.dumps(result.metrics, indent=2))
     atomic_write_text(out_dir / "predictions.csv", result.predictions_frame().to_csv(index=False))
+    if result.multi_label:
+        figures = {
+            "roc": plots.figure_roc(result.y_true, result.probs, result.classes),
+            "precision_recall": plots.figure_precision_recall(result.y_true, result.probs, result.classes),
+        }
+        for name, figure in figures.items():
+            figure.write_html(out_dir / f"{name}.html", include_plotlyjs="directory")
+        result.out_dir = out_dir
+        return
     figures = {
         "confusion_matrix": plots.figure_confusion_matrix(result.metrics["confusion_matrix"], result.classes),
         "confusion_matrix_normalized": plots.figure_confusion_matrix(
@@ -262,7 +349,15 @@ def write_evaluation(result: Evaluation, out_dir: Path) -> None:
 
 
 def summary_text(metrics: dict[str, Any]) -> str:
-    """A few lines for the terminal: accuracy, top-k, macro-F1, ROC-AUC, ECE."""
+    """A few lines for the terminal: accuracy, top-k, macro-F1, ROC-AUC, ECE (multi-label: subset
+    accuracy, micro/macro F1, mAP)."""
+    if metrics.get("multi_label"):
+        mean_ap = "n/a" if metrics.get("map") is None else f"{metrics['map']:.4f}"
+        return (
+            f"{metrics['split']}: {metrics['num_images']} images (multi-label, threshold {metrics['threshold']})\n"
+            f"subset accuracy {metrics['subset_accuracy']:.4f} · micro-F1 {metrics['micro_f1']:.4f}"
+            f" · macro-F1 {metrics['macro_f1']:.4f} · mAP {mean_ap}"
+        )
     auc = "n/a" if metrics.get("roc_auc") is None else f"{metrics['roc_auc']:.4f}"
     return (
         f"{metrics['split']}: {metrics['num_images']} images\n"

@@ -124,10 +124,12 @@ def figure_reliability(bins: list[dict], ece: float) -> go.Figure:
 
 
 def _one_vs_rest(y_true: np.ndarray, probs: np.ndarray, classes: list[str]):
-    """``(name, binary truth, score)`` per curve: the positive class only for two classes."""
-    indices = [1] if len(classes) == 2 else range(len(classes))
+    """``(name, binary truth, score)`` per curve: the positive class only for two classes; every
+    label when ``y_true`` is multi-hot ``(N, C)`` (multi-label)."""
+    multi_hot = y_true.ndim == 2
+    indices = [1] if len(classes) == 2 and not multi_hot else range(len(classes))
     for i in indices:
-        truth = (y_true == i).astype(int)
+        truth = y_true[:, i].astype(int) if multi_hot else (y_true == i).astype(int)
         if 0 < truth.sum() < len(truth):
             yield classes[i], truth, probs[:, i]
 

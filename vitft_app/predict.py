@@ -27,6 +27,8 @@ class Prediction:
 
     labels: list[str]
     scores: list[float]
+    multi_label: bool = False
+    """Scores are independent per-label sigmoids (a multi-label model)."""
 
     def as_dict(self) -> dict[str, float]:
         """``{label: score}`` (the value ``gr.Label`` takes)."""
@@ -37,8 +39,24 @@ class Prediction:
 NOT_SURE = "not sure"
 
 
+#: Default score at or above which a multi-label model predicts a label.
+MULTI_LABEL_THRESHOLD = 0.5
+
+
+def labels_present(prediction: Prediction, threshold: float = 0.0) -> list[str]:
+    """A multi-label prediction's labels scoring at least ``threshold`` (0 means the default
+    :data:`MULTI_LABEL_THRESHOLD`), best first."""
+    limit = threshold if threshold > 0 else MULTI_LABEL_THRESHOLD
+    return [label for label, score in zip(prediction.labels, prediction.scores) if score >= limit]
+
+
 def apply_threshold(prediction: Prediction, threshold: float) -> str:
-    """The top-1 label, or :data:`NOT_SURE` when its probability is below ``threshold`` (0..1)."""
+    """The top-1 label, or :data:`NOT_SURE` when its probability is below ``threshold`` (0..1).
+
+    For a multi-label prediction: every label at or above the threshold (default 0.5), joined
+    with ``"; "``, or ``"no label"``."""
+    if prediction.multi_label:
+        return "; ".join(labels_present(prediction, threshold)) or "no label"
     return prediction.labels[0] if prediction.scores[0] >= threshold else NOT_SURE
 
 
@@ -128,7 +146,8 @@ class ClassifierBackend(abc.ABC):
 
         Args:
             images: paths, bytes, file objects or PIL images (all go through ``load_image``).
-            top_k: classes to return per image (clipped to the number of classes).
+            top_k: classes to return per image (clipped to the number of classes; a multi-label
+                model returns at least every label scoring 0.5 or more).
             batch_size: images per forward pass.
             tta: average over the image and its horizontal flip (see :meth:`predict_proba`).
 
@@ -138,9 +157,13 @@ class ClassifierBackend(abc.ABC):
         Raises:
             ImageLoadError: an image cannot be read (the caller decides how to show it).
         """
+        probs = self.predict_proba(images, batch_size, tta=tta)
         k = max(1, min(top_k, len(self.id2label)))
-        scores, indices = self.predict_proba(images, batch_size, tta=tta).topk(k, dim=-1)
-        return [Prediction([self.id2label[i] for i in row_indices], row_scores)
+        if self.multi_label and len(probs):
+            # every present label is shown, even beyond top_k
+            k = max(k, int((probs >= MULTI_LABEL_THRESHOLD).sum(dim=1).max()))
+        scores, indices = probs.topk(k, dim=-1)
+        return [Prediction([self.id2label[i] for i in row_indices], row_scores, self.multi_label)
                 for row_scores, row_indices in zip(scores.tolist(), indices.tolist())]
 
 

@@ -89,15 +89,17 @@ def write_model_card(run_dir: str | os.PathLike, metrics: dict[str, Any] | None 
     if status.get("best_val_accuracy") is not None:
         lines.append(f"| best validation accuracy | {status['best_val_accuracy']:.4f} |")
     if metrics:
-        for key in ("accuracy", "top_k_accuracy", "macro_f1", "weighted_f1", "roc_auc", "ece"):
+        for key in ("accuracy", "top_k_accuracy", "micro_f1", "macro_f1", "map", "weighted_f1", "roc_auc", "ece"):
             if metrics.get(key) is not None:
                 lines.append(f"| {key.replace('_', ' ')} ({metrics.get('split', 'val')}) | {metrics[key]:.4f} |")
         lines += ["", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
         lines += [f"| {c['class']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |"
                   for c in metrics["per_class"]]
-        confusion_matrix_png(metrics["confusion_matrix"], [c["class"] for c in metrics["per_class"]]).save(
-            folder / "confusion_matrix.png")
-        lines += ["", "## Confusion matrix", "", "![confusion matrix (rows: true, columns: predicted)](confusion_matrix.png)"]
+        if metrics.get("confusion_matrix"):  # single-label only
+            confusion_matrix_png(metrics["confusion_matrix"], [c["class"] for c in metrics["per_class"]]).save(
+                folder / "confusion_matrix.png")
+            lines += ["", "## Confusion matrix", "",
+                      "![confusion matrix (rows: true, columns: predicted)](confusion_matrix.png)"]
     lines += ["", "## Intended use and limits", "",
               f"Classifies images into the {len(classes)} classes above, for images like the training folder's."
               " It has not been tested on other kinds of images, knows no class outside the list (it always answers"
@@ -156,15 +158,18 @@ def write_html_report(run_dir: str | os.PathLike, out: str | os.PathLike | None 
     config = TrainConfig.from_json_file(run_dir / "config.json")
     status = read_status(run_dir)
     history = read_metrics(run_dir)
-    figures = [plots.figure_loss(history), plots.figure_accuracy(history),
-               plots.figure_confusion_matrix(metrics["confusion_matrix"], evaluation.classes),
-               plots.figure_reliability(metrics["reliability"], metrics["ece"])]
+    figures = [plots.figure_loss(history), plots.figure_accuracy(history)]
+    if evaluation.multi_label:
+        figures.append(plots.figure_precision_recall(evaluation.y_true, evaluation.probs, evaluation.classes))
+    else:
+        figures += [plots.figure_confusion_matrix(metrics["confusion_matrix"], evaluation.classes),
+                    plots.figure_reliability(metrics["reliability"], metrics["ece"])]
     figure_html = [_figure_html(f, i == 0) for i, f in enumerate(figures)]
     counts = {c["class"]: c["support"] for c in metrics["per_class"]}
     mistakes = evaluation.top_losses(12)
     esc = html.escape
     rows = "".join(f"<tr><td>{esc(k.replace('_', ' '))}</td><td>{metrics[k]:.4f}</td></tr>"
-                   for k in ("accuracy", "top_k_accuracy", "macro_f1", "weighted_f1", "roc_auc", "ece")
+                   for k in ("accuracy", "top_k_accuracy", "micro_f1", "macro_f1", "map", "weighted_f1", "roc_auc", "ece")
                    if metrics.get(k) is not None)
     per_class = "".join(f"<tr><td>{esc(c['class'])}</td><td>{c['precision']:.3f}</td><td>{c['recall']:.3f}</td>"
                         f"<td>{c['f1']:.3f}</td><td>{c['support']}</td></tr>" for c in metrics["per_class"])

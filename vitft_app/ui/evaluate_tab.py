@@ -22,6 +22,17 @@ OUTPUT_KEYS = ("summary", "per_class", "per_class_csv", "matrix_table", "matrix"
 
 def summary_markdown(metrics: dict[str, Any]) -> str:
     """The headline numbers as a Markdown table."""
+    if metrics.get("multi_label"):
+        mean_ap = "n/a" if metrics.get("map") is None else f"{metrics['map']:.4f}"
+        rows = [
+            ("images", f"{metrics['num_images']}"),
+            ("subset accuracy (every label right)", f"{metrics['subset_accuracy']:.4f}"),
+            (f"micro precision / recall / F1 at {metrics['threshold']}",
+             f"{metrics['micro_precision']:.4f} / {metrics['micro_recall']:.4f} / {metrics['micro_f1']:.4f}"),
+            ("macro-F1", f"{metrics['macro_f1']:.4f}"),
+            ("mAP (mean average precision over labels)", mean_ap),
+        ]
+        return "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     auc = "n/a (a class is missing from this split)" if metrics.get("roc_auc") is None else f"{metrics['roc_auc']:.4f}"
     rows = [
         ("images", f"{metrics['num_images']}"),
@@ -73,11 +84,22 @@ def run_evaluation(ctx: Any, run_dir: str | None, split: str, top_k: int) -> dic
         return empty | {"summary": f"❌ Evaluation failed: {type(exc).__name__}: {exc}"}
     metrics = result.metrics
     per_class = pd.DataFrame(metrics["per_class"]).round(4)
-    matrix = pd.DataFrame(metrics["confusion_matrix"], columns=result.classes)
-    matrix.insert(0, "true \\ predicted", result.classes)
     csv_path = result.out_dir / "per_class.csv" if result.out_dir else None
     if csv_path is not None:
         per_class.to_csv(csv_path, index=False)
+    if result.multi_label:  # no confusion matrix or top-1 calibration for label sets
+        return empty | {
+            "summary": f"**{Path(run_dir).name}**, {split} split, multi-label (saved in `{result.out_dir}`)\n\n"
+                       + summary_markdown(metrics),
+            "per_class": per_class,
+            "per_class_csv": str(csv_path) if csv_path else None,
+            "roc": figure_roc(result.y_true, result.probs, result.classes),
+            "pr": figure_precision_recall(result.y_true, result.probs, result.classes),
+            "top_losses": gallery_items(result.top_losses(12)),
+            "evaluation": result,
+        }
+    matrix = pd.DataFrame(metrics["confusion_matrix"], columns=result.classes)
+    matrix.insert(0, "true \\ predicted", result.classes)
     return {
         "summary": f"**{Path(run_dir).name}**, {split} split (saved in `{result.out_dir}`)\n\n" + summary_markdown(metrics),
         "per_class": per_class,
@@ -99,7 +121,7 @@ def cell_gallery(result: Evaluation | None, row: int, column: int) -> tuple[list
     Returns:
         ``(gallery items, caption markdown)``.
     """
-    if result is None or column < 1:
+    if result is None or result.multi_label or column < 1:
         return [], "Click a number in the matrix to see the images behind it."
     true_class, predicted_class = row, column - 1
     frame = result.cell_images(true_class, predicted_class)

@@ -66,8 +66,9 @@ def predict_files(
             ViT models (PyTorch backend only).
 
     Returns:
-        One dict per file: ``{"name", "path", "scores", "answer"}`` (``scores`` is
-        ``{label: probability}``, ``answer`` the top-1 label or "not sure") or ``{"name", "path",
+        One dict per file: ``{"name", "path", "scores", "answer", "multi_label"}`` (``scores`` is
+        ``{label: probability}``, ``answer`` the top-1 label or "not sure"; for a multi-label model
+        every label at or above the threshold, default 0.5) or ``{"name", "path",
         "error"}``. Never raises: a missing run, a broken model or a bad image becomes an error entry.
     """
     paths = [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in (files or []) if f]
@@ -85,7 +86,7 @@ def predict_files(
             results.append({"name": name, "path": None, "error": f"{name}: {exc.reason}"})
             continue
         item = {"name": name, "path": path, "scores": prediction.as_dict(),
-                "answer": apply_threshold(prediction, float(threshold or 0))}
+                "answer": apply_threshold(prediction, float(threshold or 0)), "multi_label": prediction.multi_label}
         if explain and backend == "torch":
             from ..explain import explain_image
 
@@ -247,7 +248,9 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> None:
                     gr.Image(ImageOps.contain(item["explanation"], (224, 224)), label=item["method"], height=200,
                              interactive=False, scale=1, elem_classes="predict-explanation")
                 with gr.Column(scale=2):
-                    if item["answer"] == NOT_SURE:
+                    if item.get("multi_label"):
+                        gr.Markdown(f"**Labels present:** {item['answer']}", elem_classes="predict-present")
+                    elif item["answer"] == NOT_SURE:
                         gr.Markdown("**Not sure**: the top class is below the confidence threshold.",
                                     elem_classes="predict-not-sure")
                     gr.Label(item["scores"], label=f"Top classes: {item['name']}", elem_classes="predict-label")
