@@ -155,6 +155,33 @@ def test_busy_and_stop_in_the_browser(app_url, page):
     page.locator("#stop-button").click()
     expect(page.locator("#train-message")).to_contain_text("Stopping", timeout=30_000)
     expect(page.locator("#train-status")).to_contain_text("stopped", timeout=60_000)
+    # Resume continues the same run from its checkpoint; stop it again.
+    page.locator("#resume-button").click()
+    expect(page.locator("#train-message")).to_contain_text("Resumed run", timeout=60_000)
+    expect(page.locator("#train-status")).to_contain_text("running", timeout=60_000)
+    page.locator("#stop-button").click()
+    expect(page.locator("#train-status")).to_contain_text("stopped", timeout=60_000)
+
+
+def test_presets_and_augmentation_preview_in_the_browser(app_url, page):
+    from playwright.sync_api import expect
+
+    url, _, _ = app_url
+    open_app(page, url)
+    page.get_by_role("tab", name="Train").click()
+    expect(page.locator("#param-count")).to_contain_text("12 encoder blocks", timeout=30_000)
+    page.locator("#preset-best").click()
+    expect(page.locator("#train-message")).to_contain_text("Preset best", timeout=30_000)
+    expect(page.locator("#augment input")).to_have_value("randaugment")
+    expect(page.locator("#epochs input")).to_have_value("20")
+    page.get_by_text("Augmentation and regularization").click()
+    expect(page.locator("#mixup input")).to_have_value("0.8")
+    page.locator("#preview-button").click()
+    expect(page.locator("#preview-message")).to_contain_text("augmented versions", timeout=60_000)
+    page.wait_for_function("() => document.querySelectorAll('#augment-preview img').length >= 8", timeout=30_000)
+    page.locator("#preset-quick").click()
+    expect(page.locator("#augment input")).to_have_value("none", timeout=30_000)
+    expect(page.locator("#train-message")).to_contain_text("smoke test")
 
 
 def test_upload_a_folder_and_a_zip(app_url, page, tmp_path):

@@ -10,7 +10,7 @@ from typing import Callable
 
 from .config import TrainConfig
 from .device import release_device_memory
-from .events import Event, RunFailed
+from .events import Event, RunFailed, RunFinished
 from .runs import RunRecorder, RunStore
 
 
@@ -26,6 +26,9 @@ class Job:
     config: TrainConfig
     thread: threading.Thread
     stop_event: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
+    """Set when the run emitted ``RunFinished`` or ``RunFailed`` (the thread may still be writing
+    the model card and releasing memory)."""
     done: threading.Event = field(default_factory=threading.Event)
     """Set by the thread as its very last action. Waiting on it, not on ``thread.join``, stays
     correct when Ctrl-C interrupts the wait (an interrupted ``join`` can return early in CPython)."""
@@ -161,6 +164,9 @@ class JobRunner:
             return self._launch(run_dir, config, work, listener)
 
     def _refuse_if_busy(self) -> None:
+        job = self._job
+        if job is not None and job.running and job.finished.is_set():
+            job.wait(30)  # the run has ended; only its cleanup is left, so wait instead of refusing
         if self.is_busy():
             raise BusyError(
                 f"A training run is already in progress ({self._job.run_dir.name}). "
@@ -179,6 +185,8 @@ class JobRunner:
 
         def emit(event: Event) -> None:
             recorder(event)
+            if isinstance(event, (RunFinished, RunFailed)):
+                job.finished.set()
             if listener is not None:
                 listener(event)
 
