@@ -408,11 +408,11 @@ def test_csv_with_split_column_and_multi_label(tmp_path):
         ["bird", "cat"], ["cat", "dog"], ["bird", "cat"]]
     assert report.counts().set_index("class")["train"].to_dict() == {"bird": 2, "cat": 3, "dog": 1}
 
-    from vitft_app.training import DatasetError, prepare_data
+    from vitft_app.training import prepare_data
     from vitft_app.config import TrainConfig
 
-    with pytest.raises(DatasetError, match="multi-label"):
-        prepare_data(TrainConfig(data_dir=str(tmp_path / "tags.csv")), lambda event: None)
+    # multi-label data is accepted for training (sigmoid head, BCE; see tests/test_recipe.py)
+    assert prepare_data(TrainConfig(data_dir=str(tmp_path / "tags.csv")), lambda event: None).multi_label
 
 
 def test_csv_without_known_columns_is_a_clear_error(tmp_path):
