@@ -167,8 +167,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _train_follower(args: argparse.Namespace, dist_ctx: Any) -> int:
+    """A data-parallel process other than rank 0: trains its share silently in the run folder
+    that rank 0 created (rank 0 reports and writes every file)."""
+    import threading
+
+    from .training import train
+
+    message = dist_ctx.broadcast(None)  # rank 0 sends {"run_dir"} or {"error"}
+    if "error" in message:
+        return 2
+    config = TrainConfig.from_json_file(Path(message["run_dir"]) / "config.json")
+    stop_event, outcome = threading.Event(), {"code": 1}
+
+    def target() -> None:
+        try:
+            train(config, message["run_dir"], lambda event: None, stop_event=stop_event)
+            outcome["code"] = 0
+        except Exception as exc:  # noqa: BLE001 - rank 0 reports the run; this process only exits
+            print(f"vitft train (rank {dist_ctx.rank}): {exc}", file=sys.stderr)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        try:
+            thread.join(0.5)
+        except KeyboardInterrupt:
+            stop_event.set()
+    return outcome["code"]
+
+
 def run_train(args: argparse.Namespace) -> int:
-    """Trains with a text progress bar on stderr; prints the run folder last on stdout."""
+    """Trains with a text progress bar on stderr; prints the run folder last on stdout.
+
+    Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE > 1``) every process runs this:
+    rank 0 creates the run folder, reports and writes; the others train their share."""
+    from .distributed import env_world_size, init_distributed
+
+    if env_world_size() <= 1:
+        return _run_train(args, None)
+    dist_ctx = init_distributed()
+    try:
+        if args.resume:
+            print("vitft train: error: --resume runs in one process; resume, then launch again", file=sys.stderr)
+            return 2
+        if not dist_ctx.is_main:
+            return _train_follower(args, dist_ctx)
+        code = _run_train(args, dist_ctx)
+        if not getattr(args, "_announced", False):
+            dist_ctx.broadcast({"error": "rank 0 refused the run"})  # the others exit too
+        return code
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run_train(args: argparse.Namespace, dist_ctx: Any) -> int:
+    """``vitft train`` in one process, or as rank 0 of a data-parallel run (``dist_ctx``)."""
     from tqdm import tqdm
 
     from .events import EvalDone, LogMessage, RunFailed, RunFinished, RunStarted, StepLogged
@@ -233,11 +290,16 @@ def run_train(args: argparse.Namespace) -> int:
         scan_bar.total = total
         scan_bar.update(done - scan_bar.n)
 
+    announce = None
+    if dist_ctx is not None:
+        def announce(path: Path) -> None:
+            dist_ctx.broadcast({"run_dir": str(path)})
+            args._announced = True
     try:
         if args.resume:
             job = runner.resume(run_dir, listener=listener, progress=scan_progress)
         else:
-            job = runner.start(config, listener=listener, progress=scan_progress)
+            job = runner.start(config, listener=listener, progress=scan_progress, on_run_created=announce)
     except (ModelLoadError, ResumeError, ValueError, FileNotFoundError, OSError) as exc:
         scan_bar.close()
         print(f"vitft train: error: {exc}", file=sys.stderr)

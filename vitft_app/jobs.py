@@ -88,6 +88,7 @@ class JobRunner:
         config: TrainConfig,
         listener: Callable[[Event], None] | None = None,
         progress: Callable[[int, int], None] | None = None,
+        on_run_created: Callable[[Path], None] | None = None,
     ) -> Job:
         """Creates the run folder and starts training in a daemon thread.
 
@@ -96,6 +97,8 @@ class JobRunner:
             listener: also receives every event (the CLI's progress bar), after the run folder
                 recorded it.
             progress: ``progress(done, total)`` while the preflight decodes the dataset's images.
+            on_run_created: called with the new run folder before the thread starts (a
+                data-parallel run tells the other processes where it is).
 
         Returns:
             The started :class:`Job`.
@@ -112,6 +115,8 @@ class JobRunner:
             self._refuse_if_busy()
             report = preflight(config, self.device, progress)
             run_dir = self.store.create_run(config)
+            if on_run_created is not None:
+                on_run_created(run_dir)
 
             def work(job: Job, emit: Callable[[Event], None]) -> None:
                 train(config, run_dir, emit, stop_event=job.stop_event, device=self.device, report=report)

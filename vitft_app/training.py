@@ -5,6 +5,7 @@ epoch evaluate, save the best model, checkpoint, early stopping, Stop. It report
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import threading
@@ -23,6 +24,7 @@ from .checkpoint import capture_rng, load_checkpoint, remove_checkpoint, restore
 from .config import TrainConfig
 from .data import DatasetReport, ImageDataset, build_transforms, collate_skipping_failures, processor_spec, scan_dataset
 from .device import DevicePlan, resolve_device_plan
+from .distributed import DistContext, current_context, process_device
 from .events import Emit, EvalDone, LogMessage, RunFinished, RunStarted, StepLogged
 from .filecheck import Progress
 from .modeling import build_model, count_parameters, freeze_layers
@@ -187,6 +189,7 @@ def evaluate(
     plan: DevicePlan,
     stop_event: threading.Event | None = None,
     multi_label: bool = False,
+    dist_ctx: DistContext | None = None,
 ) -> dict[str, float | None] | None:
     """Validation metrics over a loader (no augmentation, eval mode).
 
@@ -194,16 +197,20 @@ def evaluate(
     subset accuracy (every label right), micro and macro F1 at threshold 0.5 and mean average
     precision over the labels that have a positive (``sklearn.metrics``).
 
+    In a data-parallel run each process evaluates its shard of the validation images and the
+    logits are gathered, so every process computes the same metrics over the whole split.
+
     Returns:
         ``{"loss", "accuracy", "f1_macro", "f1_micro", "map"}`` (the last two None for
         single-label), or None when ``stop_event`` was set during evaluation.
     """
     from sklearn.metrics import average_precision_score, f1_score
 
+    dist_ctx = dist_ctx or DistContext()
     model.eval()
     all_logits, all_targets = [], []
     for batch in loader:
-        if stop_event is not None and stop_event.is_set():
+        if stop_event is not None and stop_event.is_set() and not dist_ctx.enabled:
             return None
         if batch["labels"].numel() == 0:
             continue
@@ -212,6 +219,12 @@ def evaluate(
             logits = model(pixel_values=pixels).logits
         all_logits.append(logits.float().cpu())
         all_targets.append(batch["labels"])
+    if dist_ctx.enabled:
+        if dist_ctx.any(stop_event is not None and stop_event.is_set(), plan.device):
+            return None
+        shards = dist_ctx.gather((all_logits, all_targets))
+        all_logits = [t for logits_list, _ in shards for t in logits_list]
+        all_targets = [t for _, targets_list in shards for t in targets_list]
     if not all_logits:
         return {"loss": float("nan"), "accuracy": 0.0, "f1_macro": 0.0, "f1_micro": None, "map": None}
     logits, targets = torch.cat(all_logits), torch.cat(all_targets)
@@ -324,18 +337,20 @@ def check_recipe(config: TrainConfig, report: DatasetReport) -> None:
                 )
 
 
-class _OrderSampler(torch.utils.data.Sampler):
-    """Yields the indices it was last given: the loop sets each epoch's order (and, on resume,
-    the rest of it) itself, so the order is part of the checkpoint."""
+class _OrderBatchSampler(torch.utils.data.Sampler):
+    """Yields the micro-batches (lists of indices) it was last given: the loop cuts each epoch's
+    order itself (and, on resume, the rest of it; in a data-parallel run this process's share),
+    so the order is part of the checkpoint. A micro-batch may be empty (a process with no share
+    of an epoch's last batch)."""
 
     def __init__(self) -> None:
-        self.indices: list[int] = []
+        self.batches: list[list[int]] = []
 
     def __iter__(self):
-        return iter(list(self.indices))
+        return iter([list(b) for b in self.batches])
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.batches)
 
 
 @dataclass
@@ -357,6 +372,10 @@ class _LoopState:
     skipped_steps: int = 0
     epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     """Training loss sum, correct count and sample count of the epoch so far."""
+
+
+def _silent(event: Any) -> None:
+    """The ``emit`` of processes other than rank 0 in a data-parallel run."""
 
 
 def resume_run(
@@ -422,6 +441,10 @@ def train(
     t_start = time.perf_counter()
     stop_event = stop_event or threading.Event()
     run_dir = Path(run_dir)
+    dist_ctx = current_context()
+    if not dist_ctx.is_main:
+        emit = _silent  # only rank 0 reports and writes files
+    device = process_device(dist_ctx, device)
 
     # ---- data -------------------------------------------------------------------------------
     report = prepare_data(config, emit) if report is None else check_trainable(report, emit)
@@ -438,6 +461,9 @@ def train(
     model.config.problem_type = "multi_label_classification" if multi_label else "single_label_classification"
     patch_size = int(getattr(model.config, "patch_size", 16))
     teacher = None
+    if dist_ctx.enabled:
+        # Each process augments differently (rank-offset seed); model init above used the same seed.
+        torch.manual_seed(config.seed + 1000 * dist_ctx.rank)
     if config.distill_weight > 0:
         # A frozen copy of the starting model; only its features are used, so its head is irrelevant.
         teacher = copy.deepcopy(model).requires_grad_(False).eval().to(plan.device)
@@ -466,15 +492,20 @@ def train(
     )
     target_classes = num_classes if multi_label else None
     train_set = ImageDataset(report.train, train_transform, train_draft, target_classes)
-    val_set = ImageDataset(report.val, build_transforms(processor, False), (out_w, out_h), target_classes)
-    sampler = _OrderSampler()
-    shuffle_gen = torch.Generator().manual_seed(config.seed)
+    val_items = report.val[dist_ctx.rank :: dist_ctx.world_size]  # each process evaluates a shard
+    val_set = ImageDataset(val_items, build_transforms(processor, False), (out_w, out_h), target_classes)
+    batch_sampler = _OrderBatchSampler()
+    shuffle_gen = torch.Generator().manual_seed(config.seed)  # the same order in every process
     # The loader's own generator seeds its workers, so creating an iterator (at every epoch and
     # on resume) never draws from the global RNG that augmentation uses.
-    loader_gen = torch.Generator().manual_seed(config.seed + 1)
-    train_loader = torch.utils.data.DataLoader(train_set, sampler=sampler, generator=loader_gen, **loader_args)
+    loader_gen = torch.Generator().manual_seed(config.seed + 1 + dist_ctx.rank)
+    batch_args = {k: v for k, v in loader_args.items() if k != "batch_size"}
+    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=batch_sampler, generator=loader_gen,
+                                               **batch_args)
     val_loader = torch.utils.data.DataLoader(val_set, shuffle=False, **loader_args)
-    num_micro = math.ceil(len(train_set) / config.batch_size)
+    # A micro-batch is batch_size images per process: batch_size x world_size in all.
+    global_batch = config.batch_size * dist_ctx.world_size
+    num_micro = math.ceil(len(train_set) / global_batch)
 
     # ---- losses and batch-level regularizers -----------------------------------------------------
     class_weights = class_weight_tensor(report, config.class_weights)
@@ -492,7 +523,17 @@ def train(
     scheduler = create_scheduler(optimizer, total_steps, config.warmup_ratio, config.scheduler)
     scaler = torch.amp.GradScaler(plan.device.type) if plan.use_grad_scaler else None
     ema = create_ema(model, config.ema_decay) if config.ema_decay > 0 else None
-    window_sizes = _window_sizes(len(train_set), config.batch_size, config.grad_accum_steps)
+    window_sizes = _window_sizes(len(train_set), global_batch, config.grad_accum_steps)
+    # DDP averages gradients over processes; scaling each process's loss by world_size makes the
+    # result the sum, i.e. exactly the gradient of the single-process run with the global batch.
+    loss_scale = float(dist_ctx.world_size)
+
+    def wrap(module: nn.Module) -> nn.Module:
+        """DDP around the model in a data-parallel run (re-wrapped when the trainable set changes)."""
+        if not dist_ctx.enabled:
+            return module
+        ids = [plan.device.index] if plan.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
     # ---- resume: module states, RNG states and counters from the checkpoint -------------------
     state = _LoopState()
@@ -507,10 +548,15 @@ def train(
         if ema is not None and checkpoint.get("ema"):
             ema.load_state_dict(checkpoint["ema"])
         restore_rng(checkpoint["rng"], shuffle_gen)
+        if not dist_ctx.is_main:  # the checkpoint holds rank 0's RNG; the others draw afresh
+            torch.manual_seed(config.seed + 1000 * dist_ctx.rank + state.step)
     current_depth = depth_at(state.epoch)
+    forward_model = wrap(model)
 
     def save_state(rng: dict[str, Any]) -> None:
         """Checkpoint with the given RNG snapshot and the current module states and counters."""
+        if not dist_ctx.is_main:
+            return
         save_checkpoint(
             run_dir,
             {
@@ -559,6 +605,7 @@ def train(
         if depth != current_depth:
             freeze_layers(model, depth)
             current_depth = depth
+            forward_model = wrap(model)
             emit(LogMessage(f"epoch {epoch + 1}: freeze depth now {depth} ({count_parameters(model)[0]:,} trainable parameters)"))
         trainable_params = [p for p in model.parameters() if p.requires_grad]
 
@@ -567,10 +614,13 @@ def train(
             state.order = torch.randperm(len(train_set), generator=shuffle_gen).tolist()
             state.position = 0
             state.epoch_sums = [0.0, 0.0, 0.0]
-        sampler.indices = state.order[state.position * config.batch_size :]
+        batch_sampler.batches = [
+            state.order[m * global_batch + dist_ctx.rank * config.batch_size :][: config.batch_size]
+            for m in range(state.position, num_micro)
+        ]
         batches = iter(train_loader)
 
-        model.train()
+        forward_model.train()
         # Running sums stay on the device: `.item()` is a sync, only done at the log interval.
         epoch_loss = torch.tensor(state.epoch_sums[0], device=plan.device)
         epoch_correct = torch.tensor(state.epoch_sums[1], device=plan.device)
@@ -589,14 +639,22 @@ def train(
                     "position": micro,
                     "sums": (epoch_loss.clone(), epoch_correct.clone(), epoch_seen),
                 }
-            # ---- stop: checked every micro-batch, so Stop takes effect within one step ---------
-            if stop_event.is_set():
+            # ---- stop: checked every micro-batch, so Stop takes effect within one step (every
+            # process must agree, or one would wait forever for the others' gradients) ----------
+            if dist_ctx.any(stop_event.is_set(), plan.device):
                 stopped = True
                 break
             batch = next(batches)
             failed += int(batch["failed"])
             last_in_window = (micro + 1) % config.grad_accum_steps == 0 or micro + 1 == num_micro
-            if batch["labels"].numel() > 0:
+            sync = contextlib.nullcontext() if last_in_window or not dist_ctx.enabled else forward_model.no_sync()
+            if batch["labels"].numel() == 0 and dist_ctx.enabled:
+                # No image for this process in this micro-batch (epoch tail, or every file failed):
+                # it still joins the gradient all-reduce, with a zero gradient.
+                with sync, plan.autocast():
+                    dummy = torch.zeros(1, 3, out_h, out_w, device=plan.device)
+                    (forward_model(pixel_values=dummy).logits.float().sum() * 0.0).backward()
+            elif batch["labels"].numel() > 0:
                 pixels = batch["pixel_values"].to(plan.device, non_blocking=True)
                 targets = batch["labels"].to(plan.device, non_blocking=True)
                 hard = targets
@@ -608,21 +666,26 @@ def train(
                 # ---- forward and backward; loss summed then divided by the window's sample
                 # count, so K accumulated micro-batches give exactly the gradient of one batch of
                 # K x batch_size (and a short last window is a per-sample mean too) ------------
-                with plan.autocast():
-                    out = model(pixel_values=pixels, output_hidden_states=teacher is not None)
-                    loss_sum = compute_loss(out.logits, targets, multi_label, class_weights, config.label_smoothing)
-                    if teacher is not None:
-                        with torch.no_grad():
-                            teacher_out = teacher(pixel_values=pixels, output_hidden_states=True)
-                        loss_sum = loss_sum + config.distill_weight * feature_distill_loss(
-                            out.hidden_states, teacher_out.hidden_states
-                        )
-                # ---- non-finite guard: a NaN/inf loss never reaches the weights or the plots ---
-                if not torch.isfinite(loss_sum).item():
-                    window_bad = True
-                else:
-                    loss = loss_sum / window_sizes[window]
-                    (scaler.scale(loss) if scaler else loss).backward()
+                with sync:
+                    with plan.autocast():
+                        out = forward_model(pixel_values=pixels, output_hidden_states=teacher is not None)
+                        loss_sum = compute_loss(out.logits, targets, multi_label, class_weights, config.label_smoothing)
+                        if teacher is not None:
+                            with torch.no_grad():
+                                teacher_out = teacher(pixel_values=pixels, output_hidden_states=True)
+                            loss_sum = loss_sum + config.distill_weight * feature_distill_loss(
+                                out.hidden_states, teacher_out.hidden_states
+                            )
+                    # ---- non-finite guard: a NaN/inf loss never reaches the weights or the plots
+                    # (in a data-parallel run it is back-propagated so every process joins the
+                    # all-reduce, and the step is skipped everywhere below) --------------------
+                    finite = bool(torch.isfinite(loss_sum).item())
+                    if not finite:
+                        window_bad = True
+                    if finite or dist_ctx.enabled:
+                        loss = loss_sum * loss_scale / window_sizes[window]
+                        (scaler.scale(loss) if scaler else loss).backward()
+                if finite:
                     detached = loss_sum.detach()
                     epoch_loss += detached
                     log_loss += detached
@@ -636,7 +699,7 @@ def train(
             if not last_in_window:
                 continue
             # ---- clip, step (unless non-finite), EMA, schedule ----------------------------------
-            skip = window_bad
+            skip = dist_ctx.any(window_bad, plan.device)
             if not skip:
                 if scaler:
                     scaler.unscale_(optimizer)
@@ -669,16 +732,22 @@ def train(
                     " rate, precision fp32, or max_grad_norm 1."
                 )
             # ---- log ---------------------------------------------------------------------------
-            if (state.step % config.log_every_steps == 0 or state.step == total_steps) and log_seen > 0:
+            if state.step % config.log_every_steps == 0 or state.step == total_steps:
+                # Per-sample mean over every process's samples since the last log.
+                totals = dist_ctx.sum(torch.stack([log_loss.double(), torch.tensor(float(log_seen), device=plan.device).double()]))
+                loss_total, seen_total = float(totals[0]), float(totals[1])
+            else:
+                seen_total = 0.0
+            if seen_total > 0:
                 now = time.perf_counter()
                 done = state.step - start_step
                 emit(
                     StepLogged(
                         step=state.step,
                         epoch=epoch + (micro + 1) / num_micro,
-                        loss=log_loss.item() / log_seen,
+                        loss=loss_total / seen_total,
                         lr=scheduler.get_last_lr()[-1],
-                        images_per_sec=log_seen / max(now - log_t0, 1e-9),
+                        images_per_sec=seen_total / max(now - log_t0, 1e-9),
                         eta_s=(now - t_train) / max(done, 1) * (total_steps - state.step),
                     )
                 )
@@ -697,9 +766,11 @@ def train(
 
         # ---- evaluate (the EMA weights when on), keep the best model -------------------------------
         state.position = num_micro
-        state.epoch_sums = [epoch_loss.item(), epoch_correct.item(), float(epoch_seen)]
+        sums = dist_ctx.sum(torch.stack([epoch_loss.double(), epoch_correct.double(),
+                                         torch.tensor(float(epoch_seen), device=plan.device).double()]))
+        state.epoch_sums = [float(v) for v in sums]
         scored = ema.module if ema is not None else model
-        result = evaluate(scored, val_loader, plan, stop_event, multi_label)
+        result = evaluate(scored, val_loader, plan, stop_event, multi_label, dist_ctx)
         if result is None:
             stopped = True
             save_state(capture_rng(shuffle_gen))  # trained, not evaluated: resume evaluates first
@@ -713,7 +784,8 @@ def train(
                     " Try a lower learning rate or precision fp32."
                 )
             state.best_metric, state.best_accuracy = value, result["accuracy"]
-            save_model_atomically(scored, processor, run_dir / "model")
+            if dist_ctx.is_main:
+                save_model_atomically(scored, processor, run_dir / "model")
         # ---- early stopping: an improvement must beat the reference by min_delta -----------------
         if state.patience_ref is None or value > state.patience_ref + config.early_stopping_min_delta:
             state.patience_ref, state.epochs_without_improvement = value, 0
@@ -749,13 +821,14 @@ def train(
             )
             emit(LogMessage(reason))
             break
-        if stop_event.is_set() and epoch + 1 < config.epochs:
+        if dist_ctx.any(stop_event.is_set(), plan.device) and epoch + 1 < config.epochs:
             stopped = True
             break
 
     status = "stopped" if stopped else "completed"
-    if status == "completed":
+    if status == "completed" and dist_ctx.is_main:
         remove_checkpoint(run_dir)
+    dist_ctx.barrier()
     duration = time.perf_counter() - t_start
     emit(RunFinished(status=status, best_val_accuracy=state.best_accuracy, duration_s=duration, reason=reason))
     return TrainResult(status, state.best_accuracy, state.step, duration, reason)
