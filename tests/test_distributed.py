@@ -73,3 +73,30 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     wa, wb = load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors")
     for name in wa:
         assert torch.allclose(wa[name], wb[name], atol=1e-4), name
+
+
+def test_the_app_runner_launches_a_data_parallel_run_and_stops_it(tmp_path, digits_small, tiny_vit):
+    """What the app does with several GPUs, here on CPU (accelerate launch --multi_gpu falls back to
+    gloo): the run folder is made first, the launched rank 0 fills it, Stop (a STOP file) ends
+    every process cleanly."""
+    import time
+
+    from vitft_app.config import TrainConfig
+    from vitft_app.jobs import JobRunner
+
+    runner = JobRunner(tmp_path / "runs", device=None)
+    config = TrainConfig(data_dir=str(digits_small), model=str(tiny_vit), epochs=200, batch_size=4,
+                         augment="none", precision="fp32", output_dir=str(tmp_path / "runs"), log_every_steps=1)
+    job = runner.start_launched(config, 2)  # the app's launcher: accelerate launch
+    deadline = time.time() + 180
+    while time.time() < deadline and read_metrics(job.run_dir).query("kind == 'eval'").empty:
+        time.sleep(0.5)
+    status = read_status(job.run_dir)
+    assert status["status"] == "running"
+    assert status["total_steps"] == 6 * 200  # 48 images / (2 processes x batch 4) per epoch
+    assert runner.stop()
+    assert job.wait(180)
+    status = read_status(job.run_dir)
+    assert status["status"] == "stopped", (job.run_dir / "launch.log").read_text()[-2000:]
+    assert (job.run_dir / "checkpoint.pt").exists() and (job.run_dir / "model").is_dir()
+    assert len(list((tmp_path / "runs").iterdir())) == 1

@@ -62,6 +62,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fill the settings from a preset (quick: linear probe; balanced: partial freeze +"
                              " basic augmentation; best: RandAugment, MixUp/CutMix, layer decay, EMA, label"
                              " smoothing); flags given explicitly override it")
+    parser.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)  # the app's multi-GPU launch
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
                         help="continue a stopped, failed or interrupted run from its checkpoint (other flags are"
                              " ignored: the run keeps its config)")
@@ -167,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Created in a run folder by the app to stop a run it launched as a separate process.
+STOP_FILE = "STOP"
+
+
 def _train_follower(args: argparse.Namespace, dist_ctx: Any) -> int:
     """A data-parallel process other than rank 0: trains its share silently in the run folder
     that rank 0 created (rank 0 reports and writes every file)."""
@@ -234,9 +239,18 @@ def _run_train(args: argparse.Namespace, dist_ctx: Any) -> int:
     from .checkpoint import ResumeError
     from .modeling import ModelLoadError
 
+    existing = getattr(args, "run_dir", None)
     if args.resume:
         run_dir = Path(args.resume).expanduser()
         output_dir = str(run_dir.resolve().parent)
+    elif existing:
+        # A run folder the app created and handed to this launch (multi-GPU from the UI).
+        try:
+            config = TrainConfig.from_json_file(Path(existing) / "config.json")
+        except (OSError, ValueError) as exc:
+            print(f"vitft train: error: --run-dir {existing}: {exc}", file=sys.stderr)
+            return 2
+        output_dir = str(Path(existing).resolve().parent)
     else:
         try:
             config = config_from_args(args)
@@ -299,7 +313,8 @@ def _run_train(args: argparse.Namespace, dist_ctx: Any) -> int:
         if args.resume:
             job = runner.resume(run_dir, listener=listener, progress=scan_progress)
         else:
-            job = runner.start(config, listener=listener, progress=scan_progress, on_run_created=announce)
+            job = runner.start(config, listener=listener, progress=scan_progress, on_run_created=announce,
+                               run_dir=Path(existing) if existing else None)
     except (ModelLoadError, ResumeError, ValueError, FileNotFoundError, OSError) as exc:
         scan_bar.close()
         print(f"vitft train: error: {exc}", file=sys.stderr)
@@ -309,6 +324,9 @@ def _run_train(args: argparse.Namespace, dist_ctx: Any) -> int:
     while not job.done.is_set():
         try:
             job.wait(timeout=0.5)
+            if existing and not stopping and (job.run_dir / STOP_FILE).exists():  # the app's Stop
+                runner.stop()
+                stopping = True
         except KeyboardInterrupt:
             if not stopping:
                 print("\nstopping after the current step... (the best model so far stays saved)", file=sys.stderr)

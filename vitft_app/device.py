@@ -122,6 +122,11 @@ def resolve_device_plan(precision: str = "auto", device: str | torch.device | No
     raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {precision!r}")
 
 
+def cuda_device_count() -> int:
+    """Number of CUDA GPUs this process can use (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def release_device_memory() -> None:
     """Returns cached accelerator memory to the driver after a run (garbage-collects first)."""
     import gc

@@ -66,11 +66,15 @@ class JobRunner:
     Args:
         runs_dir: the runs folder.
         device: force a device for every job (tests use ``"cpu"``).
+        launch_multi_gpu: when more than one CUDA GPU is present (and no device is forced),
+            :meth:`start` runs the job data-parallel on all of them through
+            :meth:`start_launched` (the app sets this; the CLI is launched by the user instead).
     """
 
-    def __init__(self, runs_dir: str | Path, device: str | None = None):
+    def __init__(self, runs_dir: str | Path, device: str | None = None, launch_multi_gpu: bool = False):
         self.store = RunStore(runs_dir)
         self.device = device
+        self.launch_multi_gpu = launch_multi_gpu
         self._lock = threading.Lock()
         self._job: Job | None = None
 
@@ -89,6 +93,7 @@ class JobRunner:
         listener: Callable[[Event], None] | None = None,
         progress: Callable[[int, int], None] | None = None,
         on_run_created: Callable[[Path], None] | None = None,
+        run_dir: Path | None = None,
     ) -> Job:
         """Creates the run folder and starts training in a daemon thread.
 
@@ -99,6 +104,8 @@ class JobRunner:
             progress: ``progress(done, total)`` while the preflight decodes the dataset's images.
             on_run_created: called with the new run folder before the thread starts (a
                 data-parallel run tells the other processes where it is).
+            run_dir: use this existing run folder (with its ``config.json``) instead of creating
+                one (the app's multi-GPU launch creates it first).
 
         Returns:
             The started :class:`Job`.
@@ -109,12 +116,17 @@ class JobRunner:
                 (unloadable model, precision the device lacks, missing dataset folder); no run
                 folder is created then.
         """
+        from .device import cuda_device_count
+        from .distributed import env_world_size
         from .training import preflight, train
 
+        gpus = cuda_device_count()
+        if self.launch_multi_gpu and self.device is None and gpus > 1 and env_world_size() == 1:
+            return self.start_launched(config, gpus, progress=progress)
         with self._lock:
             self._refuse_if_busy()
             report = preflight(config, self.device, progress)
-            run_dir = self.store.create_run(config)
+            run_dir = self.store.create_run(config) if run_dir is None else Path(run_dir)
             if on_run_created is not None:
                 on_run_created(run_dir)
 
@@ -168,6 +180,75 @@ class JobRunner:
 
             return self._launch(run_dir, config, work, listener)
 
+    def start_launched(
+        self,
+        config: TrainConfig,
+        num_processes: int,
+        launcher: str = "accelerate",
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Job:
+        """Runs the job data-parallel in ``num_processes`` processes started by ``accelerate
+        launch`` (or ``torchrun``), each one ``vitft train --run-dir RUN``.
+
+        The run folder is created here, so the app shows it at once; the launched rank 0 writes
+        its status and metrics there exactly as an in-process run (the UI polls the same files).
+        Stop creates ``RUN/STOP``, which rank 0 turns into a clean stop of every process. The
+        launcher's output goes to ``RUN/launch.log``; a launch that dies without finishing the
+        run marks it failed with the log's last lines.
+
+        Args:
+            config: the run's settings.
+            num_processes: processes (one per GPU).
+            launcher: ``"accelerate"`` (``accelerate launch --multi_gpu``) or ``"torchrun"``
+                (tests use it on CPU with gloo).
+            progress: as :meth:`start`.
+
+        Raises:
+            BusyError, ModelLoadError, ValueError, FileNotFoundError: as :meth:`start`.
+        """
+        import os
+        import socket
+        import subprocess
+        import sys
+        import time
+
+        from .cli import STOP_FILE
+        from .runs import read_status_raw
+        from .training import preflight
+
+        with self._lock:
+            self._refuse_if_busy()
+            preflight(config, self.device, progress)
+            run_dir = self.store.create_run(config)
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = str(sock.getsockname()[1])
+            if launcher == "accelerate":
+                head = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+                        "--num_processes", str(num_processes), "--main_process_port", port, "--mixed_precision",
+                        "no", "--dynamo_backend", "no", "-m"]
+            elif launcher == "torchrun":
+                head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes),
+                        "--master_port", port, "-m"]
+            else:
+                raise ValueError(f"launcher must be 'accelerate' or 'torchrun', got {launcher!r}")
+            command = head + ["vitft_app.cli", "train", "--run-dir", str(run_dir)]
+
+            def work(job: Job, emit: Callable[[Event], None]) -> None:
+                with open(run_dir / "launch.log", "w", encoding="utf-8") as log:
+                    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                    while process.poll() is None:
+                        if job.stop_event.is_set() and not (run_dir / STOP_FILE).exists():
+                            (run_dir / STOP_FILE).touch()  # rank 0 stops every process cleanly
+                        time.sleep(0.5)
+                status = read_status_raw(run_dir).get("status")
+                if status not in ("completed", "stopped", "failed"):
+                    tail = (run_dir / "launch.log").read_text(encoding="utf-8", errors="replace")[-1500:]
+                    raise RuntimeError(f"the launched run exited with code {process.returncode}: {tail.strip()}")
+
+            return self._launch(run_dir, config, work, None, record=False)
+
     def _refuse_if_busy(self) -> None:
         job = self._job
         if job is not None and job.running and job.finished.is_set():
@@ -184,12 +265,15 @@ class JobRunner:
         config: TrainConfig,
         work: Callable[[Job, Callable[[Event], None]], None],
         listener: Callable[[Event], None] | None,
+        record: bool = True,
     ) -> Job:
-        """Starts ``work(job, emit)`` in a daemon thread that records events into ``run_dir``."""
+        """Starts ``work(job, emit)`` in a daemon thread that records events into ``run_dir``
+        (with ``record=False`` only failures are recorded: a launched process writes the rest)."""
         recorder = RunRecorder(run_dir)
 
         def emit(event: Event) -> None:
-            recorder(event)
+            if record or isinstance(event, RunFailed):
+                recorder(event)
             if isinstance(event, (RunFinished, RunFailed)):
                 job.finished.set()
             if listener is not None:
@@ -198,7 +282,8 @@ class JobRunner:
         def target() -> None:
             try:
                 work(job, emit)
-                _write_card(run_dir, recorder.log)  # after RunFinished, so not an event
+                if record:
+                    _write_card(run_dir, recorder.log)  # after RunFinished, so not an event
             except BaseException as exc:  # noqa: BLE001 - reported as RunFailed, not swallowed
                 emit(RunFailed(error=error_message(exc), traceback=traceback.format_exc()))
             finally:

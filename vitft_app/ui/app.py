@@ -81,7 +81,7 @@ def build_app(settings: AppSettings) -> gr.Blocks:
     """
     from . import data_tab, evaluate_tab, predict_tab, train_tab
 
-    ctx = AppContext(settings=settings, runner=JobRunner(settings.runs_dir, device=settings.device))
+    ctx = AppContext(settings=settings, runner=JobRunner(settings.runs_dir, device=settings.device, launch_multi_gpu=True))
     with gr.Blocks(title="vitft: fine-tune a Vision Transformer") as demo:
         gr.Markdown(
             "# vitft\nFine-tune a Vision Transformer on a folder of images: **Data** → **Train** → **Evaluate** → **Predict**."
