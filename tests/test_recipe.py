@@ -552,3 +552,9 @@ def test_multi_label_evaluation_prediction_and_cli(tmp_path, multilabel_csv):
                          capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     record = jsonlib.loads(out.stdout.strip().splitlines()[-1])
     assert record["labels"] == [p["label"] for p in record["predictions"] if p["score"] >= 0.5]
+
+
+def test_weights_stay_fp32_under_bf16_autocast(tmp_path, digits_small, tiny_vit):
+    run_dir, events, result = run_train(recipe_config(digits_small, tiny_vit, tmp_path, epochs=1, precision="bf16"))
+    assert result.status == "completed"
+    assert {str(t.dtype) for t in load_file(run_dir / "model" / "model.safetensors").values()} == {"torch.float32"}
