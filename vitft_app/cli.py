@@ -1,6 +1,7 @@
 """``vitft``: the same engine as the app, headless.
 
-    vitft train --data DIR --model NAME_OR_PATH [--freeze-depth N] [--epochs E] ...
+    vitft train --data DIR --model NAME_OR_PATH [--freeze-depth N] [--epochs E] ... [--report-to none|tensorboard|mlflow]
+    vitft sweep --data DIR --model NAME_OR_PATH --trials N [--space FILE] [--sampler tpe|grid] [--name NAME] ...
     vitft predict --model DIR IMAGE... [--top-k K]
     vitft scan DIR [--json]
     vitft evaluate RUN_DIR [--data DIR] [--split val|test]
@@ -9,7 +10,8 @@
     vitft app [--host 127.0.0.1] [--port 7860] ...   (same as ``python app.py``)
 
 ``train`` flags are generated from the :class:`~vitft_app.config.TrainConfig` fields (their
-docstrings are the help texts); its last line of stdout is the run folder's path.
+docstrings are the help texts); its last line of stdout is the run folder's path. ``sweep`` takes
+the same flags as fixed values for every trial; its last line of stdout is the best run's folder.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Sequence, get_args, get_origin
+from typing import Any, Callable, Literal, Sequence, get_args, get_origin
 
 from .config import TrainConfig, field_docs
 
@@ -74,6 +76,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
 
 
+def add_report_to_argument(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--report-to none|tensorboard|mlflow`` (kept out of TrainConfig for now)."""
+    from .tracking import REPORT_TO_CHOICES
+
+    parser.add_argument("--report-to", choices=list(REPORT_TO_CHOICES), default="none",
+                        help="also write the metrics to TensorBoard (RUN_DIR/tensorboard) or MLflow (RUN_DIR/mlruns,"
+                             " or MLFLOW_TRACKING_URI); needs pip install -e '.[tracking]' (default: none)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``vitft`` argument parser with its ``train``, ``predict`` and ``app`` commands."""
     from .server import add_server_arguments
@@ -84,6 +95,32 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model on an image folder (headless)",
                                 description="Train a model; the last stdout line is the run folder.")
     add_train_arguments(train)
+    add_report_to_argument(train)
+
+    sweep = commands.add_parser(
+        "sweep", help="hyperparameter search (Optuna): several runs, pruned early when hopeless",
+        description="Search hyperparameters with Optuna. Each trial is a normal run named <NAME>-t<N>; the study"
+                    " is stored in OUTPUT_DIR/sweeps.db, so running the same --name again continues it. The"
+                    " TrainConfig flags below are fixed for every trial; the searched ones come from --space."
+                    " The last stdout line is the best run's folder.")
+    sweep.add_argument("--trials", type=int, required=True,
+                       help="total number of trials the sweep should have: trials an earlier session of the same"
+                            " --name already ran count, so --trials 10 after 6 adds 4")
+    sweep.add_argument("--space", default=None, metavar="FILE",
+                       help="search space as JSON or YAML: {\"lr\": {\"low\": 1e-5, \"high\": 1e-2, \"log\": true},"
+                            " \"batch_size\": [16, 32]}; searchable: lr, weight_decay, freeze_depth, batch_size,"
+                            " augment (and label_smoothing, mixup, cutmix where this version has them)"
+                            " (default: lr on a log range 1e-5..1e-2 and weight_decay 0..0.1)")
+    sweep.add_argument("--sampler", choices=["tpe", "grid"], default="tpe",
+                       help="tpe: Optuna's TPE seeded with --seed; grid: every combination (a range becomes 3"
+                            " points) (default: tpe)")
+    sweep.add_argument("--name", default=None, help="sweep name; an existing name continues that sweep"
+                                                    " (default: sweep-<date>-<time>)")
+    sweep.add_argument("--no-pruning", action="store_true", help="never stop a trial early")
+    sweep.add_argument("--pruning-startup-trials", type=int, default=3,
+                       help="finished trials before the median pruner may stop a trial (default: 3)")
+    add_train_arguments(sweep)
+    add_report_to_argument(sweep)
 
     predict = commands.add_parser("predict", help="predict images with a trained model",
                                   description="Print one JSON object per image: {image, predictions}.")
@@ -136,28 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_train(args: argparse.Namespace) -> int:
-    """Trains with a text progress bar on stderr; prints the run folder last on stdout."""
+def progress_listener(state: dict[str, Any]) -> Callable[[Any], None]:
+    """The CLI's event listener: a tqdm bar per run on stderr, epoch lines, the final status
+    (kept in ``state["status"]``)."""
     from tqdm import tqdm
 
     from .events import EvalDone, LogMessage, RunFailed, RunFinished, RunStarted, StepLogged
-    from .jobs import JobRunner
-
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        print(f"vitft train: error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        runner = JobRunner(config.output_dir)
-    except OSError as exc:
-        print(f"vitft train: error: cannot use --output-dir {config.output_dir}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
-    state: dict[str, Any] = {"bar": None, "status": "failed"}
 
     def listener(event: Any) -> None:
         bar = state["bar"]
         if isinstance(event, RunStarted):
+            if state.get("announce_runs"):
+                print(f"== {event.run_id}", file=sys.stderr)
             for note in event.notes:
                 print(note, file=sys.stderr)
             print(f"{event.num_train} train / {event.num_val} val images, {len(event.classes)} classes;"
@@ -181,9 +208,14 @@ def run_train(args: argparse.Namespace) -> int:
         elif isinstance(event, RunFailed):
             if bar is not None:
                 bar.close()
+            state["status"] = "failed"
             print(f"failed: {event.error}", file=sys.stderr)
 
-    from .modeling import ModelLoadError
+    return listener
+
+
+def _scan_progress_bar() -> tuple[Any, Callable[[int, int], None]]:
+    from tqdm import tqdm
 
     scan_bar = tqdm(unit="file", file=sys.stderr, desc="checking images", disable=None, leave=False)
 
@@ -191,26 +223,95 @@ def run_train(args: argparse.Namespace) -> int:
         scan_bar.total = total
         scan_bar.update(done - scan_bar.n)
 
-    try:
-        job = runner.start(config, listener=listener, progress=scan_progress)
-    except (ModelLoadError, ValueError, FileNotFoundError, OSError) as exc:
-        scan_bar.close()
-        print(f"vitft train: error: {exc}", file=sys.stderr)
-        return 2
-    scan_bar.close()
+    return scan_bar, scan_progress
+
+
+def _wait_for_job(job: Any, runner: Any, what: str) -> None:
+    """Waits for a job; the first Ctrl-C presses Stop, later ones say it is still stopping."""
     stopping = False
     while not job.done.is_set():
         try:
             job.wait(timeout=0.5)
         except KeyboardInterrupt:
             if not stopping:
-                print("\nstopping after the current step... (the best model so far stays saved)", file=sys.stderr)
+                print(f"\nstopping {what}... (the best model so far stays saved)", file=sys.stderr)
                 runner.stop()
                 stopping = True
             else:
                 print("\nstill stopping: waiting for the current step to end", file=sys.stderr)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Trains with a text progress bar on stderr; prints the run folder last on stdout."""
+    from .jobs import JobRunner
+    from .modeling import ModelLoadError
+
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"vitft train: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        runner = JobRunner(config.output_dir)
+    except OSError as exc:
+        print(f"vitft train: error: cannot use --output-dir {config.output_dir}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    state: dict[str, Any] = {"bar": None, "status": "failed"}
+    scan_bar, scan_progress = _scan_progress_bar()
+    try:
+        job = runner.start(config, listener=progress_listener(state), progress=scan_progress,
+                           report_to=args.report_to)
+    except (ModelLoadError, ValueError, FileNotFoundError, OSError) as exc:
+        scan_bar.close()
+        print(f"vitft train: error: {exc}", file=sys.stderr)
+        return 2
+    scan_bar.close()
+    _wait_for_job(job, runner, "after the current step")
     print(job.run_dir)
     return 0 if state["status"] in ("completed", "stopped") else 1
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """Runs a sweep with a progress bar per trial on stderr; prints the trials table, then the
+    best run's folder last on stdout."""
+    from .jobs import BusyError, JobRunner
+    from .modeling import ModelLoadError
+    from .sweep import default_pruner, load_space_file, start_sweep, study_summary, trials_frame
+
+    try:
+        config = config_from_args(args)
+        space = load_space_file(args.space) if args.space else None
+        runner = JobRunner(config.output_dir)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"vitft sweep: error: {exc}", file=sys.stderr)
+        return 2
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # vitft prints its own per-trial lines
+    pruner = optuna.pruners.NopPruner() if args.no_pruning else default_pruner(args.pruning_startup_trials)
+    state: dict[str, Any] = {"bar": None, "status": "failed", "announce_runs": True}
+    scan_bar, scan_progress = _scan_progress_bar()
+    try:
+        job = start_sweep(runner, config, space, args.trials, name=args.name, sampler=args.sampler, pruner=pruner,
+                          report_to=args.report_to, listener=progress_listener(state), progress=scan_progress)
+    except (ModelLoadError, ValueError, FileNotFoundError, OSError, BusyError) as exc:
+        scan_bar.close()
+        print(f"vitft sweep: error: {exc}", file=sys.stderr)
+        return 2
+    scan_bar.close()
+    _wait_for_job(job, runner, "the sweep after the current trial")
+    if job.error is not None:
+        print(f"vitft sweep: error: {job.error}", file=sys.stderr)
+        return 1
+    result = job.result
+    from .sweep import load_sweep
+
+    study = load_sweep(runner.store.root, result.name)
+    print(study_summary(study).replace("**", ""), file=sys.stderr)
+    print(trials_frame(study).to_string(index=False))
+    if result.best_run_dir:
+        print(result.best_run_dir)
+    return 0
 
 
 def run_scan(args: argparse.Namespace) -> int:
@@ -354,7 +455,7 @@ def _quiet_library_progress_bars() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vitft`` console script."""
     args = build_parser().parse_args(argv)
-    commands = {"train": run_train, "predict": run_predict, "scan": run_scan, "evaluate": run_evaluate,
+    commands = {"train": run_train, "sweep": run_sweep, "predict": run_predict, "scan": run_scan, "evaluate": run_evaluate,
                 "export": run_export, "report": run_report}
     if args.command not in commands:  # "app"
         from .server import launch
