@@ -96,11 +96,15 @@ class JobRunner:
     Args:
         runs_dir: the runs folder.
         device: force a device for every job (tests use ``"cpu"``).
+        report_to: the tracking backend of runs started without an explicit ``report_to``
+            (``"none"``, ``"tensorboard"``, ``"mlflow"``); the UI's tracking switch sets
+            :attr:`report_to`.
     """
 
-    def __init__(self, runs_dir: str | Path, device: str | None = None):
+    def __init__(self, runs_dir: str | Path, device: str | None = None, report_to: str = "none"):
         self.store = RunStore(runs_dir)
         self.device = device
+        self.report_to = report_to
         self._lock = threading.Lock()
         self._job: Job | None = None
 
@@ -126,7 +130,7 @@ class JobRunner:
         listener: Callable[[Event], None] | None = None,
         progress: Callable[[int, int], None] | None = None,
         *,
-        report_to: str = "none",
+        report_to: str | None = None,
         meta: dict[str, Any] | None = None,
     ) -> Job:
         """Creates the run folder and starts training in a daemon thread.
@@ -137,7 +141,8 @@ class JobRunner:
                 recorded it.
             progress: ``progress(done, total)`` while the preflight decodes the dataset's images.
             report_to: ``"none"``, ``"tensorboard"`` or ``"mlflow"``: also write the metrics there
-                (see :mod:`vitft_app.tracking`). A separate argument until it joins TrainConfig.
+                (see :mod:`vitft_app.tracking`); None uses :attr:`report_to`. A separate argument
+                until it joins TrainConfig.
             meta: written to the run's ``meta.json`` (e.g. ``{"sweep": name}``).
 
         Returns:
@@ -156,7 +161,7 @@ class JobRunner:
         with self._lock:
             if self.is_busy():
                 raise self._busy_error()
-            check_report_to(report_to)
+            report_to = check_report_to(self.report_to if report_to is None else report_to)
             report = preflight(config, self.device, progress)
             run_dir = self.create_run(config, meta)
 

@@ -409,7 +409,7 @@ def run_sweep(
     name: str,
     sampler: Sampler = "tpe",
     pruner: Any = None,
-    report_to: str = "none",
+    report_to: str | None = None,
     listener: Callable[[Event], None] | None = None,
     job: Job | None = None,
     study: optuna.Study | None = None,
@@ -426,7 +426,8 @@ def run_sweep(
         name: the sweep name.
         sampler: ``"tpe"`` (seeded with ``base_config.seed``) or ``"grid"``.
         pruner: an Optuna pruner (default: ``MedianPruner(n_startup_trials=3)``).
-        report_to: ``"none"``, ``"tensorboard"`` or ``"mlflow"`` for every trial.
+        report_to: ``"none"``, ``"tensorboard"`` or ``"mlflow"`` for every trial (None: the
+            runner's :attr:`~vitft_app.jobs.JobRunner.report_to`).
         listener: receives every event of every trial.
         job: the task job this runs in: its ``stop_event`` ends the sweep, ``run_dir`` and
             ``config`` follow the current trial.
@@ -441,6 +442,7 @@ def run_sweep(
     from .training import preflight
 
     space = validate_space(space or DEFAULT_SPACE)
+    report_to = runner.report_to if report_to is None else report_to
     runs_dir = runner.store.root
     if study is None:
         study = open_study(runs_dir, name, sampler, space, base_config.seed, pruner)
@@ -519,7 +521,7 @@ def start_sweep(
     name: str | None = None,
     sampler: Sampler = "tpe",
     pruner: Any = None,
-    report_to: str = "none",
+    report_to: str | None = None,
     listener: Callable[[Event], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Job:
@@ -537,7 +539,7 @@ def start_sweep(
         name: the sweep name (default ``sweep-<timestamp>``); an existing name continues it.
         sampler: ``"tpe"`` or ``"grid"``.
         pruner: an Optuna pruner (default ``MedianPruner(n_startup_trials=3)``).
-        report_to: ``"none"``, ``"tensorboard"`` or ``"mlflow"``.
+        report_to: ``"none"``, ``"tensorboard"`` or ``"mlflow"`` (None: the runner's default).
         listener: receives every event of every trial.
         progress: ``progress(done, total)`` while the preflight decodes the dataset.
 
@@ -563,7 +565,7 @@ def start_sweep(
         raise SweepError(f"sampler must be 'tpe' or 'grid', got {sampler!r}")
     if int(n_trials) < 1:
         raise SweepError(f"trials must be >= 1, got {n_trials}")
-    report_to = check_report_to(report_to)
+    report_to = check_report_to(runner.report_to if report_to is None else report_to)
     base_config = dataclasses.replace(base_config, output_dir=str(runner.store.root))
     report = preflight(base_config, runner.device, progress)
     if "freeze_depth" in space:
@@ -668,14 +670,14 @@ def best_config(study: optuna.Study) -> TrainConfig:
     return dataclasses.replace(config, run_name=f"{study.study_name}-best")
 
 
-def train_best(runner: JobRunner, study: optuna.Study, epochs: int | None = None, report_to: str = "none") -> Job:
+def train_best(runner: JobRunner, study: optuna.Study, epochs: int | None = None, report_to: str | None = None) -> Job:
     """Starts a full run from the best trial's settings (tagged with the sweep in ``meta.json``).
 
     Args:
         runner: the job runner.
         study: the sweep's study.
         epochs: train this many epochs instead of the trial's (None keeps them).
-        report_to: ``"none"``, ``"tensorboard"`` or ``"mlflow"``.
+        report_to: ``"none"``, ``"tensorboard"`` or ``"mlflow"`` (None: the runner's default).
 
     Raises:
         SweepError: no completed trial. BusyError and the errors of
