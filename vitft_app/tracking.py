@@ -8,8 +8,11 @@ each epoch), with the optimizer step as the x axis.
 - ``tensorboard``: event files in ``RUN_DIR/tensorboard`` (``tensorboard --logdir runs`` shows
   every run), written with ``torch.utils.tensorboard.SummaryWriter`` (needs the ``tensorboard``
   package).
-- ``mlflow``: one MLflow run per vitft run in the experiment ``vitft``, in the local file store
-  ``RUN_DIR/mlruns`` unless ``MLFLOW_TRACKING_URI`` is set (needs ``mlflow`` or ``mlflow-skinny``).
+- ``mlflow``: one MLflow run per vitft run in the experiment ``vitft``, in a local store inside
+  the run folder, ``RUN_DIR/mlruns/mlflow.db`` (SQLite; artifacts in ``RUN_DIR/mlruns/artifacts``),
+  unless ``MLFLOW_TRACKING_URI`` is set (needs ``mlflow`` or ``mlflow-skinny``). SQLite rather than
+  the plain ``./mlruns`` file store because MLflow 3 put the file store in maintenance mode and
+  refuses it by default; ``mlflow ui --backend-store-uri sqlite:///RUN_DIR/mlruns/mlflow.db`` shows it.
 
 Both packages are optional (``pip install -e ".[tracking]"``); :func:`check_report_to` says
 clearly which one is missing before a run starts.
@@ -128,19 +131,26 @@ class MlflowTracker(Tracker):
     fluent API, so two trackers in one process never share an "active run".
 
     Args:
-        run_dir: the run folder; the store is ``RUN_DIR/mlruns`` unless ``MLFLOW_TRACKING_URI``
-            is set.
+        run_dir: the run folder; the store is ``RUN_DIR/mlruns/mlflow.db`` unless
+            ``MLFLOW_TRACKING_URI`` is set.
         config: the run's settings, logged as MLflow params.
     """
 
     def __init__(self, run_dir: str | os.PathLike, config: Any = None):
         from mlflow.tracking import MlflowClient
 
-        run_dir = Path(run_dir)
-        self.tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or (run_dir / "mlruns").resolve().as_uri()
+        run_dir = Path(run_dir).resolve()
+        store = run_dir / "mlruns"
+        self.tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        artifacts = None
+        if not self.tracking_uri:
+            store.mkdir(parents=True, exist_ok=True)
+            self.tracking_uri = f"sqlite:///{store / 'mlflow.db'}"
+            artifacts = (store / "artifacts").as_uri()
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         experiment = self.client.get_experiment_by_name("vitft")
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment("vitft")
+        experiment_id = (experiment.experiment_id if experiment
+                         else self.client.create_experiment("vitft", artifact_location=artifacts))
         self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
         self._closed = False
         if config is not None and hasattr(config, "to_dict"):
