@@ -349,7 +349,11 @@ def fail_stale_trials(study: optuna.Study) -> list[int]:
         run_dir = trial.user_attrs.get("run_dir")
         if run_dir and read_status(run_dir).get("status") in ("starting", "running"):
             continue  # still training in a live process
-        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        try:
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        except RuntimeError as exc:  # see _tell
+            if "Study.stop" not in str(exc):
+                raise
         failed.append(trial.number)
     return failed
 
@@ -391,6 +395,18 @@ def counted_trials(study: optuna.Study) -> int:
     from optuna.trial import TrialState
 
     return sum(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))
+
+
+def _tell(study: optuna.Study, trial: Any, value: float | None = None, state: Any = None) -> None:
+    """``study.tell`` for ask-and-tell loops. The grid sampler calls ``study.stop()`` from
+    ``after_trial`` when its grid is used up, which Optuna only allows inside ``optimize`` and
+    otherwise raises; the trial is stored anyway (Optuna stores it in a ``finally``) and this loop
+    ends by counting, so that one error is ignored."""
+    try:
+        study.tell(trial, value, state=state)
+    except RuntimeError as exc:
+        if "Study.stop" not in str(exc):
+            raise
 
 
 def remaining_trials(study: optuna.Study, n_trials: int, sampler: Sampler, space: dict[str, Any]) -> int:
@@ -441,7 +457,7 @@ def run_sweep(
     from .jobs import error_message
     from .training import preflight
 
-    space = validate_space(space or DEFAULT_SPACE)
+    space = validate_space(DEFAULT_SPACE if space is None else space)
     report_to = runner.report_to if report_to is None else report_to
     runs_dir = runner.store.root
     if study is None:
@@ -465,7 +481,7 @@ def run_sweep(
             report = preflight(config, runner.device)
         except Exception as exc:  # noqa: BLE001 - a bad trial fails, the sweep goes on
             trial.set_user_attr("error", error_message(exc))
-            study.tell(trial, state=TrialState.FAIL)
+            _tell(study, trial, state=TrialState.FAIL)
             continue
         run_dir = runner.create_run(config, meta={"sweep": name, "trial": trial.number})
         trial.set_user_attr("run_dir", str(run_dir))
@@ -499,14 +515,14 @@ def run_sweep(
                 job.linked_stop_events.remove(trial_stop)
         if outcome["error"] is not None:
             trial.set_user_attr("error", outcome["error"])
-            study.tell(trial, state=TrialState.FAIL)
+            _tell(study, trial, state=TrialState.FAIL)
         elif outcome["pruned"]:
-            study.tell(trial, state=TrialState.PRUNED)
+            _tell(study, trial, state=TrialState.PRUNED)
         elif outcome["status"] == "completed" and outcome["best"] is not None:
-            study.tell(trial, outcome["best"])
+            _tell(study, trial, outcome["best"])
         else:  # Stop pressed during the trial: not a measurement of its settings
             trial.set_user_attr("error", "stopped before it finished")
-            study.tell(trial, state=TrialState.FAIL)
+            _tell(study, trial, state=TrialState.FAIL)
     best_value, best_run = _best(study)
     return SweepResult(name=name, trials_run=started, total_trials=counted_trials(study), stopped=stop_event.is_set(),
                        best_value=best_value, best_run_dir=best_run)
@@ -559,7 +575,7 @@ def start_sweep(
 
     if runner.is_busy():
         raise BusyError(f"A job is already in progress ({runner.current.name}). Wait for it to finish or press Stop first.")
-    space = validate_space(space or DEFAULT_SPACE)
+    space = validate_space(DEFAULT_SPACE if space is None else space)
     name = check_sweep_name(name or default_sweep_name())
     if sampler not in get_args(Sampler):
         raise SweepError(f"sampler must be 'tpe' or 'grid', got {sampler!r}")
