@@ -4,6 +4,7 @@ RunStore and RunRecorder, no training)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -211,3 +212,66 @@ def test_app_has_runs_and_sweep_tabs(ctx):
     demo = build_app(ctx.settings)
     labels = {block.label for block in demo.blocks.values() if isinstance(block, gr.Tab)}
     assert {"Data", "Train", "Evaluate", "Predict", "Runs", "Sweep"} <= labels
+
+
+@pytest.mark.browser
+def test_browser_open_in_evaluate_and_compare(tmp_path, tiny_vit):
+    """The wiring only a browser shows: a row click selects the run, Open in Evaluate switches tabs
+    with the run chosen, Compare draws the highlighted settings table."""
+    import os
+    import socket
+
+    from playwright.sync_api import expect, sync_playwright
+    from tests_helpers import CHROMIUM, CHROMIUM_ARGS
+
+    store = RunStore(tmp_path / "runs")
+    first = fake_run(store, "alpha", "completed", lr=1e-3)
+    second = fake_run(store, "beta", "stopped", lr=3e-3)
+    for run_dir in (first, second):
+        save_tiny_vit(run_dir / "model")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "VITFT_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    root = Path(__file__).resolve().parents[1]
+    with open(tmp_path / "app.log", "w") as log:
+        process = subprocess.Popen([sys.executable, str(root / "app.py"), "--port", str(port), "--data-root",
+                                    str(tmp_path), "--runs-dir", str(store.root), "--no-browser"],
+                                   cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1300, "height": 1500})
+            page.set_default_timeout(30_000)
+            for _ in range(360):
+                try:
+                    page.goto(f"http://127.0.0.1:{port}")
+                    break
+                except Exception:  # noqa: BLE001 - not listening yet
+                    assert process.poll() is None, (tmp_path / "app.log").read_text()[-3000:]
+                    page.wait_for_timeout(500)
+            page.get_by_role("tab", name="Runs").click()
+            expect(page.locator("#runs-table")).to_contain_text("beta")
+            cells = page.locator("#runs-table").get_by_text(first.name, exact=True).all()
+            next(cell for cell in cells if cell.is_visible()).click()  # the name column (run_id is off to the right)
+            expect(page.locator("#runs-selected input")).to_have_value(first.name)
+            page.locator("#runs-open-evaluate").click()
+            expect(page.locator("#evaluate-button")).to_be_visible()
+            expect(page.locator("#eval-run input")).to_have_value(re.compile(re.escape(first.name)))
+            page.get_by_role("tab", name="Runs").click()
+            page.get_by_text("Compare runs").click()
+            box = page.locator("#runs-compare input")
+            for name in ("alpha", "beta"):
+                box.click()
+                box.fill(name)
+                page.get_by_role("option", name=re.compile(name)).first.click()
+            page.locator("#runs-compare-button").click()
+            expect(page.locator("#runs-compare-table")).to_contain_text("run_name")
+            highlighted = page.locator("#runs-compare-table").evaluate(  # style_differences' #fff3bf
+                "t => [...t.querySelectorAll('*')].filter(e => getComputedStyle(e).backgroundColor"
+                " === 'rgb(255, 243, 191)').map(e => e.textContent.trim()).filter(Boolean)")
+            assert "lr" in highlighted and "model" not in highlighted
+            browser.close()
+    finally:
+        process.terminate()
+        process.wait(20)

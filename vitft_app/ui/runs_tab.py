@@ -43,6 +43,7 @@ def table_view(ctx: Any, text: str | None = None, status: str | None = "all", so
     shown = frame[SHOWN_COLUMNS].copy()
     for column in ("best_val_accuracy", "macro_f1"):
         shown[column] = pd.to_numeric(shown[column], errors="coerce").round(4)
+    shown["lr"] = pd.to_numeric(shown["lr"], errors="coerce").map(lambda v: float(f"{v:.3g}"), na_action="ignore")
     return shown
 
 
@@ -194,7 +195,7 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab, tabs: gr.Tabs, evaluate_run: g
         sort_by = gr.Dropdown(SORT_CHOICES, value="date", label="Sort by", scale=1)
         descending = gr.Checkbox(True, label="Descending", scale=1)
         refresh_button = gr.Button("↻ Refresh", scale=1)
-    table = gr.Dataframe(label="Runs (click a row to select it)", interactive=False, elem_id="runs-table", wrap=True)
+    table = gr.Dataframe(label="Runs (click a row to select it)", interactive=False, elem_id="runs-table")
     with gr.Row():
         selected = gr.Dropdown(label="Selected run", choices=[], scale=3, elem_id="runs-selected")
         new_name = gr.Textbox(label="New display name", scale=2, elem_id="runs-new-name")

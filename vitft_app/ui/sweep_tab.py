@@ -262,8 +262,8 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab, data: Any) -> None:
         importance = gr.Plot(label="Parameter importance")
     charts_message = gr.Markdown(elem_id="sweep-charts-message")
     with gr.Row():
-        best_epochs = gr.Number(value=None, precision=0, minimum=1, label="Epochs for the full run (blank: as the trial)",
-                                scale=1)
+        best_epochs = gr.Number(value=0, precision=0, minimum=0, label="Epochs for the full run",
+                                info="0: as many as the trial", scale=1)
         best_button = gr.Button("Train best config", scale=1, elem_id="sweep-train-best")
     best_message = gr.Markdown()
     signature = gr.State(None)
