@@ -85,3 +85,20 @@ def test_cli_flags():
     assert args.report_to == "tensorboard" and args.trials == 4 and args.sampler == "tpe"
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--data", "d", "--report-to", "wandb"])
+
+
+def test_a_broken_tracker_never_fails_the_run(tmp_path, colors_root, tiny_vit, monkeypatch):
+    from vitft_app import tracking
+
+    class Broken(tracking.Tracker):
+        def scalars(self, values, step):
+            raise OSError("disk full")
+
+    monkeypatch.setattr(tracking, "create_tracker", lambda *args: Broken())
+    runner = JobRunner(tmp_path / "runs", device="cpu")
+    config = TrainConfig(data_dir=str(colors_root), model=str(tiny_vit), epochs=1, batch_size=8, lr=3e-3,
+                         augment="none", precision="fp32", output_dir=str(tmp_path / "runs"))
+    job = runner.start(config, report_to="tensorboard")
+    assert job.wait(120)
+    assert read_status(job.run_dir)["status"] == "completed"
+    assert "tracking (tensorboard) turned off after an error: OSError: disk full" in (job.run_dir / "train.log").read_text()

@@ -220,9 +220,14 @@ class JobRunner:
         tracker = None
 
         def emit(event: Event) -> None:
+            nonlocal tracker
             recorder(event)
             if tracker is not None:
-                tracker(event)
+                try:
+                    tracker(event)
+                except Exception as exc:  # noqa: BLE001 - tracking is a copy; it never fails the run
+                    recorder.log(f"tracking ({report_to}) turned off after an error: {type(exc).__name__}: {exc}")
+                    tracker = None
             if listener is not None:
                 listener(event)
 
@@ -234,7 +239,10 @@ class JobRunner:
             emit(RunFailed(error=error_message(exc), traceback=traceback.format_exc()))
         finally:
             if tracker is not None:
-                tracker.close()
+                try:
+                    tracker.close()
+                except Exception as exc:  # noqa: BLE001 - see emit
+                    recorder.log(f"tracking ({report_to}) could not be closed: {exc}")
 
     def start_task(self, name: str, task: Callable[[Job], Any]) -> Job:
         """Runs ``task(job)`` in a daemon thread under the one-job-at-a-time rule.
