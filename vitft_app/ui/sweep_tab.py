@@ -136,7 +136,10 @@ def stop_sweep(ctx: Any) -> str:
 
 def sweep_choices(ctx: Any, current: str | None) -> Any:
     """Dropdown update with the runs folder's sweeps; keeps the current one, else the newest."""
-    names = list_sweeps(ctx.settings.runs_dir)
+    try:
+        names = list_sweeps(ctx.settings.runs_dir)
+    except Exception:  # noqa: BLE001 - an unreadable sweeps.db lists nothing rather than failing the page
+        return gr.skip()
     return gr.update(choices=names, value=current if current in names else (names[0] if names else None))
 
 
@@ -152,14 +155,18 @@ def show_sweep(ctx: Any, name: str | None) -> dict[str, Any]:
         return empty | {"summary": "No sweep yet: set the search space and press **Start sweep**."}
     try:
         study = load_sweep(ctx.settings.runs_dir, name)
+        trials = trials_frame(study)
+        summary = study_summary(study)
     except SweepError as exc:
         return empty | {"summary": f"❌ {exc}"}
+    except Exception as exc:  # noqa: BLE001 - e.g. the database is busy: a message, retried on the next tick
+        return empty | {"summary": f"❌ Cannot read sweep {name!r} now: {type(exc).__name__}: {exc}"}
     notes = []
     job = ctx.runner.current
     running = job is not None and job.running and job.name == f"sweep {name}"
     if job is not None and not job.running and job.name == f"sweep {name}" and job.error:
         notes.append(f"❌ The sweep job ended with an error: {job.error}")
-    result = {"summary": study_summary(study) + (" · 🟢 running" if running else ""), "trials": trials_frame(study)}
+    result = {"summary": summary + (" · 🟢 running" if running else ""), "trials": trials}
     for key, draw in (("history", figure_history), ("importance", figure_importance)):
         try:
             result[key] = draw(study)
