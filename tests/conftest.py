@@ -55,6 +55,28 @@ def digits_small(tmp_path, digits_root) -> Path:
     return target
 
 
+#: Base colors of :func:`colors_root`'s classes.
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "gray": (128, 128, 128)}
+
+
+@pytest.fixture(scope="session")
+def colors_root(tmp_path_factory) -> Path:
+    """4 classes x 25 noisy solid-color 32x32 PNGs (Pillow, seeded): a dataset the tiny ViT learns
+    to 100% validation accuracy within one epoch at lr 3e-3 and cannot learn at lr 1e-9, which
+    makes sweep and pruning outcomes deterministic and fast."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("colors")
+    rng = np.random.default_rng(0)
+    for name, rgb in COLORS.items():
+        (root / name).mkdir()
+        for i in range(25):
+            pixels = np.clip(np.array(rgb) + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i:02d}.png")
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_vit(tmp_path_factory) -> Path:
     """A tiny random ViT with a 2-class LABEL_0/LABEL_1 head, saved and loaded by path."""

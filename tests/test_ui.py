@@ -106,6 +106,7 @@ def test_start_busy_stop_and_live_view(ctx, digits_small, tiny_vit):
     assert "stopped" in text and isinstance(loss, go.Figure) and isinstance(accuracy, go.Figure)
     unchanged = train_tab.poll(ctx, run_dir, signature)
     assert all(isinstance(v, type(gr.skip())) for v in unchanged)
+    assert ctx.runner.current.wait(30)  # the thread writes the model card after the "stopped" status
     assert train_tab.stop_run(ctx) == "Nothing is running."
 
 

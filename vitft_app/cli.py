@@ -1,7 +1,9 @@
 """``vitft``: the same engine as the app, headless.
 
     vitft train --data DIR --model NAME_OR_PATH [--preset quick|balanced|best] [--freeze-depth N] ...
+                [--report-to none|tensorboard|mlflow]
     vitft train --resume RUN_DIR
+    vitft sweep --data DIR --model NAME_OR_PATH --trials N [--space FILE] [--sampler tpe|grid] [--name NAME] ...
     vitft predict --model DIR IMAGE... [--top-k K]
     vitft scan DIR [--json]
     vitft evaluate RUN_DIR [--data DIR] [--split val|test]
@@ -10,7 +12,8 @@
     vitft app [--host 127.0.0.1] [--port 7860] ...   (same as ``python app.py``)
 
 ``train`` flags are generated from the :class:`~vitft_app.config.TrainConfig` fields (their
-docstrings are the help texts); its last line of stdout is the run folder's path.
+docstrings are the help texts); its last line of stdout is the run folder's path. ``sweep`` takes
+the same flags as fixed values for every trial; its last line of stdout is the best run's folder.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Sequence, get_args, get_origin
+from typing import Any, Callable, Literal, Sequence, get_args, get_origin
 
 from .config import TrainConfig, field_docs
 
@@ -104,6 +107,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{**values, **given})
 
 
+def add_report_to_argument(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--report-to none|tensorboard|mlflow`` (kept out of TrainConfig for now)."""
+    from .tracking import REPORT_TO_CHOICES
+
+    parser.add_argument("--report-to", choices=list(REPORT_TO_CHOICES), default="none",
+                        help="also write the metrics to TensorBoard (RUN_DIR/tensorboard) or MLflow (RUN_DIR/mlruns,"
+                             " or MLFLOW_TRACKING_URI); needs pip install -e '.[tracking]' (default: none)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``vitft`` argument parser with its ``train``, ``predict`` and ``app`` commands."""
     from .server import add_server_arguments
@@ -114,6 +126,32 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model on an image folder (headless)",
                                 description="Train a model; the last stdout line is the run folder.")
     add_train_arguments(train)
+    add_report_to_argument(train)
+
+    sweep = commands.add_parser(
+        "sweep", help="hyperparameter search (Optuna): several runs, pruned early when hopeless",
+        description="Search hyperparameters with Optuna. Each trial is a normal run named <NAME>-t<N>; the study"
+                    " is stored in OUTPUT_DIR/sweeps.db, so running the same --name again continues it. The"
+                    " TrainConfig flags below are fixed for every trial; the searched ones come from --space."
+                    " The last stdout line is the best run's folder.")
+    sweep.add_argument("--trials", type=int, required=True,
+                       help="total number of trials the sweep should have: trials an earlier session of the same"
+                            " --name already ran count, so --trials 10 after 6 adds 4")
+    sweep.add_argument("--space", default=None, metavar="FILE",
+                       help="search space as JSON or YAML: {\"lr\": {\"low\": 1e-5, \"high\": 1e-2, \"log\": true},"
+                            " \"batch_size\": [16, 32]}; searchable: lr, weight_decay, freeze_depth, batch_size,"
+                            " augment (and label_smoothing, mixup, cutmix where this version has them)"
+                            " (default: lr on a log range 1e-5..1e-2 and weight_decay 0..0.1)")
+    sweep.add_argument("--sampler", choices=["tpe", "grid"], default="tpe",
+                       help="tpe: Optuna's TPE seeded with --seed; grid: every combination (a range becomes 3"
+                            " points) (default: tpe)")
+    sweep.add_argument("--name", default=None, help="sweep name; an existing name continues that sweep"
+                                                    " (default: sweep-<date>-<time>)")
+    sweep.add_argument("--no-pruning", action="store_true", help="never stop a trial early")
+    sweep.add_argument("--pruning-startup-trials", type=int, default=3,
+                       help="finished trials before the median pruner may stop a trial (default: 3)")
+    add_train_arguments(sweep)
+    add_report_to_argument(sweep)
 
     predict = commands.add_parser("predict", help="predict images with a trained model",
                                   description="Print one JSON object per image: {image, predictions}.")
@@ -168,8 +206,86 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def progress_listener(state: dict[str, Any]) -> Callable[[Any], None]:
+    """The CLI's event listener: a tqdm bar per run on stderr, epoch lines, the final status
+    (kept in ``state["status"]``)."""
+    from tqdm import tqdm
+
+    from .events import EvalDone, LogMessage, RunFailed, RunFinished, RunStarted, StepLogged
+
+    def listener(event: Any) -> None:
+        bar = state["bar"]
+        if isinstance(event, RunStarted):
+            if state.get("announce_runs"):
+                print(f"== {event.run_id}", file=sys.stderr)
+            for note in event.notes:
+                print(note, file=sys.stderr)
+            print(f"{event.num_train} train / {event.num_val} val images, {len(event.classes)} classes;"
+                  f" {event.trainable_params:,} / {event.total_params:,} parameters trainable", file=sys.stderr)
+            state["bar"] = tqdm(total=event.total_steps, unit="step", file=sys.stderr, dynamic_ncols=True,
+                                initial=event.resumed_from_step or 0)
+        elif isinstance(event, StepLogged) and bar is not None:
+            bar.update(event.step - bar.n)
+            bar.set_postfix(epoch=f"{event.epoch:.2f}", loss=f"{event.loss:.4f}", img_s=f"{event.images_per_sec:.1f}")
+        elif isinstance(event, EvalDone):
+            text = (f"epoch {event.epoch}: train loss {event.train_loss:.4f} acc {event.train_accuracy:.4f} | "
+                    f"val loss {event.val_loss:.4f} acc {event.val_accuracy:.4f}"
+                    + (f" mAP {event.val_map:.4f}" if event.val_map is not None else "")
+                    + (" (best, saved)" if event.is_best else ""))
+            if event.early_stopping_patience:
+                left = event.early_stopping_patience - event.epochs_without_improvement
+                text += f" | early stopping in {left} epoch(s) without improvement"
+            (bar.write if bar is not None else print)(text, file=sys.stderr)
+        elif isinstance(event, LogMessage):
+            (bar.write if bar is not None else print)(event.text, file=sys.stderr)
+        elif isinstance(event, RunFinished):
+            state["status"] = event.status
+            if bar is not None:
+                bar.close()
+            print(f"{event.status} in {event.duration_s:.1f} s; best val accuracy {event.best_val_accuracy}"
+                  + (f" ({event.reason})" if event.reason else ""), file=sys.stderr)
+        elif isinstance(event, RunFailed):
+            if bar is not None:
+                bar.close()
+            state["status"] = "failed"
+            print(f"failed: {event.error}", file=sys.stderr)
+
+    return listener
+
+
+def _scan_progress_bar() -> tuple[Any, Callable[[int, int], None]]:
+    from tqdm import tqdm
+
+    scan_bar = tqdm(unit="file", file=sys.stderr, desc="checking images", disable=None, leave=False)
+
+    def scan_progress(done: int, total: int) -> None:
+        scan_bar.total = total
+        scan_bar.update(done - scan_bar.n)
+
+    return scan_bar, scan_progress
+
+
 #: Created in a run folder by the app to stop a run it launched as a separate process.
 STOP_FILE = "STOP"
+
+
+def _wait_for_job(job: Any, runner: Any, what: str, stop_file: Path | None = None) -> None:
+    """Waits for a job; the first Ctrl-C (or ``stop_file`` appearing) presses Stop, later
+    Ctrl-Cs say it is still stopping."""
+    stopping = False
+    while not job.done.is_set():
+        try:
+            job.wait(timeout=0.5)
+            if stop_file is not None and not stopping and stop_file.exists():  # the app's Stop
+                runner.stop()
+                stopping = True
+        except KeyboardInterrupt:
+            if not stopping:
+                print(f"\nstopping {what}... (the best model so far stays saved)", file=sys.stderr)
+                runner.stop()
+                stopping = True
+            else:
+                print("\nstill stopping: waiting for the current step to end", file=sys.stderr)
 
 
 def _train_follower(args: argparse.Namespace, dist_ctx: Any) -> int:
@@ -231,12 +347,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 def _run_train(args: argparse.Namespace, dist_ctx: Any) -> int:
     """``vitft train`` in one process, or as rank 0 of a data-parallel run (``dist_ctx``)."""
-    from tqdm import tqdm
-
-    from .events import EvalDone, LogMessage, RunFailed, RunFinished, RunStarted, StepLogged
-    from .jobs import JobRunner
-
     from .checkpoint import ResumeError
+    from .jobs import JobRunner
     from .modeling import ModelLoadError
 
     existing = getattr(args, "run_dir", None)
@@ -264,78 +376,73 @@ def _run_train(args: argparse.Namespace, dist_ctx: Any) -> int:
         print(f"vitft train: error: cannot use --output-dir {output_dir}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     state: dict[str, Any] = {"bar": None, "status": "failed"}
-
-    def listener(event: Any) -> None:
-        bar = state["bar"]
-        if isinstance(event, RunStarted):
-            for note in event.notes:
-                print(note, file=sys.stderr)
-            print(f"{event.num_train} train / {event.num_val} val images, {len(event.classes)} classes;"
-                  f" {event.trainable_params:,} / {event.total_params:,} parameters trainable", file=sys.stderr)
-            state["bar"] = tqdm(total=event.total_steps, unit="step", file=sys.stderr, dynamic_ncols=True)
-        elif isinstance(event, StepLogged) and bar is not None:
-            bar.update(event.step - bar.n)
-            bar.set_postfix(epoch=f"{event.epoch:.2f}", loss=f"{event.loss:.4f}", img_s=f"{event.images_per_sec:.1f}")
-        elif isinstance(event, EvalDone):
-            text = (f"epoch {event.epoch}: train loss {event.train_loss:.4f} acc {event.train_accuracy:.4f} | "
-                    f"val loss {event.val_loss:.4f} acc {event.val_accuracy:.4f}"
-                    + (f" mAP {event.val_map:.4f}" if event.val_map is not None else "")
-                    + (" (best, saved)" if event.is_best else ""))
-            if event.early_stopping_patience:
-                left = event.early_stopping_patience - event.epochs_without_improvement
-                text += f" | early stopping in {left} epoch(s) without improvement"
-            (bar.write if bar is not None else print)(text, file=sys.stderr)
-        elif isinstance(event, LogMessage):
-            (bar.write if bar is not None else print)(event.text, file=sys.stderr)
-        elif isinstance(event, RunFinished):
-            state["status"] = event.status
-            if bar is not None:
-                bar.close()
-            print(f"{event.status} in {event.duration_s:.1f} s; best val accuracy {event.best_val_accuracy}"
-                  + (f" ({event.reason})" if event.reason else ""), file=sys.stderr)
-        elif isinstance(event, RunFailed):
-            if bar is not None:
-                bar.close()
-            print(f"failed: {event.error}", file=sys.stderr)
-
-    scan_bar = tqdm(unit="file", file=sys.stderr, desc="checking images", disable=None, leave=False)
-
-    def scan_progress(done: int, total: int) -> None:
-        scan_bar.total = total
-        scan_bar.update(done - scan_bar.n)
-
     announce = None
     if dist_ctx is not None:
         def announce(path: Path) -> None:
             dist_ctx.broadcast({"run_dir": str(path)})
             args._announced = True
+    scan_bar, scan_progress = _scan_progress_bar()
     try:
         if args.resume:
-            job = runner.resume(run_dir, listener=listener, progress=scan_progress)
+            job = runner.resume(run_dir, listener=progress_listener(state), progress=scan_progress,
+                                report_to=args.report_to)
         else:
-            job = runner.start(config, listener=listener, progress=scan_progress, on_run_created=announce,
+            job = runner.start(config, listener=progress_listener(state), progress=scan_progress,
+                               report_to=args.report_to, on_run_created=announce,
                                run_dir=Path(existing) if existing else None)
     except (ModelLoadError, ResumeError, ValueError, FileNotFoundError, OSError) as exc:
         scan_bar.close()
         print(f"vitft train: error: {exc}", file=sys.stderr)
         return 2
     scan_bar.close()
-    stopping = False
-    while not job.done.is_set():
-        try:
-            job.wait(timeout=0.5)
-            if existing and not stopping and (job.run_dir / STOP_FILE).exists():  # the app's Stop
-                runner.stop()
-                stopping = True
-        except KeyboardInterrupt:
-            if not stopping:
-                print("\nstopping after the current step... (the best model so far stays saved)", file=sys.stderr)
-                runner.stop()
-                stopping = True
-            else:
-                print("\nstill stopping: waiting for the current step to end", file=sys.stderr)
+    if existing:
+        (Path(existing) / STOP_FILE).unlink(missing_ok=True)
+    _wait_for_job(job, runner, "after the current step", Path(existing) / STOP_FILE if existing else None)
     print(job.run_dir)
     return 0 if state["status"] in ("completed", "stopped") else 1
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """Runs a sweep with a progress bar per trial on stderr; prints the trials table, then the
+    best run's folder last on stdout."""
+    from .jobs import BusyError, JobRunner
+    from .modeling import ModelLoadError
+    from .sweep import default_pruner, load_space_file, start_sweep, study_summary, trials_frame
+
+    try:
+        config = config_from_args(args)
+        space = load_space_file(args.space) if args.space else None
+        runner = JobRunner(config.output_dir)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"vitft sweep: error: {exc}", file=sys.stderr)
+        return 2
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # vitft prints its own per-trial lines
+    pruner = optuna.pruners.NopPruner() if args.no_pruning else default_pruner(args.pruning_startup_trials)
+    state: dict[str, Any] = {"bar": None, "status": "failed", "announce_runs": True}
+    scan_bar, scan_progress = _scan_progress_bar()
+    try:
+        job = start_sweep(runner, config, space, args.trials, name=args.name, sampler=args.sampler, pruner=pruner,
+                          report_to=args.report_to, listener=progress_listener(state), progress=scan_progress)
+    except (ModelLoadError, ValueError, FileNotFoundError, OSError, BusyError) as exc:
+        scan_bar.close()
+        print(f"vitft sweep: error: {exc}", file=sys.stderr)
+        return 2
+    scan_bar.close()
+    _wait_for_job(job, runner, "the sweep after the current trial")
+    if job.error is not None:
+        print(f"vitft sweep: error: {job.error}", file=sys.stderr)
+        return 1
+    result = job.result
+    from .sweep import load_sweep
+
+    study = load_sweep(runner.store.root, result.name)
+    print(study_summary(study).replace("**", ""), file=sys.stderr)
+    print(trials_frame(study).to_string(index=False))
+    if result.best_run_dir:
+        print(result.best_run_dir)
+    return 0
 
 
 def run_scan(args: argparse.Namespace) -> int:
@@ -484,7 +591,7 @@ def _quiet_library_progress_bars() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vitft`` console script."""
     args = build_parser().parse_args(argv)
-    commands = {"train": run_train, "predict": run_predict, "scan": run_scan, "evaluate": run_evaluate,
+    commands = {"train": run_train, "sweep": run_sweep, "predict": run_predict, "scan": run_scan, "evaluate": run_evaluate,
                 "export": run_export, "report": run_report}
     if args.command not in commands:  # "app"
         from .server import launch

@@ -1,4 +1,9 @@
-"""The job runner: owns the training thread, its Stop event, and the one-job-at-a-time rule."""
+"""The job runner: owns the training thread, its Stop event, and the one-job-at-a-time rule.
+
+A job is either one training run (:meth:`JobRunner.start`) or a callable that may train several
+runs one after another in the same thread (:meth:`JobRunner.start_task`, used by sweeps); both
+count as "the" job, so a sweep and a training run never overlap.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import threading
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .config import TrainConfig
 from .device import release_device_memory
@@ -20,10 +25,15 @@ class BusyError(RuntimeError):
 
 @dataclass
 class Job:
-    """A training job: its run folder, thread and Stop event."""
+    """A background job: its run folder, thread and Stop event.
+
+    For a training job ``run_dir`` and ``config`` are the run's. For a task job (a sweep) they
+    follow the run the task is training now (``run_dir`` is the runs folder until the first run
+    folder exists), and ``name`` says what the job is.
+    """
 
     run_dir: Path
-    config: TrainConfig
+    config: TrainConfig | None
     thread: threading.Thread
     stop_event: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
@@ -32,6 +42,17 @@ class Job:
     done: threading.Event = field(default_factory=threading.Event)
     """Set by the thread as its very last action. Waiting on it, not on ``thread.join``, stays
     correct when Ctrl-C interrupts the wait (an interrupted ``join`` can return early in CPython)."""
+    name: str = ""
+    """What the job is, for messages: the run id, or e.g. ``"sweep lr-search"``."""
+    kind: str = "train"
+    """``"train"`` (one run) or ``"task"`` (a callable, see :meth:`JobRunner.start_task`)."""
+    linked_stop_events: list[threading.Event] = field(default_factory=list)
+    """Extra events set together with ``stop_event`` by :meth:`request_stop` (the stop event of
+    the sweep trial that is training now)."""
+    error: str | None = None
+    """One line when a task job raised (training runs record their errors in the run folder)."""
+    result: Any = None
+    """What a task job's callable returned."""
 
     @property
     def running(self) -> bool:
@@ -41,6 +62,18 @@ class Job:
     def wait(self, timeout: float | None = None) -> bool:
         """Waits for the thread to finish; returns True when it has."""
         return self.done.wait(timeout)
+
+    def request_stop(self) -> None:
+        """Sets ``stop_event`` and every linked stop event."""
+        self.stop_event.set()
+        for event in list(self.linked_stop_events):
+            event.set()
+
+    def link_stop_event(self, event: threading.Event) -> None:
+        """Makes ``event`` set on Stop too (and sets it now when Stop was already pressed)."""
+        self.linked_stop_events.append(event)
+        if self.stop_event.is_set():
+            event.set()
 
 
 def error_message(exc: BaseException) -> str:
@@ -66,14 +99,20 @@ class JobRunner:
     Args:
         runs_dir: the runs folder.
         device: force a device for every job (tests use ``"cpu"``).
+        report_to: the tracking backend of runs started without an explicit ``report_to``
+            (``"none"``, ``"tensorboard"``, ``"mlflow"``); the UI's tracking switch sets
+            :attr:`report_to`.
         launch_multi_gpu: when more than one CUDA GPU is present (and no device is forced),
             :meth:`start` runs the job data-parallel on all of them through
             :meth:`start_launched` (the app sets this; the CLI is launched by the user instead).
     """
 
-    def __init__(self, runs_dir: str | Path, device: str | None = None, launch_multi_gpu: bool = False):
+    def __init__(
+        self, runs_dir: str | Path, device: str | None = None, report_to: str = "none", launch_multi_gpu: bool = False
+    ):
         self.store = RunStore(runs_dir)
         self.device = device
+        self.report_to = report_to
         self.launch_multi_gpu = launch_multi_gpu
         self._lock = threading.Lock()
         self._job: Job | None = None
@@ -87,11 +126,28 @@ class JobRunner:
         """True while a job's thread is alive."""
         return self._job is not None and self._job.running
 
+    def _refuse_if_busy(self) -> None:
+        job = self._job
+        if job is not None and job.running and job.finished.is_set():
+            job.wait(30)  # the run has ended; only its cleanup is left, so wait instead of refusing
+        if self.is_busy():
+            raise self._busy_error()
+
+    def _busy_error(self) -> BusyError:
+        job = self._job
+        what = job.name or job.run_dir.name
+        if job.kind == "train":
+            return BusyError(f"A training run is already in progress ({what}). Wait for it to finish or press Stop first.")
+        return BusyError(f"A job is already in progress ({what}). Wait for it to finish or press Stop first.")
+
     def start(
         self,
         config: TrainConfig,
         listener: Callable[[Event], None] | None = None,
         progress: Callable[[int, int], None] | None = None,
+        *,
+        report_to: str | None = None,
+        meta: dict[str, Any] | None = None,
         on_run_created: Callable[[Path], None] | None = None,
         run_dir: Path | None = None,
     ) -> Job:
@@ -102,6 +158,10 @@ class JobRunner:
             listener: also receives every event (the CLI's progress bar), after the run folder
                 recorded it.
             progress: ``progress(done, total)`` while the preflight decodes the dataset's images.
+            report_to: ``"none"``, ``"tensorboard"`` or ``"mlflow"``: also write the metrics there
+                (see :mod:`vitft_app.tracking`); None uses :attr:`report_to`. A separate argument
+                until it joins TrainConfig.
+            meta: written to the run's ``meta.json`` (e.g. ``{"sweep": name}``).
             on_run_created: called with the new run folder before the thread starts (a
                 data-parallel run tells the other processes where it is).
             run_dir: use this existing run folder (with its ``config.json``) instead of creating
@@ -112,40 +172,41 @@ class JobRunner:
 
         Raises:
             BusyError: a job is already running; the message names it.
+            TrackingUnavailable: ``report_to`` names a package that is not installed.
             ModelLoadError, ValueError, FileNotFoundError: from :func:`~vitft_app.training.preflight`
                 (unloadable model, precision the device lacks, missing dataset folder); no run
                 folder is created then.
         """
         from .device import cuda_device_count
         from .distributed import env_world_size
-        from .training import preflight, train
+        from .tracking import check_report_to
+        from .training import preflight
 
         gpus = cuda_device_count()
-        if self.launch_multi_gpu and self.device is None and gpus > 1 and env_world_size() == 1:
+        if self.launch_multi_gpu and self.device is None and gpus > 1 and env_world_size() == 1 and run_dir is None:
             return self.start_launched(config, gpus, progress=progress)
         with self._lock:
             self._refuse_if_busy()
+            report_to = check_report_to(self.report_to if report_to is None else report_to)
             report = preflight(config, self.device, progress)
-            run_dir = self.store.create_run(config) if run_dir is None else Path(run_dir)
+            run_dir = self.create_run(config, meta) if run_dir is None else Path(run_dir)
             if on_run_created is not None:
                 on_run_created(run_dir)
-
-            def work(job: Job, emit: Callable[[Event], None]) -> None:
-                train(config, run_dir, emit, stop_event=job.stop_event, device=self.device, report=report)
-
-            return self._launch(run_dir, config, work, listener)
+            return self._start_thread(run_dir, config, listener, report=report, report_to=report_to)
 
     def resume(
         self,
         run_dir: str | Path,
         listener: Callable[[Event], None] | None = None,
         progress: Callable[[int, int], None] | None = None,
+        *,
+        report_to: str | None = None,
     ) -> Job:
         """Continues a stopped, failed or interrupted run from its checkpoint, in a daemon thread.
 
         Args:
             run_dir: the run folder.
-            listener, progress: as :meth:`start`.
+            listener, progress, report_to: as :meth:`start`.
 
         Returns:
             The started :class:`Job` (same run folder).
@@ -157,7 +218,8 @@ class JobRunner:
         """
         from .checkpoint import ResumeError, has_checkpoint
         from .runs import read_status
-        from .training import preflight, resume_run
+        from .tracking import check_report_to
+        from .training import preflight
 
         run_dir = Path(run_dir)
         with self._lock:
@@ -172,13 +234,112 @@ class JobRunner:
                     f"{run_dir.name} has no checkpoint to resume from"
                     + (" (a completed run deletes it)." if status == "completed" else ".")
                 )
+            report_to = check_report_to(self.report_to if report_to is None else report_to)
             config = TrainConfig.from_json_file(run_dir / "config.json")
             preflight(config, self.device, progress)
+            return self._start_thread(run_dir, config, listener, report=None, report_to=report_to, resume=True)
 
-            def work(job: Job, emit: Callable[[Event], None]) -> None:
-                resume_run(run_dir, emit, stop_event=job.stop_event, device=self.device)
+    def _start_thread(
+        self,
+        run_dir: Path,
+        config: TrainConfig,
+        listener: Callable[[Event], None] | None,
+        *,
+        report: Any,
+        report_to: str,
+        resume: bool = False,
+    ) -> Job:
+        """Starts :meth:`run_training` in a daemon thread as the current job (lock held)."""
 
-            return self._launch(run_dir, config, work, listener)
+        def relay(event: Event) -> None:
+            if isinstance(event, (RunFinished, RunFailed)):
+                job.finished.set()
+            if listener is not None:
+                listener(event)
+
+        def target() -> None:
+            try:
+                self.run_training(config, run_dir, job.stop_event, listener=relay, report=report,
+                                  report_to=report_to, resume=resume)
+            finally:
+                release_device_memory()
+                job.done.set()
+
+        thread = threading.Thread(target=target, name=f"vitft-train-{run_dir.name}", daemon=True)
+        job = Job(run_dir=run_dir, config=config, thread=thread, name=run_dir.name)
+        self._job = job
+        thread.start()
+        return job
+
+    def create_run(self, config: TrainConfig, meta: dict[str, Any] | None = None) -> Path:
+        """Creates a run folder (``config.json``, ``status.json``, and ``meta.json`` when ``meta``)."""
+        run_dir = self.store.create_run(config)
+        if meta:
+            from .runs_table import update_meta
+
+            update_meta(run_dir, **meta)
+        return run_dir
+
+    def run_training(
+        self,
+        config: TrainConfig,
+        run_dir: Path,
+        stop_event: threading.Event,
+        *,
+        listener: Callable[[Event], None] | None = None,
+        report: Any = None,
+        report_to: str = "none",
+        resume: bool = False,
+    ) -> None:
+        """Trains into an existing run folder in the calling thread; never raises.
+
+        The one place that wires a run: the :class:`~vitft_app.runs.RunRecorder`, then the
+        tracker, then ``listener`` receive each event; an exception becomes ``RunFailed`` in the
+        run folder; the model card is written after a run that saved a model. Used by the thread
+        of :meth:`start` and by task jobs (each sweep trial).
+
+        Args:
+            config: the run's settings.
+            run_dir: the folder from :meth:`create_run`.
+            stop_event: when set, the loop exits before its next micro-batch.
+            listener: also receives every event, after the run folder recorded it.
+            report: the dataset report from :func:`~vitft_app.training.preflight`, or None to scan.
+            report_to: ``"none"``, ``"tensorboard"`` or ``"mlflow"``.
+            resume: continue from the run's checkpoint (:func:`~vitft_app.training.resume_run`).
+        """
+        from .tracking import create_tracker
+        from .training import resume_run, train
+
+        recorder = RunRecorder(run_dir)
+        tracker = None
+
+        def emit(event: Event) -> None:
+            nonlocal tracker
+            recorder(event)
+            if tracker is not None:
+                try:
+                    tracker(event)
+                except Exception as exc:  # noqa: BLE001 - tracking is a copy; it never fails the run
+                    recorder.log(f"tracking ({report_to}) turned off after an error: {type(exc).__name__}: {exc}")
+                    tracker = None
+            if listener is not None:
+                listener(event)
+
+        try:
+            tracker = create_tracker(report_to, run_dir, config)
+            if resume:
+                resume_run(run_dir, emit, stop_event=stop_event, device=self.device)
+            else:
+                train(config, run_dir, emit, stop_event=stop_event, device=self.device, report=report)
+            _write_card(run_dir, recorder.log)  # after RunFinished, so not an event
+        except BaseException as exc:  # noqa: BLE001 - reported as RunFailed, not swallowed
+            emit(RunFailed(error=error_message(exc), traceback=traceback.format_exc()))
+        finally:
+            if tracker is not None:
+                try:
+                    tracker.close()
+                except Exception as exc:  # noqa: BLE001 - see emit
+                    recorder.log(f"tracking ({report_to}) could not be closed: {exc}")
 
     def start_launched(
         self,
@@ -219,7 +380,7 @@ class JobRunner:
         with self._lock:
             self._refuse_if_busy()
             preflight(config, self.device, progress)
-            run_dir = self.store.create_run(config)
+            run_dir = self.create_run(config)
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))
                 port = str(sock.getsockname()[1])
@@ -247,57 +408,67 @@ class JobRunner:
                     tail = (run_dir / "launch.log").read_text(encoding="utf-8", errors="replace")[-1500:]
                     raise RuntimeError(f"the launched run exited with code {process.returncode}: {tail.strip()}")
 
-            return self._launch(run_dir, config, work, None, record=False)
+            recorder = RunRecorder(run_dir)
 
-    def _refuse_if_busy(self) -> None:
-        job = self._job
-        if job is not None and job.running and job.finished.is_set():
-            job.wait(30)  # the run has ended; only its cleanup is left, so wait instead of refusing
-        if self.is_busy():
-            raise BusyError(
-                f"A training run is already in progress ({self._job.run_dir.name}). "
-                "Wait for it to finish or press Stop first."
-            )
+            def target() -> None:
+                try:
+                    work(job, recorder)
+                except BaseException as exc:  # noqa: BLE001 - reported as RunFailed, not swallowed
+                    recorder(RunFailed(error=error_message(exc), traceback=traceback.format_exc()))
+                finally:
+                    job.finished.set()
+                    job.done.set()
 
-    def _launch(
-        self,
-        run_dir: Path,
-        config: TrainConfig,
-        work: Callable[[Job, Callable[[Event], None]], None],
-        listener: Callable[[Event], None] | None,
-        record: bool = True,
-    ) -> Job:
-        """Starts ``work(job, emit)`` in a daemon thread that records events into ``run_dir``
-        (with ``record=False`` only failures are recorded: a launched process writes the rest)."""
-        recorder = RunRecorder(run_dir)
+            thread = threading.Thread(target=target, name=f"vitft-launch-{run_dir.name}", daemon=True)
+            job = Job(run_dir=run_dir, config=config, thread=thread, name=run_dir.name)
+            self._job = job
+            thread.start()
+            return job
 
-        def emit(event: Event) -> None:
-            if record or isinstance(event, RunFailed):
-                recorder(event)
-            if isinstance(event, (RunFinished, RunFailed)):
-                job.finished.set()
-            if listener is not None:
-                listener(event)
+    def start_task(self, name: str, task: Callable[[Job], Any]) -> Job:
+        """Runs ``task(job)`` in a daemon thread under the one-job-at-a-time rule.
 
-        def target() -> None:
-            try:
-                work(job, emit)
-                if record:
-                    _write_card(run_dir, recorder.log)  # after RunFinished, so not an event
-            except BaseException as exc:  # noqa: BLE001 - reported as RunFailed, not swallowed
-                emit(RunFailed(error=error_message(exc), traceback=traceback.format_exc()))
-            finally:
-                release_device_memory()
-                job.done.set()
+        The task trains its runs with :meth:`create_run` and :meth:`run_training` in this thread,
+        sets ``job.run_dir`` / ``job.config`` to the run it is training (so the Train tab follows
+        it), and checks ``job.stop_event`` between runs; it can :meth:`Job.link_stop_event` the
+        stop event it gives a run, so that Stop ends that run too. What it returns lands in
+        ``job.result``; an exception becomes ``job.error`` (one line; the traceback is printed to
+        stderr) and is never swallowed silently.
 
-        thread = threading.Thread(target=target, name=f"vitft-train-{run_dir.name}", daemon=True)
-        job = Job(run_dir=run_dir, config=config, thread=thread)
-        self._job = job
-        thread.start()
-        return job
+        Args:
+            name: what the job is, for messages (``"sweep lr-search"``).
+            task: the callable; receives the :class:`Job`.
+
+        Returns:
+            The started :class:`Job`.
+
+        Raises:
+            BusyError: a job is already running.
+        """
+        import sys
+
+        with self._lock:
+            self._refuse_if_busy()
+
+            def target() -> None:
+                try:
+                    job.result = task(job)
+                except BaseException as exc:  # noqa: BLE001 - kept on the job and printed
+                    job.error = error_message(exc)
+                    print(f"vitft: job {name!r} failed:\n{traceback.format_exc()}", file=sys.stderr)
+                finally:
+                    release_device_memory()
+                    job.done.set()
+
+            thread = threading.Thread(target=target, name=f"vitft-task-{name}", daemon=True)
+            job = Job(run_dir=self.store.root, config=None, thread=thread, name=name, kind="task")
+            self._job = job
+            thread.start()
+            return job
 
     def stop(self) -> bool:
-        """Asks the running job to stop (it exits before its next micro-batch).
+        """Asks the running job to stop (it exits before its next micro-batch; a sweep stops its
+        current trial and starts no other).
 
         Returns:
             True when a running job was signalled, False when nothing was running.
@@ -305,7 +476,7 @@ class JobRunner:
         job = self._job
         if job is None or not job.running:
             return False
-        job.stop_event.set()
+        job.request_stop()
         return True
 
 

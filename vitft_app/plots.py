@@ -162,3 +162,43 @@ def figure_precision_recall(y_true: np.ndarray, probs: np.ndarray, classes: list
     fig.update_layout(title="Precision-recall", xaxis_title="recall", yaxis_title="precision",
                       template="plotly_white", height=360)
     return fig
+
+
+#: What :func:`figure_compare` can plot: ``metric -> (metrics.csv kind, column, title, y axis)``.
+COMPARE_METRICS = {
+    "val_accuracy": ("eval", "val_accuracy", "Validation accuracy", "accuracy"),
+    "val_loss": ("eval", "val_loss", "Validation loss", "cross-entropy"),
+    "loss": ("train", "loss", "Training loss", "cross-entropy"),
+}
+
+
+def figure_compare(metrics_by_run: dict[str, pd.DataFrame], metric: str = "val_accuracy") -> go.Figure:
+    """One curve per run, overlaid, against the (fractional) epoch so that runs with different
+    batch sizes line up.
+
+    Args:
+        metrics_by_run: ``{run name: metrics.csv frame}`` (columns ``kind``, ``epoch`` and the metric).
+        metric: ``"val_accuracy"``, ``"val_loss"`` (one point per epoch) or ``"loss"`` (training
+            loss per logging step), see :data:`COMPARE_METRICS`.
+
+    Returns:
+        A figure with exactly one trace per run (empty for a run without rows yet).
+
+    Raises:
+        ValueError: an unknown ``metric``.
+    """
+    if metric not in COMPARE_METRICS:
+        raise ValueError(f"metric must be one of {list(COMPARE_METRICS)}, got {metric!r}")
+    kind, column, title, y_title = COMPARE_METRICS[metric]
+    fig = go.Figure()
+    for name, metrics in metrics_by_run.items():
+        if metrics.empty or column not in metrics.columns or "kind" not in metrics.columns:
+            rows = pd.DataFrame({"epoch": [], column: []})
+        else:
+            rows = metrics[metrics["kind"] == kind]
+        fig.add_trace(go.Scatter(x=rows["epoch"], y=rows[column], mode="lines+markers", name=str(name)))
+    fig.update_layout(title=title, xaxis_title="epoch", yaxis_title=y_title, template="plotly_white", height=340,
+                      margin=dict(l=50, r=20, t=50, b=40), legend=dict(orientation="h", y=-0.25))
+    if metric == "val_accuracy":
+        fig.update_yaxes(range=[0, 1.02])
+    return fig

@@ -79,21 +79,26 @@ def build_app(settings: AppSettings) -> gr.Blocks:
     Returns:
         The ``gr.Blocks`` app (call ``.launch()``).
     """
-    from . import data_tab, evaluate_tab, predict_tab, train_tab
+    from . import data_tab, evaluate_tab, predict_tab, runs_tab, sweep_tab, train_tab
 
     ctx = AppContext(settings=settings, runner=JobRunner(settings.runs_dir, device=settings.device, launch_multi_gpu=True))
     with gr.Blocks(title="vitft: fine-tune a Vision Transformer") as demo:
         gr.Markdown(
             "# vitft\nFine-tune a Vision Transformer on a folder of images: **Data** → **Train** → **Evaluate** → **Predict**."
+            " **Runs** lists and compares every run; **Sweep** searches hyperparameters."
         )
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Data", id="data"):
                 data = data_tab.build(ctx)
             with gr.Tab("Train", id="train"):
                 train_tab.build(ctx, data)
             with gr.Tab("Evaluate", id="evaluate") as evaluate:
-                evaluate_tab.build(ctx, demo, evaluate)
+                evaluate_run = evaluate_tab.build(ctx, demo, evaluate)
             with gr.Tab("Predict", id="predict") as predict:
-                predict_tab.build(ctx, demo, predict)
+                predict_run = predict_tab.build(ctx, demo, predict)
+            with gr.Tab("Runs", id="runs") as runs:
+                runs_tab.build(ctx, demo, runs, tabs, evaluate_run, predict_run)
+            with gr.Tab("Sweep", id="sweep") as sweep:
+                sweep_tab.build(ctx, demo, sweep, data)
         demo.load(data_tab.scan_folder_outputs_fn(ctx), inputs=data.path, outputs=data.outputs)
     return demo

@@ -149,8 +149,12 @@ def make_report(run_dir: str | None) -> tuple[str | None, str]:
     return str(copy), f"📄 Written to `{path}`; it opens in any browser, without the app."
 
 
-def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> None:
-    """Builds the Evaluate tab's components and events."""
+def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> gr.Dropdown:
+    """Builds the Evaluate tab's components and events.
+
+    Returns:
+        The run dropdown (the Runs tab's "open in Evaluate" sets it).
+    """
     with gr.Row():
         run = gr.Dropdown(label="Model (run)", choices=[], elem_id="eval-run", scale=4)
         refresh = gr.Button("↻ Refresh", scale=1)
@@ -200,3 +204,4 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> None:
     refresh.click(lambda current: refresh_runs(ctx, current), inputs=run, outputs=run)
     demo.load(lambda: refresh_runs(ctx, None), outputs=run)
     tab.select(lambda current: refresh_runs(ctx, current), inputs=run, outputs=run)
+    return run

@@ -189,8 +189,12 @@ def push_model(run_dir: str | None, repo_id: str | None, token: str | None, priv
     return f"✅ Pushed to {url}"
 
 
-def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> None:
-    """Builds the Predict tab's components and events."""
+def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> gr.Dropdown:
+    """Builds the Predict tab's components and events.
+
+    Returns:
+        The run dropdown (the Runs tab's "open in Predict" sets it).
+    """
     with gr.Row():
         run = gr.Dropdown(label="Model (run)", choices=[], elem_id="predict-run", scale=4)
         refresh = gr.Button("↻ Refresh", scale=1)
@@ -278,3 +282,4 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> None:
     refresh.click(lambda current: refresh_runs(ctx, current), inputs=run, outputs=run)
     demo.load(lambda: refresh_runs(ctx, None), outputs=run)
     tab.select(lambda current: refresh_runs(ctx, current), inputs=run, outputs=run)
+    return run

@@ -1,0 +1,256 @@
+"""Runs tab: every run in one table; filter, sort, rename, delete, open in Evaluate/Predict,
+resume, compare curves and configs; the tracking switch for new runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from ..plots import figure_compare
+from ..runs import STATUSES, is_run_dir, model_dir, read_status
+from ..runs_table import (
+    compare_configs,
+    delete_run,
+    filter_runs,
+    metrics_by_run,
+    rename_run,
+    runs_table,
+    style_differences,
+)
+from ..tracking import REPORT_TO_CHOICES, check_report_to
+
+#: Columns shown in the table (``path`` stays server-side).
+SHOWN_COLUMNS = ["name", "status", "dataset", "model", "freeze_depth", "lr", "batch_size", "epochs", "augment",
+                 "best_val_accuracy", "macro_f1", "duration", "date", "sweep", "run_id"]
+SORT_CHOICES = ["date", "name", "status", "best_val_accuracy", "macro_f1", "lr", "batch_size", "epochs", "sweep"]
+STATUS_FILTERS = ["all"] + [s for s in STATUSES if s != "starting"]
+
+
+def active_run(ctx: Any) -> str | None:
+    """The run folder the app's job is training now, or None."""
+    job = ctx.runner.current
+    return str(job.run_dir) if job is not None and job.running else None
+
+
+def table_view(ctx: Any, text: str | None = None, status: str | None = "all", sort_by: str | None = "date",
+               descending: bool = True) -> pd.DataFrame:
+    """The filtered, sorted runs table as shown (accuracies rounded to 4 places)."""
+    column = "run_id" if sort_by in (None, "", "date") else sort_by  # run ids start with the start time
+    frame = filter_runs(runs_table(ctx.settings.runs_dir), text, status, column, descending)
+    shown = frame[SHOWN_COLUMNS].copy()
+    for column in ("best_val_accuracy", "macro_f1"):
+        shown[column] = pd.to_numeric(shown[column], errors="coerce").round(4)
+    shown["lr"] = pd.to_numeric(shown["lr"], errors="coerce").map(lambda v: float(f"{v:.3g}"), na_action="ignore")
+    return shown
+
+
+def run_choices(ctx: Any) -> list[tuple[str, str]]:
+    """``(label, run folder)`` for every run, newest first (label: display name and run id)."""
+    frame = runs_table(ctx.settings.runs_dir)
+    return [(name if name == run_id else f"{name} ({run_id})", path)
+            for name, run_id, path in zip(frame["name"], frame["run_id"], frame["path"])]
+
+
+def refresh(ctx: Any, text: str | None, status: str | None, sort_by: str | None, descending: bool,
+            selected: str | None, compared: list[str] | None) -> tuple[pd.DataFrame, Any, Any]:
+    """``(table, selected-run dropdown update, compare dropdown update)``; keeps choices that still exist."""
+    choices = run_choices(ctx)
+    paths = [path for _, path in choices]
+    return (table_view(ctx, text, status, sort_by, descending),
+            gr.update(choices=choices, value=selected if selected in paths else None),
+            gr.update(choices=choices, value=[p for p in (compared or []) if p in paths]))
+
+
+def run_from_row(ctx: Any, table: pd.DataFrame | None, row: int) -> str | None:
+    """The run folder of a clicked table row (via its ``run_id`` cell)."""
+    if table is None or not len(table) or row < 0 or row >= len(table) or "run_id" not in table.columns:
+        return None
+    path = Path(ctx.settings.runs_dir) / str(table.iloc[row]["run_id"])
+    return str(path) if is_run_dir(path) else None
+
+
+def rename_selected(ctx: Any, run_dir: str | None, name: str | None) -> str:
+    """Renames (display name only) and returns a message. Never raises."""
+    if not run_dir:
+        return "Choose a run first (click its row)."
+    try:
+        shown = rename_run(run_dir, name or "")
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        return f"❌ {exc}"
+    return f"✏️ `{Path(run_dir).name}` is now shown as **{shown}** (the folder keeps its name)."
+
+
+def ask_delete(ctx: Any, run_dir: str | None) -> tuple[str, Any]:
+    """First step of Delete: ``(message, confirmation row update)``; refuses the running job."""
+    if not run_dir:
+        return "Choose a run first (click its row).", gr.update(visible=False)
+    if active_run(ctx) == run_dir or read_status(run_dir).get("status") in ("starting", "running"):
+        return f"❌ `{Path(run_dir).name}` is training right now: press Stop and wait for it to end first.", \
+            gr.update(visible=False)
+    return (f"⚠️ Delete `{Path(run_dir).name}` and everything in its folder (model, metrics, evaluations)?"
+            " This cannot be undone.", gr.update(visible=True))
+
+
+def confirm_delete(ctx: Any, run_dir: str | None) -> tuple[str, Any]:
+    """Deletes after confirmation: ``(message, confirmation row update)``. Never raises."""
+    hide = gr.update(visible=False)
+    if not run_dir:
+        return "Choose a run first (click its row).", hide
+    try:
+        delete_run(run_dir, ctx.settings.runs_dir, active_run(ctx))
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        return f"❌ {exc}", hide
+    return f"🗑️ Deleted `{Path(run_dir).name}`.", hide
+
+
+def open_in(ctx: Any, run_dir: str | None, target: str) -> tuple[Any, str, bool]:
+    """Prepares "open in Evaluate / Predict".
+
+    Args:
+        target: ``"evaluate"`` or ``"predict"``.
+
+    Returns:
+        ``(run dropdown update for that tab, message, whether to switch tabs)``; a run without a
+        saved model is a message and no switch.
+    """
+    from .predict_tab import run_choices as model_choices
+
+    if not run_dir:
+        return gr.skip(), "Choose a run first (click its row).", False
+    if model_dir(run_dir) is None:
+        return gr.skip(), f"❌ `{Path(run_dir).name}` has no saved model yet (no epoch finished).", False
+    return gr.update(choices=model_choices(ctx), value=run_dir), f"Opened `{Path(run_dir).name}` in {target.title()}.", True
+
+
+def resume_selected(ctx: Any, run_dir: str | None) -> str:
+    """RESUME HOOK: resumes a stopped, interrupted or failed run with
+    ``vitft_app.training.resume_run`` when this version has it.
+
+    Expected contract (to be settled with the resume work): ``resume_run(run_dir, *, stop_event,
+    device)`` trains into the same run folder, recording its own events there, and runs here as
+    the runner's task job (so Stop and the one-job rule apply). Until it exists, a message.
+    """
+    from .. import training
+
+    resume_run = getattr(training, "resume_run", None)
+    if resume_run is None:
+        return "Resume needs the recipe update (training.resume_run is not in this version yet)."
+    if not run_dir:
+        return "Choose a run first (click its row)."
+    state = read_status(run_dir).get("status")
+    if state not in ("stopped", "interrupted", "failed"):
+        return f"Only a stopped, interrupted or failed run can be resumed; `{Path(run_dir).name}` is {state}."
+    try:
+        ctx.runner.start_task(f"resume {Path(run_dir).name}",
+                              lambda job: resume_run(run_dir, stop_event=job.stop_event, device=ctx.settings.device))
+    except Exception as exc:  # noqa: BLE001 - BusyError and resume errors become a message
+        return f"❌ {exc}"
+    return f"▶️ Resuming `{Path(run_dir).name}`; follow it in the Train tab."
+
+
+def compare(ctx: Any, run_dirs: list[str] | None) -> tuple[Any, Any, Any, str]:
+    """``(loss figure, val accuracy figure, config table (Styler), message)`` for the chosen runs."""
+    run_dirs = [r for r in (run_dirs or []) if is_run_dir(r)]
+    if len(run_dirs) < 2:
+        return None, None, None, "Choose at least two runs to compare."
+    metrics = metrics_by_run(run_dirs)
+    table = compare_configs(run_dirs)
+    differing = int(table["differs"].sum())
+    return (figure_compare(metrics, "loss"), figure_compare(metrics, "val_accuracy"), style_differences(table),
+            f"{len(run_dirs)} runs; {differing} setting(s) differ (highlighted, listed first).")
+
+
+def set_tracking(ctx: Any, value: str) -> tuple[str, str]:
+    """Sets the tracking backend of new runs (Train tab and sweeps) for this app.
+
+    Returns:
+        ``(value now in effect, message)``; a missing package keeps ``"none"`` and says what to install.
+    """
+    try:
+        ctx.runner.report_to = check_report_to(value)
+    except ValueError as exc:
+        ctx.runner.report_to = "none"
+        return "none", f"❌ {exc}"
+    if ctx.runner.report_to == "none":
+        return "none", "New runs write only their run folder."
+    where = "RUN_DIR/tensorboard (tensorboard --logdir <runs folder>)" if value == "tensorboard" else \
+        "RUN_DIR/mlruns, or MLFLOW_TRACKING_URI when set"
+    return ctx.runner.report_to, f"New runs also report to **{value}**: {where}."
+
+
+def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab, tabs: gr.Tabs, evaluate_run: gr.Dropdown,
+          predict_run: gr.Dropdown) -> None:
+    """Builds the Runs tab.
+
+    Args:
+        tabs: the app's ``gr.Tabs`` (open in Evaluate / Predict switches it).
+        evaluate_run, predict_run: those tabs' run dropdowns.
+    """
+    with gr.Row():
+        text = gr.Textbox(label="Filter", placeholder="name, dataset, model or sweep", scale=3, elem_id="runs-filter")
+        status = gr.Dropdown(STATUS_FILTERS, value="all", label="Status", scale=1, elem_id="runs-status")
+        sort_by = gr.Dropdown(SORT_CHOICES, value="date", label="Sort by", scale=1)
+        descending = gr.Checkbox(True, label="Descending", scale=1)
+        refresh_button = gr.Button("↻ Refresh", scale=1)
+    table = gr.Dataframe(label="Runs (click a row to select it)", interactive=False, elem_id="runs-table")
+    with gr.Row():
+        selected = gr.Dropdown(label="Selected run", choices=[], scale=3, elem_id="runs-selected")
+        new_name = gr.Textbox(label="New display name", scale=2, elem_id="runs-new-name")
+        rename_button = gr.Button("Rename", scale=1, elem_id="runs-rename")
+    with gr.Row():
+        evaluate_button = gr.Button("Open in Evaluate", elem_id="runs-open-evaluate")
+        predict_button = gr.Button("Open in Predict", elem_id="runs-open-predict")
+        resume_button = gr.Button("Resume", elem_id="runs-resume")  # RESUME HOOK: see resume_selected
+        delete_button = gr.Button("Delete…", variant="stop", elem_id="runs-delete")
+    with gr.Row(visible=False) as confirm_row:
+        confirm_button = gr.Button("Yes, delete it", variant="stop", elem_id="runs-delete-confirm")
+        cancel_button = gr.Button("Cancel")
+    message = gr.Markdown(elem_id="runs-message")
+    with gr.Accordion("Compare runs", open=False):
+        compared = gr.Dropdown(label="Runs to compare", choices=[], multiselect=True, elem_id="runs-compare")
+        compare_button = gr.Button("Compare", elem_id="runs-compare-button")
+        compare_message = gr.Markdown()
+        with gr.Row():
+            loss_plot = gr.Plot(label="Training loss")
+            accuracy_plot = gr.Plot(label="Validation accuracy")
+        config_table = gr.Dataframe(label="Settings side by side (differing rows highlighted)", interactive=False,
+                                    elem_id="runs-compare-table")
+    with gr.Accordion("Tracking", open=False):
+        tracking = gr.Radio(list(REPORT_TO_CHOICES), value=ctx.runner.report_to,
+                            label="Also report new runs (Train tab and sweeps) to",
+                            info="tensorboard and mlflow need pip install -e '.[tracking]'", elem_id="runs-tracking")
+        tracking_message = gr.Markdown()
+    switch = gr.State(False)
+
+    filters = [text, status, sort_by, descending, selected, compared]
+    outputs = [table, selected, compared]
+
+    def on_refresh(*values: Any) -> tuple:
+        return refresh(ctx, *values)
+
+    def on_row(frame: pd.DataFrame, event: gr.SelectData) -> Any:
+        run_dir = run_from_row(ctx, frame, int(event.index[0]))
+        return run_dir if run_dir else gr.skip()
+
+    for trigger in (refresh_button.click, text.submit, status.change, sort_by.change, descending.change, tab.select):
+        trigger(on_refresh, inputs=filters, outputs=outputs)
+    demo.load(on_refresh, inputs=filters, outputs=outputs)
+    table.select(on_row, inputs=table, outputs=selected)
+    rename_button.click(lambda run_dir, name: rename_selected(ctx, run_dir, name), inputs=[selected, new_name],
+                        outputs=message).then(on_refresh, inputs=filters, outputs=outputs)
+    delete_button.click(lambda run_dir: ask_delete(ctx, run_dir), inputs=selected, outputs=[message, confirm_row])
+    confirm_button.click(lambda run_dir: confirm_delete(ctx, run_dir), inputs=selected,
+                         outputs=[message, confirm_row]).then(on_refresh, inputs=filters, outputs=outputs)
+    cancel_button.click(lambda: ("Not deleted.", gr.update(visible=False)), outputs=[message, confirm_row])
+    resume_button.click(lambda run_dir: resume_selected(ctx, run_dir), inputs=selected, outputs=message)
+    for button, target, dropdown in ((evaluate_button, "evaluate", evaluate_run), (predict_button, "predict", predict_run)):
+        # Set the target tab's dropdown first, then switch, so its select handler sees the new value.
+        button.click(lambda run_dir, target=target: open_in(ctx, run_dir, target), inputs=selected,
+                     outputs=[dropdown, message, switch]).then(
+            lambda go, target=target: gr.Tabs(selected=target) if go else gr.skip(), inputs=switch, outputs=tabs)
+    compare_button.click(lambda run_dirs: compare(ctx, run_dirs), inputs=compared,
+                         outputs=[loss_plot, accuracy_plot, config_table, compare_message])
+    tracking.change(lambda value: set_tracking(ctx, value), inputs=tracking, outputs=[tracking, tracking_message])
