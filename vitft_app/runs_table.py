@@ -62,14 +62,25 @@ def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_macro_f1(run_dir: str | os.PathLike) -> float | None:
-    """Macro-F1 of the run's latest evaluation of the validation split (``eval/val/metrics.json``,
-    written by ``vitft evaluate`` or the Evaluate tab); None when the run was not evaluated.
-    ``metrics.csv`` holds only loss and accuracy, so there is no F1 without an evaluation."""
+    """Macro-F1 on the validation split: of the latest evaluation (``eval/val/metrics.json``,
+    written by ``vitft evaluate`` or the Evaluate tab), else of the best epoch logged in
+    ``metrics.csv`` (``val_f1_macro`` of the epoch with the best ``val_accuracy``, or ``val_map``
+    for multi-label); None when neither exists (runs of older versions)."""
     try:
         metrics = json.loads((Path(run_dir) / "eval" / "val" / "metrics.json").read_text(encoding="utf-8"))
         return float(metrics["macro_f1"])
     except (OSError, ValueError, KeyError, TypeError):
+        pass
+    from .runs import read_metrics
+
+    frame = read_metrics(run_dir)
+    if frame.empty or "val_f1_macro" not in frame:
         return None
+    evals = frame[frame["kind"] == "eval"].dropna(subset=["val_f1_macro"])
+    if evals.empty:
+        return None
+    monitor = "val_map" if "val_map" in evals and evals["val_map"].notna().any() else "val_accuracy"
+    return float(evals.loc[evals[monitor].astype(float).idxmax(), "val_f1_macro"])
 
 
 def _parse_time(text: Any) -> datetime | None:

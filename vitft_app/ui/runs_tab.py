@@ -126,29 +126,14 @@ def open_in(ctx: Any, run_dir: str | None, target: str) -> tuple[Any, str, bool]
 
 
 def resume_selected(ctx: Any, run_dir: str | None) -> str:
-    """RESUME HOOK: resumes a stopped, interrupted or failed run with
-    ``vitft_app.training.resume_run`` when this version has it.
+    """Resumes the selected stopped, interrupted or failed run from its checkpoint (the Train
+    tab's Resume, :func:`vitft_app.ui.train_tab.resume_run`). Never raises."""
+    from .train_tab import resume_run
 
-    Expected contract (to be settled with the resume work): ``resume_run(run_dir, *, stop_event,
-    device)`` trains into the same run folder, recording its own events there, and runs here as
-    the runner's task job (so Stop and the one-job rule apply). Until it exists, a message.
-    """
-    from .. import training
-
-    resume_run = getattr(training, "resume_run", None)
-    if resume_run is None:
-        return "Resume needs the recipe update (training.resume_run is not in this version yet)."
     if not run_dir:
         return "Choose a run first (click its row)."
-    state = read_status(run_dir).get("status")
-    if state not in ("stopped", "interrupted", "failed"):
-        return f"Only a stopped, interrupted or failed run can be resumed; `{Path(run_dir).name}` is {state}."
-    try:
-        ctx.runner.start_task(f"resume {Path(run_dir).name}",
-                              lambda job: resume_run(run_dir, stop_event=job.stop_event, device=ctx.settings.device))
-    except Exception as exc:  # noqa: BLE001 - BusyError and resume errors become a message
-        return f"❌ {exc}"
-    return f"▶️ Resuming `{Path(run_dir).name}`; follow it in the Train tab."
+    text, resumed = resume_run(ctx, run_dir)
+    return text + (" Follow it in the Train tab." if resumed else "")
 
 
 def compare(ctx: Any, run_dirs: list[str] | None) -> tuple[Any, Any, Any, str]:
@@ -203,7 +188,7 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab, tabs: gr.Tabs, evaluate_run: g
     with gr.Row():
         evaluate_button = gr.Button("Open in Evaluate", elem_id="runs-open-evaluate")
         predict_button = gr.Button("Open in Predict", elem_id="runs-open-predict")
-        resume_button = gr.Button("Resume", elem_id="runs-resume")  # RESUME HOOK: see resume_selected
+        resume_button = gr.Button("Resume", elem_id="runs-resume")
         delete_button = gr.Button("Delete…", variant="stop", elem_id="runs-delete")
     with gr.Row(visible=False) as confirm_row:
         confirm_button = gr.Button("Yes, delete it", variant="stop", elem_id="runs-delete-confirm")
