@@ -209,3 +209,42 @@ def test_bf16_store_halves_memory_and_stays_close():
     bf16 = compute_features(prefix, batches, 6, store_dtype=torch.bfloat16)
     assert bf16.nbytes * 2 == fp32.nbytes and bf16.labels.tolist() == [0] * 4 + [1] * 2
     torch.testing.assert_close(bf16.features.float(), fp32.features, rtol=1e-2, atol=1e-2)
+
+
+# ---- prediction fast path -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("processor", [
+    ViTImageProcessor(size={"height": 32, "width": 32}),
+    ViTImageProcessor(size={"shortest_edge": 40}, do_center_crop=True, crop_size={"height": 32, "width": 32},
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], resample=3),
+])
+def test_eval_preprocess_equals_build_transforms(photos, processor):
+    from vitft_app.images import load_image
+    from vitft_app.predict import EvalPreprocess
+
+    fast, reference = EvalPreprocess(processor), build_transforms(processor, train=False)
+    for path in sorted(photos.rglob("*.*")):
+        image = load_image(path)
+        torch.testing.assert_close(fast(image), reference(image), rtol=0, atol=1e-6)
+
+
+def test_predictor_bf16_agrees_with_fp32_and_restores_threads(tmp_path, photos):
+    from conftest import save_tiny_vit
+    from vitft_app.predict import Predictor
+
+    folder = save_tiny_vit(tmp_path / "m", labels=["ants", "bees"])
+    paths = [str(p) for p in sorted(photos.rglob("*.*"))]
+    exact = Predictor(folder, device="cpu")
+    assert exact.plan.precision == "fp32"
+    fast = Predictor(folder, device="cpu", precision="bf16", num_threads=1)
+    threads = torch.get_num_threads()
+    p32, p16 = exact.predict_proba(paths), fast.predict_proba(paths)
+    assert torch.get_num_threads() == threads
+    torch.testing.assert_close(p16, p32, rtol=0, atol=3e-2)
+    # the draft-decoded JPEG path gives what the training run's validation loader gives
+    spec_val = ImageDataset([type("I", (), {"path": p, "label": 0})() for p in paths],
+                            build_transforms(exact.processor, train=False), exact.draft_size)
+    with torch.no_grad():
+        expected = exact.model(pixel_values=torch.stack([spec_val[i][0] for i in range(len(paths))])).logits.softmax(-1)
+    torch.testing.assert_close(p32, expected, rtol=0, atol=1e-5)
