@@ -64,7 +64,7 @@ class AppContext:
 
                     self._predictors[key] = OnnxPredictor(folder)
                 else:
-                    self._predictors[key] = Predictor(folder, device=self.settings.device, precision="auto")
+                    self._predictors[key] = Predictor(folder, device=self.settings.device)
                 while len(self._predictors) > 2:
                     self._predictors.popitem(last=False)
             return self._predictors[key]
