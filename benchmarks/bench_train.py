@@ -131,18 +131,24 @@ def _reference_transform(image_size: int):
 
 
 def matmul_flops(dtype_name: str, n: int = 2048, seconds: float = 2.0) -> float:
-    """Measured FLOP/s of an ``n^3`` matmul (best of repeated timings for ~``seconds``)."""
+    """Measured FLOP/s of an ``n^3`` matmul: the median of repeated timings for ~``seconds``.
+
+    The median, not the best: on a shared machine the best timing catches moments when the other
+    tenants are idle, while a training row's images/s is an average over its whole run.
+    """
+    import statistics
+
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
-    best, t_end = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
+    times, t_end = [], time.perf_counter() + seconds
+    while time.perf_counter() < t_end or len(times) < 3:
         t0 = time.perf_counter()
         a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
 
 
 def child_ceiling(args) -> dict:
