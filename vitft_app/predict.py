@@ -1,4 +1,11 @@
-"""Prediction with a saved model: the same loader and image processor as training."""
+"""Prediction with a saved model: the same loader and image processor as training.
+
+Speed (see ``benchmarks/bench_predict.py``): images are decoded with the JPEG draft at the model
+size (as the training run's validation does), resized by Pillow and normalized by numpy in one
+pass (:class:`EvalPreprocess`, equal to ``build_transforms(processor, train=False)``), the model
+runs under ``torch.inference_mode`` with SDPA attention, in bf16 autocast when ``precision``
+resolves to bf16, on ``num_threads`` intra-op threads of the calling thread only.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +18,12 @@ from typing import Any, Sequence
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from .data import build_transforms
+import contextlib
+
+import numpy as np
+from PIL import Image
+
+from .data import build_transforms, processor_spec
 from .device import resolve_device_plan
 from .images import ImageSource, load_image
 
@@ -75,12 +87,53 @@ def expand_image_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
     return found
 
 
-def load_pixels(images: Sequence[ImageSource], transform: Any) -> torch.Tensor:
+class EvalPreprocess:
+    """The evaluation transform of an image processor, computed by Pillow and numpy.
+
+    Same result as ``build_transforms(processor, train=False)`` (Pillow resize + center crop, then
+    ``(x / 255 - mean) / std`` in float32, the same operations in the same order), without
+    torch's intra-op thread pool for a 150k-element tensor: on a busy 2-core machine the
+    torchvision tail alone took 30-50 ms per image, this takes well under 1 ms.
+
+    Args:
+        processor: a transformers image processor.
+
+    Attributes:
+        draft_size: ``(width, height)`` for :func:`~vitft_app.images.load_image`'s JPEG draft:
+            the model size, as the training run's validation loader uses.
+    """
+
+    def __init__(self, processor: Any):
+        from torchvision.transforms import InterpolationMode, v2
+
+        spec = processor_spec(processor)
+        mode = InterpolationMode[spec.interpolation]
+        steps: list[Any] = [v2.Resize(spec.resize, interpolation=mode, antialias=True)]
+        if spec.crop is not None:
+            steps.append(v2.CenterCrop(spec.crop))
+        self.resize = v2.Compose(steps)
+        self.mean = np.asarray(spec.mean, dtype=np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(spec.std, dtype=np.float32).reshape(3, 1, 1)
+        out_h, out_w = spec.output_size
+        self.draft_size = (out_w, out_h)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """PIL RGB image -> float32 tensor ``(3, H, W)``."""
+        array = np.asarray(self.resize(image), dtype=np.uint8).transpose(2, 0, 1).astype(np.float32)
+        array /= np.float32(255.0)
+        array -= self.mean
+        array /= self.std
+        return torch.from_numpy(array)
+
+
+def load_pixels(images: Sequence[ImageSource], transform: Any, draft_size: tuple[int, int] | None = None) -> torch.Tensor:
     """Loads images through :func:`~vitft_app.images.load_image` and the model's eval transform.
 
     Args:
         images: paths, bytes, file objects or PIL images.
-        transform: PIL RGB image -> float32 tensor ``(3, H, W)`` (``build_transforms(..., train=False)``).
+        transform: PIL RGB image -> float32 tensor ``(3, H, W)`` (``build_transforms(..., train=False)``
+            or :class:`EvalPreprocess`).
+        draft_size: ``(width, height)`` JPEG draft (see :func:`~vitft_app.images.load_image`), or None.
 
     Returns:
         float32 tensor of shape ``(len(images), 3, H, W)``.
@@ -88,7 +141,7 @@ def load_pixels(images: Sequence[ImageSource], transform: Any) -> torch.Tensor:
     Raises:
         ImageLoadError: an image cannot be read.
     """
-    return torch.stack([transform(load_image(image)) for image in images])
+    return torch.stack([transform(load_image(image, draft_size=draft_size)) for image in images])
 
 
 class ClassifierBackend(abc.ABC):
@@ -127,17 +180,34 @@ class ClassifierBackend(abc.ABC):
             ImageLoadError: an image cannot be read.
         """
         rows = []
-        for start in range(0, len(images), batch_size):
-            pixels = load_pixels(images[start : start + batch_size], self.transform)
-            probs = self._activate(self.logits(pixels))
-            if tta:
-                probs = (probs + self._activate(self.logits(pixels.flip(-1)))) / 2
-            rows.append(probs)
+        draft = getattr(self, "draft_size", None)
+        with self._threads():
+            for start in range(0, len(images), batch_size):
+                pixels = load_pixels(images[start : start + batch_size], self.transform, draft)
+                probs = self._activate(self.logits(pixels))
+                if tta:
+                    probs = (probs + self._activate(self.logits(pixels.flip(-1)))) / 2
+                rows.append(probs)
         return torch.cat(rows) if rows else torch.empty(0, len(self.id2label))
 
     def _activate(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         return torch.sigmoid(logits) if self.multi_label else logits.softmax(-1)
+
+    @contextlib.contextmanager
+    def _threads(self):
+        """Runs with ``self.num_threads`` intra-op threads (when set). ``torch.set_num_threads``
+        acts on the calling thread only, so a training thread in the same process keeps its own."""
+        wanted = getattr(self, "num_threads", None)
+        previous = torch.get_num_threads()
+        if wanted is None or wanted == previous:
+            yield
+            return
+        torch.set_num_threads(wanted)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
 
     def predict(
         self, images: Sequence[ImageSource], top_k: int = 5, batch_size: int = 32, tta: bool = False
@@ -168,17 +238,31 @@ class ClassifierBackend(abc.ABC):
 
 
 class Predictor(ClassifierBackend):
-    """A trained model ready to predict (PyTorch, fp32).
+    """A trained model ready to predict (PyTorch).
 
     Args:
         model_path: a run folder (its ``model/`` is used) or a ``save_pretrained`` folder.
-        device: force a device; default from the device policy. Prediction runs in fp32.
+        device: force a device; default from the device policy.
+        precision: ``"fp32"`` (default: exact, what evaluation and the ONNX parity check use) or
+            ``"auto"``/``"bf16"``: bf16 autocast where the device policy allows it (the Predict
+            tab; on an AVX512-BF16 CPU about 2-4x faster, top-1 equal to fp32 on the benchmark,
+            probabilities within about 1e-2).
+        num_threads: intra-op threads while predicting (the calling thread only); None keeps
+            torch's setting. 1 is fastest for single images on a busy small CPU (see
+            ``benchmarks/README.md``).
 
     Raises:
         FileNotFoundError: no saved model in ``model_path``.
+        ValueError: the precision is not supported on the device.
     """
 
-    def __init__(self, model_path: str | os.PathLike, device: str | None = None):
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        device: str | None = None,
+        precision: str = "fp32",
+        num_threads: int | None = None,
+    ):
         from .modeling import is_model_folder, resolve_model_path
 
         path = Path(model_path).expanduser()
@@ -191,14 +275,22 @@ class Predictor(ClassifierBackend):
         if not is_model_folder(folder):
             raise FileNotFoundError(f"No saved model in {path} (a run saves one after its first epoch)")
         self.path = folder
-        self.plan = resolve_device_plan("fp32", device)
+        self.plan = resolve_device_plan(precision, device)
+        self.num_threads = num_threads
         self.processor = AutoImageProcessor.from_pretrained(folder)
-        self.model = AutoModelForImageClassification.from_pretrained(folder).to(self.plan.device).eval()
+        self.model = AutoModelForImageClassification.from_pretrained(folder)  # SDPA attention: the default
+        self.model = self.model.to(self.plan.device).eval()
         self.id2label = {int(k): v for k, v in self.model.config.id2label.items()}
         self.multi_label = getattr(self.model.config, "problem_type", None) == "multi_label_classification"
-        self.transform = build_transforms(self.processor, train=False)
+        try:
+            self.transform = EvalPreprocess(self.processor)
+            self.draft_size = self.transform.draft_size
+        except (ValueError, KeyError):  # a processor the fast path does not describe
+            self.transform = build_transforms(self.processor, train=False)
+            self.draft_size = None
 
     @torch.inference_mode()
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
         """Runs the model on ``pixels`` (float32 ``(B, 3, H, W)``); returns CPU logits ``(B, C)``."""
-        return self.model(pixel_values=pixels.to(self.plan.device)).logits.float().cpu()
+        with self.plan.autocast():
+            return self.model(pixel_values=pixels.to(self.plan.device)).logits.float().cpu()
