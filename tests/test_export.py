@@ -203,5 +203,7 @@ def test_predict_tab_onnx_backend(tmp_path, digits_small, tiny_vit):
     assert "scores" in onnx_result, onnx_result
     torch_result = predict_tab.predict_files(ctx, str(model), [image], 2, backend="torch")[0]
     assert onnx_result["scores"].keys() == torch_result["scores"].keys()
+    # The tab's PyTorch predictor runs bf16 autocast where the CPU has it (precision "auto"); ONNX
+    # runs fp32. Exact fp32 parity (1e-4) is checked by export_onnx itself (tests above).
     for label, score in torch_result["scores"].items():
-        assert abs(onnx_result["scores"][label] - score) < 1e-4
+        assert abs(onnx_result["scores"][label] - score) < 2e-2
