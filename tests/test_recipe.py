@@ -558,3 +558,38 @@ def test_weights_stay_fp32_under_bf16_autocast(tmp_path, digits_small, tiny_vit)
     run_dir, events, result = run_train(recipe_config(digits_small, tiny_vit, tmp_path, epochs=1, precision="bf16"))
     assert result.status == "completed"
     assert {str(t.dtype) for t in load_file(run_dir / "model" / "model.safetensors").values()} == {"torch.float32"}
+
+
+# ---- frozen-prefix feature caching ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("freeze_depth", [2, 4])  # partial freeze, linear probe
+def test_feature_cache_trains_exactly_like_the_full_forward(tmp_path, digits_small, four_block_vit, monkeypatch,
+                                                            freeze_depth):
+    """With frozen blocks and no random augmentation, the cached run logs the same losses and
+    metrics and ends with the same weights as the run that recomputes every block."""
+    from vitft_app import training
+
+    config = recipe_config(digits_small, four_block_vit, tmp_path / "cached", freeze_depth=freeze_depth, epochs=2)
+    cached_dir, cached_events, _ = run_train(config)
+    assert any(isinstance(e, LogMessage) and "frozen blocks cached" in e.text for e in cached_events)
+    monkeypatch.setattr(training, "USE_FEATURE_CACHE", False)
+    plain_dir, plain_events, _ = run_train(recipe_config(digits_small, four_block_vit, tmp_path / "plain",
+                                                         freeze_depth=freeze_depth, epochs=2))
+    assert not any(isinstance(e, LogMessage) and "cached" in e.text for e in plain_events)
+    losses = lambda events: [e.loss for e in events if isinstance(e, StepLogged)]  # noqa: E731
+    assert losses(cached_events) == pytest.approx(losses(plain_events), abs=1e-5)
+    val = lambda events: [(e.val_loss, e.val_accuracy) for e in events if isinstance(e, EvalDone)]  # noqa: E731
+    for (a_loss, a_acc), (b_loss, b_acc) in zip(val(cached_events), val(plain_events)):
+        assert a_loss == pytest.approx(b_loss, abs=1e-5) and a_acc == b_acc
+    a = load_file(cached_dir / "model" / "model.safetensors")
+    b = load_file(plain_dir / "model" / "model.safetensors")
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+def test_feature_cache_with_augmentation_caches_only_validation(tmp_path, digits_small, four_block_vit):
+    _, events, result = run_train(recipe_config(digits_small, four_block_vit, tmp_path, freeze_depth=2,
+                                                augment="basic", epochs=2))
+    assert result.status == "completed"
+    assert not any(isinstance(e, LogMessage) and "frozen blocks cached" in e.text for e in events)

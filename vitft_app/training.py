@@ -49,6 +49,10 @@ __all__ = [
 ]
 
 
+#: Frozen-prefix feature caching (on by default; tests and benchmarks turn it off to compare).
+USE_FEATURE_CACHE = True
+
+
 class DatasetError(ValueError):
     """The dataset cannot be trained on (fewer than 2 classes, no validation images, ...)."""
 
@@ -190,6 +194,7 @@ def evaluate(
     stop_event: threading.Event | None = None,
     multi_label: bool = False,
     dist_ctx: DistContext | None = None,
+    cached: tuple[nn.Module, "CachedFeatures", int] | None = None,
 ) -> dict[str, float | None] | None:
     """Validation metrics over a loader (no augmentation, eval mode).
 
@@ -200,6 +205,10 @@ def evaluate(
     In a data-parallel run each process evaluates its shard of the validation images and the
     logits are gathered, so every process computes the same metrics over the whole split.
 
+    ``cached = (suffix, features, batch_size)`` evaluates the trainable suffix on the frozen
+    prefix's stored outputs instead of running the whole model on the loader's images (the same
+    logits; see :mod:`vitft_app.feature_cache`).
+
     Returns:
         ``{"loss", "accuracy", "f1_macro", "f1_micro", "map"}`` (the last two None for
         single-label), or None when ``stop_event`` was set during evaluation.
@@ -209,14 +218,22 @@ def evaluate(
     dist_ctx = dist_ctx or DistContext()
     model.eval()
     all_logits, all_targets = [], []
-    for batch in loader:
+    if cached is not None:
+        suffix, features, batch_size = cached
+        suffix.eval()
+        batches = features.batches(batch_size)
+    else:
+        batches = loader
+    for batch in batches:
         if stop_event is not None and stop_event.is_set() and not dist_ctx.enabled:
             return None
-        if batch["labels"].numel() == 0:
+        if batch["labels"].shape[0] == 0:
             continue
-        pixels = batch["pixel_values"].to(plan.device, non_blocking=True)
         with plan.autocast():
-            logits = model(pixel_values=pixels).logits
+            if cached is not None:
+                logits = suffix(batch["features"].to(plan.device, non_blocking=True))
+            else:
+                logits = model(pixel_values=batch["pixel_values"].to(plan.device, non_blocking=True)).logits
         all_logits.append(logits.float().cpu())
         all_targets.append(batch["labels"])
     if dist_ctx.enabled:
@@ -337,6 +354,82 @@ def check_recipe(config: TrainConfig, report: DatasetReport) -> None:
                 )
 
 
+@dataclass
+class CachedFeatures:
+    """A frozen prefix's outputs for every image of a split, by dataset index.
+
+    Attributes:
+        features: ``(N, T, D)`` hidden states (or ``(N, D)`` CLS features for a linear probe),
+            CPU, in memory or a memmap spilled to the run folder.
+        targets: ``(N,)`` int64 class indices or ``(N, C)`` multi-hot float targets.
+        valid: bool ``(N,)``; False for an image that failed to load (it is skipped).
+    """
+
+    features: torch.Tensor
+    targets: torch.Tensor
+    valid: torch.Tensor
+
+    def take(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The batch of the given dataset indices (failed images dropped and counted)."""
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        keep = self.valid[index]
+        index = index[keep]
+        return {"features": self.features[index], "labels": self.targets[index],
+                "failed": torch.tensor(int((~keep).sum()))}
+
+    def batches(self, batch_size: int):
+        """Every valid row in dataset order, ``batch_size`` at a time (evaluation)."""
+        rows = torch.nonzero(self.valid).flatten().tolist()
+        for start in range(0, len(rows), batch_size):
+            yield self.take(rows[start : start + batch_size])
+
+
+@torch.no_grad()
+def cache_features(
+    prefix: nn.Module, dataset: ImageDataset, plan: DevicePlan, batch_size: int, spill_dir: Path
+) -> CachedFeatures:
+    """Runs the frozen prefix once over every image of a non-augmented dataset.
+
+    Args:
+        prefix: from :func:`~vitft_app.feature_cache.split_frozen_model` (run in eval mode;
+            frozen ViT blocks have dropout 0 in every standard checkpoint).
+        dataset: eval-transform dataset (no random augmentation).
+        plan: device and autocast of the run.
+        batch_size: images per forward pass.
+        spill_dir: where a store above the memory budget is memory-mapped.
+
+    Returns:
+        :class:`CachedFeatures` indexed like ``dataset``.
+    """
+    from .feature_cache import DEFAULT_FEATURE_BUDGET_BYTES, _allocate
+
+    n = len(dataset)
+    loader = torch.utils.data.DataLoader(range(n), batch_size=batch_size, shuffle=False,
+                                         collate_fn=lambda idx: (list(idx), [dataset[i] for i in idx]))
+    store: torch.Tensor | None = None
+    valid = torch.zeros(n, dtype=torch.bool)
+    was_training = prefix.training
+    prefix.eval()
+    try:
+        for indices, items in loader:
+            good = [(i, item) for i, item in zip(indices, items) if item is not None]
+            if not good:
+                continue
+            pixels = torch.stack([item[0] for _, item in good]).to(plan.device)
+            with plan.autocast():
+                out = prefix(pixels).float().cpu()
+            if store is None:
+                store = _allocate((n, *out.shape[1:]), torch.float32, DEFAULT_FEATURE_BUDGET_BYTES, spill_dir)
+            rows = torch.tensor([i for i, _ in good])
+            store[rows] = out
+            valid[rows] = True
+    finally:
+        prefix.train(was_training)
+    targets = [dataset.target(i) for i in range(n)]
+    target_tensor = torch.stack(targets) if targets and isinstance(targets[0], torch.Tensor) else torch.tensor(targets, dtype=torch.long)
+    return CachedFeatures(store if store is not None else torch.empty(0), target_tensor, valid)
+
+
 class _OrderBatchSampler(torch.utils.data.Sampler):
     """Yields the micro-batches (lists of indices) it was last given: the loop cuts each epoch's
     order itself (and, on resume, the rest of it; in a data-parallel run this process's share),
@@ -372,6 +465,13 @@ class _LoopState:
     skipped_steps: int = 0
     epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     """Training loss sum, correct count and sample count of the epoch so far."""
+
+
+@dataclass
+class _Logits:
+    """Stands in for a model output when the suffix computes the logits from cached features."""
+
+    logits: torch.Tensor
 
 
 def _silent(event: Any) -> None:
@@ -507,6 +607,21 @@ def train(
     global_batch = config.batch_size * dist_ctx.world_size
     num_micro = math.ceil(len(train_set) / global_batch)
 
+    # ---- frozen-prefix feature caching: frozen blocks cannot change, so their output on images
+    # that are not randomly augmented is computed once. Validation always qualifies (it never
+    # augments); training does when nothing random touches its pixels. -------------------------
+    stable_depth = USE_FEATURE_CACHE and config.freeze_depth >= 1 and config.gradual_unfreeze == 0
+    cache_val = stable_depth
+    cache_train = stable_depth and not dist_ctx.enabled and config.augment == "none" and config.distill_weight == 0 \
+        and config.mixup == 0 and config.cutmix == 0 and config.patch_mask_ratio == 0 and config.random_erasing == 0
+    val_cache: CachedFeatures | None = None
+    train_cache: CachedFeatures | None = None
+    prefix = suffix = None
+    if cache_val:
+        from .feature_cache import split_frozen_model
+
+        prefix, suffix = split_frozen_model(model, config.freeze_depth)
+
     # ---- losses and batch-level regularizers -----------------------------------------------------
     class_weights = class_weight_tensor(report, config.class_weights)
     if class_weights is not None:
@@ -618,7 +733,12 @@ def train(
             state.order[m * global_batch + dist_ctx.rank * config.batch_size :][: config.batch_size]
             for m in range(state.position, num_micro)
         ]
-        batches = iter(train_loader)
+        if cache_train and train_cache is None:
+            train_cache = cache_features(prefix, ImageDataset(report.train, build_transforms(processor, False),
+                                                              (out_w, out_h), target_classes),
+                                         plan, config.batch_size, run_dir)
+            emit(LogMessage("frozen blocks cached: each epoch now trains only the unfrozen blocks and the head"))
+        batches = iter(train_loader) if train_cache is None else iter(map(train_cache.take, list(batch_sampler.batches)))
 
         forward_model.train()
         # Running sums stay on the device: `.item()` is a sync, only done at the log interval.
@@ -655,7 +775,7 @@ def train(
                     dummy = torch.zeros(1, 3, out_h, out_w, device=plan.device)
                     (forward_model(pixel_values=dummy).logits.float().sum() * 0.0).backward()
             elif batch["labels"].numel() > 0:
-                pixels = batch["pixel_values"].to(plan.device, non_blocking=True)
+                pixels = batch["pixel_values"].to(plan.device, non_blocking=True) if train_cache is None else None
                 targets = batch["labels"].to(plan.device, non_blocking=True)
                 hard = targets
                 # ---- batch regularizers: MixUp/CutMix soft targets, then patch masking -----------
@@ -668,7 +788,10 @@ def train(
                 # K x batch_size (and a short last window is a per-sample mean too) ------------
                 with sync:
                     with plan.autocast():
-                        out = forward_model(pixel_values=pixels, output_hidden_states=teacher is not None)
+                        if train_cache is not None:
+                            out = _Logits(suffix(batch["features"].to(plan.device, non_blocking=True)))
+                        else:
+                            out = forward_model(pixel_values=pixels, output_hidden_states=teacher is not None)
                         loss_sum = compute_loss(out.logits, targets, multi_label, class_weights, config.label_smoothing)
                         if teacher is not None:
                             with torch.no_grad():
@@ -770,7 +893,15 @@ def train(
                                          torch.tensor(float(epoch_seen), device=plan.device).double()]))
         state.epoch_sums = [float(v) for v in sums]
         scored = ema.module if ema is not None else model
-        result = evaluate(scored, val_loader, plan, stop_event, multi_label, dist_ctx)
+        evaluated = None
+        if cache_val:
+            if val_cache is None:
+                val_cache = cache_features(prefix, val_set, plan, config.batch_size, run_dir)
+            from .feature_cache import split_frozen_model
+
+            evaluated = (split_frozen_model(scored, config.freeze_depth)[1] if ema is not None else suffix,
+                         val_cache, config.batch_size)
+        result = evaluate(scored, val_loader, plan, stop_event, multi_label, dist_ctx, evaluated)
         if result is None:
             stopped = True
             save_state(capture_rng(shuffle_gen))  # trained, not evaluated: resume evaluates first
