@@ -593,3 +593,20 @@ def test_feature_cache_with_augmentation_caches_only_validation(tmp_path, digits
                                                 augment="basic", epochs=2))
     assert result.status == "completed"
     assert not any(isinstance(e, LogMessage) and "frozen blocks cached" in e.text for e in events)
+
+
+def test_decode_cache_gives_the_same_run_and_cleans_up(tmp_path, digits_small, tiny_vit, monkeypatch):
+    """Everything spilled to the disk tier (budget 0): same losses and weights as decoding every
+    epoch, and the run folder holds no cache afterwards."""
+    from vitft_app import training
+
+    monkeypatch.setattr(training, "DECODE_CACHE_BUDGET_BYTES", 0)
+    cached_dir, cached_events, _ = run_train(recipe_config(digits_small, tiny_vit, tmp_path / "cached", epochs=2))
+    assert not (cached_dir / training.DECODE_CACHE_DIR).exists()
+    monkeypatch.setattr(training, "USE_DECODE_CACHE", False)
+    plain_dir, plain_events, _ = run_train(recipe_config(digits_small, tiny_vit, tmp_path / "plain", epochs=2))
+    losses = lambda events: [e.loss for e in events if isinstance(e, StepLogged)]  # noqa: E731
+    assert losses(cached_events) == losses(plain_events)
+    a = load_file(cached_dir / "model" / "model.safetensors")
+    b = load_file(plain_dir / "model" / "model.safetensors")
+    assert all(torch.equal(a[name], b[name]) for name in a)

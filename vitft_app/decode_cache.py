@@ -245,14 +245,15 @@ def tensor_transform(spec: Any, train: bool = False, augment: str = "none") -> C
 class CachedImageDataset(torch.utils.data.Dataset):
     """Drop-in for :class:`vitft_app.data.ImageDataset` that reads through a :class:`DecodeCache`.
 
-    Yields ``(float32 (3, H, W), label)`` or ``None`` for a file that fails to load, so
+    Yields ``(float32 (3, H, W), target)`` or ``None`` for a file that fails to load, so
     :func:`vitft_app.data.collate_skipping_failures` works unchanged.
 
     Args:
-        items: objects with ``.path`` and ``.label`` (``ImageItem``), e.g. ``report.train``.
+        items: objects with ``.path``, ``.label`` and ``.labels`` (``ImageItem``), e.g. ``report.val``.
         cache: the shared :class:`DecodeCache`.
         recipe: from :func:`recipe_from_spec`.
         transform: ``uint8`` tensor -> float tensor, from :func:`tensor_transform`.
+        num_classes: multi-hot float targets of this length (multi-label), else the class index.
     """
 
     def __init__(
@@ -261,19 +262,30 @@ class CachedImageDataset(torch.utils.data.Dataset):
         cache: DecodeCache,
         recipe: DecodeRecipe,
         transform: Callable[[torch.Tensor], torch.Tensor],
+        num_classes: int | None = None,
     ):
         self.items = list(items)
         self.cache = cache
         self.recipe = recipe
         self.transform = transform
+        self.num_classes = num_classes
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+    def target(self, index: int) -> int | torch.Tensor:
+        """The target of item ``index``: class index, or multi-hot float32 ``(num_classes,)``."""
+        item = self.items[index]
+        if self.num_classes is None:
+            return item.label
+        target = torch.zeros(self.num_classes)
+        target[list(getattr(item, "labels", ()) or (item.label,))] = 1.0
+        return target
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor] | None:
         item = self.items[index]
         try:
             pixels = self.cache.get(item.path, self.recipe)
         except ImageLoadError:
             return None
-        return self.transform(pixels), item.label
+        return self.transform(pixels), self.target(index)

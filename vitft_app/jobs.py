@@ -393,7 +393,7 @@ class JobRunner:
                         "--master_port", port, "-m"]
             else:
                 raise ValueError(f"launcher must be 'accelerate' or 'torchrun', got {launcher!r}")
-            command = head + ["vitft_app.cli", "train", "--run-dir", str(run_dir)]
+            command = head + ["vitft_app.cli", "train", "--run-dir", str(run_dir), "--report-to", self.report_to]
 
             def work(job: Job, emit: Callable[[Event], None]) -> None:
                 with open(run_dir / "launch.log", "w", encoding="utf-8") as log:

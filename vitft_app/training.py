@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -51,6 +52,11 @@ __all__ = [
 
 #: Frozen-prefix feature caching (on by default; tests and benchmarks turn it off to compare).
 USE_FEATURE_CACHE = True
+#: Decode cache for images that are never randomly augmented (on by default; see above).
+USE_DECODE_CACHE = True
+#: Memory tier of the decode cache; beyond it entries go to ``run_dir/DECODE_CACHE_DIR``.
+DECODE_CACHE_BUDGET_BYTES = 2 * 1024**3
+DECODE_CACHE_DIR = ".decode-cache"
 
 
 class DatasetError(ValueError):
@@ -386,7 +392,7 @@ class CachedFeatures:
 
 @torch.no_grad()
 def cache_features(
-    prefix: nn.Module, dataset: ImageDataset, plan: DevicePlan, batch_size: int, spill_dir: Path
+    prefix: nn.Module, dataset: torch.utils.data.Dataset, plan: DevicePlan, batch_size: int, spill_dir: Path
 ) -> CachedFeatures:
     """Runs the frozen prefix once over every image of a non-augmented dataset.
 
@@ -591,9 +597,30 @@ def train(
         processor, True, config.augment, config.crop_scale_min, config.color_jitter, config.random_erasing
     )
     target_classes = num_classes if multi_label else None
-    train_set = ImageDataset(report.train, train_transform, train_draft, target_classes)
+    # ---- decode cache: an image that is never randomly augmented is decoded and resized once and
+    # kept as uint8 (bit-identical inputs; beyond the memory budget it spills to the run folder).
+    # Augmented training decodes every epoch, so random crops keep the full resolution. ---------
+    decode_cache = None
+    if USE_DECODE_CACHE:
+        from .decode_cache import DecodeCache, recipe_from_spec, tensor_transform
+
+        budget = DECODE_CACHE_BUDGET_BYTES if config.num_workers == 0 else 0  # workers share the disk tier
+        decode_cache = DecodeCache(run_dir / DECODE_CACHE_DIR, memory_budget_bytes=budget)
+        spec = processor_spec(processor)
+
+        def eval_dataset(items: Sequence[Any]) -> torch.utils.data.Dataset:
+            from .decode_cache import CachedImageDataset
+
+            return CachedImageDataset(items, decode_cache, recipe_from_spec(spec), tensor_transform(spec), target_classes)
+    else:
+        def eval_dataset(items: Sequence[Any]) -> torch.utils.data.Dataset:
+            return ImageDataset(items, build_transforms(processor, False), (out_w, out_h), target_classes)
+
+    deterministic_train = config.augment == "none" and config.random_erasing == 0
+    train_set = eval_dataset(report.train) if deterministic_train else \
+        ImageDataset(report.train, train_transform, train_draft, target_classes)
     val_items = report.val[dist_ctx.rank :: dist_ctx.world_size]  # each process evaluates a shard
-    val_set = ImageDataset(val_items, build_transforms(processor, False), (out_w, out_h), target_classes)
+    val_set = eval_dataset(val_items)
     batch_sampler = _OrderBatchSampler()
     shuffle_gen = torch.Generator().manual_seed(config.seed)  # the same order in every process
     # The loader's own generator seeds its workers, so creating an iterator (at every epoch and
@@ -734,9 +761,7 @@ def train(
             for m in range(state.position, num_micro)
         ]
         if cache_train and train_cache is None:
-            train_cache = cache_features(prefix, ImageDataset(report.train, build_transforms(processor, False),
-                                                              (out_w, out_h), target_classes),
-                                         plan, config.batch_size, run_dir)
+            train_cache = cache_features(prefix, train_set, plan, config.batch_size, run_dir)
             emit(LogMessage("frozen blocks cached: each epoch now trains only the unfrozen blocks and the head"))
         batches = iter(train_loader) if train_cache is None else iter(map(train_cache.take, list(batch_sampler.batches)))
 
@@ -959,6 +984,9 @@ def train(
     status = "stopped" if stopped else "completed"
     if status == "completed" and dist_ctx.is_main:
         remove_checkpoint(run_dir)
+    if decode_cache is not None:
+        decode_cache.clear()
+        shutil.rmtree(run_dir / DECODE_CACHE_DIR, ignore_errors=True)
     dist_ctx.barrier()
     duration = time.perf_counter() - t_start
     emit(RunFinished(status=status, best_val_accuracy=state.best_accuracy, duration_s=duration, reason=reason))
