@@ -257,9 +257,9 @@ def _vitft_run(args, decode_cache: bool, freeze_depth: int = 0, epochs: int | No
                image_size: int = 224, lr: float = 5e-5) -> dict:
     """Runs ``vitft_app.training.train`` and reads its events.
 
-    With ``decode_cache`` the training module's ``ImageDataset`` is replaced by
-    :class:`vitft_app.decode_cache.CachedImageDataset` (the wiring the training loop will get,
-    previewed here without editing training.py).
+    ``decode_cache=True`` is train() as users get it (decode cache and frozen-prefix feature cache
+    on); False turns both off (``training.USE_DECODE_CACHE`` / ``USE_FEATURE_CACHE``), for the
+    side-by-side comparison.
     """
     import torch
 
@@ -278,29 +278,24 @@ def _vitft_run(args, decode_cache: bool, freeze_depth: int = 0, epochs: int | No
             finally:
                 data_s[0] += time.perf_counter() - t0
 
+    # train() decodes through ImageDataset (augmented or caches off) or the decode cache's
+    # CachedImageDataset (images never randomly augmented); both are timed for the data-wait share.
+    training.ImageDataset = TimedDataset
+    training.USE_DECODE_CACHE = decode_cache
+    training.USE_FEATURE_CACHE = decode_cache  # the "cache" rows run train() exactly as users get it
     if decode_cache:
-        from vitft_app.data import processor_spec
-        from vitft_app.decode_cache import CachedImageDataset, DecodeCache, recipe_from_spec, tensor_transform
-        from vitft_app.modeling import scratch_processor
+        from vitft_app import decode_cache as decode_cache_module
 
-        spec = processor_spec(scratch_processor(image_size))
-        cache = DecodeCache(tempfile.mkdtemp(prefix="vitft-decode-"), memory_budget_bytes=2 * 1024**3)
-        recipe, transform = recipe_from_spec(spec), tensor_transform(spec)
+        original = decode_cache_module.CachedImageDataset.__getitem__
 
-        class TimedCached(CachedImageDataset):
-            def __init__(self, items, _transform, _draft):
-                super().__init__(items, cache, recipe, transform)
+        def timed_getitem(self, index):
+            t0 = time.perf_counter()
+            try:
+                return original(self, index)
+            finally:
+                data_s[0] += time.perf_counter() - t0
 
-            def __getitem__(self, index):
-                t0 = time.perf_counter()
-                try:
-                    return super().__getitem__(index)
-                finally:
-                    data_s[0] += time.perf_counter() - t0
-
-        training.ImageDataset = TimedCached
-    else:
-        training.ImageDataset = TimedDataset
+        decode_cache_module.CachedImageDataset.__getitem__ = timed_getitem
 
     epochs = epochs or args.epochs
     config = TrainConfig(data_dir=data or args.data, model="vit-tiny-scratch", image_size=image_size,
@@ -341,7 +336,8 @@ def _vitft_run(args, decode_cache: bool, freeze_depth: int = 0, epochs: int | No
     epoch_times = [b - a for a, b in zip(epoch_marks, epoch_marks[1:])]
     return {"images_per_sec": images / seconds, "data_wait": data_wait, "epoch_s": epoch_times,
             "dtype": args.precision, "evals": evals,
-            "flops_per_image": vit_training_flops(image_size, freeze_depth, arch=VIT_TINY)}
+            "flops_per_image": vit_training_flops(image_size, freeze_depth, arch=VIT_TINY,
+                                                  **({"cached": True} if decode_cache and freeze_depth else {}))}
 
 
 def child_vitft(args) -> dict:
@@ -350,77 +346,6 @@ def child_vitft(args) -> dict:
 
 def child_vitft_cache(args) -> dict:
     return _vitft_run(args, decode_cache=True, freeze_depth=args.freeze)
-
-
-def child_feature_cache(args) -> dict:
-    """The loop training.py gets with feature caching: epoch 1 runs the frozen prefix once over
-    train and val (decode cache on), then every epoch trains and evaluates only the suffix."""
-    import math
-
-    import torch
-    import torch.nn.functional as F
-
-    from vitft_app.data import collate_skipping_failures, processor_spec, scan_dataset
-    from vitft_app.decode_cache import CachedImageDataset, DecodeCache, recipe_from_spec, tensor_transform
-    from vitft_app.device import resolve_device_plan
-    from vitft_app.feature_cache import compute_features, split_frozen_model
-    from vitft_app.modeling import build_model, freeze_layers
-    from vitft_app.training import create_optimizer, create_scheduler
-
-    depth = args.freeze
-    report = scan_dataset(args.data)
-    plan = resolve_device_plan(args.precision, "cpu")
-    torch.manual_seed(0)
-    loaded = build_model("vit-tiny-scratch", report.classes, 224)
-    model = loaded.model
-    freeze_layers(model, depth)
-    prefix, suffix = split_frozen_model(model, depth)
-    spec = processor_spec(loaded.processor)
-    cache = DecodeCache(tempfile.mkdtemp(prefix="vitft-decode-"))
-    recipe, transform = recipe_from_spec(spec), tensor_transform(spec)
-    loaders = {
-        split: torch.utils.data.DataLoader(CachedImageDataset(items, cache, recipe, transform), batch_size=64,
-                                           collate_fn=collate_skipping_failures)
-        for split, items in (("train", report.train), ("val", report.val))
-    }
-    optimizer = create_optimizer(model, 5e-5, 0.01)
-    steps_per_epoch = math.ceil(len(report.train) / args.batch_size)
-    scheduler = create_scheduler(optimizer, steps_per_epoch * args.epochs, 0.1)
-    params = [p for p in suffix.parameters() if p.requires_grad]
-    generator = torch.Generator().manual_seed(0)
-    epoch_s, step_images, step_seconds, feature_bytes = [], 0, 0.0, 0
-    features = {}
-    for epoch in range(args.epochs):
-        t_epoch = time.perf_counter()
-        if epoch == 0:  # ---- the one pass through the frozen prefix ------------------------------
-            for split in ("train", "val"):
-                features[split] = compute_features(prefix, loaders[split], len(loaders[split].dataset),
-                                                   autocast=plan.autocast)
-            feature_bytes = features["train"].nbytes + features["val"].nbytes
-        suffix.train()
-        for batch in features["train"].batches(args.batch_size, shuffle=True, generator=generator):
-            t0 = time.perf_counter()
-            with plan.autocast():
-                logits = suffix(batch["features"])
-            loss = F.cross_entropy(logits.float(), batch["labels"])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if epoch >= 1:
-                step_images += batch["labels"].numel()
-                step_seconds += time.perf_counter() - t0
-        suffix.eval()
-        correct = 0
-        with torch.inference_mode():
-            for batch in features["val"].batches(256):
-                with plan.autocast():
-                    correct += int((suffix(batch["features"]).argmax(-1) == batch["labels"]).sum())
-        epoch_s.append(time.perf_counter() - t_epoch)
-    return {"images_per_sec": step_images / max(step_seconds, 1e-9), "data_wait": 0.0, "epoch_s": epoch_s,
-            "dtype": args.precision, "feature_mib": feature_bytes / 2**20,
-            "flops_per_image": vit_training_flops(224, depth, cached=True)}
 
 
 def child_tta_trainer(args) -> dict:
@@ -481,7 +406,7 @@ def child_tta_vitft(args) -> dict:
 
 CHILDREN = {
     "ceiling": child_ceiling, "plain": child_plain, "trainer": child_trainer, "vitft": child_vitft,
-    "vitft-cache": child_vitft_cache, "feature-cache": child_feature_cache, "tta-trainer": child_tta_trainer,
+    "vitft-cache": child_vitft_cache, "tta-trainer": child_tta_trainer,
     "tta-vitft": child_tta_vitft,
 }
 
@@ -513,8 +438,8 @@ ROW_SPECS = {
     "trainer-fp32": ("trainer", ["--precision", "fp32"], "Trainer fp32"),
     "trainer-bf16": ("trainer", ["--precision", "bf16"], "Trainer bf16"),
     "trainer-bf16-eager": ("trainer", ["--precision", "bf16", "--attn", "eager"], "Trainer bf16, eager attention"),
-    "vitft": ("vitft", ["--precision", "bf16"], "vitft train() bf16"),
-    "vitft-cache": ("vitft-cache", ["--precision", "bf16"], "vitft train() bf16 + decode cache"),
+    "vitft": ("vitft", ["--precision", "bf16"], "vitft train() bf16, caches off"),
+    "vitft-cache": ("vitft-cache", ["--precision", "bf16"], "vitft train() bf16 (decode cache on: augment none)"),
 }
 
 
@@ -558,16 +483,17 @@ def main() -> None:
         return
     depths = [int(d) for d in (args.freeze_depths or ("6" if args.quick else "3,6,9")).split(",")]
     rows = dict(ROW_SPECS)
-    rows["vitft-probe"] = ("vitft-cache", ["--precision", "bf16", "--freeze", "12"], "vitft train() + decode cache, freeze 12 (linear probe)")
-    rows["vitft-probe-featcache"] = ("feature-cache", ["--precision", "bf16", "--freeze", "12"],
-                                     "vitft linear probe + feature cache")
+    rows["vitft-probe-nocache"] = ("vitft", ["--precision", "bf16", "--freeze", "12"],
+                                   "vitft train(), freeze 12 (linear probe), caches off")
+    rows["vitft-probe"] = ("vitft-cache", ["--precision", "bf16", "--freeze", "12"],
+                           "vitft train(), freeze 12 (linear probe): feature cache")
     for d in depths:
         if d in (0, 12):
             continue
+        rows[f"vitft-freeze{d}-nocache"] = ("vitft", ["--precision", "bf16", "--freeze", str(d)],
+                                            f"vitft train(), freeze {d}, caches off")
         rows[f"vitft-freeze{d}"] = ("vitft-cache", ["--precision", "bf16", "--freeze", str(d)],
-                                    f"vitft train() + decode cache, freeze {d}")
-        rows[f"vitft-freeze{d}-featcache"] = ("feature-cache", ["--precision", "bf16", "--freeze", str(d)],
-                                              f"vitft freeze {d} + feature cache")
+                                    f"vitft train(), freeze {d}: decode + feature cache")
     wanted = args.rows.split(",") if args.rows else list(rows)
     t_all = time.perf_counter()
     ceiling = run_child("ceiling", common)

@@ -20,7 +20,7 @@ from vitft_app.decode_cache import (
     recipe_from_spec,
     tensor_transform,
 )
-from vitft_app.feature_cache import compute_features, split_frozen_model
+from vitft_app.feature_cache import cache_features, split_frozen_model
 from vitft_app.modeling import freeze_layers
 
 
@@ -168,27 +168,28 @@ def test_split_refuses_unfrozen_prefix_and_bad_depth():
 
 
 @pytest.mark.parametrize("spill", [False, True])
-def test_compute_features_over_a_loader_and_training_the_suffix(photos, tmp_path, spill):
+def test_cache_features_of_a_dataset_and_training_the_suffix(photos, tmp_path, spill):
     items = _items(photos)
     processor = ViTImageProcessor(size={"height": 32, "width": 32})
     dataset = ImageDataset(items, build_transforms(processor, train=False), (32, 32))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=collate_skipping_failures)
     model = _vit()
     freeze_layers(model, 2)
     prefix, suffix = split_frozen_model(model, 2)
-    store = compute_features(prefix, loader, len(dataset), memory_budget_bytes=0 if spill else 10**9,
-                             spill_dir=tmp_path / "spill" if spill else None)
+    store = cache_features(prefix, dataset, batch_size=3, memory_budget_bytes=0 if spill else 10**9,
+                           spill_dir=tmp_path / "spill" if spill else None)
     assert len(store) == len(items) and store.features.shape == (len(items), 17, 32)
     assert not store.features.requires_grad
     pixels = torch.stack([dataset[i][0] for i in range(len(items))])
     with torch.no_grad():
         full = model(pixel_values=pixels).logits
-    torch.testing.assert_close(suffix(store.features), full, rtol=0, atol=1e-5)
+    batch = store.take(range(len(items)))
+    torch.testing.assert_close(suffix(batch["features"]), full, rtol=0, atol=1e-5)
+    assert batch["labels"].tolist() == [item.label for item in items]
     # the suffix trains the model's own parameters (save_pretrained then saves the result)
     before = model.classifier.weight.detach().clone()
     frozen_before = model.vit.layers[0].mlp.fc1.weight.detach().clone() if hasattr(model.vit, "layers") else None
     optimizer = torch.optim.AdamW([p for p in suffix.parameters() if p.requires_grad], lr=1e-2)
-    for batch in store.batches(4, shuffle=True, generator=torch.Generator().manual_seed(0)):
+    for batch in store.batches(4):
         loss = torch.nn.functional.cross_entropy(suffix(batch["features"]), batch["labels"])
         loss.backward()
         optimizer.step()
@@ -198,17 +199,32 @@ def test_compute_features_over_a_loader_and_training_the_suffix(photos, tmp_path
         assert torch.equal(frozen_before, model.vit.layers[0].mlp.fc1.weight)
 
 
-def test_bf16_store_halves_memory_and_stays_close():
+def test_broken_image_is_skipped_by_the_feature_cache(photos, tmp_path):
+    items = _items(photos)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    items = items[:2] + [type(items[0])(str(broken), 0)] + items[2:4]
+    dataset = ImageDataset(items, build_transforms(ViTImageProcessor(size={"height": 32, "width": 32}), False))
     model = _vit()
     freeze_layers(model, 4)
-    prefix, suffix = split_frozen_model(model, 4)
-    x = torch.randn(6, 3, 32, 32)
-    batches = [{"pixel_values": x[:4], "labels": torch.zeros(4, dtype=torch.long)},
-               {"pixel_values": x[4:], "labels": torch.ones(2, dtype=torch.long)}]
-    fp32 = compute_features(prefix, batches, 6)
-    bf16 = compute_features(prefix, batches, 6, store_dtype=torch.bfloat16)
-    assert bf16.nbytes * 2 == fp32.nbytes and bf16.labels.tolist() == [0] * 4 + [1] * 2
-    torch.testing.assert_close(bf16.features.float(), fp32.features, rtol=1e-2, atol=1e-2)
+    prefix, _ = split_frozen_model(model, 4)
+    store = cache_features(prefix, dataset, batch_size=2)
+    assert store.valid.tolist() == [True, True, False, True, True] and len(store) == 4
+    batch = store.take([1, 2, 3])
+    assert batch["features"].shape == (2, 32) and int(batch["failed"]) == 1
+
+
+def test_bf16_store_halves_memory_and_stays_close(photos):
+    items = _items(photos)
+    dataset = ImageDataset(items, build_transforms(ViTImageProcessor(size={"height": 32, "width": 32}), False))
+    model = _vit()
+    freeze_layers(model, 4)
+    prefix, _ = split_frozen_model(model, 4)
+    fp32 = cache_features(prefix, dataset)
+    bf16 = cache_features(prefix, dataset, store_dtype=torch.bfloat16)
+    assert bf16.nbytes * 2 == fp32.nbytes
+    torch.testing.assert_close(bf16.take(range(len(items)))["features"], fp32.take(range(len(items)))["features"],
+                               rtol=1e-2, atol=1e-2)
 
 
 # ---- prediction fast path -----------------------------------------------------------------------

@@ -9,7 +9,7 @@ states after block ``N-1``) is the same every epoch. This module splits a model 
 - a **suffix** ``hidden -> logits (B, C)``: blocks ``N ..`` + final LayerNorm + CLS pooling +
   classifier (only the classifier for a linear probe),
 
-computes the prefix once per dataset (:func:`compute_features`) and then trains/evaluates only
+computes the prefix once per dataset (:func:`cache_features`) and then trains/evaluates only
 the suffix on the stored features. ``suffix(prefix(x)) == model(x).logits`` in eval mode (the
 same operations in the same order; checked to 1e-5 in fp32 by ``tests/test_speed.py``).
 
@@ -29,7 +29,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -131,36 +131,43 @@ def split_frozen_model(model: nn.Module, depth: int) -> tuple[FrozenPrefix, Trai
 
 
 @dataclass
-class FeatureSet:
-    """Prefix outputs of a whole split, in dataset order.
+class CachedFeatures:
+    """A frozen prefix's outputs for every image of a split, by dataset index.
 
     Attributes:
-        features: ``(N, T, D)`` or ``(N, D)`` tensor on the CPU (memory or memmap backed).
-        labels: int64 ``(N,)``.
-        failed: images that failed to load and are not in the set.
+        features: ``(N, T, D)`` hidden states (or ``(N, D)`` CLS features for a linear probe), on
+            the CPU, in memory or a memmap spilled to disk; rows of failed images are unset.
+        targets: ``(N,)`` int64 class indices or ``(N, C)`` multi-hot float targets.
+        valid: bool ``(N,)``; False for an image that failed to load (it is skipped).
     """
 
     features: torch.Tensor
-    labels: torch.Tensor
-    failed: int = 0
+    targets: torch.Tensor
+    valid: torch.Tensor
 
     def __len__(self) -> int:
-        return int(self.labels.numel())
+        """Images that loaded."""
+        return int(self.valid.sum())
 
     @property
     def nbytes(self) -> int:
         """Bytes of the stored features."""
         return self.features.numel() * self.features.element_size()
 
-    def batches(
-        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
-    ) -> Iterable[dict[str, torch.Tensor]]:
-        """Yields ``{"features": (b, ...), "labels": (b,)}`` batches (a permutation when shuffled)."""
-        n = len(self)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        for start in range(0, n, batch_size):
-            index = order[start : start + batch_size]
-            yield {"features": self.features[index], "labels": self.labels[index]}
+    def take(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The batch of the given dataset indices, features as float32 (failed images dropped
+        and counted): ``{"features", "labels", "failed"}``, like a DataLoader batch."""
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        keep = self.valid[index] if index.numel() else torch.zeros(0, dtype=torch.bool)
+        index = index[keep]
+        return {"features": self.features[index].float(), "labels": self.targets[index],
+                "failed": torch.tensor(int((~keep).sum()))}
+
+    def batches(self, batch_size: int) -> Iterable[dict[str, torch.Tensor]]:
+        """Every valid row in dataset order, ``batch_size`` at a time (evaluation)."""
+        rows = torch.nonzero(self.valid).flatten().tolist()
+        for start in range(0, len(rows), batch_size):
+            yield self.take(rows[start : start + batch_size])
 
 
 def _allocate(shape: tuple[int, ...], dtype: torch.dtype, budget: int, spill_dir: str | os.PathLike | None) -> torch.Tensor:
@@ -181,17 +188,17 @@ def _allocate(shape: tuple[int, ...], dtype: torch.dtype, budget: int, spill_dir
 
 
 @torch.no_grad()
-def compute_features(
+def cache_features(
     prefix: nn.Module,
-    loader: Iterable[dict[str, torch.Tensor]],
-    num_samples: int,
+    dataset: Any,
     device: torch.device | str = "cpu",
     autocast: Callable[[], Any] | None = None,
+    batch_size: int = 64,
     store_dtype: torch.dtype = torch.float32,
     memory_budget_bytes: int = DEFAULT_FEATURE_BUDGET_BYTES,
     spill_dir: str | os.PathLike | None = None,
-) -> FeatureSet:
-    """Runs the frozen prefix once over a non-augmented loader and stores its outputs.
+) -> CachedFeatures:
+    """Runs the frozen prefix once over every image of a dataset that is not randomly augmented.
 
     Runs under ``torch.no_grad`` (not ``inference_mode``: inference tensors cannot be saved for
     the suffix's backward) with the prefix in eval mode (frozen blocks then apply no dropout; ViT
@@ -199,43 +206,47 @@ def compute_features(
 
     Args:
         prefix: from :func:`split_frozen_model`.
-        loader: batches ``{"pixel_values": float (B, 3, H, W), "labels": int64 (B,), "failed": int}``
-            in a fixed order (``shuffle=False``, eval transforms), e.g. the run's val loader.
-        num_samples: upper bound on the images (``len(dataset)``), to preallocate.
+        dataset: items ``(float (3, H, W), target)`` or None for an image that fails to load, with
+            ``dataset.target(i)`` (:class:`~vitft_app.data.ImageDataset`, or the decode cache's
+            dataset), eval transforms.
         device: where the prefix runs.
         autocast: context factory for the forward (``plan.autocast``), or None.
-        store_dtype: dtype of the store (fp32 exact; bf16 halves memory).
+        batch_size: images per forward pass.
+        store_dtype: dtype of the store (fp32 exact; bf16 halves memory, read back as fp32).
         memory_budget_bytes: above this the store is a memmap file in ``spill_dir``.
         spill_dir: folder for the memmap (e.g. the run folder); None keeps it in memory.
 
     Returns:
-        A :class:`FeatureSet` with one row per image that loaded.
+        :class:`CachedFeatures` indexed like ``dataset``.
     """
+    n = len(dataset)
+    loader = torch.utils.data.DataLoader(range(n), batch_size=batch_size, shuffle=False,
+                                         collate_fn=lambda idx: (list(idx), [dataset[i] for i in idx]))
+    store: torch.Tensor | None = None
+    valid = torch.zeros(n, dtype=torch.bool)
     was_training = prefix.training
     prefix.eval()
-    store: torch.Tensor | None = None
-    labels = torch.empty(num_samples, dtype=torch.long)
-    filled = failed = 0
     try:
-        for batch in loader:
-            failed += int(batch.get("failed", 0))
-            if batch["labels"].numel() == 0:
+        for indices, items in loader:
+            good = [(i, item) for i, item in zip(indices, items) if item is not None]
+            if not good:
                 continue
-            pixels = batch["pixel_values"].to(device, non_blocking=True)
+            pixels = torch.stack([item[0] for _, item in good]).to(device)
             with autocast() if autocast is not None else _null():
-                out = prefix(pixels)
-            out = out.to("cpu", store_dtype)
+                out = prefix(pixels).to("cpu", store_dtype)
             if store is None:
-                store = _allocate((num_samples, *out.shape[1:]), store_dtype, memory_budget_bytes, spill_dir)
-            b = out.shape[0]
-            store[filled : filled + b] = out
-            labels[filled : filled + b] = batch["labels"]
-            filled += b
+                store = _allocate((n, *out.shape[1:]), store_dtype, memory_budget_bytes, spill_dir)
+            rows = torch.tensor([i for i, _ in good])
+            store[rows] = out
+            valid[rows] = True
     finally:
         prefix.train(was_training)
-    if store is None:
-        return FeatureSet(torch.empty(0), torch.empty(0, dtype=torch.long), failed)
-    return FeatureSet(store[:filled], labels[:filled], failed)
+    targets = [dataset.target(i) for i in range(n)]
+    if targets and isinstance(targets[0], torch.Tensor):
+        target_tensor = torch.stack(targets)
+    else:
+        target_tensor = torch.tensor(targets, dtype=torch.long)
+    return CachedFeatures(store if store is not None else torch.empty(0), target_tensor, valid)
 
 
 def _null() -> Any:

@@ -200,7 +200,7 @@ def evaluate(
     stop_event: threading.Event | None = None,
     multi_label: bool = False,
     dist_ctx: DistContext | None = None,
-    cached: tuple[nn.Module, "CachedFeatures", int] | None = None,
+    cached: tuple[nn.Module, Any, int] | None = None,
 ) -> dict[str, float | None] | None:
     """Validation metrics over a loader (no augmentation, eval mode).
 
@@ -358,82 +358,6 @@ def check_recipe(config: TrainConfig, report: DatasetReport) -> None:
                 raise ValueError(
                     f"{name} applies to single-label datasets; this CSV is multi-label. Set {name} to 0."
                 )
-
-
-@dataclass
-class CachedFeatures:
-    """A frozen prefix's outputs for every image of a split, by dataset index.
-
-    Attributes:
-        features: ``(N, T, D)`` hidden states (or ``(N, D)`` CLS features for a linear probe),
-            CPU, in memory or a memmap spilled to the run folder.
-        targets: ``(N,)`` int64 class indices or ``(N, C)`` multi-hot float targets.
-        valid: bool ``(N,)``; False for an image that failed to load (it is skipped).
-    """
-
-    features: torch.Tensor
-    targets: torch.Tensor
-    valid: torch.Tensor
-
-    def take(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """The batch of the given dataset indices (failed images dropped and counted)."""
-        index = torch.as_tensor(list(indices), dtype=torch.long)
-        keep = self.valid[index]
-        index = index[keep]
-        return {"features": self.features[index], "labels": self.targets[index],
-                "failed": torch.tensor(int((~keep).sum()))}
-
-    def batches(self, batch_size: int):
-        """Every valid row in dataset order, ``batch_size`` at a time (evaluation)."""
-        rows = torch.nonzero(self.valid).flatten().tolist()
-        for start in range(0, len(rows), batch_size):
-            yield self.take(rows[start : start + batch_size])
-
-
-@torch.no_grad()
-def cache_features(
-    prefix: nn.Module, dataset: torch.utils.data.Dataset, plan: DevicePlan, batch_size: int, spill_dir: Path
-) -> CachedFeatures:
-    """Runs the frozen prefix once over every image of a non-augmented dataset.
-
-    Args:
-        prefix: from :func:`~vitft_app.feature_cache.split_frozen_model` (run in eval mode;
-            frozen ViT blocks have dropout 0 in every standard checkpoint).
-        dataset: eval-transform dataset (no random augmentation).
-        plan: device and autocast of the run.
-        batch_size: images per forward pass.
-        spill_dir: where a store above the memory budget is memory-mapped.
-
-    Returns:
-        :class:`CachedFeatures` indexed like ``dataset``.
-    """
-    from .feature_cache import DEFAULT_FEATURE_BUDGET_BYTES, _allocate
-
-    n = len(dataset)
-    loader = torch.utils.data.DataLoader(range(n), batch_size=batch_size, shuffle=False,
-                                         collate_fn=lambda idx: (list(idx), [dataset[i] for i in idx]))
-    store: torch.Tensor | None = None
-    valid = torch.zeros(n, dtype=torch.bool)
-    was_training = prefix.training
-    prefix.eval()
-    try:
-        for indices, items in loader:
-            good = [(i, item) for i, item in zip(indices, items) if item is not None]
-            if not good:
-                continue
-            pixels = torch.stack([item[0] for _, item in good]).to(plan.device)
-            with plan.autocast():
-                out = prefix(pixels).float().cpu()
-            if store is None:
-                store = _allocate((n, *out.shape[1:]), torch.float32, DEFAULT_FEATURE_BUDGET_BYTES, spill_dir)
-            rows = torch.tensor([i for i, _ in good])
-            store[rows] = out
-            valid[rows] = True
-    finally:
-        prefix.train(was_training)
-    targets = [dataset.target(i) for i in range(n)]
-    target_tensor = torch.stack(targets) if targets and isinstance(targets[0], torch.Tensor) else torch.tensor(targets, dtype=torch.long)
-    return CachedFeatures(store if store is not None else torch.empty(0), target_tensor, valid)
 
 
 class _OrderBatchSampler(torch.utils.data.Sampler):
@@ -641,11 +565,9 @@ def train(
     cache_val = stable_depth
     cache_train = stable_depth and not dist_ctx.enabled and config.augment == "none" and config.distill_weight == 0 \
         and config.mixup == 0 and config.cutmix == 0 and config.patch_mask_ratio == 0 and config.random_erasing == 0
-    val_cache: CachedFeatures | None = None
-    train_cache: CachedFeatures | None = None
-    prefix = suffix = None
+    val_cache = train_cache = prefix = suffix = None
     if cache_val:
-        from .feature_cache import split_frozen_model
+        from .feature_cache import cache_features, split_frozen_model
 
         prefix, suffix = split_frozen_model(model, config.freeze_depth)
 
@@ -761,7 +683,8 @@ def train(
             for m in range(state.position, num_micro)
         ]
         if cache_train and train_cache is None:
-            train_cache = cache_features(prefix, train_set, plan, config.batch_size, run_dir)
+            train_cache = cache_features(prefix, train_set, plan.device, plan.autocast, config.batch_size,
+                                         spill_dir=run_dir)
             emit(LogMessage("frozen blocks cached: each epoch now trains only the unfrozen blocks and the head"))
         batches = iter(train_loader) if train_cache is None else iter(map(train_cache.take, list(batch_sampler.batches)))
 
@@ -921,7 +844,8 @@ def train(
         evaluated = None
         if cache_val:
             if val_cache is None:
-                val_cache = cache_features(prefix, val_set, plan, config.batch_size, run_dir)
+                val_cache = cache_features(prefix, val_set, plan.device, plan.autocast, config.batch_size,
+                                           spill_dir=run_dir)
             from .feature_cache import split_frozen_model
 
             evaluated = (split_frozen_model(scored, config.freeze_depth)[1] if ema is not None else suffix,
