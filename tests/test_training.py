@@ -1,7 +1,6 @@
 """The keystone: real fine-tuning on CPU of a tiny ViT loaded by path, on real digit images."""
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from vitft_app.config import TrainConfig
 from vitft_app.events import EvalDone, RunFailed, RunFinished, RunStarted, StepLogged
 from vitft_app.jobs import BusyError, JobRunner
 from vitft_app.runs import RunRecorder, RunStore, read_metrics, read_status
-from vitft_app.training import _window_sizes, create_scheduler, optimizer_steps_per_epoch, train
+from vitft_app.training import _window_sizes, optimizer_steps_per_epoch, train
 
 
 def tiny_config(data, model, tmp_path, **changes) -> TrainConfig:
@@ -202,22 +201,6 @@ def test_steps_per_epoch_counts_the_leftover_window():
     assert optimizer_steps_per_epoch(10, 4) == 3
     assert optimizer_steps_per_epoch(8, 4) == 2
     assert _window_sizes(num_samples=70, batch_size=8, grad_accum_steps=4) == [32, 32, 6]
-
-
-def test_learning_rate_per_optimizer_step_with_warmup_then_cosine():
-    parameter = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.AdamW([parameter], lr=1.0)
-    total, ratio = 20, 0.1  # ceil(0.1 * 20) = 2 warmup steps
-    scheduler = create_scheduler(optimizer, total, ratio)
-    rates = []
-    for _ in range(total):
-        rates.append(scheduler.get_last_lr()[0])
-        optimizer.step()
-        scheduler.step()
-    assert rates[:3] == pytest.approx([0.0, 0.5, 1.0])
-    for step in range(2, total):
-        progress = (step - 2) / (total - 2)
-        assert rates[step] == pytest.approx(0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def test_training_takes_exactly_the_scheduled_steps_with_accumulation(tmp_path, digits_small, tiny_vit):

@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
+from .data import ImageDataset
 from .images import ImageLoadError, load_image
 
 #: Default in-memory budget: 2 GiB (about 14,000 images at 224 px).
@@ -242,14 +243,14 @@ def tensor_transform(spec: Any, train: bool = False, augment: str = "none") -> C
     return v2.Compose(tail)
 
 
-class CachedImageDataset(torch.utils.data.Dataset):
+class CachedImageDataset(ImageDataset):
     """Drop-in for :class:`vitft_app.data.ImageDataset` that reads through a :class:`DecodeCache`.
 
     Yields ``(float32 (3, H, W), target)`` or ``None`` for a file that fails to load, so
-    :func:`vitft_app.data.collate_skipping_failures` works unchanged.
+    :func:`vitft_app.data.collate_skipping_failures` works unchanged; targets as ``ImageDataset``.
 
     Args:
-        items: objects with ``.path``, ``.label`` and ``.labels`` (``ImageItem``), e.g. ``report.val``.
+        items: ``ImageItem`` s, e.g. ``report.val``.
         cache: the shared :class:`DecodeCache`.
         recipe: from :func:`recipe_from_spec`.
         transform: ``uint8`` tensor -> float tensor, from :func:`tensor_transform`.
@@ -264,23 +265,9 @@ class CachedImageDataset(torch.utils.data.Dataset):
         transform: Callable[[torch.Tensor], torch.Tensor],
         num_classes: int | None = None,
     ):
-        self.items = list(items)
+        super().__init__(items, transform, None, num_classes)
         self.cache = cache
         self.recipe = recipe
-        self.transform = transform
-        self.num_classes = num_classes
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def target(self, index: int) -> int | torch.Tensor:
-        """The target of item ``index``: class index, or multi-hot float32 ``(num_classes,)``."""
-        item = self.items[index]
-        if self.num_classes is None:
-            return item.label
-        target = torch.zeros(self.num_classes)
-        target[list(getattr(item, "labels", ()) or (item.label,))] = 1.0
-        return target
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor] | None:
         item = self.items[index]

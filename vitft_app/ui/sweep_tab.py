@@ -77,22 +77,9 @@ def fixed_config(values: dict[str, Any], data_dir: Path, runs_dir: Path) -> Trai
     Raises:
         ValueError: an invalid value (the message names the field).
     """
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    kwargs: dict[str, Any] = {"data_dir": str(data_dir), "output_dir": str(runs_dir)}
-    for name, value in values.items():
-        if name not in fields or value is None or value == "":
-            continue
-        default = fields[name].default
-        if isinstance(default, int) or name == "image_size":
-            if float(value) != int(float(value)):
-                raise ValueError(f"{name} must be a whole number, got {value}")
-            value = int(float(value))
-        elif isinstance(default, float):
-            value = float(value)
-        kwargs[name] = value
-    if kwargs.get("model") != SCRATCH_MODEL:
-        kwargs.pop("image_size", None)
-    return TrainConfig(**kwargs)
+    from .train_tab import config_from_form
+
+    return dataclasses.replace(config_from_form(values, data_dir), output_dir=str(runs_dir))
 
 
 def start_from_form(ctx: Any, data_text: str | None, fixed: dict[str, Any], space_values: dict[str, Any],
