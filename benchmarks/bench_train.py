@@ -261,8 +261,6 @@ def _vitft_run(args, decode_cache: bool, freeze_depth: int = 0, epochs: int | No
     on); False turns both off (``training.USE_DECODE_CACHE`` / ``USE_FEATURE_CACHE``), for the
     side-by-side comparison.
     """
-    import torch
-
     from vitft_app import training
     from vitft_app.config import TrainConfig
     from vitft_app.data import ImageDataset

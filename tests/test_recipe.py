@@ -23,7 +23,7 @@ from vitft_app.checkpoint import has_checkpoint, load_checkpoint
 from vitft_app.config import TrainConfig
 from vitft_app.events import EvalDone, LogMessage, RunFailed, RunFinished, StepLogged
 from vitft_app.jobs import JobRunner
-from vitft_app.modeling import build_model, freeze_layers
+from vitft_app.modeling import build_model
 from vitft_app.optim import create_ema, create_optimizer, create_scheduler, ema_decay_at, layer_ids
 from vitft_app.presets import preset_values
 from vitft_app.runs import RunRecorder, RunStore, read_metrics, read_status

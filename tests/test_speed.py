@@ -4,7 +4,6 @@ Speed itself is measured by benchmarks/, never asserted here."""
 from __future__ import annotations
 
 import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest

@@ -379,11 +379,10 @@ def _run_train(args: argparse.Namespace, dist_ctx: Any) -> int:
         print(f"vitft train: error: cannot use --output-dir {output_dir}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     state: dict[str, Any] = {"bar": None, "status": "failed"}
-    announce = None
-    if dist_ctx is not None:
-        def announce(path: Path) -> None:
-            dist_ctx.broadcast({"run_dir": str(path)})
-            args._announced = True
+    def announce(path: Path) -> None:
+        """Tells the other processes of a data-parallel run where the run folder is."""
+        dist_ctx.broadcast({"run_dir": str(path)})
+        args._announced = True
     scan_bar, scan_progress = _scan_progress_bar()
     try:
         if args.resume:
@@ -391,7 +390,7 @@ def _run_train(args: argparse.Namespace, dist_ctx: Any) -> int:
                                 report_to=args.report_to)
         else:
             job = runner.start(config, listener=progress_listener(state), progress=scan_progress,
-                               report_to=args.report_to, on_run_created=announce,
+                               report_to=args.report_to, on_run_created=announce if dist_ctx is not None else None,
                                run_dir=Path(existing) if existing else None)
     except (ModelLoadError, ResumeError, ValueError, FileNotFoundError, OSError) as exc:
         scan_bar.close()

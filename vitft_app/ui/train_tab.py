@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from ..checkpoint import ResumeError, has_checkpoint
+from ..checkpoint import ResumeError
 from ..config import SCRATCH_MODEL, TrainConfig, field_docs
 from ..jobs import BusyError
 from ..modeling import MODEL_CHOICES, ModelLoadError, summarize_model
