@@ -11,7 +11,9 @@ or the flags (``vitft train --preset``). The user can change any value afterward
 A model trained from scratch (``vit-tiny-scratch``) has no pretrained features to keep, so for
 it ``balanced`` and ``best`` freeze nothing and use no layer decay, and the learning rates are
 higher (1e-3, the rate DeiT scales to for small batches). ``quick`` stays a linear probe there
-too (on random features: only useful as a smoke test).
+too (on random features: only useful as a smoke test). ``best``'s regularization is made for
+fine-tuning pretrained weights: on a random-weight ViT it needs hundreds of epochs (DeiT trains
+300), and in its 20 it scores below ``balanced`` (measured on cifar10-subset: README).
 """
 
 from __future__ import annotations

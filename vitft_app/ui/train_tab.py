@@ -149,6 +149,9 @@ def preset_updates(name: str, model: str, image_size: int | None, fields: list[s
     scratch = (model or SCRATCH_MODEL) == SCRATCH_MODEL
     if scratch and name == "quick":
         note += " (on a random-weight model a linear probe only trains the head: a smoke test)"
+    elif scratch and name == "best":
+        note += (" (from scratch: nothing frozen, lr 1e-3; this much regularization needs far more epochs on a"
+                 " random-weight model, where balanced usually does better: see the README)")
     elif scratch:
         note += " (from scratch: nothing frozen, lr 1e-3)"
     return [values.get(f, gr.skip()) for f in fields], f"Preset **{name}**: {note}. Edit anything before Start."
