@@ -138,7 +138,8 @@ def test_export_onnx_zip_and_onnx_prediction(tmp_path, digits_small, tiny_vit):
     assert diff < 1e-4
 
     image = str(sorted((digits_small / "1").iterdir())[0])
-    torch_out = json.loads(_vitft("predict", "--model", str(run_dir), image, cwd=tmp_path).stdout)
+    # --precision fp32: exact parity with ONNX (the default, auto, may run bf16 autocast)
+    torch_out = json.loads(_vitft("predict", "--model", str(run_dir), "--precision", "fp32", image, cwd=tmp_path).stdout)
     onnx_out = json.loads(_vitft("predict", "--model", str(run_dir), "--backend", "onnx", image, cwd=tmp_path).stdout)
     assert [p["label"] for p in onnx_out["predictions"]] == [p["label"] for p in torch_out["predictions"]]
     for a, b in zip(onnx_out["predictions"], torch_out["predictions"]):
