@@ -128,7 +128,12 @@ def cuda_device_count() -> int:
 
 
 def release_device_memory() -> None:
-    """Returns cached accelerator memory to the driver after a run (garbage-collects first)."""
+    """Returns memory after a run: garbage-collects, empties the CUDA / MPS caching allocators,
+    and on Linux with glibc calls ``malloc_trim(0)`` so freed heap pages (decoded images, feature
+    stores, activations of the CPU run) go back to the OS instead of staying in malloc's arenas
+    (without it the app's RSS grew 20-37% between identical runs; ``benchmarks/bench_memory.py``)."""
+    import ctypes
+    import ctypes.util
     import gc
 
     gc.collect()
@@ -137,3 +142,11 @@ def release_device_memory() -> None:
     mps = getattr(torch, "mps", None)
     if mps is not None and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         mps.empty_cache()
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        try:
+            libc = ctypes.CDLL(libc_name)
+            if hasattr(libc, "malloc_trim"):  # glibc only
+                libc.malloc_trim(0)
+        except OSError:
+            pass
