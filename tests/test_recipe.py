@@ -346,7 +346,7 @@ def test_resume_gives_the_same_next_step_loss_and_weights_as_an_uninterrupted_ru
         stop_event=stop, on_event=lambda e: isinstance(e, StepLogged) and e.step == 3 and stop.set(),
     )
     assert part.status == "stopped" and has_checkpoint(part_dir)
-    assert load_checkpoint(part_dir)["loop"]["step"] == 3
+    assert load_checkpoint(part_dir)["loop"]["step"] == 3 == read_status(part_dir)["step"]
     resumed_events = []
     recorder = RunRecorder(part_dir)
     result = resume_run(part_dir, lambda e: (resumed_events.append(e), recorder(e)), device="cpu")
@@ -468,6 +468,8 @@ def test_multi_label_training_learns_above_chance(tmp_path, multilabel_csv):
     evals = [e for e in events if isinstance(e, EvalDone)]
     assert evals[0].monitor == "val_map"
     best = max(e.val_map for e in evals)
+    finished = events[-1]
+    assert isinstance(finished, RunFinished) and finished.monitor == "val_map" and finished.best_metric == best
     # chance mAP = label prevalence (about 0.5 for red and blue, 0.25 for none)
     assert best >= 0.75, [e.val_map for e in evals]
     assert max(e.val_f1_micro for e in evals) > 0.6
@@ -481,6 +483,10 @@ def test_mixup_is_refused_for_multi_label(tmp_path, multilabel_csv):
     runner = JobRunner(tmp_path / "runs", device="cpu")
     with pytest.raises(ValueError, match="mixup applies to single-label datasets"):
         runner.start(recipe_config(multilabel_csv, "vit-tiny-scratch", tmp_path, image_size=32, mixup=0.8))
+    # every conflict in one message (the best preset turns all three on)
+    with pytest.raises(ValueError, match="mixup, cutmix, label_smoothing apply to single-label.*--cutmix 0"):
+        runner.start(recipe_config(multilabel_csv, "vit-tiny-scratch", tmp_path, image_size=32, mixup=0.8,
+                                   cutmix=1.0, label_smoothing=0.1))
     assert RunStore(tmp_path / "runs").list_runs() == []
 
 

@@ -245,7 +245,10 @@ def progress_listener(state: dict[str, Any]) -> Callable[[Any], None]:
             state["status"] = event.status
             if bar is not None:
                 bar.close()
-            print(f"{event.status} in {event.duration_s:.1f} s; best val accuracy {event.best_val_accuracy}"
+            best = (f"best val mAP {event.best_metric:.4f} (val accuracy {event.best_val_accuracy:.4f})"
+                    if event.monitor == "val_map" and event.best_metric is not None
+                    else f"best val accuracy {event.best_val_accuracy}")
+            print(f"{event.status} in {event.duration_s:.1f} s after {event.step} steps; {best}"
                   + (f" ({event.reason})" if event.reason else ""), file=sys.stderr)
         elif isinstance(event, RunFailed):
             if bar is not None:

@@ -91,6 +91,12 @@ class RunFinished:
     duration_s: float
     reason: str = ""
     """Why a run ended early, e.g. ``"early stopping at epoch 7"``; empty otherwise."""
+    step: int | None = None
+    """Optimizer steps done (a stopped run resumes after this step)."""
+    monitor: str = "val_accuracy"
+    """The metric that picked the best model (``val_map`` for multi-label)."""
+    best_metric: float | None = None
+    """Best value of ``monitor``."""
 
 
 @dataclass(frozen=True)

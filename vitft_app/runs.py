@@ -336,8 +336,9 @@ class RunRecorder:
         elif isinstance(event, LogMessage):
             self.log(event.text)
         elif isinstance(event, RunFinished):
+            steps = {} if event.step is None else {"step": event.step}
             self.write_status(status=event.status, finished_at=datetime.now().isoformat(timespec="seconds"),
-                              duration_s=event.duration_s, eta_s=0, reason=event.reason)
+                              duration_s=event.duration_s, eta_s=0, reason=event.reason, **steps)
             self.log(f"{event.status} after {event.duration_s:.1f} s; best val accuracy {event.best_val_accuracy}"
                      + (f" ({event.reason})" if event.reason else ""))
         elif isinstance(event, RunFailed):

@@ -496,8 +496,9 @@ def run_sweep(
                      trial_stop: threading.Event = trial_stop, outcome: dict = outcome) -> None:
             # The pruning hook: report each epoch's val accuracy; never prune the final epoch.
             if isinstance(event, EvalDone):
-                outcome["best"] = event.best_val_accuracy
-                trial.report(event.val_accuracy, event.epoch)
+                # The run's own model-selection metric: val accuracy, or mAP for multi-label data.
+                outcome["best"] = event.best_metric if event.best_metric is not None else event.best_val_accuracy
+                trial.report(event.val_map if event.val_map is not None else event.val_accuracy, event.epoch)
                 if event.epoch < config.epochs and not stop_event.is_set() and trial.should_prune():
                     outcome["pruned"] = True
                     trial_stop.set()

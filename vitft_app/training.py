@@ -352,11 +352,14 @@ def check_recipe(config: TrainConfig, report: DatasetReport) -> None:
             are defined for one label per image).
     """
     if report.multi_label:
-        for name in ("mixup", "cutmix", "label_smoothing"):
-            if getattr(config, name) > 0:
-                raise ValueError(
-                    f"{name} applies to single-label datasets; this CSV is multi-label. Set {name} to 0."
-                )
+        conflicts = [name for name in ("mixup", "cutmix", "label_smoothing") if getattr(config, name) > 0]
+        if conflicts:
+            names = ", ".join(conflicts)
+            raise ValueError(
+                f"{names} {'applies' if len(conflicts) == 1 else 'apply'} to single-label datasets; this CSV is"
+                f" multi-label. Set {names} to 0 (the best preset turns them on: use balanced, or add"
+                f" {' '.join('--' + n.replace('_', '-') + ' 0' for n in conflicts)})."
+            )
 
 
 class _OrderBatchSampler(torch.utils.data.Sampler):
@@ -655,7 +658,7 @@ def train(
         )
     )
     if checkpoint is not None:
-        emit(LogMessage(f"resumed at epoch {state.epoch + 1}, step {state.step}"))
+        emit(LogMessage(f"resumed after step {state.step} (epoch {state.epoch + 1})"))
 
     monitor = "val_map" if multi_label else "val_accuracy"
     stopped, reason = False, ""
@@ -912,5 +915,6 @@ def train(
         shutil.rmtree(run_dir / DECODE_CACHE_DIR, ignore_errors=True)
     dist_ctx.barrier()
     duration = time.perf_counter() - t_start
-    emit(RunFinished(status=status, best_val_accuracy=state.best_accuracy, duration_s=duration, reason=reason))
+    emit(RunFinished(status=status, best_val_accuracy=state.best_accuracy, duration_s=duration, reason=reason,
+                     step=state.step, monitor=monitor, best_metric=state.best_metric))
     return TrainResult(status, state.best_accuracy, state.step, duration, reason)
