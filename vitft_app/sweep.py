@@ -7,8 +7,8 @@ its ``meta.json``. Trials run one after another inside one background job
 (:meth:`~vitft_app.jobs.JobRunner.start_task`), so the one-job-at-a-time rule holds and Stop ends
 the sweep after stopping the current trial.
 
-The objective is the run's best validation accuracy (maximized). Pruning: each ``EvalDone`` event
-reports ``val_accuracy`` at its epoch (``trial.report``); when the pruner (by default Optuna's
+The objective is the run's best model-selection metric (maximized): validation accuracy, or mAP for
+a multi-label dataset. Pruning: each ``EvalDone`` event reports that metric at its epoch (``trial.report``); when the pruner (by default Optuna's
 ``MedianPruner``) says so, the trial's stop event is set, the run ends as ``stopped`` after that
 epoch, and the trial is marked pruned. The final epoch is never pruned: there is nothing left to
 save then.
