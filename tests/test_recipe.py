@@ -616,3 +616,18 @@ def test_decode_cache_gives_the_same_run_and_cleans_up(tmp_path, digits_small, t
     a = load_file(cached_dir / "model" / "model.safetensors")
     b = load_file(plain_dir / "model" / "model.safetensors")
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_distillation_adds_a_feature_loss_once_the_model_drifts(tmp_path, digits_small, tiny_vit):
+    """Step 1: the model is its own starting copy, so the feature loss and its gradient are 0 and
+    the logged loss equals the run without distillation. Step 2: the weights moved, the feature
+    loss is positive, and the logged loss (cross-entropy + L x feature loss) is larger."""
+    _, plain_events, _ = run_train(recipe_config(digits_small, tiny_vit, tmp_path / "plain", epochs=1))
+    _, distill_events, result = run_train(recipe_config(digits_small, tiny_vit, tmp_path / "distill", epochs=1,
+                                                        distill_weight=10.0))
+    assert result.status == "completed"
+    plain = [e.loss for e in plain_events if isinstance(e, StepLogged)]
+    distilled = [e.loss for e in distill_events if isinstance(e, StepLogged)]
+    assert distilled[0] == pytest.approx(plain[0], abs=1e-6)
+    assert distilled[1] > plain[1] + 1e-4
+    assert any("feature distillation" in note for e in distill_events if hasattr(e, "notes") for note in e.notes)
