@@ -185,11 +185,16 @@ class DecodeCache:
         self.misses += 1
         size = tensor.numel() * tensor.element_size()
         with self._lock:
+            # Another thread may have decoded the same file meanwhile: keep one copy, counted once.
+            existing = self._memory.get(key)
+            if existing is not None:
+                return existing
             fits = self.memory_budget_bytes is None or self.memory_bytes + size <= self.memory_budget_bytes
             if fits:
                 self._memory[key] = tensor
                 self.memory_bytes += size
-        if not fits:
+            spilled_already = key in self._on_disk
+        if not fits and not spilled_already:
             self._spill(key, tensor)
         return tensor
 
