@@ -251,22 +251,31 @@ class JobRunner:
     ) -> Job:
         """Starts :meth:`run_training` in a daemon thread as the current job (lock held)."""
 
-        def relay(event: Event) -> None:
-            if isinstance(event, (RunFinished, RunFailed)):
-                job.finished.set()
-            if listener is not None:
-                listener(event)
+        def body(job: Job) -> None:
+            def relay(event: Event) -> None:
+                if isinstance(event, (RunFinished, RunFailed)):
+                    job.finished.set()
+                if listener is not None:
+                    listener(event)
+
+            self.run_training(config, run_dir, job.stop_event, listener=relay, report=report,
+                              report_to=report_to, resume=resume)
+
+        return self._begin(f"vitft-train-{run_dir.name}", body, run_dir=run_dir, config=config, name=run_dir.name)
+
+    def _begin(self, thread_name: str, body: Callable[[Job], None], **job_fields: Any) -> Job:
+        """Makes the current :class:`Job` and runs ``body(job)`` in a daemon thread; afterwards
+        device memory is released and ``job.done`` set, whatever happened (lock held)."""
 
         def target() -> None:
             try:
-                self.run_training(config, run_dir, job.stop_event, listener=relay, report=report,
-                                  report_to=report_to, resume=resume)
+                body(job)
             finally:
                 release_device_memory()
                 job.done.set()
 
-        thread = threading.Thread(target=target, name=f"vitft-train-{run_dir.name}", daemon=True)
-        job = Job(run_dir=run_dir, config=config, thread=thread, name=run_dir.name)
+        thread = threading.Thread(target=target, name=thread_name, daemon=True)
+        job = Job(thread=thread, **job_fields)
         self._job = job
         thread.start()
         return job
@@ -410,20 +419,16 @@ class JobRunner:
 
             recorder = RunRecorder(run_dir)
 
-            def target() -> None:
+            def body(job: Job) -> None:
                 try:
                     work(job, recorder)
                 except BaseException as exc:  # noqa: BLE001 - reported as RunFailed, not swallowed
                     recorder(RunFailed(error=error_message(exc), traceback=traceback.format_exc()))
                 finally:
                     job.finished.set()
-                    job.done.set()
 
-            thread = threading.Thread(target=target, name=f"vitft-launch-{run_dir.name}", daemon=True)
-            job = Job(run_dir=run_dir, config=config, thread=thread, name=run_dir.name)
-            self._job = job
-            thread.start()
-            return job
+            return self._begin(f"vitft-launch-{run_dir.name}", body, run_dir=run_dir, config=config,
+                               name=run_dir.name)
 
     def start_task(self, name: str, task: Callable[[Job], Any]) -> Job:
         """Runs ``task(job)`` in a daemon thread under the one-job-at-a-time rule.
@@ -450,21 +455,15 @@ class JobRunner:
         with self._lock:
             self._refuse_if_busy()
 
-            def target() -> None:
+            def body(job: Job) -> None:
                 try:
                     job.result = task(job)
                 except BaseException as exc:  # noqa: BLE001 - kept on the job and printed
                     job.error = error_message(exc)
                     print(f"vitft: job {name!r} failed:\n{traceback.format_exc()}", file=sys.stderr)
-                finally:
-                    release_device_memory()
-                    job.done.set()
 
-            thread = threading.Thread(target=target, name=f"vitft-task-{name}", daemon=True)
-            job = Job(run_dir=self.store.root, config=None, thread=thread, name=name, kind="task")
-            self._job = job
-            thread.start()
-            return job
+            return self._begin(f"vitft-task-{name}", body, run_dir=self.store.root, config=None, name=name,
+                               kind="task")
 
     def stop(self) -> bool:
         """Asks the running job to stop (it exits before its next micro-batch; a sweep stops its
