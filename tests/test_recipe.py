@@ -332,11 +332,11 @@ def test_nan_losses_in_a_row_stop_the_run_keeping_the_last_good_model(tmp_path, 
 
 
 def test_resume_gives_the_same_next_step_loss_and_weights_as_an_uninterrupted_run(tmp_path, digits_small, tiny_vit):
-    """Stochastic everything (augmentation, MixUp/CutMix, patch masking, EMA, accumulation): a run
-    stopped at step 3 (mid-epoch, mid-window) and resumed logs exactly the losses of the run that
-    was never interrupted, and ends with the same weights."""
+    """Stochastic everything (augmentation, MixUp/CutMix, patch masking, PatchDropout, EMA,
+    accumulation): a run stopped at step 3 (mid-epoch, mid-window) and resumed logs exactly the
+    losses of the run that was never interrupted, and ends with the same weights."""
     recipe = dict(augment="randaugment", mixup=0.8, cutmix=1.0, patch_mask_ratio=0.25, random_erasing=0.5,
-                  ema_decay=0.9, batch_size=4, grad_accum_steps=2, epochs=2, label_smoothing=0.1)
+                  ema_decay=0.9, batch_size=4, grad_accum_steps=2, epochs=2, label_smoothing=0.1, patch_dropout=0.5)
     full_dir, full_events, full = run_train(recipe_config(digits_small, tiny_vit, tmp_path / "full", **recipe))
     assert full.status == "completed" and not has_checkpoint(full_dir)
 

@@ -1,12 +1,14 @@
-"""Batch-level training regularizers: MixUp/CutMix (torchvision) and patch masking, plus the
-augmentation preview the Train tab shows. Per-image augmentation lives in
+"""Batch-level training regularizers: MixUp/CutMix (torchvision), patch masking and PatchDropout
+(token dropping), plus the augmentation preview the Train tab shows. Per-image augmentation lives in
 :func:`vitft_app.data.build_transforms`."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from torch import nn
 from torchvision.transforms import v2
 
 BatchMixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -98,6 +100,91 @@ def mask_patches(
     pixel_mask = torch.zeros(batch, height, width, dtype=torch.bool, device=pixels.device)
     pixel_mask[:, : full.shape[1], : full.shape[2]] = full
     return pixels.masked_fill(pixel_mask.unsqueeze(1), 0.0), mask
+
+
+def drop_patch_tokens(tokens: torch.Tensor, keep: int, num_prefix: int) -> torch.Tensor:
+    """Keeps the prefix tokens (CLS, ...) and a random subset of ``keep`` patch tokens per image.
+
+    PatchDropout (Liu et al. 2022, "PatchDropout: Economizing Vision Transformers Using Patch
+    Dropout"), as timm's ``PatchDropout``: the subset is drawn uniformly without replacement,
+    independently per image, from the global RNG (so checkpoints restore it); position embeddings
+    were already added, so every kept token still knows where it came from.
+
+    Args:
+        tokens: ``(B, num_prefix + N, D)`` embeddings output.
+        keep: patch tokens kept per image, 1 <= keep <= N.
+        num_prefix: leading tokens always kept (1 for ViT's CLS token).
+
+    Returns:
+        ``(B, num_prefix + keep, D)``, same dtype and device.
+    """
+    batch, total, dim = tokens.shape
+    order = torch.rand(batch, total - num_prefix, device=tokens.device).argsort(dim=1)[:, :keep]
+    kept = tokens[:, num_prefix:].gather(1, order.unsqueeze(-1).expand(-1, -1, dim))
+    return torch.cat([tokens[:, :num_prefix], kept], dim=1)
+
+
+class PatchDropout:
+    """Drops a fraction of the patch tokens after a ViT's embeddings, only inside :meth:`applied`.
+
+    Installed as a forward hook on the model's embeddings module, so the model code is unchanged
+    and evaluation, prediction, feature caching and the distillation teacher (which never enter
+    :meth:`applied`) see every token. The classifier reads the CLS token, which is always kept.
+    Per-step FLOPs fall roughly in proportion to the tokens dropped (attention quadratically).
+
+    Args:
+        model: a ViT-style classifier whose embeddings output ``(B, prefix + N, D)`` with a
+            ``cls_token`` (and optional ``distillation_token``/``register_tokens``) first.
+        rate: fraction of patch tokens dropped per image, in (0, 1); ``round((1 - rate) * N)``
+            (at least 1) are kept.
+
+    Raises:
+        ValueError: the model has no CLS token to classify from (dropping tokens would change
+            what the head reads).
+    """
+
+    def __init__(self, model: nn.Module, rate: float) -> None:
+        from .modeling import encoder_parts
+
+        embeddings = encoder_parts(model)[0]
+        if not 0 < rate < 1:
+            raise ValueError(f"patch_dropout must be in (0, 1) to install it, got {rate}")
+        if getattr(embeddings, "cls_token", None) is None:
+            raise ValueError(
+                f"patch_dropout needs a model that classifies from a CLS token; {type(model).__name__} has none."
+                " Set patch_dropout to 0."
+            )
+        registers = getattr(embeddings, "register_tokens", None)
+        self.num_prefix = 1 + int(getattr(embeddings, "distillation_token", None) is not None) + (
+            int(registers.shape[1]) if isinstance(registers, torch.Tensor) else 0
+        )
+        self.rate = rate
+        self.active = False
+        self._handle = embeddings.register_forward_hook(self._hook)
+
+    def keep_count(self, num_patches: int) -> int:
+        """Patch tokens kept out of ``num_patches``: ``max(1, round((1 - rate) * num_patches))``."""
+        return max(1, int(round((1 - self.rate) * num_patches)))
+
+    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> Any:
+        if not self.active:
+            return output
+        tokens = output[0] if isinstance(output, tuple) else output
+        dropped = drop_patch_tokens(tokens, self.keep_count(tokens.shape[1] - self.num_prefix), self.num_prefix)
+        return (dropped, *output[1:]) if isinstance(output, tuple) else dropped
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """Context in which forward passes drop tokens (the training forward)."""
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+
+    def remove(self) -> None:
+        """Removes the hook; the model sees every token again."""
+        self._handle.remove()
 
 
 def denormalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

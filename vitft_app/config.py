@@ -22,6 +22,7 @@ Optimizer = Literal["adamw", "sgd"]
 Scheduler = Literal["cosine", "linear", "constant"]
 ClassWeights = Literal["none", "balanced"]
 Preset = Literal["quick", "balanced", "best"]
+Attention = Literal["auto", "sdpa", "eager"]
 
 #: Name of the built-in offline model (a ViT-Tiny with random weights).
 SCRATCH_MODEL = "vit-tiny-scratch"
@@ -81,6 +82,9 @@ class TrainConfig:
     precision: Precision = "auto"
     """auto picks bf16 autocast where the device supports it, else fp32; fp16 needs CUDA. Weights stay fp32."""
 
+    attention: Attention = "auto"
+    """Attention kernel: auto times sdpa and eager on one encoder block at this run's batch and precision and keeps the faster (speed only); or force one."""
+
     augment: Augment = "basic"
     """Training augmentation: none; basic (random resized crop + flip); or basic + a torchvision policy."""
 
@@ -101,6 +105,9 @@ class TrainConfig:
 
     patch_mask_ratio: float = 0.0
     """Fraction of each training image's patches (aligned to the model's patch grid) hidden as a regularizer."""
+
+    patch_dropout: float = 0.0
+    """PatchDropout: fraction of patch tokens dropped at random from each training image (fewer FLOPs per step, a regularizer); evaluation uses all. 0 = off."""
 
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing epsilon (single-label datasets)."""
@@ -177,7 +184,10 @@ class TrainConfig:
             self.augment in get_args(Augment),
             f"augment must be one of {list(get_args(Augment))}, got {self.augment!r}",
         )
-        for name, choices in (("optimizer", Optimizer), ("scheduler", Scheduler), ("class_weights", ClassWeights)):
+        choice_fields = (
+            ("attention", Attention), ("optimizer", Optimizer), ("scheduler", Scheduler), ("class_weights", ClassWeights)
+        )
+        for name, choices in choice_fields:
             value = getattr(self, name)
             check(value in get_args(choices), f"{name} must be one of {list(get_args(choices))}, got {value!r}")
         check(0 < self.layer_decay <= 1, f"layer_decay must be in (0, 1], got {self.layer_decay}")
@@ -187,6 +197,7 @@ class TrainConfig:
         check(self.mixup >= 0, f"mixup must be >= 0, got {self.mixup}")
         check(self.cutmix >= 0, f"cutmix must be >= 0, got {self.cutmix}")
         check(0 <= self.patch_mask_ratio < 1, f"patch_mask_ratio must be in [0, 1), got {self.patch_mask_ratio}")
+        check(0 <= self.patch_dropout < 1, f"patch_dropout must be in [0, 1), got {self.patch_dropout}")
         check(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         check(self.distill_weight >= 0, f"distill_weight must be >= 0, got {self.distill_weight}")
         check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .augment import create_batch_mixer, mask_patches
+from .attention import choose_attention, current_attention, set_attention
+from .augment import PatchDropout, create_batch_mixer, mask_patches
 from .checkpoint import capture_rng, load_checkpoint, remove_checkpoint, restore_rng, save_checkpoint
 from .config import TrainConfig
 from .data import DatasetReport, ImageDataset, build_transforms, collate_skipping_failures, processor_spec, scan_dataset
@@ -395,6 +396,8 @@ class _LoopState:
     epochs_without_improvement: int = 0
     nonfinite_in_row: int = 0
     skipped_steps: int = 0
+    attention: str | None = None
+    """The attention kernel chosen at the start (a resumed run keeps it rather than re-timing)."""
     epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     """Training loss sum, correct count and sample count of the epoch so far."""
 
@@ -566,7 +569,8 @@ def train(
     stable_depth = USE_FEATURE_CACHE and config.freeze_depth >= 1 and config.gradual_unfreeze == 0
     cache_val = stable_depth
     cache_train = stable_depth and not dist_ctx.enabled and config.augment == "none" and config.distill_weight == 0 \
-        and config.mixup == 0 and config.cutmix == 0 and config.patch_mask_ratio == 0 and config.random_erasing == 0
+        and config.mixup == 0 and config.cutmix == 0 and config.patch_mask_ratio == 0 and config.random_erasing == 0 \
+        and config.patch_dropout == 0
     val_cache = train_cache = prefix = suffix = None
     if cache_val:
         from .feature_cache import cache_features, split_frozen_model
@@ -617,6 +621,27 @@ def train(
         if not dist_ctx.is_main:  # the checkpoint holds rank 0's RNG; the others draw afresh
             torch.manual_seed(config.seed + 1000 * dist_ctx.rank + state.step)
     current_depth = depth_at(state.epoch)
+
+    # ---- attention kernel: timed once per run on this run's shapes (a resumed run keeps its
+    # kernel); in a data-parallel run every process uses eager if any of them measured it faster --
+    if state.attention is not None and config.attention == "auto":
+        set_attention(model, state.attention)
+        attention_reason = f"attention: {state.attention} (chosen when the run started)"
+    else:
+        choice = choose_attention(model, plan, config.batch_size, (out_h, out_w), config.attention,
+                                  token_keep=1 - config.patch_dropout)
+        attention_reason = choice.reason
+        if dist_ctx.enabled and config.attention == "auto":
+            agreed = "eager" if dist_ctx.any(choice.implementation == "eager", plan.device) else current_attention(model)
+            if agreed != choice.implementation:
+                set_attention(model, agreed)
+                attention_reason = f"attention: {agreed} (another process measured it faster)"
+    state.attention = current_attention(model)
+    for copy_ in (teacher, ema.module if ema is not None else None):
+        if copy_ is not None:
+            set_attention(copy_, state.attention)
+    # PatchDropout: a hook on the embeddings, active only around the training forward below.
+    patch_dropout = PatchDropout(model, config.patch_dropout) if config.patch_dropout > 0 else None
     forward_model = wrap(model)
 
     def save_state(rng: dict[str, Any]) -> None:
@@ -637,7 +662,9 @@ def train(
             },
         )
 
-    notes = loaded.notes + [plan.reason]
+    notes = loaded.notes + [plan.reason, attention_reason]
+    if patch_dropout is not None:
+        notes.append(f"PatchDropout: training keeps {1 - config.patch_dropout:.0%} of the patch tokens of each image")
     if config.distill_weight > 0:
         notes.append(f"feature distillation to the starting model, weight {config.distill_weight}")
     emit(
@@ -741,7 +768,8 @@ def train(
                         if train_cache is not None:
                             out = _Logits(suffix(batch["features"].to(plan.device, non_blocking=True)))
                         else:
-                            out = forward_model(pixel_values=pixels, output_hidden_states=teacher is not None)
+                            with patch_dropout.applied() if patch_dropout else contextlib.nullcontext():
+                                out = forward_model(pixel_values=pixels, output_hidden_states=teacher is not None)
                         loss_sum = compute_loss(out.logits, targets, multi_label, class_weights, config.label_smoothing)
                         if teacher is not None:
                             with torch.no_grad():

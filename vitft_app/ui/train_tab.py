@@ -336,6 +336,7 @@ def build(ctx: Any, data: Any) -> None:
             color_jitter = number("color_jitter", "Colour jitter", minimum=0, maximum=1)
             random_erasing = number("random_erasing", "Random erasing probability", minimum=0, maximum=1)
             patch_mask_ratio = number("patch_mask_ratio", "Patch mask ratio", minimum=0, maximum=0.95)
+            patch_dropout = number("patch_dropout", "PatchDropout (token drop rate)", minimum=0, maximum=0.95)
         with gr.Row():
             mixup = number("mixup", "MixUp alpha", minimum=0)
             cutmix = number("cutmix", "CutMix alpha", minimum=0)
@@ -363,7 +364,7 @@ def build(ctx: Any, data: Any) -> None:
             distill_weight = number("distill_weight", "Distillation weight", minimum=0)
             patience = number("early_stopping_patience", "Early stopping patience", integer=True, minimum=0)
             min_delta = number("early_stopping_min_delta", "Early stopping min improvement", minimum=0)
-    with gr.Accordion("Data and logging", open=False):
+    with gr.Accordion("Data, speed and logging", open=False):
         with gr.Row():
             val_fraction = gr.Number(value=defaults["val_fraction"], label="Validation fraction",
                                      info="used when the folder has no val/ split")
@@ -372,6 +373,8 @@ def build(ctx: Any, data: Any) -> None:
                                   minimum=1)
             num_workers = number("num_workers", "Loader workers", integer=True, minimum=0)
             max_nonfinite = number("max_nonfinite_steps", "Non-finite steps before stopping", integer=True, minimum=1)
+        with gr.Row():
+            attention = radio("attention", "Attention kernel", ["auto", "sdpa", "eager"])
     with gr.Row():
         start = gr.Button("Start", variant="primary", elem_id="start-button")
         stop = gr.Button("Stop", variant="stop", elem_id="stop-button")
@@ -394,7 +397,7 @@ def build(ctx: Any, data: Any) -> None:
         "gradual_unfreeze": gradual_unfreeze, "distill_weight": distill_weight,
         "early_stopping_patience": patience, "early_stopping_min_delta": min_delta,
         "val_fraction": val_fraction, "seed": seed, "log_every_steps": log_every, "num_workers": num_workers,
-        "max_nonfinite_steps": max_nonfinite,
+        "max_nonfinite_steps": max_nonfinite, "attention": attention, "patch_dropout": patch_dropout,
     }
     fields = list(form)
     run_state = gr.State(None)
