@@ -8,18 +8,21 @@ absolute numbers move with the machine's load.
 Usage (from the repository root)::
 
     python benchmarks/bench_train.py --quick            # < 5 min on a 2-core CPU
-    python benchmarks/bench_train.py                    # more steps, freeze depths 0,3,6,9,12
+    python benchmarks/bench_train.py                    # more steps, freeze depths 0,3,6,9,12, ViT-Small
     python benchmarks/bench_train.py --tta              # time-to-accuracy on cifar10-subset (long)
     python benchmarks/bench_train.py --rows trainer-bf16,vitft-cache
 
 Model: ViT-Tiny (hidden 192, 12 blocks, 3 heads, MLP 768, patch 16), random init, 224 px, two
-classes, batch 32, full fine-tune unless the row says otherwise; AdamW; no random augmentation in
-any row (every row decodes and resizes the same JPEGs to 224x224, normalizes with mean = std =
+classes, batch 32, full fine-tune unless the row says otherwise (the "ViT-Small" rows: hidden 384,
+6 heads, MLP 1536, saved to a temporary folder and loaded like a user's model); AdamW; no random
+augmentation in any row (every row decodes and resizes the same JPEGs to 224x224, normalizes with mean = std =
 0.5).
 
 Measurement: ``--warmup-steps`` steps are run first, then ``--steps`` optimizer steps are timed.
 images/s = images in the timed steps / their wall time, **data loading and JPEG decoding
-included**. data-wait = share of the timed steps' wall time spent getting the batch. Rows that call
+included**. vitft rows use ``attention="auto"`` (the kernel it picked is in the table) unless the
+row forces one; the Trainer rows use the model's default (sdpa) or, where the row says so, eager.
+data-wait = share of the timed steps' wall time spent getting the batch. Rows that call
 ``vitft_app.training.train`` run whole epochs; their steady state is epoch 2 onwards (epoch 1
 fills the caches), from the ``StepLogged`` events (``log_every_steps=1``).
 
@@ -44,6 +47,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,6 +61,7 @@ CIFAR = "/work/shared/datasets/cifar10-subset"
 VIT_TINY = dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768, patch_size=16)
 VIT_SMALL = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, patch_size=16)
 VIT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=16)
+ARCHS = {"tiny": VIT_TINY, "small": VIT_SMALL, "base": VIT_BASE}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -66,7 +71,7 @@ VIT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, i
 
 def vit_forward_flops(image_size: int, patch_size: int, hidden_size: int, intermediate_size: int,
                       num_blocks: int, num_classes: int = 2, blocks: int | None = None,
-                      embeddings: bool = True, head: bool = True) -> float:
+                      embeddings: bool = True, head: bool = True, token_keep: float = 1.0) -> float:
     """Forward FLOPs of one image through a ViT (see the module docstring for the formula).
 
     Args:
@@ -76,27 +81,30 @@ def vit_forward_flops(image_size: int, patch_size: int, hidden_size: int, interm
         num_classes: C.
         blocks: count only this many blocks (e.g. the trainable suffix); default ``num_blocks``.
         embeddings, head: include the patch embedding / classifier.
+        token_keep: fraction of patch tokens the blocks see (PatchDropout keeps ``1 - rate``).
 
     Returns:
         FLOPs (multiply-add = 2 FLOPs) per image.
     """
-    tokens = (image_size // patch_size) ** 2 + 1
+    patches = (image_size // patch_size) ** 2
+    tokens = round(token_keep * patches) + 1
     d, m = hidden_size, intermediate_size
     per_block = 2 * tokens * (4 * d * d + 2 * d * m) + 4 * tokens * tokens * d
     total = (num_blocks if blocks is None else blocks) * per_block
     if embeddings:
-        total += 2 * (tokens - 1) * 3 * patch_size * patch_size * d
+        total += 2 * patches * 3 * patch_size * patch_size * d
     if head:
         total += 2 * d * num_classes
     return float(total)
 
 
 def vit_training_flops(image_size: int = 224, freeze_depth: int = 0, cached: bool = False, arch: dict = VIT_TINY,
-                       num_classes: int = 2) -> float:
+                       num_classes: int = 2, token_keep: float = 1.0) -> float:
     """Training FLOPs per image: 3x forward for trainable parts, 1x for frozen ones, 0 for cached ones."""
     L = arch["num_hidden_layers"]
     common = dict(image_size=image_size, patch_size=arch["patch_size"], hidden_size=arch["hidden_size"],
-                  intermediate_size=arch["intermediate_size"], num_blocks=L, num_classes=num_classes)
+                  intermediate_size=arch["intermediate_size"], num_blocks=L, num_classes=num_classes,
+                  token_keep=token_keep)
     trainable = vit_forward_flops(**common, blocks=L - freeze_depth, embeddings=freeze_depth == 0, head=True)
     frozen = vit_forward_flops(**common, blocks=freeze_depth, embeddings=freeze_depth > 0, head=False)
     return 3 * trainable + (0.0 if cached else frozen)
@@ -185,7 +193,7 @@ def child_plain(args) -> dict:
     torch.manual_seed(0)
     data = ImageFolder(os.path.join(args.data, "train"), transform=_reference_transform(224))
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True, num_workers=0)
-    model = ViTForImageClassification(_vit_config(len(data.classes), attn=args.attn)).train()
+    model = ViTForImageClassification(_vit_config(len(data.classes), attn=args.attn, arch=ARCHS[args.arch])).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)
 
     def step(batch):
@@ -198,7 +206,7 @@ def child_plain(args) -> dict:
     images, seconds, data_s = _timed_steps(step, lambda: iter(loader), args.warmup_steps, args.steps,
                                            lambda b: b[1].numel())
     return {"images_per_sec": images / seconds, "data_wait": data_s / seconds, "dtype": "fp32",
-            "flops_per_image": vit_training_flops()}
+            "flops_per_image": vit_training_flops(arch=ARCHS[args.arch])}
 
 
 def child_trainer(args) -> dict:
@@ -234,7 +242,7 @@ def child_trainer(args) -> dict:
         def on_step_end(self, *a, **k):
             times.append(("end", time.perf_counter()))
 
-    model = ViTForImageClassification(_vit_config(len(folder.classes), attn=args.attn))
+    model = ViTForImageClassification(_vit_config(len(folder.classes), attn=args.attn, arch=ARCHS[args.arch]))
     bf16 = args.precision == "bf16"
     with tempfile.TemporaryDirectory() as out:
         targs = TrainingArguments(
@@ -250,7 +258,7 @@ def child_trainer(args) -> dict:
     seconds = ends[-1] - ends[w - 1]
     data_s = sum(begins[i] - ends[i - 1] for i in range(w, len(ends)))
     return {"images_per_sec": sum(sizes[w : len(ends)]) / seconds, "data_wait": data_s / seconds,
-            "dtype": "bf16" if bf16 else "fp32", "flops_per_image": vit_training_flops()}
+            "dtype": "bf16" if bf16 else "fp32", "flops_per_image": vit_training_flops(arch=ARCHS[args.arch])}
 
 
 def _vitft_run(args, decode_cache: bool, freeze_depth: int = 0, epochs: int | None = None, data: str | None = None,
@@ -296,9 +304,21 @@ def _vitft_run(args, decode_cache: bool, freeze_depth: int = 0, epochs: int | No
         decode_cache_module.CachedImageDataset.__getitem__ = timed_getitem
 
     epochs = epochs or args.epochs
-    config = TrainConfig(data_dir=data or args.data, model="vit-tiny-scratch", image_size=image_size,
-                         freeze_depth=freeze_depth, epochs=epochs, batch_size=args.batch_size, lr=lr,
-                         precision=args.precision, augment="none", num_workers=0, log_every_steps=1, seed=0)
+    arch = ARCHS[args.arch]
+    model_dir = tempfile.mkdtemp(prefix="bench-vit-")
+    if args.arch == "tiny":
+        model = "vit-tiny-scratch"
+    else:  # a random ViT of this size saved with save_pretrained, loaded like a user's local folder
+        from transformers import ViTForImageClassification, ViTImageProcessor
+
+        ViTForImageClassification(_vit_config(2, image_size, arch=arch)).save_pretrained(model_dir)
+        ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(model_dir)
+        model = model_dir
+    config = TrainConfig(data_dir=data or args.data, model=model, image_size=image_size if model == "vit-tiny-scratch"
+                         else None, freeze_depth=freeze_depth, epochs=epochs, batch_size=args.batch_size, lr=lr,
+                         precision=args.precision, augment="none", num_workers=0, log_every_steps=1, seed=0,
+                         attention=args.attention, patch_dropout=args.patch_dropout)
+    notes: list[str] = []
     steps: list[tuple[int, float, float]] = []  # (epoch index, images, seconds)
     epoch_marks: list[float] = []
     evals: list[tuple[float, float]] = []
@@ -310,6 +330,7 @@ def _vitft_run(args, decode_cache: bool, freeze_depth: int = 0, epochs: int | No
     def emit(event):
         now = time.perf_counter()
         if hasattr(event, "num_train"):
+            notes.extend(event.notes)
             n_train[0] = event.num_train
             t_begin[0] = now
             epoch_marks.append(now)
@@ -327,6 +348,7 @@ def _vitft_run(args, decode_cache: bool, freeze_depth: int = 0, epochs: int | No
 
     with tempfile.TemporaryDirectory() as run_dir:
         training.train(config, run_dir, emit, device="cpu")
+    shutil.rmtree(model_dir, ignore_errors=True)
     steady = [s for s in steps if s[0] >= 1] or steps
     images = sum(s[1] for s in steady)
     seconds = sum(s[2] for s in steady)
@@ -334,7 +356,9 @@ def _vitft_run(args, decode_cache: bool, freeze_depth: int = 0, epochs: int | No
     epoch_times = [b - a for a, b in zip(epoch_marks, epoch_marks[1:])]
     return {"images_per_sec": images / seconds, "data_wait": data_wait, "epoch_s": epoch_times,
             "dtype": args.precision, "evals": evals,
-            "flops_per_image": vit_training_flops(image_size, freeze_depth, arch=VIT_TINY,
+            "attention": next((n.split(" ")[1] for n in notes if n.startswith("attention:")), "?"),
+            "flops_per_image": vit_training_flops(image_size, freeze_depth, arch=arch,
+                                                  token_keep=1 - args.patch_dropout,
                                                   **({"cached": True} if decode_cache and freeze_depth else {}))}
 
 
@@ -438,6 +462,17 @@ ROW_SPECS = {
     "trainer-bf16-eager": ("trainer", ["--precision", "bf16", "--attn", "eager"], "Trainer bf16, eager attention"),
     "vitft": ("vitft", ["--precision", "bf16"], "vitft train() bf16, caches off"),
     "vitft-cache": ("vitft-cache", ["--precision", "bf16"], "vitft train() bf16 (decode cache on: augment none)"),
+    "vitft-cache-sdpa": ("vitft-cache", ["--precision", "bf16", "--attention", "sdpa"],
+                         "vitft train() bf16, decode cache, attention forced sdpa"),
+    "vitft-pd25": ("vitft-cache", ["--precision", "bf16", "--patch-dropout", "0.25"],
+                   "vitft train() bf16, decode cache, PatchDropout 0.25"),
+    "vitft-pd50": ("vitft-cache", ["--precision", "bf16", "--patch-dropout", "0.5"],
+                   "vitft train() bf16, decode cache, PatchDropout 0.5"),
+    "trainer-bf16-small": ("trainer", ["--precision", "bf16", "--arch", "small"], "ViT-Small: Trainer bf16"),
+    "trainer-bf16-eager-small": ("trainer", ["--precision", "bf16", "--attn", "eager", "--arch", "small"],
+                                 "ViT-Small: Trainer bf16, eager attention"),
+    "vitft-cache-small": ("vitft-cache", ["--precision", "bf16", "--arch", "small"],
+                          "ViT-Small: vitft train() bf16, decode cache"),
 }
 
 
@@ -461,6 +496,9 @@ def main() -> None:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="bf16", help=argparse.SUPPRESS)
     parser.add_argument("--attn", default="sdpa", help=argparse.SUPPRESS)
+    parser.add_argument("--attention", default="auto", help=argparse.SUPPRESS)
+    parser.add_argument("--patch-dropout", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--arch", default="tiny", choices=list(ARCHS), help=argparse.SUPPRESS)
     parser.add_argument("--freeze", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--lr", type=float, default=5e-4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -468,6 +506,7 @@ def main() -> None:
     if args.child:
         result = CHILDREN[args.child](args)
         result["peak_rss_mib"] = _maxrss_mib()
+        result["arch"] = args.arch
         print("RESULT " + json.dumps(result), flush=True)
         return
 
@@ -492,7 +531,9 @@ def main() -> None:
                                             f"vitft train(), freeze {d}, caches off")
         rows[f"vitft-freeze{d}"] = ("vitft-cache", ["--precision", "bf16", "--freeze", str(d)],
                                     f"vitft train(), freeze {d}: decode + feature cache")
-    wanted = args.rows.split(",") if args.rows else list(rows)
+    # --quick leaves out the ViT-Small rows and PatchDropout 0.25 (the full run has them)
+    quick_skip = {"vitft-pd25", "trainer-bf16-small", "trainer-bf16-eager-small", "vitft-cache-small"}
+    wanted = args.rows.split(",") if args.rows else [r for r in rows if not (args.quick and r in quick_skip)]
     t_all = time.perf_counter()
     ceiling = run_child("ceiling", common)
     print(f"matmul 2048^3: bf16 {ceiling.get('bf16_flops', 0) / 1e9:.0f} GFLOP/s, "
@@ -511,8 +552,17 @@ def main() -> None:
 
 def print_table(results, rows, ceiling, args, warmup, steps, epochs, total_s) -> None:
     ok = {k: v for k, v in results.items() if "error" not in v}
-    trainer = [v["images_per_sec"] for k, v in ok.items() if k in ("trainer-fp32", "trainer-bf16")]
-    trainer_best = max(trainer) if trainer else None
+
+    def trainer_best(arch: str) -> float | None:
+        """The Trainer at its best precision (fp32 or bf16; default sdpa attention), same model size."""
+        rates = [v["images_per_sec"] for k, v in ok.items()
+                 if k.startswith(("trainer-fp32", "trainer-bf16")) and "eager" not in k and v.get("arch") == arch]
+        return max(rates) if rates else None
+
+    def trainer_eager(arch: str) -> float | None:
+        rates = [v["images_per_sec"] for k, v in ok.items() if "trainer-bf16-eager" in k and v.get("arch") == arch]
+        return max(rates) if rates else None
+
     plain = ok.get("plain-fp32", {}).get("images_per_sec")
     full_epoch = None
     for key in ("vitft-cache", "vitft"):
@@ -526,22 +576,27 @@ def print_table(results, rows, ceiling, args, warmup, steps, epochs, total_s) ->
     print(f"matmul 2048^3: bf16 {ceiling.get('bf16_flops', 0) / 1e9:.0f} GFLOP/s, fp32 "
           f"{ceiling.get('fp32_flops', 0) / 1e9:.0f} GFLOP/s")
     print()
-    print("| row | img/s | vs Trainer best | vs plain | utilization | data-wait | epoch s (ep 1 → ≥2) "
-          "| full-FT epoch / this epoch | peak RSS MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| row | attention | img/s | vs Trainer best | vs Trainer eager | vs plain | utilization | data-wait "
+          "| epoch s (ep 1 → ≥2) | full-FT epoch / this epoch | peak RSS MiB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         label = rows[name][2]
         if "error" in r:
-            print(f"| {label} | error: {r['error'].strip().splitlines()[-1][:80]} | | | | | | | |")
+            print(f"| {label} | error: {r['error'].strip().splitlines()[-1][:80]} | | | | | | | | | |")
             continue
+        arch = r.get("arch", "tiny")
+        best, eager = trainer_best(arch), trainer_eager(arch)
+        attention = r.get("attention") or ("eager" if "eager" in name else "sdpa")
         ips = r["images_per_sec"]
         peak = ceiling.get(f"{r['dtype']}_flops")
         util = ips * r["flops_per_image"] / peak if peak and r["flops_per_image"] > 1e8 else None
         ep = r.get("epoch_s") or []
         ep_txt = f"{ep[0]:.1f} → {sum(ep[1:]) / len(ep[1:]):.2f}" if len(ep) >= 2 else "-"
-        speedup = (full_epoch / (sum(ep[1:]) / len(ep[1:]))) if full_epoch and len(ep) >= 2 else None
-        print(f"| {label} | {ips:.1f} | {_fmt(ips / trainer_best if trainer_best else None, '.2f')}x "
-              f"| {_fmt(ips / plain if plain else None, '.2f')}x | {_fmt(util, '.2f')} "
+        speedup = (full_epoch / (sum(ep[1:]) / len(ep[1:]))) if full_epoch and len(ep) >= 2 and arch == "tiny" \
+            else None
+        print(f"| {label} | {attention} | {ips:.1f} | {_fmt(ips / best if best else None, '.2f')}x "
+              f"| {_fmt(ips / eager if eager else None, '.2f')}x "
+              f"| {_fmt(ips / plain if plain and arch == 'tiny' else None, '.2f')}x | {_fmt(util, '.2f')} "
               f"| {100 * r['data_wait']:.1f}% | {ep_txt} | {_fmt(speedup, '.1f')}x | {r['peak_rss_mib']:.0f} |")
 
 

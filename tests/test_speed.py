@@ -62,6 +62,27 @@ def test_cached_dataset_matches_image_dataset_exactly(photos, tmp_path, processo
     assert cache.misses == len(items) and cache.hits == len(items)
 
 
+def test_memory_tier_packs_entries_into_shared_slabs(photos, tmp_path):
+    """Memory-tier entries are views of one large slab (no per-image heap allocation left behind),
+    equal to a fresh decode; clear() drops the slabs."""
+    from vitft_app.decode_cache import _SlabStore, decode_to_uint8
+
+    items = _items(photos)
+    recipe = recipe_from_spec(processor_spec(ViTImageProcessor(size={"height": 32, "width": 32})))
+    cache = DecodeCache(tmp_path / "cache")
+    entries = [cache.get(item.path, recipe) for item in items]
+    storages = {e.untyped_storage().data_ptr() for e in entries}
+    assert len(storages) == 1 and cache._slabs.reserved_bytes == 64 * 1024**2
+    assert all(torch.equal(e, decode_to_uint8(item.path, recipe)) for e, item in zip(entries, items))
+    cache.clear()
+    assert cache._slabs.reserved_bytes == 0 and cache.memory_bytes == 0
+    small = _SlabStore(slab_bytes=100)
+    a, b = small.store(torch.ones(60, dtype=torch.uint8)), small.store(torch.full((60,), 2, dtype=torch.uint8))
+    big = small.store(torch.zeros(101, dtype=torch.uint8))
+    assert small.reserved_bytes == 200 and a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+    assert big.numel() == 101 and (a == 1).all() and (b == 2).all()
+
+
 def test_budget_spills_to_disk_and_reloads(photos, tmp_path):
     items = _items(photos)
     recipe = recipe_from_spec(processor_spec(ViTImageProcessor(size={"height": 32, "width": 32})))

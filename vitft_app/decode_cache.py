@@ -43,6 +43,42 @@ from .images import ImageLoadError, load_image
 
 #: Default in-memory budget: 2 GiB (about 14,000 images at 224 px).
 DEFAULT_MEMORY_BUDGET_BYTES = 2 * 1024**3
+#: The memory tier packs entries into slabs of this size. Kept as separate ~150 KB allocations,
+#: cached images sit between the short-lived buffers of decoding, and glibc's heap could not
+#: return the holes: RSS grew ~4x the tier (measured with ``benchmarks/bench_scale.py``). A
+#: 64 MiB slab is above glibc's largest mmap threshold (32 MiB), so it is its own mapping.
+SLAB_BYTES = 64 * 1024**2
+
+
+class _SlabStore:
+    """Copies ``uint8`` tensors into large preallocated slabs and returns views of them."""
+
+    def __init__(self, slab_bytes: int = SLAB_BYTES) -> None:
+        self.slab_bytes = slab_bytes
+        self._slabs: list[torch.Tensor] = []
+        self._used = slab_bytes  # no slab yet: the first store allocates one
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Bytes of slabs allocated (at most one slab more than the bytes stored)."""
+        return len(self._slabs) * self.slab_bytes
+
+    def store(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A copy of ``tensor`` (uint8, contiguous) living in a slab; larger ones get their own copy."""
+        size = tensor.numel()
+        if tensor.dtype != torch.uint8 or size > self.slab_bytes:
+            return tensor.clone()
+        if self._used + size > self.slab_bytes:
+            self._slabs.append(torch.empty(self.slab_bytes, dtype=torch.uint8))
+            self._used = 0
+        view = self._slabs[-1][self._used : self._used + size].view(tensor.shape)
+        view.copy_(tensor)
+        self._used += size
+        return view
+
+    def clear(self) -> None:
+        self._slabs.clear()
+        self._used = self.slab_bytes
 
 
 @dataclass(frozen=True)
@@ -129,6 +165,9 @@ class DecodeCache:
     LRU would thrash; keeping the first images that fit and spilling the others is the better use
     of a fixed budget.
 
+    The memory tier packs entries into 64 MiB slabs (:data:`SLAB_BYTES`), so its resident size
+    is the bytes stored plus at most one partly filled slab.
+
     Args:
         cache_dir: folder of the disk tier (created on first spill), e.g. ``run_dir / "decode-cache"``
             or ``<VITFT_HOME>/cache/decoded``; None keeps everything in memory (no budget).
@@ -144,6 +183,7 @@ class DecodeCache:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.memory_budget_bytes = memory_budget_bytes if cache_dir is not None else None
         self._memory: dict[tuple, torch.Tensor] = {}
+        self._slabs = _SlabStore()
         self._on_disk: set[tuple] = set()
         self._lock = threading.Lock()
         self.memory_bytes = 0
@@ -191,6 +231,7 @@ class DecodeCache:
                 return existing
             fits = self.memory_budget_bytes is None or self.memory_bytes + size <= self.memory_budget_bytes
             if fits:
+                tensor = self._slabs.store(tensor)
                 self._memory[key] = tensor
                 self.memory_bytes += size
             spilled_already = key in self._on_disk
@@ -221,6 +262,7 @@ class DecodeCache:
         """Drops the memory tier (the disk tier's files stay for the next run)."""
         with self._lock:
             self._memory.clear()
+            self._slabs.clear()
             self.memory_bytes = 0
 
 
