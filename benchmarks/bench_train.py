@@ -272,7 +272,7 @@ def _vitft_run(args, decode_cache: bool, freeze_depth: int = 0, epochs: int | No
     from vitft_app import training
     from vitft_app.config import TrainConfig
     from vitft_app.data import ImageDataset
-    from vitft_app.events import EvalDone, StepLogged
+    from vitft_app.events import EvalDone, LogMessage, StepLogged
 
     data_s = [0.0]
 
@@ -334,6 +334,8 @@ def _vitft_run(args, decode_cache: bool, freeze_depth: int = 0, epochs: int | No
             n_train[0] = event.num_train
             t_begin[0] = now
             epoch_marks.append(now)
+        if isinstance(event, LogMessage):
+            notes.append(event.text)
         if isinstance(event, StepLogged):
             epoch_index = current[0]
             step_in_epoch = sum(1 for e, _, _ in steps if e == epoch_index)
@@ -356,7 +358,8 @@ def _vitft_run(args, decode_cache: bool, freeze_depth: int = 0, epochs: int | No
     epoch_times = [b - a for a, b in zip(epoch_marks, epoch_marks[1:])]
     return {"images_per_sec": images / seconds, "data_wait": data_wait, "epoch_s": epoch_times,
             "dtype": args.precision, "evals": evals,
-            "attention": next((n.split(" ")[1] for n in notes if n.startswith("attention:")), "?"),
+            # the kernel the run settled on (auto: the trial's "attention: eager kept (...)" line)
+            "attention": [n.split(" ")[1] for n in notes if n.startswith("attention:")][-1],
             "flops_per_image": vit_training_flops(image_size, freeze_depth, arch=arch,
                                                   token_keep=1 - args.patch_dropout,
                                                   **({"cached": True} if decode_cache and freeze_depth else {}))}
@@ -412,7 +415,7 @@ def child_tta_trainer(args) -> dict:
     with tempfile.TemporaryDirectory() as out:
         targs = TrainingArguments(
             output_dir=out, per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=128,
-            num_train_epochs=args.epochs, learning_rate=args.lr, warmup_ratio=0.1, lr_scheduler_type="cosine",
+            num_train_epochs=args.epochs, learning_rate=args.lr, warmup_steps=0.1, lr_scheduler_type="cosine",
             weight_decay=0.01, max_grad_norm=1.0, bf16=args.precision == "bf16", use_cpu=True, report_to=[],
             save_strategy="no", logging_strategy="no", eval_strategy="epoch", dataloader_num_workers=0,
             remove_unused_columns=False, seed=0, disable_tqdm=True,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import choose_attention, current_attention, set_attention
+from .attention import AttentionTrial, can_switch_attention, current_attention, set_attention
 from .augment import PatchDropout, create_batch_mixer, mask_patches
 from .checkpoint import capture_rng, load_checkpoint, remove_checkpoint, restore_rng, save_checkpoint
 from .config import TrainConfig
@@ -397,7 +397,7 @@ class _LoopState:
     nonfinite_in_row: int = 0
     skipped_steps: int = 0
     attention: str | None = None
-    """The attention kernel chosen at the start (a resumed run keeps it rather than re-timing)."""
+    """The attention kernel once chosen (a resumed run keeps it rather than timing again)."""
     epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     """Training loss sum, correct count and sample count of the epoch so far."""
 
@@ -622,24 +622,29 @@ def train(
             torch.manual_seed(config.seed + 1000 * dist_ctx.rank + state.step)
     current_depth = depth_at(state.epoch)
 
-    # ---- attention kernel: timed once per run on this run's shapes (a resumed run keeps its
-    # kernel); in a data-parallel run every process uses eager if any of them measured it faster --
-    if state.attention is not None and config.attention == "auto":
-        set_attention(model, state.attention)
+    # ---- attention kernel: forced, kept from the checkpoint, or (auto) chosen by timing the first
+    # training micro-batches with each kernel in turn (vitft_app.attention.AttentionTrial) -------
+    def use_attention(implementation: str) -> None:
+        """The kernel for the model and its copies (EMA, distillation teacher)."""
+        state.attention = implementation
+        for module in (model, teacher, ema.module if ema is not None else None):
+            if module is not None:
+                set_attention(module, implementation)
+
+    attention_trial = None
+    if state.attention is not None and config.attention in ("auto", state.attention):
+        use_attention(state.attention)
         attention_reason = f"attention: {state.attention} (chosen when the run started)"
+    elif config.attention != "auto":
+        use_attention(config.attention)
+        attention_reason = f"attention: {config.attention} (as requested)"
+    elif can_switch_attention(model):
+        attention_trial = AttentionTrial(model, plan.device)
+        attention_reason = (f"attention: auto (the first {len(attention_trial.schedule)} micro-batches alternate"
+                            " sdpa and eager; the faster is kept)")
     else:
-        choice = choose_attention(model, plan, config.batch_size, (out_h, out_w), config.attention,
-                                  token_keep=1 - config.patch_dropout)
-        attention_reason = choice.reason
-        if dist_ctx.enabled and config.attention == "auto":
-            agreed = "eager" if dist_ctx.any(choice.implementation == "eager", plan.device) else current_attention(model)
-            if agreed != choice.implementation:
-                set_attention(model, agreed)
-                attention_reason = f"attention: {agreed} (another process measured it faster)"
-    state.attention = current_attention(model)
-    for copy_ in (teacher, ema.module if ema is not None else None):
-        if copy_ is not None:
-            set_attention(copy_, state.attention)
+        attention_reason = f"attention: {current_attention(model)} (this model's kernel cannot be switched)"
+
     # PatchDropout: a hook on the embeddings, active only around the training forward below.
     patch_dropout = PatchDropout(model, config.patch_dropout) if config.patch_dropout > 0 else None
     forward_model = wrap(model)
@@ -745,6 +750,9 @@ def train(
             failed += int(batch["failed"])
             last_in_window = (micro + 1) % config.grad_accum_steps == 0 or micro + 1 == num_micro
             sync = contextlib.nullcontext() if last_in_window or not dist_ctx.enabled else forward_model.no_sync()
+            timing = attention_trial is not None and not attention_trial.done
+            if timing:
+                attention_trial.begin()
             if batch["labels"].numel() == 0 and dist_ctx.enabled:
                 # No image for this process in this micro-batch (epoch tail, or every file failed):
                 # it still joins the gradient all-reduce, with a zero gradient.
@@ -797,6 +805,11 @@ def train(
                         epoch_correct += (logits.argmax(-1) == hard).sum()
                     epoch_seen += hard.shape[0]
                     log_seen += hard.shape[0]
+            if timing and attention_trial.end():
+                # Every process runs the same micro-batches, so all of them vote here together.
+                eager = dist_ctx.any(attention_trial.faster_is_eager(), plan.device)
+                use_attention(attention_trial.decide(eager))
+                emit(LogMessage(f"attention: {state.attention} kept ({attention_trial.describe()})"))
             if not last_in_window:
                 continue
             # ---- clip, step (unless non-finite), EMA, schedule ----------------------------------
