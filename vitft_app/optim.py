@@ -54,7 +54,8 @@ def create_optimizer(
     layer_decay: float = 1.0,
     include_frozen: bool = False,
 ) -> torch.optim.Optimizer:
-    """AdamW (betas 0.9, 0.999, eps 1e-8) or SGD (momentum 0.9, Nesterov) with parameter groups.
+    """AdamW (betas 0.9, 0.999, eps 1e-8; the fused kernel on CPU and CUDA) or SGD (momentum 0.9,
+    Nesterov) with parameter groups.
 
     Biases and LayerNorm weights get no weight decay (the Trainer's rule,
     ``get_parameter_names(model, ALL_LAYERNORM_LAYERS)``). With ``layer_decay < 1`` a parameter
@@ -101,7 +102,12 @@ def create_optimizer(
         group["params"].append(parameter)
     param_groups = [groups[key] for key in sorted(groups)]
     if optimizer == "adamw":
-        return torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+        # PyTorch's fused kernel on CPU and CUDA: one pass over all tensors. For ViT-Tiny's 5.5 M
+        # parameters an update takes 3.3 ms instead of 18 ms (default for-loop) or 23 ms (foreach)
+        # on a 2-core CPU (benchmarks/README.md).
+        devices = {p.device.type for g in param_groups for p in g["params"]}
+        fused = True if devices and devices <= {"cpu", "cuda"} else None
+        return torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)
     if optimizer == "sgd":
         return torch.optim.SGD(param_groups, lr=lr, momentum=0.9, nesterov=True)
     raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
