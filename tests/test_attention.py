@@ -73,6 +73,17 @@ def test_trial_alternates_times_and_keeps_sdpa_unless_eager_is_clearly_faster(ti
     assert "sdpa 1000 ms" in trial.describe()
 
 
+def test_a_micro_batch_without_images_advances_the_schedule_but_is_not_timed(tiny_vit, monkeypatch):
+    model = _tiny(tiny_vit)
+    trial = AttentionTrial(model, torch.device("cpu"), warmup=0, repeats=1)
+    trial.begin()
+    trial.end(valid=False)  # sdpa slot: every file of the batch failed
+    trial.begin()
+    assert trial.end() and trial.done
+    assert set(trial.best()) == {"eager"}
+    assert not trial.faster_is_eager() and trial.decide() == "sdpa"  # one kernel untimed: keep the default
+
+
 def test_train_times_the_first_micro_batches_keeps_the_kernel_on_resume_and_saves_a_default_model(
     tmp_path, digits_small, tiny_vit, monkeypatch
 ):

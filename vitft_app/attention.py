@@ -1,11 +1,13 @@
 """Attention kernel per run: PyTorch SDPA or the eager (matmul + softmax) implementation.
 
 transformers runs ViT attention through ``torch.nn.functional.scaled_dot_product_attention``
-(``attn_implementation="sdpa"``) by default. That is the right choice on CUDA and in fp32, but on
-CPUs with AVX512-BF16 the eager path is faster in bf16 at ViT's sequence lengths (measured on a
-2-core EPYC: ViT-Tiny at 224 px, 197 tokens, trains at 57 img/s eager vs 41 img/s SDPA; ViT-Small
-19 vs 14), while SDPA is 2x faster at 65 tokens. No fixed choice wins, and timing one block in
-isolation proved unreliable (it picked SDPA for ViT-Small in one of two quiet runs), so
+(``attn_implementation="sdpa"``) by default, the usual choice on CUDA (fused kernels that never
+materialize the attention matrix). On a CPU with AVX512-BF16, however, the eager path trained
+faster in bf16 in every run measured here (2-core EPYC: ViT-Tiny at 224 px, 197 tokens, 57 vs
+45 img/s; ViT-Small 19 vs 14 in the Trainer; ViT-Tiny at 32 px, 65 tokens, 85 vs 119 ms per
+micro-batch), and the margin depends on the model width, sequence length, batch, dtype and CPU.
+No fixed choice is safe, and timing one block in isolation proved unreliable (it picked SDPA for
+ViT-Small in one of two quiet runs), so
 ``attention="auto"`` measures the real thing: the run's first training micro-batches alternate
 between the two kernels (:class:`AttentionTrial`), forward and backward are timed, and the faster
 kernel is kept for the rest of the run. Nothing is computed twice, so the trial costs only the
@@ -127,11 +129,17 @@ class AttentionTrial:
         _synchronize(self.device)
         self._start = time.perf_counter()
 
-    def end(self) -> bool:
-        """Stops the clock; returns True when this was the last micro-batch of the schedule."""
+    def end(self, valid: bool = True) -> bool:
+        """Stops the clock; returns True when this was the last micro-batch of the schedule.
+
+        Args:
+            valid: False for a micro-batch that did not run the model on real images (every file
+                failed to load): the schedule advances (data-parallel processes stay in step)
+                but its time is not recorded.
+        """
         _synchronize(self.device)
         elapsed = time.perf_counter() - self._start
-        if self.index >= self.warmup * len(CANDIDATES):
+        if valid and self.index >= self.warmup * len(CANDIDATES):
             self.seconds[self.kernel].append(elapsed)
         self.index += 1
         return self.done

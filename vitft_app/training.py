@@ -805,7 +805,7 @@ def train(
                         epoch_correct += (logits.argmax(-1) == hard).sum()
                     epoch_seen += hard.shape[0]
                     log_seen += hard.shape[0]
-            if timing and attention_trial.end():
+            if timing and attention_trial.end(valid=batch["labels"].numel() > 0):
                 # Every process runs the same micro-batches, so all of them vote here together.
                 eager = dist_ctx.any(attention_trial.faster_is_eager(), plan.device)
                 use_attention(attention_trial.decide(eager))
