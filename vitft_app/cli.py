@@ -247,7 +247,8 @@ def progress_listener(state: dict[str, Any]) -> Callable[[Any], None]:
                 bar.close()
             best = (f"best val mAP {event.best_metric:.4f} (val accuracy {event.best_val_accuracy:.4f})"
                     if event.monitor == "val_map" and event.best_metric is not None
-                    else f"best val accuracy {event.best_val_accuracy}")
+                    else "best val accuracy " + (f"{event.best_val_accuracy:.4f}" if event.best_val_accuracy is not None
+                                                 else "- (no epoch finished)"))
             print(f"{event.status} in {event.duration_s:.1f} s after {event.step} steps; {best}"
                   + (f" ({event.reason})" if event.reason else ""), file=sys.stderr)
         elif isinstance(event, RunFailed):
