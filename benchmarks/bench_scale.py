@@ -54,6 +54,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench_memory import rss_mib  # noqa: E402  (beside this script: sys.path[0])
 
 MODEL = "vit-tiny-scratch"
 JPEG_QUALITY = 70
@@ -135,15 +136,6 @@ def ensure_images(folder: Path, images: int, classes: int, seed: int, processes:
 # --------------------------------------------------------------------------------------------
 # Measurements
 # --------------------------------------------------------------------------------------------
-
-
-def rss_mib() -> float:
-    """Current resident set size in MiB (``VmRSS`` of ``/proc/self/status``)."""
-    with open("/proc/self/status", encoding="utf-8") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def peak_rss_mib() -> float:
