@@ -145,3 +145,46 @@ def test_forced_kernel_is_used_from_the_first_step(tmp_path, digits_small, tiny_
 def test_config_refuses_an_unknown_kernel(tmp_path):
     with pytest.raises(ValueError, match="attention must be one of"):
         TrainConfig(data_dir=str(tmp_path), attention="flash")
+
+
+def test_an_epoch_shorter_than_the_trial_decides_at_its_end_and_partial_batches_are_not_compared(
+    tmp_path, digits_small, tiny_vit
+):
+    # 48 training images at batch 16: 3 micro-batches per epoch; the first pair is the warmup, so
+    # one sdpa time is all the trial gets: the default is kept and the log says why, at the end
+    # of epoch 1 (before its evaluation).
+    config = TrainConfig(data_dir=str(digits_small), model=str(tiny_vit), epochs=2, batch_size=16, precision="fp32",
+                         augment="none", output_dir=str(tmp_path / "runs"))
+    run_dir = RunStore(config.output_dir).create_run(config)
+    events = []
+    assert train(config, run_dir, events.append, device="cpu").status == "completed"
+    kept = [e.text for e in events if isinstance(e, LogMessage) and e.text.startswith("attention:")]
+    assert len(kept) == 1 and kept[0].startswith(
+        "attention: sdpa kept (too few full micro-batches to compare the kernels (timed: sdpa "), kept
+    first_eval = next(i for i, e in enumerate(events) if type(e).__name__ == "EvalDone")
+    assert events.index(next(e for e in events if isinstance(e, LogMessage) and e.text in kept)) < first_eval
+
+
+def test_a_cached_linear_probe_has_no_attention_to_time(tmp_path, digits_small, tiny_vit):
+    config = TrainConfig(data_dir=str(digits_small), model=str(tiny_vit), epochs=1, batch_size=8, precision="fp32",
+                         augment="none", freeze_depth=2, output_dir=str(tmp_path / "runs"))
+    run_dir = RunStore(config.output_dir).create_run(config)
+    events = []
+    assert train(config, run_dir, events.append, device="cpu").status == "completed"
+    notes = next(e for e in events if isinstance(e, RunStarted)).notes
+    assert any("linear probe on cached features" in n for n in notes), notes
+    assert not any(isinstance(e, LogMessage) and e.text.startswith("attention:") for e in events)
+
+
+def test_an_epochs_short_last_micro_batch_is_not_compared(tmp_path, digits_small, tiny_vit, monkeypatch):
+    # 48 images at batch 20: 20, 20, 8. The 8-image micro-batch (an eager slot) would look 2.5x
+    # faster; it must not be recorded.
+    recorded: list[bool] = []
+    original_end = AttentionTrial.end
+    monkeypatch.setattr(AttentionTrial, "end", lambda self, valid=True: (recorded.append(valid),
+                                                                        original_end(self, valid))[1])
+    config = TrainConfig(data_dir=str(digits_small), model=str(tiny_vit), epochs=3, batch_size=20, precision="fp32",
+                         augment="none", output_dir=str(tmp_path / "runs"))
+    run_dir = RunStore(config.output_dir).create_run(config)
+    assert train(config, run_dir, lambda e: None, device="cpu").status == "completed"
+    assert recorded[:3] == [True, True, False]  # the schedule advances past the short batch, untimed

@@ -156,3 +156,23 @@ def test_predict_a_folder_with_a_threshold(tmp_path, digits_small, tiny_vit):
     records = [json.loads(line) for line in result.stdout.strip().splitlines()]
     assert len(records) == 20 and all(r["image"].startswith(str(digits_small / "7")) for r in records)
     assert all(r["answer"] == "not sure" for r in records)  # a random tiny model is never 99% sure
+
+
+def test_resume_warns_that_other_flags_are_ignored(tmp_path, digits_small, tiny_vit):
+    import threading
+
+    from vitft_app.events import StepLogged
+    from vitft_app.runs import RunRecorder, RunStore
+    from vitft_app.training import train
+
+    config = TrainConfig(data_dir=str(digits_small), model=str(tiny_vit), epochs=1, batch_size=8, precision="fp32",
+                         augment="none", log_every_steps=1, output_dir=str(tmp_path / "runs"))
+    run_dir = RunStore(config.output_dir).create_run(config)
+    recorder, stop = RunRecorder(run_dir), threading.Event()
+    train(config, run_dir, lambda e: (recorder(e), isinstance(e, StepLogged) and e.step == 2 and stop.set()),
+          stop_event=stop, device="cpu")
+    result = _vitft("train", "--resume", str(run_dir), "--epochs", "5", "--attention", "sdpa", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "warning: --resume continues with the run's saved config.json; ignoring --epochs --attention" \
+        in result.stderr
+    assert json.loads((run_dir / "config.json").read_text())["epochs"] == 1

@@ -86,3 +86,23 @@ def test_train_drops_tokens_in_the_training_forward_only(tmp_path, digits_small,
     # through the frozen-prefix feature cache's one pass over block 0) sees CLS + all 16
     assert train_lengths == {5}
     assert eval_lengths == {17}
+
+
+def test_preflight_refuses_patch_dropout_for_a_model_without_cls_token(tmp_path, digits_small):
+    """Refused before any run folder exists (Swin pools its tokens; it has no CLS token)."""
+    from transformers import SwinConfig, SwinForImageClassification, ViTImageProcessor
+
+    from vitft_app.training import preflight
+
+    folder = tmp_path / "swin"
+    swin = SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 1], window_size=2,
+                      num_labels=3)
+    SwinForImageClassification(swin).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    config = TrainConfig(data_dir=str(digits_small), model=str(folder), patch_dropout=0.5,
+                         output_dir=str(tmp_path / "runs"))
+    with pytest.raises(ValueError, match="CLS token"):
+        preflight(config, device="cpu")
+    preflight(TrainConfig(data_dir=str(digits_small), model=str(folder), output_dir=str(tmp_path / "runs")),
+              device="cpu")  # without PatchDropout the same model is fine
+    assert not (tmp_path / "runs").exists()

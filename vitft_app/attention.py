@@ -133,9 +133,9 @@ class AttentionTrial:
         """Stops the clock; returns True when this was the last micro-batch of the schedule.
 
         Args:
-            valid: False for a micro-batch that did not run the model on real images (every file
-                failed to load): the schedule advances (data-parallel processes stay in step)
-                but its time is not recorded.
+            valid: False for a micro-batch that must not be compared (not a full batch: an
+                epoch's short last one, or one whose files failed to load): the schedule
+                advances (data-parallel processes stay in step) but its time is not recorded.
         """
         _synchronize(self.device)
         elapsed = time.perf_counter() - self._start
@@ -167,5 +167,9 @@ class AttentionTrial:
 
     def describe(self) -> str:
         """One line for the run log: the timings per kernel."""
-        timings = ", ".join(f"{name} {1000 * s:.0f} ms" for name, s in self.best().items())
-        return f"best forward + backward per micro-batch over {len(self.schedule)} alternating micro-batches: {timings}"
+        best = self.best()
+        if len(best) < len(CANDIDATES):
+            timed = ", ".join(f"{name} {1000 * s:.0f} ms" for name, s in best.items()) or "none"
+            return f"too few full micro-batches to compare the kernels (timed: {timed}); the default is kept"
+        timings = ", ".join(f"{name} {1000 * s:.0f} ms" for name, s in best.items())
+        return f"best forward + backward per full micro-batch, alternating: {timings}"

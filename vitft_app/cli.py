@@ -72,7 +72,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(TrainConfig):
         kind, choices = _field_kind(hints[field.name])
         default = None if field.default is dataclasses.MISSING else field.default
-        help_text = docs.get(field.name, "")
+        help_text = docs.get(field.name, "").replace("%", "%%")  # argparse %-formats help strings
         if field.default is dataclasses.MISSING:
             help_text += " (required unless --resume)"
         elif default is not None:
@@ -362,6 +362,11 @@ def _run_train(args: argparse.Namespace, dist_ctx: Any) -> int:
     if args.resume:
         run_dir = Path(args.resume).expanduser()
         output_dir = str(run_dir.resolve().parent)
+        ignored = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig)
+                   if getattr(args, f.name, None) is not None] + (["--preset"] if getattr(args, "preset", None) else [])
+        if ignored:
+            print(f"vitft train: warning: --resume continues with the run's saved config.json; ignoring"
+                  f" {' '.join(ignored)}", file=sys.stderr)
     elif existing:
         # A run folder the app created and handed to this launch (multi-GPU from the UI).
         try:

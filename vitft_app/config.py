@@ -83,7 +83,7 @@ class TrainConfig:
     """auto picks bf16 autocast where the device supports it, else fp32; fp16 needs CUDA. Weights stay fp32."""
 
     attention: Attention = "auto"
-    """Attention kernel: auto alternates sdpa and eager over the first 8 training micro-batches and keeps the faster (speed only); or force one."""
+    """Attention kernel: auto alternates sdpa and eager over the first 8 training micro-batches and keeps eager only if at least 10% faster (speed only); or force one."""
 
     augment: Augment = "basic"
     """Training augmentation: none; basic (random resized crop + flip); or basic + a torchvision policy."""

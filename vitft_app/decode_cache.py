@@ -2,7 +2,8 @@
 first skips JPEG/PNG decoding and the expensive resize.
 
 Entries live in memory up to a byte budget; entries beyond it are written to disk (one ``.npy``
-file each, atomically) in a cache folder and read back memory-mapped, so a 50,000-image folder
+file each, atomically) in a cache folder and read back per access (one small copy, served from
+the OS page cache when it is warm; nothing of it is kept), so a 50,000-image folder
 works on a 24 GiB machine (at 224 px an entry is ``3 * 224 * 224 = 150,528`` bytes: 50,000 images
 are 7.0 GiB in all, of which only the budget stays resident; the rest is in the OS page cache or
 on disk).

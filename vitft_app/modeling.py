@@ -363,6 +363,8 @@ class ModelSummary:
     trainable_params: int
     total_params: int
     head_note: str
+    has_cls_token: bool = True
+    """Whether the embeddings prepend a CLS token (PatchDropout needs one)."""
 
     def describe(self) -> str:
         """Markdown line for the UI."""
@@ -398,4 +400,5 @@ def summarize_model(name: str, classes: list[str], freeze_depth: int, image_size
     blocks = num_blocks(model)
     freeze_layers(model, min(freeze_depth, blocks))
     trainable, total = count_parameters(model)
-    return ModelSummary(blocks, trainable, total, head_note)
+    has_cls = getattr(encoder_parts(model)[0], "cls_token", None) is not None
+    return ModelSummary(blocks, trainable, total, head_note, has_cls)

@@ -28,7 +28,7 @@ from .device import DevicePlan, resolve_device_plan
 from .distributed import DistContext, current_context, process_device
 from .events import Emit, EvalDone, LogMessage, RunFinished, RunStarted, StepLogged
 from .filecheck import Progress
-from .modeling import build_model, count_parameters, freeze_layers
+from .modeling import build_model, count_parameters, freeze_layers, num_blocks
 from .optim import create_ema, create_optimizer, create_scheduler
 from .runs import save_model_atomically
 
@@ -310,6 +310,10 @@ def preflight(config: TrainConfig, device: str | None = None, progress: Progress
     if config.freeze_depth > summary.num_blocks:
         raise ValueError(
             f"freeze_depth must be between 0 and {summary.num_blocks} for this model, got {config.freeze_depth}"
+        )
+    if config.patch_dropout > 0 and not summary.has_cls_token:
+        raise ValueError(
+            "patch_dropout needs a model that classifies from a CLS token; this model has none. Set patch_dropout to 0."
         )
     return report
 
@@ -638,12 +642,21 @@ def train(
     elif config.attention != "auto":
         use_attention(config.attention)
         attention_reason = f"attention: {config.attention} (as requested)"
+    elif cache_train and config.freeze_depth == num_blocks(model):
+        attention_reason = (f"attention: {current_attention(model)} (linear probe on cached features: no attention"
+                            " runs in training, nothing to time)")
     elif can_switch_attention(model):
         attention_trial = AttentionTrial(model, plan.device)
         attention_reason = (f"attention: auto (the first {len(attention_trial.schedule)} micro-batches alternate"
                             " sdpa and eager; the faster is kept)")
     else:
         attention_reason = f"attention: {current_attention(model)} (this model's kernel cannot be switched)"
+
+    def finish_attention_trial() -> None:
+        """Decides the kernel (every process votes, at the same micro-batch) and logs the timings."""
+        eager = dist_ctx.any(attention_trial.faster_is_eager(), plan.device)
+        use_attention(attention_trial.decide(eager))
+        emit(LogMessage(f"attention: {state.attention} kept ({attention_trial.describe()})"))
 
     # PatchDropout: a hook on the embeddings, active only around the training forward below.
     patch_dropout = PatchDropout(model, config.patch_dropout) if config.patch_dropout > 0 else None
@@ -805,11 +818,9 @@ def train(
                         epoch_correct += (logits.argmax(-1) == hard).sum()
                     epoch_seen += hard.shape[0]
                     log_seen += hard.shape[0]
-            if timing and attention_trial.end(valid=batch["labels"].numel() > 0):
-                # Every process runs the same micro-batches, so all of them vote here together.
-                eager = dist_ctx.any(attention_trial.faster_is_eager(), plan.device)
-                use_attention(attention_trial.decide(eager))
-                emit(LogMessage(f"attention: {state.attention} kept ({attention_trial.describe()})"))
+            # Only full micro-batches are compared (an epoch's short last one would favour its kernel).
+            if timing and attention_trial.end(valid=batch["labels"].shape[0] == config.batch_size):
+                finish_attention_trial()
             if not last_in_window:
                 continue
             # ---- clip, step (unless non-finite), EMA, schedule ----------------------------------
@@ -869,6 +880,8 @@ def train(
                 log_seen, log_t0 = 0, time.perf_counter()
         if failed:
             emit(LogMessage(f"epoch {epoch + 1}: {failed} image(s) failed to load and were skipped"))
+        if not stopped and attention_trial is not None and not attention_trial.done:
+            finish_attention_trial()  # an epoch shorter than the trial: decide with what was timed
         if stopped:
             # ---- checkpoint at the start of the unfinished window (its partial gradients are
             # dropped; resume redoes it with the same data, augmentation and RNG) --------------

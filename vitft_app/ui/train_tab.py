@@ -335,8 +335,8 @@ def build(ctx: Any, data: Any) -> None:
             crop_scale_min = number("crop_scale_min", "Random crop: smallest area", minimum=0.01, maximum=1)
             color_jitter = number("color_jitter", "Colour jitter", minimum=0, maximum=1)
             random_erasing = number("random_erasing", "Random erasing probability", minimum=0, maximum=1)
-            patch_mask_ratio = number("patch_mask_ratio", "Patch mask ratio", minimum=0, maximum=0.95)
-            patch_dropout = number("patch_dropout", "PatchDropout (token drop rate)", minimum=0, maximum=0.95)
+            patch_mask_ratio = number("patch_mask_ratio", "Patch mask ratio", minimum=0, maximum=0.99)
+            patch_dropout = number("patch_dropout", "PatchDropout (token drop rate)", minimum=0, maximum=0.99)
         with gr.Row():
             mixup = number("mixup", "MixUp alpha", minimum=0)
             cutmix = number("cutmix", "CutMix alpha", minimum=0)
