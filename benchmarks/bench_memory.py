@@ -35,6 +35,14 @@ def rss_mib() -> float:
     return float("nan")
 
 
+def peak_rss_mib() -> float:
+    """Peak RSS of this process so far in MiB (``ru_maxrss``, KiB on Linux); shared by the other
+    benchmark scripts."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3)

@@ -21,13 +21,14 @@ import argparse
 import glob
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_memory import peak_rss_mib  # beside this script (sys.path[0])
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = "/work/shared/datasets/hymenoptera"
@@ -86,7 +87,7 @@ def child(args) -> dict:
         "max_prob_diff": float((probs - reference).abs().max()),
         "load_s": load_s,
         "threads": args.threads,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_mib(),
     }
 
 

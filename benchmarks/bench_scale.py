@@ -44,7 +44,6 @@ import ctypes
 import json
 import multiprocessing
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -54,7 +53,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench_memory import rss_mib  # noqa: E402  (beside this script: sys.path[0])
+from bench_memory import peak_rss_mib, rss_mib  # noqa: E402  (beside this script: sys.path[0])
 
 MODEL = "vit-tiny-scratch"
 JPEG_QUALITY = 70
@@ -136,11 +135,6 @@ def ensure_images(folder: Path, images: int, classes: int, seed: int, processes:
 # --------------------------------------------------------------------------------------------
 # Measurements
 # --------------------------------------------------------------------------------------------
-
-
-def peak_rss_mib() -> float:
-    """Peak RSS of this process so far in MiB (``ru_maxrss``, KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def trimmed_rss_mib() -> float:

@@ -46,13 +46,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_memory import peak_rss_mib  # beside this script (sys.path[0])
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -113,10 +114,6 @@ def vit_training_flops(image_size: int = 224, freeze_depth: int = 0, cached: boo
 # ------------------------------------------------------------------------------------------------
 # Child helpers
 # ------------------------------------------------------------------------------------------------
-
-
-def _maxrss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
 def _vit_config(num_labels: int, image_size: int = 224, attn: str = "sdpa", arch: dict = VIT_TINY):
@@ -305,12 +302,13 @@ def _vitft_run(args, decode_cache: bool, freeze_depth: int = 0, epochs: int | No
 
     epochs = epochs or args.epochs
     arch = ARCHS[args.arch]
-    model_dir = tempfile.mkdtemp(prefix="bench-vit-")
+    model_dir = None
     if args.arch == "tiny":
         model = "vit-tiny-scratch"
     else:  # a random ViT of this size saved with save_pretrained, loaded like a user's local folder
         from transformers import ViTForImageClassification, ViTImageProcessor
 
+        model_dir = tempfile.mkdtemp(prefix="bench-vit-")
         ViTForImageClassification(_vit_config(2, image_size, arch=arch)).save_pretrained(model_dir)
         ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(model_dir)
         model = model_dir
@@ -350,7 +348,8 @@ def _vitft_run(args, decode_cache: bool, freeze_depth: int = 0, epochs: int | No
 
     with tempfile.TemporaryDirectory() as run_dir:
         training.train(config, run_dir, emit, device="cpu")
-    shutil.rmtree(model_dir, ignore_errors=True)
+    if model_dir is not None:
+        shutil.rmtree(model_dir)
     steady = [s for s in steps if s[0] >= 1] or steps
     images = sum(s[1] for s in steady)
     seconds = sum(s[2] for s in steady)
@@ -508,7 +507,7 @@ def main() -> None:
 
     if args.child:
         result = CHILDREN[args.child](args)
-        result["peak_rss_mib"] = _maxrss_mib()
+        result["peak_rss_mib"] = peak_rss_mib()
         result["arch"] = args.arch
         print("RESULT " + json.dumps(result), flush=True)
         return

@@ -144,12 +144,12 @@ class PatchDropout:
     """
 
     def __init__(self, model: nn.Module, rate: float) -> None:
-        from .modeling import encoder_parts
+        from .modeling import encoder_parts, has_cls_token
 
         embeddings = encoder_parts(model)[0]
         if not 0 < rate < 1:
             raise ValueError(f"patch_dropout must be in (0, 1) to install it, got {rate}")
-        if getattr(embeddings, "cls_token", None) is None:
+        if not has_cls_token(model):
             raise ValueError(
                 f"patch_dropout needs a model that classifies from a CLS token; {type(model).__name__} has none."
                 " Set patch_dropout to 0."

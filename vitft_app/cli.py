@@ -88,6 +88,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def _given_train_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``TrainConfig`` fields whose flags were given (every train flag defaults to None)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name, None) is not None}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Builds the TrainConfig from parsed ``train`` flags (by keyword, never by position): field
     defaults, then the ``--preset`` values, then the flags given explicitly.
@@ -96,7 +101,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         ValueError: a missing ``--data``, an invalid value, or a preset for a model that cannot
             be inspected.
     """
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+    given = _given_train_fields(args)
     if "data_dir" not in given:
         raise ValueError("the following arguments are required: --data")
     values: dict[str, Any] = {}
@@ -362,8 +367,8 @@ def _run_train(args: argparse.Namespace, dist_ctx: Any) -> int:
     if args.resume:
         run_dir = Path(args.resume).expanduser()
         output_dir = str(run_dir.resolve().parent)
-        ignored = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig)
-                   if getattr(args, f.name, None) is not None] + (["--preset"] if getattr(args, "preset", None) else [])
+        ignored = [flag_name(name) for name in _given_train_fields(args)] + (
+            ["--preset"] if getattr(args, "preset", None) else [])
         if ignored:
             print(f"vitft train: warning: --resume continues with the run's saved config.json; ignoring"
                   f" {' '.join(ignored)}", file=sys.stderr)

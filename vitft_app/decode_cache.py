@@ -65,10 +65,11 @@ class _SlabStore:
         return len(self._slabs) * self.slab_bytes
 
     def store(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A copy of ``tensor`` (uint8, contiguous) living in a slab; larger ones get their own copy."""
+        """A copy of ``tensor`` (uint8) living in a slab; a tensor larger than a slab (or not uint8)
+        is returned as it is (it is already its own allocation)."""
         size = tensor.numel()
         if tensor.dtype != torch.uint8 or size > self.slab_bytes:
-            return tensor.clone()
+            return tensor
         if self._used + size > self.slab_bytes:
             self._slabs.append(torch.empty(self.slab_bytes, dtype=torch.uint8))
             self._used = 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -127,13 +127,24 @@ def cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+@functools.lru_cache(maxsize=1)
+def _glibc_malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, looked up once (``find_library`` runs ``ldconfig``), or None."""
+    import ctypes
+    import ctypes.util
+
+    libc_name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(libc_name), "malloc_trim", None) if libc_name else None  # glibc only
+    except OSError:
+        return None
+
+
 def release_device_memory() -> None:
     """Returns memory after a run: garbage-collects, empties the CUDA / MPS caching allocators,
     and on Linux with glibc calls ``malloc_trim(0)`` so freed heap pages (decoded images, feature
     stores, activations of the CPU run) go back to the OS instead of staying in malloc's arenas
     (without it the app's RSS grew 20-37% between identical runs; ``benchmarks/bench_memory.py``)."""
-    import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()
@@ -142,11 +153,6 @@ def release_device_memory() -> None:
     mps = getattr(torch, "mps", None)
     if mps is not None and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         mps.empty_cache()
-    libc_name = ctypes.util.find_library("c")
-    if libc_name:
-        try:
-            libc = ctypes.CDLL(libc_name)
-            if hasattr(libc, "malloc_trim"):  # glibc only
-                libc.malloc_trim(0)
-        except OSError:
-            pass
+    malloc_trim = _glibc_malloc_trim()
+    if malloc_trim is not None:
+        malloc_trim(0)

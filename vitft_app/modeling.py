@@ -318,6 +318,12 @@ def encoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module
     return embeddings, blocks, getattr(base, "layernorm", None)
 
 
+def has_cls_token(model: nn.Module) -> bool:
+    """True when the model's embeddings prepend a CLS token (``embeddings.cls_token``), the token a
+    ViT-style head classifies from."""
+    return getattr(encoder_parts(model)[0], "cls_token", None) is not None
+
+
 def num_blocks(model: nn.Module) -> int:
     """Number of encoder blocks."""
     return len(encoder_parts(model)[1])
@@ -400,5 +406,4 @@ def summarize_model(name: str, classes: list[str], freeze_depth: int, image_size
     blocks = num_blocks(model)
     freeze_layers(model, min(freeze_depth, blocks))
     trainable, total = count_parameters(model)
-    has_cls = getattr(encoder_parts(model)[0], "cls_token", None) is not None
-    return ModelSummary(blocks, trainable, total, head_note, has_cls)
+    return ModelSummary(blocks, trainable, total, head_note, has_cls_token(model))

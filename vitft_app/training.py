@@ -902,8 +902,6 @@ def train(
             if val_cache is None:
                 val_cache = cache_features(prefix, val_set, plan.device, plan.autocast, config.batch_size,
                                            spill_dir=run_dir)
-            from .feature_cache import split_frozen_model
-
             evaluated = (split_frozen_model(scored, config.freeze_depth)[1] if ema is not None else suffix,
                          val_cache, config.batch_size)
         result = evaluate(scored, val_loader, plan, stop_event, multi_label, dist_ctx, evaluated)
