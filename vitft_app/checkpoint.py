@@ -37,6 +37,9 @@ READABLE_VERSIONS = (1, 2)
 class DiskFullError(OSError):
     """A write into the run folder failed for lack of space; the message says how much is free."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)
+
 
 class ResumeError(ValueError):
     """A run cannot be resumed (no checkpoint, unreadable checkpoint, still running)."""
@@ -95,6 +98,26 @@ def disk_full_error(exc: OSError, what: str, folder: str | os.PathLike) -> OSErr
             " then Resume: the previous checkpoint and the best model are kept",
         )
     return exc
+
+
+def low_space_warning(run_dir: str | os.PathLike, needed_bytes: float, what: str) -> str | None:
+    """A warning when the filesystem of ``run_dir`` has less than 1.5x ``needed_bytes`` free
+    (a checkpoint is written beside the previous one before that is replaced), else None."""
+    free = free_mib(run_dir)
+    needed = needed_bytes / 1024**2
+    if free == free and free < 1.5 * needed:  # free == free: not NaN
+        return (f"warning: low disk space: about {needed:.0f} MB needed for {what}, {free:.0f} MB free in"
+                f" {Path(run_dir).parent}; if the disk fills up the run fails cleanly and can be resumed")
+    return None
+
+
+def estimate_checkpoint_bytes(run_dir: str | os.PathLike, model: torch.nn.Module) -> float:
+    """The size of the next checkpoint: the current one's when it exists, else the model's
+    parameters three times over (weights and AdamW's two moment buffers)."""
+    path = checkpoint_path(run_dir)
+    if path.is_file():
+        return float(path.stat().st_size)
+    return 3.0 * sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def restore_rng(states: dict[str, Any], shuffle_generator: torch.Generator) -> None:

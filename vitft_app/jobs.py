@@ -7,16 +7,47 @@ count as "the" job, so a sweep and a training run never overlap.
 
 from __future__ import annotations
 
+import logging
 import threading
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .checkpoint import DiskFullError, disk_full_error
 from .config import TrainConfig
 from .device import release_device_memory
 from .events import Event, RunFailed, RunFinished
 from .runs import RunRecorder, RunStore
+
+
+logger = logging.getLogger(__name__)
+
+
+def settle_status(run_dir: Path, error: str) -> None:
+    """Marks a run whose training ended without a final status as failed with ``error``.
+
+    The last line of defence of "no stuck runs": when even the ``RunFailed`` write failed (a full
+    disk), ``status.json`` would keep "running" with this live process's pid, and Stop, Delete
+    and Resume would all refuse. Retried once after a short pause; never raises.
+    """
+    import json
+    import time
+
+    from .runs import read_status_raw
+
+    for attempt in range(2):
+        status = read_status_raw(run_dir)
+        if status.get("status") not in ("starting", "running"):
+            return
+        status.update(status="failed", error=error)
+        try:
+            (run_dir / "status.json").write_text(json.dumps(status, indent=2), encoding="utf-8")
+            return
+        except OSError:
+            if attempt == 0:
+                time.sleep(0.5)
+    logger.error("could not mark %s as failed: %s", run_dir, error)
 
 
 class BusyError(RuntimeError):
@@ -82,7 +113,8 @@ def error_message(exc: BaseException) -> str:
     from .training import DatasetError, NonFiniteLossError
 
     text = str(exc).strip() or type(exc).__name__
-    if isinstance(exc, (ModelLoadError, DatasetError, NonFiniteLossError, ValueError, FileNotFoundError)):
+    if isinstance(exc, (ModelLoadError, DatasetError, NonFiniteLossError, ValueError, FileNotFoundError,
+                        DiskFullError)):
         return text
     if isinstance(exc, MemoryError) or "out of memory" in text.lower():
         return f"Out of memory: {text}. Try a smaller batch size, a smaller image size or a higher freeze depth."
@@ -227,7 +259,7 @@ class JobRunner:
             if not (run_dir / "config.json").is_file():
                 raise ResumeError(f"{run_dir} is not a run folder (no config.json).")
             status = read_status(run_dir).get("status")
-            if status in ("starting", "running"):
+            if status in ("starting", "running") and not self._ended_here(run_dir):
                 raise ResumeError(f"{run_dir.name} is still running; stop it before resuming.")
             if not has_checkpoint(run_dir):
                 raise ResumeError(
@@ -238,6 +270,12 @@ class JobRunner:
             config = TrainConfig.from_json_file(run_dir / "config.json")
             preflight(config, self.device, progress)
             return self._start_thread(run_dir, config, listener, report=None, report_to=report_to, resume=True)
+
+    def _ended_here(self, run_dir: Path) -> bool:
+        """True when ``run_dir`` was this runner's job and its thread has ended, so a "running"
+        status with this process's pid is stale (its final write failed)."""
+        job = self._job
+        return job is not None and not job.running and Path(job.run_dir).resolve() == Path(run_dir).resolve()
 
     def _start_thread(
         self,
@@ -342,7 +380,14 @@ class JobRunner:
                 train(config, run_dir, emit, stop_event=stop_event, device=self.device, report=report)
             _write_card(run_dir, recorder.log)  # after RunFinished, so not an event
         except BaseException as exc:  # noqa: BLE001 - reported as RunFailed, not swallowed
-            emit(RunFailed(error=error_message(exc), traceback=traceback.format_exc()))
+            if isinstance(exc, OSError) and not isinstance(exc, DiskFullError):
+                exc = disk_full_error(exc, "the run's files", run_dir)
+            failed = RunFailed(error=error_message(exc), traceback=traceback.format_exc())
+            try:
+                emit(failed)
+            except Exception:  # noqa: BLE001 - a full disk: record at least the status, see below
+                logger.exception("recording the failure of %s", run_dir.name)
+            settle_status(run_dir, failed.error)
         finally:
             if tracker is not None:
                 try:

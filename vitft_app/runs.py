@@ -69,12 +69,19 @@ def save_model_atomically(model: Any, processor: Any, dest: str | os.PathLike) -
     aside copy if a crash hit between the two renames).
     """
     dest = Path(dest)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    from .checkpoint import disk_full_error
+
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    except OSError as exc:
+        raise disk_full_error(exc, "the best model", dest.parent) from exc
     try:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous best model is untouched
+        if isinstance(exc, OSError):
+            raise disk_full_error(exc, "the best model", dest.parent) from exc
         raise
     os.chmod(tmp, 0o755)  # mkdtemp creates 0700
     old = dest.with_name(f".{dest.name}.old")
@@ -342,9 +349,15 @@ class RunRecorder:
             self.log(f"{event.status} after {event.duration_s:.1f} s; best val accuracy {event.best_val_accuracy}"
                      + (f" ({event.reason})" if event.reason else ""))
         elif isinstance(event, RunFailed):
-            self.write_status(status="failed", error=event.error,
-                              finished_at=datetime.now().isoformat(timespec="seconds"))
-            self.log(f"failed: {event.error}\n{event.traceback}")
+            # The status first, and tolerant of a full disk: the run must not stay "running".
+            try:
+                self.write_status(status="failed", error=event.error,
+                                  finished_at=datetime.now().isoformat(timespec="seconds"))
+            finally:
+                try:
+                    self.log(f"failed: {event.error}\n{event.traceback}")
+                except OSError:
+                    pass  # train.log is a copy; the status holds the error
 
 
 def read_status_raw(run_dir: Path) -> dict[str, Any]:

@@ -21,7 +21,8 @@ from torch import nn
 
 from .attention import AttentionTrial, can_switch_attention, current_attention, set_attention
 from .augment import PatchDropout, create_batch_mixer, mask_patches
-from .checkpoint import capture_rng, load_checkpoint, remove_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import (capture_rng, estimate_checkpoint_bytes, load_checkpoint, low_space_warning, remove_checkpoint,
+                         restore_rng, save_checkpoint)
 from .config import TrainConfig
 from .data import DatasetReport, ImageDataset, build_transforms, collate_skipping_failures, processor_spec, scan_dataset
 from .device import DevicePlan, resolve_device_plan
@@ -666,6 +667,9 @@ def train(
         """Checkpoint with the given RNG snapshot and the current module states and counters."""
         if not dist_ctx.is_main:
             return
+        warning = low_space_warning(run_dir, estimate_checkpoint_bytes(run_dir, model), "the checkpoint")
+        if warning:
+            emit(LogMessage(warning))
         save_checkpoint(
             run_dir,
             {
@@ -704,6 +708,10 @@ def train(
     )
     if checkpoint is not None:
         emit(LogMessage(f"resumed after step {state.step} (epoch {state.epoch + 1})"))
+    if dist_ctx.is_main:  # a checkpoint and the saved model: warn now, not at the end of epoch 1
+        space = low_space_warning(run_dir, 1.4 * estimate_checkpoint_bytes(run_dir, model), "a checkpoint and the model")
+        if space:
+            emit(LogMessage(space))
 
     monitor = "val_map" if multi_label else "val_accuracy"
     stopped, reason = False, ""
