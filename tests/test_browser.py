@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -31,6 +32,8 @@ def app_url(tmp_path_factory, tiny_vit):
         pytest.fail(f"Chromium not found at {CHROMIUM}: install Debian's chromium (see README, .ci/run)")
     tmp = tmp_path_factory.mktemp("browser")
     (tmp / "data").mkdir()
+    # --data-root confines model folders typed in the app too (issue 13): the model lives there.
+    tiny_vit = Path(shutil.copytree(tiny_vit, tmp / "data" / "tiny-vit"))
     port = free_port()
     env = {**os.environ, "VITFT_HOME": str(tmp / "home"), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     log = open(tmp / "app.log", "w")

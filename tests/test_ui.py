@@ -16,6 +16,15 @@ from vitft_app.plots import figure_accuracy, figure_class_counts, figure_loss
 
 
 @pytest.fixture
+def tiny_vit(tmp_path):
+    """The tiny ViT inside the data root: a confined app accepts model folders only there or in
+    the runs folder (issue 13)."""
+    from conftest import save_tiny_vit
+
+    return save_tiny_vit(tmp_path / "tiny-vit")
+
+
+@pytest.fixture
 def ctx(tmp_path, digits_small):
     settings = AppSettings(data_root=digits_small.parent, runs_dir=tmp_path / "runs",
                            example_dir=tmp_path / "example", device="cpu")

@@ -72,16 +72,28 @@ def apply_threshold(prediction: Prediction, threshold: float) -> str:
     return prediction.labels[0] if prediction.scores[0] >= threshold else NOT_SURE
 
 
-def expand_image_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
+def expand_image_paths(paths: Sequence[str | os.PathLike], follow_symlinks: bool = True) -> list[str]:
     """Files as given; folders replaced by their image files, recursively, sorted (hidden entries
-    skipped)."""
+    skipped).
+
+    Args:
+        paths: files and folders.
+        follow_symlinks: False skips symbolic links inside the folders (files and folders), as the
+            dataset scan does; the app passes False so a link cannot read outside the data root.
+    """
     from .images import is_image_file
 
     found: list[str] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found += sorted(str(p) for p in path.rglob("*")
-                            if p.is_file() and is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            inside = []
+            for dirpath, dirnames, filenames in os.walk(path, followlinks=follow_symlinks):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                for name in filenames:
+                    file = Path(dirpath) / name
+                    if is_image_file(file) and (follow_symlinks or not file.is_symlink()) and file.is_file():
+                        inside.append(str(file))
+            found += sorted(inside)
         else:
             found.append(str(path))
     return found

@@ -17,16 +17,42 @@ class AppSettings:
     """Server-side settings from the command line.
 
     Attributes:
-        data_root: the path box and folder picker accept only folders under this one.
+        data_root: where relative paths start, the folder browser's root and the parent of
+            ``uploads/``; when ``confined``, paths typed in the app must lie under it.
         runs_dir: the runs folder.
         example_dir: the built-in example dataset (always allowed).
         device: force a training and prediction device (tests use ``"cpu"``).
+        confined: the data-root rule (:func:`vitft_app.confine.is_confined`): True unless the app
+            is bound to loopback without ``--auth`` and without ``--data-root``.
+        uploads_quota_bytes: the most the ``uploads/`` folder may hold; an upload that would
+            exceed it is refused (``--uploads-quota-mb``).
     """
 
     data_root: Path
     runs_dir: Path
     example_dir: Path
     device: str | None = None
+    confined: bool = True
+    uploads_quota_bytes: int = 20 * 1024**3
+
+    @property
+    def uploads_dir(self) -> Path:
+        """``<data root>/uploads``: where zips and folders uploaded in the browser land."""
+        return Path(self.data_root) / "uploads"
+
+    def check_model(self, text: str) -> str:
+        """A model typed in the app: a Hub id, or a folder under the data root or the runs folder
+        when confined (:func:`vitft_app.confine.check_model_input`).
+
+        Raises:
+            PathNotAllowed: see there.
+        """
+        from ..confine import check_model_input
+        from ..modeling import MODEL_CHOICES
+
+        if (text or "").strip() in MODEL_CHOICES:
+            return text.strip()
+        return check_model_input(text, Path(self.data_root), Path(self.runs_dir), self.confined)
 
 
 @dataclass

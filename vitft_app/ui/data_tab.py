@@ -23,28 +23,24 @@ MAX_CLASSES_SHOWN = 12
 def resolve_data_path(text: str | None, settings: Any) -> Path:
     """Turns the path box text into a dataset folder the app may read.
 
-    Relative paths are taken under the data root. The folder must be under ``settings.data_root``
-    or be the built-in example.
+    Relative paths are taken under the data root. When ``settings.confined`` the folder must be
+    under ``settings.data_root`` or be the built-in example (:mod:`vitft_app.confine`); messages
+    quote the path as typed, never the resolved one.
 
     Raises:
-        ValueError: empty, missing, not a folder, or outside the data root.
+        ValueError: empty, missing, not a folder, or outside the data root (``PathNotAllowed``).
     """
+    from ..confine import resolve_allowed
+
     text = (text or "").strip()
     if not text:
         raise ValueError("Enter a dataset folder, or pick one in the folder browser.")
-    path = Path(text).expanduser()
-    if not path.is_absolute():
-        path = settings.data_root / path
-    path = path.resolve()
-    allowed = [Path(settings.data_root).resolve(), Path(settings.example_dir).resolve()]
-    if not any(path == root or path.is_relative_to(root) for root in allowed):
-        raise ValueError(
-            f"{path} is outside the data root {allowed[0]}. Start the app with --data-root to allow other folders."
-        )
+    allowed = [Path(settings.data_root), Path(settings.example_dir)]
+    path = resolve_allowed(text, Path(settings.data_root), allowed, getattr(settings, "confined", True), "dataset folder")
     if not path.exists():
-        raise ValueError(f"Folder not found: {path}")
+        raise ValueError(f"Folder not found: {text}")
     if not path.is_dir() and path.suffix.lower() != ".csv":
-        raise ValueError(f"{path} is a file; choose the folder that holds one subfolder per class, or a labels CSV.")
+        raise ValueError(f"'{text}' is a file; choose the folder that holds one subfolder per class, or a labels CSV.")
     return path
 
 
@@ -194,7 +190,8 @@ def receive_folder(files: list | None, relative_paths_json: str | None, settings
         return gr.skip(), ""
     try:
         relative = json.loads(relative_paths_json or "[]")
-        folder = copy_folder_upload(paths, relative, Path(settings.data_root) / "uploads")
+        folder = copy_folder_upload(paths, relative, Path(settings.data_root) / "uploads",
+                                    quota_bytes=getattr(settings, "uploads_quota_bytes", None))
     except (UnsafeArchiveError, ValueError) as exc:
         return gr.skip(), f"❌ {exc}"
     except OSError as exc:
@@ -214,12 +211,50 @@ def receive_upload(file: Any, settings: Any) -> tuple[Any, str]:
     if not str(path).lower().endswith(".zip"):
         return gr.skip(), "❌ Upload a .zip file holding one folder per class (or train/ and val/)."
     try:
-        folder = extract_zip(path, Path(settings.data_root) / "uploads")
+        folder = extract_zip(path, Path(settings.data_root) / "uploads",
+                             quota_bytes=getattr(settings, "uploads_quota_bytes", None))
     except UnsafeArchiveError as exc:
         return gr.skip(), f"❌ {exc}"
     except OSError as exc:
         return gr.skip(), f"❌ Could not extract the zip into {settings.data_root}/uploads: {exc}"
     return str(folder), f"📦 Extracted to `{folder}`."
+
+
+def upload_choices(settings: Any) -> list[tuple[str, str]]:
+    """``(label, folder)`` for each upload, newest first: name, size and age."""
+    import time
+
+    from ..uploads import list_uploads
+
+    choices = []
+    for upload in list_uploads(Path(settings.data_root) / "uploads"):
+        days = (time.time() - upload.modified) / 86400
+        age = f"{days:.0f} days ago" if days >= 1.5 else "today" if days < 1 else "yesterday"
+        choices.append((f"{upload.path.name} ({upload.size_bytes / 1024**2:,.1f} MiB, {age})", str(upload.path)))
+    return choices
+
+
+def delete_upload_folder(ctx: Any, folder: str | None) -> tuple[Any, str]:
+    """Deletes one uploaded dataset unless the running job trains on it.
+
+    Returns:
+        ``(uploads dropdown update, message)``; never raises.
+    """
+    from ..uploads import delete_upload
+
+    settings = ctx.settings
+    if not folder:
+        return gr.update(choices=upload_choices(settings), value=None), "Choose an upload first."
+    job = ctx.runner.current
+    if job is not None and job.running and job.config is not None:
+        data = Path(job.config.data_dir).resolve()
+        if data == Path(folder).resolve() or data.is_relative_to(Path(folder).resolve()):
+            return gr.update(), "❌ A training run is using this upload: stop it first."
+    try:
+        deleted = delete_upload(folder, Path(settings.data_root) / "uploads")
+    except (ValueError, OSError) as exc:
+        return gr.update(choices=upload_choices(settings), value=None), f"❌ {exc}"
+    return gr.update(choices=upload_choices(settings), value=None), f"🗑️ Deleted the upload `{deleted.name}`."
 
 
 def picked_folder(selection: str | list | None, settings: Any) -> str:
@@ -271,6 +306,12 @@ def build(ctx: Any) -> DataTab:
                                     file_count="directory", type="filepath", elem_id="folder-upload")
         relpaths = gr.Textbox(elem_id="folder-relpaths", elem_classes="vitft-hidden", container=False)
         upload_message = gr.Markdown(elem_id="upload-message")
+        with gr.Row():
+            uploads = gr.Dropdown(label="Uploaded datasets", choices=upload_choices(settings), value=None, scale=4,
+                                  elem_id="uploads-list",
+                                  info=f"Uploads may use {settings.uploads_quota_bytes / 1024**3:,.1f} GiB in all"
+                                       " (--uploads-quota-mb)")
+            delete_upload_button = gr.Button("Delete upload", scale=1, size="sm", elem_id="delete-upload")
     summary = gr.Markdown(elem_id="data-summary")
     problems = gr.Markdown(elem_id="data-problems")
     balance_button = gr.Button("Train with balanced class weights", visible=False, size="sm",
@@ -289,11 +330,16 @@ def build(ctx: Any) -> DataTab:
     outputs = [by_key[key] for key in OUTPUT_KEYS]
 
     handler = scan_folder_outputs_fn(ctx)
+    refresh_uploads = lambda: gr.update(choices=upload_choices(settings))  # noqa: E731
     upload.upload(lambda f: receive_upload(f, settings), inputs=upload, outputs=[path, upload_message]).then(
-        handler, inputs=path, outputs=outputs)
+        handler, inputs=path, outputs=outputs).then(refresh_uploads, outputs=uploads)
+    uploads.focus(refresh_uploads, outputs=uploads)
+    delete_upload_button.click(lambda folder: delete_upload_folder(ctx, folder), inputs=uploads,
+                               outputs=[uploads, upload_message])
     # The recorded paths are cleared after each folder, so a later upload never reuses them.
     folder_upload.upload(lambda f, rel: (*receive_folder(f, rel, settings), ""), inputs=[folder_upload, relpaths],
-                         outputs=[path, upload_message, relpaths]).then(handler, inputs=path, outputs=outputs)
+                         outputs=[path, upload_message, relpaths]).then(handler, inputs=path, outputs=outputs).then(
+        refresh_uploads, outputs=uploads)
     scan.click(handler, inputs=path, outputs=outputs)
     path.submit(handler, inputs=path, outputs=outputs)
     example.click(lambda: str(settings.example_dir), outputs=path).then(handler, inputs=path, outputs=outputs)

@@ -114,14 +114,20 @@ def predict_batch(
     try:
         if zip_file:
             zip_path = zip_file if isinstance(zip_file, str) else getattr(zip_file, "name", str(zip_file))
-            folder = extract_zip(zip_path, Path(ctx.settings.data_root) / "uploads")
+            folder = extract_zip(zip_path, Path(ctx.settings.data_root) / "uploads",
+                                 quota_bytes=getattr(ctx.settings, "uploads_quota_bytes", None))
+            shown = Path(zip_path).name
         else:
             folder = resolve_data_path(folder_text, ctx.settings)
+            shown = (folder_text or "").strip()
+            if not folder.is_dir():
+                raise ValueError(f"'{shown}' is a file; batch prediction takes a folder of images (or a .zip).")
     except (UnsafeArchiveError, ValueError, OSError) as exc:
         return None, None, f"❌ {exc}"
-    paths = expand_image_paths([folder])
+    # Symbolic links are skipped, as in the dataset scan: a link must not read outside the data root.
+    paths = expand_image_paths([folder], follow_symlinks=False)
     if not paths:
-        return None, None, f"❌ No images in {folder}."
+        return None, None, f"❌ No images in {shown} (image files: .jpg .jpeg .png .bmp .gif .webp .tif .tiff)."
     rows = []
     for path in paths:
         row: dict[str, Any] = {"file": os.path.relpath(path, folder)}
@@ -138,7 +144,7 @@ def predict_batch(
     table = pd.DataFrame(rows, columns=["file", "top1", "score", "answer", "top_k", "error"])
     out = Path(tempfile.mkdtemp(prefix="vitft-predict-")) / f"{Path(folder).name}-predictions.csv"
     table.to_csv(out, index=False)
-    return table, str(out), f"✅ {len(table)} images from `{folder}`."
+    return table, str(out), f"✅ {len(table)} images from `{shown}`."
 
 
 def export_zip(run_dir: str | None) -> tuple[str | None, str]:

@@ -94,6 +94,7 @@ def start_from_form(ctx: Any, data_text: str | None, fixed: dict[str, Any], spac
 
     try:
         data_dir = resolve_data_path(data_text, ctx.settings)
+        fixed = {**fixed, "model": ctx.settings.check_model(fixed.get("model"))}
         config = fixed_config(fixed, data_dir, ctx.settings.runs_dir)
         if trials is None or float(trials) != int(float(trials)):
             raise ValueError(f"trials must be a whole number, got {trials}")

@@ -23,8 +23,13 @@ SCRATCH_LR = 1e-3
 FINETUNE_LR = TrainConfig.__dataclass_fields__["lr"].default
 
 
-def model_info(model: str, image_size: int | None, freeze_depth: int, classes: list[str]) -> tuple[Any, str]:
+def model_info(model: str, image_size: int | None, freeze_depth: int, classes: list[str],
+               settings: Any = None) -> tuple[Any, str]:
     """Freeze-depth slider update and the parameter summary for the chosen model.
+
+    Args:
+        settings: the app's settings; when given, a typed model folder must pass
+            :meth:`~vitft_app.ui.app.AppSettings.check_model` before anything is read.
 
     Returns:
         ``(slider update, markdown)``; when the model cannot be loaded the markdown says why.
@@ -33,6 +38,8 @@ def model_info(model: str, image_size: int | None, freeze_depth: int, classes: l
     if not model:
         return gr.update(), "Choose a model."
     try:
+        if settings is not None:
+            model = settings.check_model(model) if model != SCRATCH_MODEL else model
         summary = summarize_model(model, classes, int(freeze_depth or 0), image_size if model == SCRATCH_MODEL else None)
     except (ModelLoadError, ValueError, OSError) as exc:
         return gr.update(), f"❌ {exc}"
@@ -88,6 +95,7 @@ def start_run(
     """
     try:
         data_dir = resolve_data_path(data_text, ctx.settings)
+        values = {**values, "model": ctx.settings.check_model(values.get("model"))}  # confined: see README
         config = config_from_form(values, data_dir)
     except ValueError as exc:
         return f"❌ {exc}", None
@@ -170,6 +178,7 @@ def augmentation_preview(values: dict[str, Any], data_text: str, settings: Any, 
 
     try:
         data_dir = resolve_data_path(data_text, settings)
+        values = {**values, "model": settings.check_model(values.get("model"))}
         config = config_from_form(values, data_dir)
         report = scan_dataset(data_dir, val_fraction=config.val_fraction, seed=config.seed)
         processor = load_processor(config.model, config.image_size)
@@ -444,6 +453,9 @@ def build(ctx: Any, data: Any) -> None:
     )
     data.suggested_size.change(lambda size: size if size else gr.skip(), inputs=data.suggested_size,
                                outputs=image_size)
+    def info(name: str, size: int | None, depth: int, classes: list[str]) -> tuple[Any, str]:
+        return model_info(name, size, depth, classes, settings=ctx.settings)
+
     for component in (model, image_size, data.classes):
-        component.change(model_info, inputs=info_inputs, outputs=[freeze_depth, params])
-    freeze_depth.input(model_info, inputs=info_inputs, outputs=[freeze_depth, params], trigger_mode="always_last")
+        component.change(info, inputs=info_inputs, outputs=[freeze_depth, params])
+    freeze_depth.input(info, inputs=info_inputs, outputs=[freeze_depth, params], trigger_mode="always_last")
