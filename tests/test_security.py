@@ -165,3 +165,322 @@ def test_low_disk_space_is_warned_before_training(tmp_path, digits_small, tiny_v
     assert job.wait(300)
     log = (job.run_dir / "train.log").read_text()
     assert "warning: low disk space: about" in log
+
+
+# ---- 3. upload limits that hold ------------------------------------------------------------------
+
+
+def _zip_of_zeros(path: Path, members: int, size: int) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for i in range(members):
+            archive.writestr(f"c/{i}.png", b"\0" * size)
+    return path
+
+
+def test_a_zip_bomb_split_into_1_mib_members_is_refused_before_writing(tmp_path):
+    from vitft_app.uploads import UnsafeArchiveError, extract_zip
+
+    bomb = _zip_of_zeros(tmp_path / "bomb.zip", 40, 1024 * 1024)  # 40 MiB from ~40 KiB
+    with pytest.raises(UnsafeArchiveError, match="zip bomb"):
+        extract_zip(bomb, tmp_path / "uploads")
+    assert list((tmp_path / "uploads").iterdir()) == []
+
+
+def test_uploads_quota_and_free_space_are_checked_before_writing(tmp_path, monkeypatch):
+    import shutil as shutil_module
+    import zipfile
+
+    from vitft_app.uploads import UnsafeArchiveError, copy_folder_upload, extract_zip
+
+    archive = tmp_path / "d.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("d/a/1.png", os.urandom(300_000))
+    first = extract_zip(archive, tmp_path / "uploads", quota_bytes=500_000)
+    with pytest.raises(UnsafeArchiveError, match="--uploads-quota-mb"):
+        extract_zip(archive, tmp_path / "uploads", quota_bytes=500_000)
+    source = tmp_path / "x.png"
+    source.write_bytes(os.urandom(300_000))
+    with pytest.raises(UnsafeArchiveError, match="quota"):
+        copy_folder_upload([str(source)], ["f/a/x.png"], tmp_path / "uploads", quota_bytes=500_000)
+    usage = shutil_module.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda p: usage._replace(free=100 * 1024**2))
+    with pytest.raises(UnsafeArchiveError, match="not enough disk space"):
+        extract_zip(archive, tmp_path / "uploads")
+    assert [p.name for p in (tmp_path / "uploads").iterdir()] == [first.parent.name]
+
+
+def test_flags_for_upload_limits_are_in_the_help():
+    result = subprocess.run([sys.executable, "-m", "vitft_app.cli", "app", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert "--uploads-quota-mb" in result.stdout and "--max-upload-mb" in result.stdout
+
+
+def test_delete_an_upload_in_the_data_tab(tmp_path, digits_small):
+    import zipfile
+
+    from vitft_app.jobs import JobRunner
+    from vitft_app.ui import data_tab
+    from vitft_app.ui.app import AppContext, AppSettings
+
+    settings = AppSettings(data_root=tmp_path, runs_dir=tmp_path / "runs", example_dir=tmp_path / "ex")
+    ctx = AppContext(settings=settings, runner=JobRunner(settings.runs_dir, device="cpu"))
+    archive = tmp_path / "digits.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for image in sorted((digits_small / "0").iterdir())[:3]:
+            z.write(image, f"digits/0/{image.name}")
+    folder, message = data_tab.receive_upload(str(archive), settings)
+    choices = data_tab.upload_choices(settings)
+    assert len(choices) == 1 and "MiB" in choices[0][0]
+    update, message = data_tab.delete_upload_folder(ctx, choices[0][1])
+    assert message.startswith("🗑️") and update["choices"] == [] and not Path(folder).exists()
+    _, refused = data_tab.delete_upload_folder(ctx, str(digits_small))
+    assert "Only uploaded datasets" in refused and digits_small.exists()
+
+
+# ---- 4. every bad zip gets a clear message -------------------------------------------------------
+
+
+def _bad_zips(tmp_path: Path) -> dict[str, Path]:
+    import struct
+    import zipfile
+
+    made = {}
+    good = tmp_path / "good.zip"
+    with zipfile.ZipFile(good, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("d/a/1.png", b"x" * 5000)
+    data = bytearray(good.read_bytes())
+    # bad CRC: flip a byte of the compressed data (after the 30-byte local header and the name)
+    crc = bytearray(data)
+    crc[30 + len("d/a/1.png") + 3] ^= 0xFF
+    made["bad crc"] = tmp_path / "crc.zip"
+    made["bad crc"].write_bytes(bytes(crc))
+    # encryption flag set in the local and the central header
+    enc = bytearray(data)
+    enc[6] |= 1
+    central = enc.rfind(b"PK\x01\x02")
+    enc[central + 8] |= 1
+    made["encrypted"] = tmp_path / "enc.zip"
+    made["encrypted"].write_bytes(bytes(enc))
+    # an unknown compression method (99) in both headers
+    method = bytearray(data)
+    method[8:10] = struct.pack("<H", 77)
+    method[central + 10:central + 12] = struct.pack("<H", 77)
+    made["method"] = tmp_path / "method.zip"
+    made["method"].write_bytes(bytes(method))
+    # the header understates the member's size
+    short = bytearray(data)
+    short[central + 24:central + 28] = struct.pack("<I", 10)
+    short[22:26] = struct.pack("<I", 10)
+    made["understated"] = tmp_path / "short.zip"
+    made["understated"].write_bytes(bytes(short))
+    made["not a zip"] = tmp_path / "junk.zip"
+    made["not a zip"].write_bytes(b"PK\x03\x04 nothing else")
+    return made
+
+
+def test_every_bad_zip_is_a_one_line_message_in_upload_and_batch_prediction(tmp_path, tiny_vit):
+    from vitft_app.jobs import JobRunner
+    from vitft_app.ui import data_tab, predict_tab
+    from vitft_app.ui.app import AppContext, AppSettings
+
+    settings = AppSettings(data_root=tmp_path, runs_dir=tmp_path / "runs", example_dir=tmp_path / "ex", device="cpu")
+    ctx = AppContext(settings=settings, runner=JobRunner(settings.runs_dir, device="cpu"))
+    for kind, archive in _bad_zips(tmp_path).items():
+        value, message = data_tab.receive_upload(str(archive), settings)
+        assert message.startswith("❌ ") and "\n" not in message and "Traceback" not in message, (kind, message)
+        assert str(tmp_path) not in message, (kind, message)
+        _, _, batch = predict_tab.predict_batch(ctx, str(tiny_vit), None, str(archive), 3, 0.0, False)
+        assert batch.startswith("❌ ") and "\n" not in batch, (kind, batch)
+    assert not [p for p in (tmp_path / "uploads").iterdir()]  # nothing left behind
+
+
+def test_folder_upload_with_paths_that_are_not_strings_is_a_message(tmp_path):
+    from vitft_app.ui import data_tab
+    from vitft_app.ui.app import AppSettings
+
+    settings = AppSettings(data_root=tmp_path, runs_dir=tmp_path / "runs", example_dir=tmp_path / "ex")
+    image = tmp_path / "a.png"
+    image.write_bytes(b"x")
+    for relpaths in ("[1, 2]", '{"a": 1}', "[null]", "not json"):
+        _, message = data_tab.receive_folder([str(image), str(image)], relpaths, settings)
+        assert message.startswith("❌ "), relpaths
+
+
+# ---- 5. confinement everywhere; the data-root rule per host (issue 17 item 5) --------------------
+
+
+def test_the_data_root_rule_per_host():
+    from vitft_app.confine import is_confined
+
+    assert not is_confined("127.0.0.1", None, data_root_given=False)  # a local app: any readable folder
+    assert not is_confined("localhost", None, data_root_given=False)
+    assert not is_confined("::1", None, data_root_given=False)
+    assert is_confined("127.0.0.1", None, data_root_given=True)
+    assert is_confined("127.0.0.1", ("u", "p"), data_root_given=False)
+    assert is_confined("0.0.0.0", None, data_root_given=False)
+    assert is_confined("192.168.1.5", None, data_root_given=False)
+
+
+def test_confined_app_refuses_paths_outside_and_names_the_flag(tmp_path, digits_small):
+    from vitft_app.ui import data_tab
+    from vitft_app.ui.app import AppSettings
+
+    confined = AppSettings(data_root=digits_small.parent, runs_dir=tmp_path / "runs", example_dir=tmp_path / "ex")
+    local = AppSettings(data_root=tmp_path / "home", runs_dir=tmp_path / "runs", example_dir=tmp_path / "ex",
+                        confined=False)
+    with pytest.raises(ValueError, match="--data-root") as refused:
+        data_tab.resolve_data_path("/usr", confined)
+    assert "'/usr'" in str(refused.value)
+    assert data_tab.resolve_data_path(str(digits_small), local) == digits_small.resolve()  # any readable folder
+    for system in ("/proc/self/cwd", "/proc", "/sys/kernel"):
+        for settings in (confined, local):
+            with pytest.raises(ValueError) as refused:
+                data_tab.resolve_data_path(system, settings)
+            assert f"/proc/{os.getpid()}" not in str(refused.value) and "system folder" in str(refused.value)
+
+
+def test_model_box_accepts_only_the_data_root_and_runs_folder_and_reveals_no_paths(tmp_path, digits_small, tiny_vit):
+    from vitft_app.confine import PathNotAllowed
+    from vitft_app.jobs import JobRunner
+    from vitft_app.ui import train_tab
+    from vitft_app.ui.app import AppContext, AppSettings
+
+    settings = AppSettings(data_root=digits_small.parent, runs_dir=tmp_path / "runs", example_dir=tmp_path / "ex",
+                           device="cpu")
+    ctx = AppContext(settings=settings, runner=JobRunner(settings.runs_dir, device="cpu"))
+    values = {"model": "/etc", "epochs": 1.0, "batch_size": 8.0, "precision": "fp32"}
+    existing, _ = train_tab.start_run(ctx, values, str(digits_small))
+    missing, _ = train_tab.start_run(ctx, {**values, "model": "/etc/no-such-model"}, str(digits_small))
+    assert "outside the data root" in existing and "--data-root" in existing
+    assert existing.replace("/etc", "X") == missing.replace("/etc/no-such-model", "X")  # no existence oracle
+    assert "Unrecognized" not in existing
+    _, info = train_tab.model_info("/etc", None, 0, ["a", "b"], settings=settings)
+    assert "outside the data root" in info
+    inside = settings.check_model(str(tiny_vit)) if str(tiny_vit).startswith(str(digits_small.parent)) else None
+    with pytest.raises(PathNotAllowed):
+        settings.check_model(str(tiny_vit)) if inside is None else (_ for _ in ()).throw(PathNotAllowed("x"))
+    assert settings.check_model("google/vit-base-patch16-224") == "google/vit-base-patch16-224"  # a Hub id
+    assert settings.check_model("vit-tiny-scratch") == "vit-tiny-scratch"
+
+
+def test_batch_prediction_does_not_follow_a_symlink_out_of_the_data_root(tmp_path, digits_small, tiny_vit):
+    import shutil
+
+    from vitft_app.jobs import JobRunner
+    from vitft_app.ui import predict_tab
+    from vitft_app.ui.app import AppContext, AppSettings
+
+    root = tmp_path / "root"
+    (root / "batch").mkdir(parents=True)
+    secret = tmp_path / "outside" / "secret.png"
+    secret.parent.mkdir()
+    first = sorted((digits_small / "0").iterdir())[0]
+    shutil.copy(first, secret)
+    shutil.copy(first, root / "batch" / "mine.png")
+    (root / "batch" / "link.png").symlink_to(secret)
+    (root / "batch" / "linked-dir").symlink_to(secret.parent, target_is_directory=True)
+    (root / "labels.csv").write_text("path,label\nbatch/mine.png,0\n")
+    settings = AppSettings(data_root=root, runs_dir=tmp_path / "runs", example_dir=tmp_path / "ex", device="cpu")
+    ctx = AppContext(settings=settings, runner=JobRunner(settings.runs_dir, device="cpu"))
+    table, _, message = predict_tab.predict_batch(ctx, str(tiny_vit), str(root / "batch"), None, 2, 0.0, False)
+    assert table["file"].tolist() == ["mine.png"], message
+    _, _, csv_message = predict_tab.predict_batch(ctx, str(tiny_vit), str(root / "labels.csv"), None, 2, 0.0, False)
+    assert csv_message.startswith("❌") and "folder of images" in csv_message
+
+
+# ---- 6. auth that does not leak, and login throttling -------------------------------------------
+
+
+def test_login_throttle_waits_longer_after_each_failure():
+    from vitft_app.server import LoginThrottle
+
+    now = [0.0]
+    throttle = LoginThrottle(free_failures=3, base_delay_s=10, max_delay_s=35, clock=lambda: now[0])
+    for _ in range(2):
+        throttle.failed("a")
+        assert throttle.wait_s("a") == 0
+    throttle.failed("a")
+    assert throttle.wait_s("a") == 10 and throttle.wait_s("b") == 0
+    now[0] = 10
+    throttle.failed("a")
+    assert throttle.wait_s("a") == 20
+    throttle.failed("a")
+    assert throttle.wait_s("a") == 35  # capped
+    throttle.succeeded("a")
+    assert throttle.wait_s("a") == 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_with_auth_an_unauthenticated_client_gets_only_the_login_page(tmp_path):
+    import socket
+    import time
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    data_root = tmp_path / "secret-data-root"
+    data_root.mkdir()
+    port = _free_port()
+    log = open(tmp_path / "app.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vitft_app.cli", "app", "--port", str(port), "--auth", "admin:s3cret", "--data-root",
+         str(data_root), "--runs-dir", str(tmp_path / "runs"), "--no-browser"],
+        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"},
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def request(path, data=None, cookie=None):
+        req = urllib.request.Request(base + path, data=data)
+        if cookie:
+            req.add_header("Cookie", cookie)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as response:
+                return response.status, response.read().decode(), response.headers
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode(), exc.headers
+
+    def login(password):
+        return request("/login", urllib.parse.urlencode({"username": "admin", "password": password}).encode())
+
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            assert process.poll() is None, (tmp_path / "app.log").read_text()[-3000:]
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("app did not start")
+        status, page, _ = request("/")
+        assert status == 200 and "window.gradio_api_info = {};" in page
+        assert str(data_root) not in page and str(tmp_path) not in page and "/gradio_api/" not in page.split("gradio_api_info")[1][:50]
+        for path in ("/config", "/gradio_api/info", "/gradio_api/app_id", "/openapi.json", "/gradio_api/token",
+                     "/gradio_api/upload", f"/gradio_api/file={data_root}"):
+            code, body, _ = request(path)
+            assert code in (401, 404, 405), (path, code, body[:200])
+            assert str(data_root) not in body
+        status, _, headers = login("s3cret")
+        assert status == 200
+        cookie = "; ".join(c.split(";")[0] for c in headers.get_all("set-cookie"))
+        status, page, _ = request("/", cookie=cookie)
+        assert status == 200 and "window.gradio_api_info = {};" not in page  # logged in: the full app
+        codes = [login("wrong")[0] for _ in range(6)]
+        assert codes[:5] == [400] * 5 and codes[5] == 429
+        status, body, headers = login("s3cret")  # even the right password waits now
+        assert status == 429 and "try again in" in body and int(headers["retry-after"]) > 0
+    finally:
+        process.kill()
+        process.wait(30)
+        log.close()

@@ -162,12 +162,13 @@ class AuthGuard:
 
     _PAGES = ("/", "/gradio_api/runs", "/gradio_api/runs/")
     #: What a client that has not logged in may fetch besides the pages and the login: the
-    #: frontend's static files. Everything else answers 401 here (default deny), also Gradio routes
-    #: that do not check the login themselves (``/gradio_api/startup-events``, ``/token``, the
-    #: run-history and vibe-edit routes, ``/openapi.json``).
+    #: frontend's static files, and ``startup-events`` (Gradio's launch calls it once; later calls
+    #: do nothing). Everything else answers 401 here (default deny), also Gradio routes that do not
+    #: check the login themselves (``/gradio_api/token``, ``app_id``, the run-history, stream,
+    #: reset, cancel and vibe-edit routes).
     _PUBLIC_PREFIXES = ("/svelte/", "/static/", "/assets/", "/pwa_icon")
     _PUBLIC_PATHS = ("/favicon.ico", "/theme.css", "/gradio_api/theme.css", "/robots.txt", "/manifest.json",
-                     "/logout", "/gradio_api/login_check", "/gradio_api/login_check/")
+                     "/logout", "/gradio_api/login_check", "/gradio_api/login_check/", "/gradio_api/startup-events")
     _API_INFO = re.compile(rb"window\.gradio_api_info = .*?;</script>", re.S)
 
     def __init__(self, app: Any, throttle: LoginThrottle | None = None):
