@@ -94,14 +94,19 @@ def test_ctrl_c_stops_cleanly_and_keeps_the_run(tmp_path, digits_small, tiny_vit
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    deadline = time.time() + 120
-    status_files = []
-    while time.time() < deadline and not status_files:
-        status_files = [p for p in (tmp_path / "runs").glob("*/metrics.csv")] if (tmp_path / "runs").exists() else []
-        time.sleep(0.2)
-    assert status_files, "training did not start"
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=120)
+    try:  # the child is killed on every exit path (a timeout here once leaked it for 14 minutes)
+        deadline = time.time() + 120
+        status_files = []
+        while time.time() < deadline and not status_files:
+            status_files = [p for p in (tmp_path / "runs").glob("*/metrics.csv")] if (tmp_path / "runs").exists() else []
+            time.sleep(0.2)
+        assert status_files, "training did not start"
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=30)
     assert process.returncode == 0, err[-2000:]
     run_dir = Path(out.strip().splitlines()[-1])
     status = json.loads((run_dir / "status.json").read_text())

@@ -484,3 +484,187 @@ def test_with_auth_an_unauthenticated_client_gets_only_the_login_page(tmp_path):
         process.kill()
         process.wait(30)
         log.close()
+
+
+# ---- 7. damaged run folders: one line naming the file ---------------------------------------------
+
+
+@pytest.fixture
+def finished_run(tmp_path, digits_small, tiny_vit):
+    from vitft_app.jobs import JobRunner
+
+    runner = JobRunner(tmp_path / "runs", device="cpu")
+    job = runner.start(_config(digits_small, tiny_vit, tmp_path / "runs", epochs=1))
+    assert job.wait(300)
+    return job.run_dir
+
+
+def _vitft(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "vitft_app.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_damaged_config_json_is_one_line_in_resume_and_evaluate(tmp_path, finished_run):
+    from vitft_app.checkpoint import save_checkpoint
+
+    config = json.loads((finished_run / "config.json").read_text())
+    (finished_run / "config.json").write_text(json.dumps({**config, "epochs": "three"}))
+    save_checkpoint(finished_run, {"loop": {}, "model": {}, "optimizer": {}, "scheduler": {}, "rng": {}})
+    for args in (("train", "--resume", str(finished_run)), ("evaluate", str(finished_run))):
+        result = _vitft(*args, cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr and "config.json is damaged (epochs must be a whole number, got 'three')" \
+            in result.stderr, (args, result.stderr[-2000:])
+
+
+def test_damaged_model_files_are_one_line_in_predict_and_evaluate(tmp_path, finished_run, digits_small):
+    image = str(sorted((digits_small / "0").iterdir())[0])
+    weights = finished_run / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    for args in (("predict", "--model", str(finished_run), image), ("evaluate", str(finished_run))):
+        result = _vitft(*args, cwd=tmp_path)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (args, result.stderr[-2000:])
+        assert "is damaged (config.json / model.safetensors" in result.stderr, result.stderr[-2000:]
+    (finished_run / "model" / "preprocessor_config.json").write_text("[]")
+    result = _vitft("predict", "--model", str(finished_run), image, cwd=tmp_path)
+    assert result.returncode == 2 and "is damaged (preprocessor_config.json" in result.stderr, result.stderr[-2000:]
+
+
+def test_app_resume_of_an_unreadable_checkpoint_says_so_at_once_and_report_is_a_message(tmp_path, finished_run):
+    from vitft_app.jobs import JobRunner
+    from vitft_app.runs import RunRecorder, read_status
+    from vitft_app.ui import evaluate_tab, train_tab
+    from vitft_app.ui.app import AppContext, AppSettings
+
+    settings = AppSettings(data_root=tmp_path, runs_dir=finished_run.parent, example_dir=tmp_path / "ex",
+                           device="cpu")
+    ctx = AppContext(settings=settings, runner=JobRunner(settings.runs_dir, device="cpu"))
+    RunRecorder(finished_run).write_status(status="stopped")
+    (finished_run / "checkpoint.pt").write_bytes(b"this is not a checkpoint")
+    message, resumed = train_tab.resume_run(ctx, str(finished_run))
+    assert message.startswith("❌") and "damaged" in message and resumed is None
+    assert read_status(finished_run)["status"] == "stopped" and ctx.runner.current is None
+    (finished_run / "metrics.csv").write_text("kind,step\n\x00\x00garbage,\n")
+    (finished_run / "status.json").write_text("[1, 2]")
+    file, text = evaluate_tab.make_report(str(finished_run))
+    assert text.startswith(("❌", "📄")) and "Error" != text
+
+
+def test_run_folder_deleted_while_training_is_one_line_in_the_cli(tmp_path, digits_small, tiny_vit):
+    import shutil
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vitft_app.cli", "train", "--data", str(digits_small), "--model", str(tiny_vit),
+         "--epochs", "500", "--batch-size", "8", "--precision", "fp32", "--output-dir", str(tmp_path / "runs"),
+         "--log-every-steps", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        deadline = time.time() + 120
+        runs = []
+        while time.time() < deadline and not runs:
+            runs = list((tmp_path / "runs").glob("*/metrics.csv")) if (tmp_path / "runs").exists() else []
+            time.sleep(0.2)
+        assert runs, "training did not start"
+        shutil.rmtree(runs[0].parent)
+        out, err = process.communicate(timeout=180)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=30)
+    assert process.returncode == 1
+    assert "Traceback" not in err and "was deleted or moved while training" in err, err[-2000:]
+
+
+# ---- 8. Ctrl-C works even when the shell started the CLI with SIGINT ignored ----------------------
+
+
+def test_sigint_stops_a_cli_run_started_with_sigint_ignored(tmp_path, digits_small, tiny_vit):
+    import signal
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vitft_app.cli", "train", "--data", str(digits_small), "--model", str(tiny_vit),
+         "--epochs", "500", "--batch-size", "8", "--precision", "fp32", "--output-dir", str(tmp_path / "runs")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # what `cmd &` in a script does
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(tmp_path.glob("runs/*/metrics.csv")):
+            time.sleep(0.2)
+        assert list(tmp_path.glob("runs/*/metrics.csv")), "training did not start"
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=30)
+    assert process.returncode == 0, err[-2000:]
+    assert json.loads((Path(out.strip().splitlines()[-1]) / "status.json").read_text())["status"] == "stopped"
+
+
+# ---- 9. the smaller ones ---------------------------------------------------------------------------
+
+
+def test_scan_refuses_a_val_fraction_train_would_refuse(tmp_path, digits_small):
+    for value in ("2", "-1", "0"):
+        result = _vitft("scan", str(digits_small), "--val-fraction", value, cwd=tmp_path)
+        assert result.returncode == 2 and "--val-fraction must be in (0, 1)" in result.stderr
+
+
+def test_predict_on_a_folder_without_images_says_so(tmp_path, tiny_vit):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    result = _vitft("predict", "--model", str(tiny_vit), str(tmp_path / "empty"), cwd=tmp_path)
+    assert result.returncode == 1 and "no image files in" in result.stderr and result.stdout == ""
+
+
+def test_scans_leave_no_temp_folder_each(tmp_path, digits_small):
+    import tempfile
+
+    from vitft_app.ui import data_tab
+    from vitft_app.ui.app import AppSettings
+
+    settings = AppSettings(data_root=digits_small.parent, runs_dir=tmp_path / "runs", example_dir=tmp_path / "ex")
+    before = set(Path(tempfile.gettempdir()).glob("vitft-*"))
+    first = data_tab.scan_folder(str(digits_small), settings)["csv"]
+    for _ in range(3):
+        assert data_tab.scan_folder(str(digits_small), settings)["csv"] == first
+    assert len(set(Path(tempfile.gettempdir()).glob("vitft-*")) - before) <= 1
+
+
+def test_imbalance_is_checked_per_split(tmp_path, digits_root):
+    import shutil
+
+    from vitft_app.data import scan_dataset
+
+    root = tmp_path / "given"
+    for split, counts in (("train", {"0": 12, "1": 81}), ("val", {"0": 81, "1": 12})):
+        for name, n in counts.items():
+            (root / split / name).mkdir(parents=True)
+            for path in sorted((digits_root / name).iterdir())[:n]:
+                shutil.copy(path, root / split / name / path.name)
+    report = scan_dataset(root, cache=None)
+    assert any(w.startswith("Class imbalance in the training split 6.8:1") for w in report.warnings), report.warnings
+
+
+def test_webcam_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path):
+    import gradio as gr
+    from PIL import Image
+
+    from vitft_app.ui.predict_tab import check_image_header
+
+    big = tmp_path / "big.png"
+    Image.new("L", (4000, 3000)).save(big)
+
+    class Payload:
+        url = None
+        path = str(big)
+
+    with pytest.raises(gr.Error, match="4000x3000"):
+        check_image_header(Payload(), max_pixels=10_000_000)
+    check_image_header(Payload(), max_pixels=20_000_000)  # under the limit: passes

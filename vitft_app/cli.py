@@ -473,6 +473,12 @@ def run_scan(args: argparse.Namespace) -> int:
         bar.total = total
         bar.update(done - bar.n)
 
+    if not 0 < args.val_fraction < 1:  # the same rule as TrainConfig.val_fraction
+        print(f"vitft scan: error: --val-fraction must be in (0, 1), got {args.val_fraction}", file=sys.stderr)
+        return 2
+    if args.max_pixels is not None and args.max_pixels < 1:
+        print(f"vitft scan: error: --max-pixels must be >= 1, got {args.max_pixels}", file=sys.stderr)
+        return 2
     try:
         report = scan_dataset(args.data, val_fraction=args.val_fraction, seed=args.seed, max_pixels=args.max_pixels,
                               cache=None if args.no_cache else "default", progress=progress)
@@ -576,7 +582,12 @@ def run_predict(args: argparse.Namespace) -> int:
     from .predict import apply_threshold, expand_image_paths
 
     code = 0
-    for image in expand_image_paths(args.images):
+    images = expand_image_paths(args.images)
+    if not images:
+        print("vitft predict: error: no image files in " + " ".join(args.images)
+              + " (image files: .jpg .jpeg .png .bmp .gif .webp .tif .tiff)", file=sys.stderr)
+        return 1
+    for image in images:
         try:
             prediction = predictor.predict([image], top_k=args.top_k, tta=args.tta)[0]
             record: dict[str, Any] = {
@@ -604,11 +615,27 @@ def _quiet_library_progress_bars() -> None:
     hf_logging.set_verbosity_error()
 
 
+def install_sigint_handler() -> None:
+    """Makes Ctrl-C (SIGINT) raise ``KeyboardInterrupt`` even when the process started with SIGINT
+    ignored: a shell starts a background job (``vitft train ... &``) that way, and Python then
+    keeps the inherited "ignore", so ``kill -INT`` would do nothing. Main thread only."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``vitft`` console script."""
+    """Entry point of the ``vitft`` console script.
+
+    An unexpected error prints one line (``VITFT_DEBUG=1`` adds the traceback) and exits 1;
+    Ctrl-C outside training exits 130.
+    """
     args = build_parser().parse_args(argv)
     commands = {"train": run_train, "sweep": run_sweep, "predict": run_predict, "scan": run_scan, "evaluate": run_evaluate,
                 "export": run_export, "report": run_report}
+    install_sigint_handler()
     if args.command not in commands:  # "app"
         from .server import launch
 
@@ -616,7 +643,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command != "scan":  # scan loads no model
         _quiet_library_progress_bars()
-    return commands[args.command](args)
+    try:
+        return commands[args.command](args)
+    except KeyboardInterrupt:
+        print(f"\nvitft {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for people; the traceback on request
+        if os.environ.get("VITFT_DEBUG"):
+            raise
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"vitft {args.command}: error: {type(exc).__name__}" + (f": {text}" if text else "")
+              + " (set VITFT_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

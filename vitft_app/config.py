@@ -230,13 +230,49 @@ class TrainConfig:
         Raises:
             ValueError: a field is missing or invalid.
         """
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        if not isinstance(values, dict):
+            raise ValueError(f"expected an object of settings, got {type(values).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in values.items() if k in fields}
+        for name, value in kwargs.items():  # a hand-edited file: the type first, then __post_init__
+            default = fields[name].default
+            if value is None or default is dataclasses.MISSING or default is None:
+                continue
+            if isinstance(default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(default, int):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif isinstance(default, float):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif isinstance(default, str):
+                ok = isinstance(value, str)
+            else:
+                ok = True
+            if not ok:
+                kind = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}.get(
+                    type(default).__name__, type(default).__name__)
+                raise ValueError(f"{name} must be {kind}, got {value!r}")
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:  # a missing required field, or a type __post_init__ cannot compare
+            raise ValueError(str(exc)) from None
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> TrainConfig:
-        """Reads a ``config.json`` written by :meth:`to_json`."""
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        """Reads a ``config.json`` written by :meth:`to_json`.
+
+        Raises:
+            ValueError: the file is not valid JSON or holds an invalid setting; the message names
+                the file and the setting.
+            FileNotFoundError: no such file.
+        """
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(
+                f"{path.parent.name}/{path.name} is damaged ({exc}); fix the setting in the file or start a new run."
+            ) from None
 
 
 def field_docs(cls: type = TrainConfig) -> dict[str, str]:

@@ -540,16 +540,20 @@ def _add_checks(report: DatasetReport) -> None:
         report.errors.append(
             f"Classes with fewer than 2 usable images: {', '.join(too_small)}. Add images or remove those folders."
         )
-    if len(counts) >= 2 and counts["total"].min() > 0:
-        largest = counts.loc[counts["total"].idxmax()]
-        smallest = counts.loc[counts["total"].idxmin()]
-        ratio = largest["total"] / smallest["total"]
+    # Each split on its own too: a balanced total can hide a lopsided given val/ split (81:12).
+    for column, where in (("total", ""), ("train", " in the training split"), ("val", " in the validation split")):
+        if len(counts) < 2 or counts[column].min() <= 0:
+            continue
+        largest = counts.loc[counts[column].idxmax()]
+        smallest = counts.loc[counts[column].idxmin()]
+        ratio = largest[column] / smallest[column]
         if ratio >= IMBALANCE_WARNING_RATIO:
             report.warnings.append(
-                f"Class imbalance {ratio:.1f}:1 ('{largest['class']}' {largest['total']} vs"
-                f" '{smallest['class']}' {smallest['total']} images): collect more images of the small"
+                f"Class imbalance{where} {ratio:.1f}:1 ('{largest['class']}' {largest[column]} vs"
+                f" '{smallest['class']}' {smallest[column]} images): collect more images of the small"
                 " classes, or weight the loss by class (macro-F1 shows the effect better than accuracy)"
             )
+            break  # one imbalance warning: the total's, else the first split's
     kinds = Counter(kind for group in report.duplicates for kind in group.kinds)
     for kind, advice in (
         ("conflicting labels", "the same image is in several classes; keep it in the right one"),

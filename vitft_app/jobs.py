@@ -248,7 +248,7 @@ class JobRunner:
             ResumeError: the run is still running, or has no checkpoint (a completed run).
             ModelLoadError, ValueError, FileNotFoundError: from the preflight of the run's config.
         """
-        from .checkpoint import ResumeError, has_checkpoint
+        from .checkpoint import ResumeError, has_checkpoint, load_checkpoint
         from .runs import read_status
         from .tracking import check_report_to
         from .training import preflight
@@ -268,8 +268,12 @@ class JobRunner:
                 )
             report_to = check_report_to(self.report_to if report_to is None else report_to)
             config = TrainConfig.from_json_file(run_dir / "config.json")
+            # Read (and check) the checkpoint now, so an unreadable one is refused at once rather
+            # than "Resumed" followed by a failure in the background.
+            checkpoint = load_checkpoint(run_dir)
             preflight(config, self.device, progress)
-            return self._start_thread(run_dir, config, listener, report=None, report_to=report_to, resume=True)
+            return self._start_thread(run_dir, config, listener, report=None, report_to=report_to, resume=True,
+                                      checkpoint=checkpoint)
 
     def _ended_here(self, run_dir: Path) -> bool:
         """True when ``run_dir`` was this runner's job and its thread has ended, so a "running"
@@ -286,6 +290,7 @@ class JobRunner:
         report: Any,
         report_to: str,
         resume: bool = False,
+        checkpoint: dict[str, Any] | None = None,
     ) -> Job:
         """Starts :meth:`run_training` in a daemon thread as the current job (lock held)."""
 
@@ -297,7 +302,7 @@ class JobRunner:
                     listener(event)
 
             self.run_training(config, run_dir, job.stop_event, listener=relay, report=report,
-                              report_to=report_to, resume=resume)
+                              report_to=report_to, resume=resume, checkpoint=checkpoint)
 
         return self._begin(f"vitft-train-{run_dir.name}", body, run_dir=run_dir, config=config, name=run_dir.name)
 
@@ -337,6 +342,7 @@ class JobRunner:
         report: Any = None,
         report_to: str = "none",
         resume: bool = False,
+        checkpoint: dict[str, Any] | None = None,
     ) -> None:
         """Trains into an existing run folder in the calling thread; never raises.
 
@@ -353,6 +359,7 @@ class JobRunner:
             report: the dataset report from :func:`~vitft_app.training.preflight`, or None to scan.
             report_to: ``"none"``, ``"tensorboard"`` or ``"mlflow"``.
             resume: continue from the run's checkpoint (:func:`~vitft_app.training.resume_run`).
+            checkpoint: the checkpoint already read by :meth:`resume` (None: read it here).
         """
         from .tracking import create_tracker
         from .training import resume_run, train
@@ -375,18 +382,23 @@ class JobRunner:
         try:
             tracker = create_tracker(report_to, run_dir, config)
             if resume:
-                resume_run(run_dir, emit, stop_event=stop_event, device=self.device)
+                resume_run(run_dir, emit, stop_event=stop_event, device=self.device, checkpoint=checkpoint)
             else:
                 train(config, run_dir, emit, stop_event=stop_event, device=self.device, report=report)
             _write_card(run_dir, recorder.log)  # after RunFinished, so not an event
         except BaseException as exc:  # noqa: BLE001 - reported as RunFailed, not swallowed
             if isinstance(exc, OSError) and not isinstance(exc, DiskFullError):
                 exc = disk_full_error(exc, "the run's files", run_dir)
-            failed = RunFailed(error=error_message(exc), traceback=traceback.format_exc())
+            error = error_message(exc)
+            if not run_dir.is_dir():
+                error = f"the run folder {run_dir} was deleted or moved while training; nothing more could be saved"
+            failed = RunFailed(error=error, traceback=traceback.format_exc())
             try:
                 emit(failed)
-            except Exception:  # noqa: BLE001 - a full disk: record at least the status, see below
-                logger.exception("recording the failure of %s", run_dir.name)
+            except Exception as record_exc:  # noqa: BLE001 - a full disk or a deleted folder
+                logger.error("could not record the failure of %s: %s", run_dir.name, record_exc)
+                if listener is not None:
+                    listener(failed)  # the caller (CLI, UI) still hears why the run ended
             settle_status(run_dir, failed.error)
         finally:
             if tracker is not None:

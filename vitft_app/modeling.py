@@ -37,8 +37,9 @@ MODEL_CHOICES = (SCRATCH_MODEL,) + CURATED_MODELS
 SCRATCH_DEFAULT_IMAGE_SIZE = 224
 
 
-class ModelLoadError(Exception):
-    """A model that cannot be loaded, with a message a user can act on."""
+class ModelLoadError(ValueError):
+    """A model that cannot be loaded, with a message a user can act on (a ``ValueError``, so
+    every handler of bad input shows it as one line)."""
 
 
 def offline_message(name: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -289,10 +290,23 @@ class Predictor(ClassifierBackend):
         self.path = folder
         self.plan = resolve_device_plan(precision, device)
         self.num_threads = num_threads
-        self.processor = AutoImageProcessor.from_pretrained(folder)
-        self.model = AutoModelForImageClassification.from_pretrained(folder)  # SDPA attention: the default
+        from .modeling import ModelLoadError
+
+        stage = "preprocessor_config.json"
+        try:
+            self.processor = AutoImageProcessor.from_pretrained(folder)
+            if not hasattr(self.processor, "image_mean") and not hasattr(self.processor, "size"):
+                raise ValueError("not an image processor")
+            stage = "config.json / model.safetensors"
+            self.model = AutoModelForImageClassification.from_pretrained(folder)  # SDPA attention: the default
+            self.id2label = {int(k): v for k, v in self.model.config.id2label.items()}
+        except Exception as exc:  # noqa: BLE001 - any damaged file becomes one line naming it
+            detail = re.sub(r"(?<![\w.])/[^\s'\"]+", "<file>", str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+            raise ModelLoadError(
+                f"The saved model in {path.name} is damaged ({stage}: {type(exc).__name__}"
+                + (f": {detail[:160]}" if detail else "") + "); train the run again or resume it to save a new one."
+            ) from None
         self.model = self.model.to(self.plan.device).eval()
-        self.id2label = {int(k): v for k, v in self.model.config.id2label.items()}
         self.multi_label = getattr(self.model.config, "problem_type", None) == "multi_label_classification"
         try:
             self.transform = EvalPreprocess(self.processor)

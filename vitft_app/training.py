@@ -423,6 +423,7 @@ def resume_run(
     emit: Emit,
     stop_event: threading.Event | None = None,
     device: str | None = None,
+    checkpoint: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Continues a stopped, failed or interrupted run from its checkpoint, in the same run folder.
 
@@ -431,6 +432,11 @@ def resume_run(
     ``num_workers = 0`` the continuation is exact: the same next-step loss and weights as an
     uninterrupted run with the same seed.
 
+    Args:
+        run_dir, emit, stop_event, device: as :func:`train`.
+        checkpoint: the checkpoint, when the caller already read it with
+            :func:`~vitft_app.checkpoint.load_checkpoint` (None: read here).
+
     Raises:
         ResumeError: no readable checkpoint.
         DatasetError, FileNotFoundError, ModelLoadError, ValueError: as :func:`train`.
@@ -438,7 +444,8 @@ def resume_run(
     from .runs import truncate_metrics
 
     run_dir = Path(run_dir)
-    checkpoint = load_checkpoint(run_dir)
+    if checkpoint is None:  # the job runner passes the one it read (and checked) before starting
+        checkpoint = load_checkpoint(run_dir)
     config = TrainConfig.from_json_file(run_dir / "config.json")
     truncate_metrics(run_dir, checkpoint["loop"]["step"])
     return train(config, run_dir, emit, stop_event=stop_event, device=device, checkpoint=checkpoint)

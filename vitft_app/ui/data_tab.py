@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -104,8 +103,9 @@ class DataTab:
 
 def _write_csv(report: DatasetReport) -> str:
     """Writes the per-file report to a fresh temp file and returns its path (for download)."""
-    folder = Path(tempfile.mkdtemp(prefix="vitft-scan-"))
-    path = folder / f"{Path(report.root).name}-scan.csv"
+    from .app import download_path
+
+    path = download_path(f"{Path(report.root).name}-scan.csv")
     path.write_text(report.to_csv(), encoding="utf-8")
     return str(path)
 

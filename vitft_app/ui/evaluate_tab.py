@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,8 @@ from .predict_tab import refresh_runs
 #: Keys of :func:`run_evaluation`'s result, in the order of the tab's outputs.
 OUTPUT_KEYS = ("summary", "per_class", "per_class_csv", "matrix_table", "matrix", "matrix_normalized", "roc",
                "pr", "reliability", "top_losses", "evaluation")
+
+logger = logging.getLogger(__name__)
 
 
 def summary_markdown(metrics: dict[str, Any]) -> str:
@@ -134,18 +138,21 @@ def make_report(run_dir: str | None) -> tuple[str | None, str]:
     """Writes the run's one-page HTML report; returns ``(a copy in a temp folder to download,
     message)``. Never raises."""
     import shutil
-    import tempfile
 
     from ..report import write_html_report
+    from .app import download_path
 
     if not run_dir:
         return None, "Choose a run first."
     try:
         path = write_html_report(run_dir)
+        copy = download_path(f"{Path(run_dir).name}-report.html")
+        shutil.copyfile(path, copy)
     except (EvaluationError, FileNotFoundError, ValueError, OSError) as exc:
         return None, f"❌ {exc}"
-    copy = Path(tempfile.mkdtemp(prefix="vitft-report-")) / f"{Path(run_dir).name}-report.html"
-    shutil.copyfile(path, copy)
+    except Exception as exc:  # noqa: BLE001 - a damaged run folder is a message, not Gradio's "Error"
+        logger.exception("report of %s", run_dir)
+        return None, f"❌ Could not write the report of {Path(run_dir).name}: {type(exc).__name__}: {exc}"
     return str(copy), f"📄 Written to `{path}`; it opens in any browser, without the app."
 
 

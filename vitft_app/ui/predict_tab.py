@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,49 @@ from PIL import Image, ImageOps
 
 from ..images import ImageLoadError, load_image
 from ..predict import NOT_SURE, apply_threshold, expand_image_paths
+
+
+class PixelCheckedImage(gr.Image):
+    """``gr.Image`` that refuses an image over the pixel limit from its header, before Gradio
+    decodes it (a 100 MP webcam frame sent through the API would otherwise cost ~400 MB first)."""
+
+    is_template = True  # rendered by the frontend's Image component
+
+    def preprocess(self, payload: Any) -> Any:
+        if payload is not None:
+            check_image_header(payload)
+        return super().preprocess(payload)
+
+
+def check_image_header(payload: Any, max_pixels: int | None = None) -> None:
+    """Reads only the header of an uploaded or webcam image and refuses it when too large.
+
+    Raises:
+        gr.Error: not an image, or more than ``max_pixels`` pixels (default: the loader's limit).
+    """
+    import base64
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    from ..images import DEFAULT_MAX_PIXELS
+
+    limit = max_pixels or DEFAULT_MAX_PIXELS
+    url = getattr(payload, "url", None) or ""
+    try:
+        if url.startswith("data:"):
+            source: Any = io.BytesIO(base64.b64decode(url.split(",", 1)[1]))
+        elif getattr(payload, "path", None):
+            source = payload.path
+        else:
+            return
+        with Image.open(source) as image:  # lazy: the header only
+            width, height = image.size
+    except (UnidentifiedImageError, OSError, ValueError, IndexError):
+        raise gr.Error("That is not an image this app can read.", print_exception=False) from None
+    if width * height > limit:
+        raise gr.Error(f"The image is {width}x{height} ({width * height / 1e6:.0f} MP); the limit is"
+                       f" {limit / 1e6:.0f} MP. Use a smaller photo.", print_exception=False)
 
 
 def run_choices(ctx: Any) -> list[tuple[str, str]]:
@@ -142,7 +184,9 @@ def predict_batch(
             "top_k": "; ".join(f"{l}:{s:.4f}" for l, s in zip(prediction.labels, prediction.scores)), "error": "",
         })
     table = pd.DataFrame(rows, columns=["file", "top1", "score", "answer", "top_k", "error"])
-    out = Path(tempfile.mkdtemp(prefix="vitft-predict-")) / f"{Path(folder).name}-predictions.csv"
+    from .app import download_path
+
+    out = download_path(f"{Path(folder).name}-predictions.csv")
     table.to_csv(out, index=False)
     return table, str(out), f"✅ {len(table)} images from `{shown}`."
 
@@ -157,7 +201,9 @@ def export_zip(run_dir: str | None) -> tuple[str | None, str]:
 
     if not run_dir:
         return None, "Choose a run first."
-    dest = Path(tempfile.mkdtemp(prefix="vitft-export-")) / f"{Path(run_dir).name}-model.zip"
+    from .app import download_path
+
+    dest = download_path(f"{Path(run_dir).name}-model.zip")
     try:
         path = export_model_zip(run_dir, dest)
     except (ExportError, OSError) as exc:
@@ -215,7 +261,7 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> gr.Dropdown:
     with gr.Row():
         files = gr.File(label="Drop one or more images here", file_count="multiple", file_types=["image"],
                         elem_id="predict-files", scale=3)
-        webcam = gr.Image(sources=["webcam"], type="filepath", label="Or take a photo", scale=2,
+        webcam = PixelCheckedImage(sources=["webcam"], type="filepath", label="Or take a photo", scale=2,
                           elem_id="predict-webcam")
     with gr.Accordion("Batch prediction: a folder or a zip of images", open=False):
         with gr.Row():
