@@ -78,13 +78,14 @@ def resolve_allowed(text: str, base: Path, roots: Iterable[Path], confined: bool
         PathNotAllowed: outside the roots when confined, or a system path; the message quotes
             ``text`` as typed and names ``flag``.
     """
-    path = Path(text).expanduser()
-    if not path.is_absolute():
-        path = base / path
     try:
+        path = Path(text).expanduser()
+        if not path.is_absolute():
+            path = base / path
         resolved = path.resolve()
-    except (OSError, RuntimeError):  # a symlink loop
-        raise PathNotAllowed(f"'{text}' cannot be used as a {what}.") from None
+        path.exists()  # a NUL byte raises here
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, an unknown ~user, a NUL byte
+        raise PathNotAllowed(f"{text!r} cannot be used as a {what}.") from None
     roots = [Path(r).resolve() for r in roots]
     if is_system_path(resolved) or is_system_path(path.absolute()):
         raise PathNotAllowed(f"'{text}' is a system folder, not a {what}.")

@@ -21,8 +21,8 @@ from torch import nn
 
 from .attention import AttentionTrial, can_switch_attention, current_attention, set_attention
 from .augment import PatchDropout, create_batch_mixer, mask_patches
-from .checkpoint import (capture_rng, estimate_checkpoint_bytes, load_checkpoint, low_space_warning, remove_checkpoint,
-                         restore_rng, save_checkpoint)
+from .checkpoint import (ResumeError, capture_rng, estimate_checkpoint_bytes, load_checkpoint, low_space_warning,
+                         remove_checkpoint, restore_rng, save_checkpoint)
 from .config import TrainConfig
 from .data import DatasetReport, ImageDataset, build_transforms, collate_skipping_failures, processor_spec, scan_dataset
 from .device import DevicePlan, resolve_device_plan
@@ -620,16 +620,23 @@ def train(
     # ---- resume: module states, RNG states and counters from the checkpoint -------------------
     state = _LoopState()
     if checkpoint is not None:
-        state = _LoopState(**checkpoint["loop"])
-        freeze_layers(model, depth_at(state.epoch))
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if scaler is not None and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        if ema is not None and checkpoint.get("ema"):
-            ema.load_state_dict(checkpoint["ema"])
-        restore_rng(checkpoint["rng"], shuffle_gen)
+        try:  # a checkpoint that does not fit this model and config: one line, not a state_dict dump
+            state = _LoopState(**checkpoint["loop"])
+            freeze_layers(model, depth_at(state.epoch))
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
+            if scaler is not None and checkpoint.get("scaler"):
+                scaler.load_state_dict(checkpoint["scaler"])
+            if ema is not None and checkpoint.get("ema"):
+                ema.load_state_dict(checkpoint["ema"])
+            restore_rng(checkpoint["rng"], shuffle_gen)
+        except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise ResumeError(
+                f"The checkpoint of {run_dir.name} does not fit the run's model and settings ({first}); start a new"
+                " run."
+            ) from None
         if not dist_ctx.is_main:  # the checkpoint holds rank 0's RNG; the others draw afresh
             torch.manual_seed(config.seed + 1000 * dist_ctx.rank + state.step)
     current_depth = depth_at(state.epoch)

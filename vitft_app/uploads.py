@@ -81,8 +81,8 @@ def check_room(uploads: Path, incoming: int, quota_bytes: int | None) -> None:
         used = folder_bytes(uploads)
         if used + incoming > quota_bytes:
             raise UnsafeArchiveError(
-                f"Refused: the uploads folder holds {used / mib:,.0f} MiB and this upload needs {incoming / mib:,.0f}"
-                f" MiB more; the quota is {quota_bytes / mib:,.0f} MiB. Delete old uploads (Data tab, \"Uploaded"
+                f"Refused: the uploads folder holds {used / mib:,.1f} MiB and this upload needs {incoming / mib:,.1f}"
+                f" MiB more; the quota is {quota_bytes / mib:,.1f} MiB. Delete old uploads (Data tab, \"Uploaded"
                 " datasets\") or start the app with a larger --uploads-quota-mb."
             )
     free = shutil.disk_usage(uploads).free
@@ -130,6 +130,8 @@ def extract_zip(
         raise UnsafeArchiveError(f"Not a readable zip file ({_short(exc)}).") from None
     with archive:
         infos = archive.infolist()
+        if not any(not info.is_dir() for info in infos):
+            raise UnsafeArchiveError("The zip holds no files.")
         if len(infos) > max_files:
             raise UnsafeArchiveError(f"The zip has {len(infos):,} members; the limit is {max_files:,}.")
         for info in infos:

@@ -189,7 +189,10 @@ def receive_folder(files: list | None, relative_paths_json: str | None, settings
     if not paths:
         return gr.skip(), ""
     try:
-        relative = json.loads(relative_paths_json or "[]")
+        try:
+            relative = json.loads(relative_paths_json or "[]")
+        except ValueError:
+            relative = None  # refused below with the same message as any other unreadable form
         folder = copy_folder_upload(paths, relative, Path(settings.data_root) / "uploads",
                                     quota_bytes=getattr(settings, "uploads_quota_bytes", None))
     except (UnsafeArchiveError, ValueError) as exc:
@@ -281,9 +284,9 @@ def build(ctx: Any) -> DataTab:
             path = gr.Textbox(
                 label="Dataset folder",
                 value=str(settings.example_dir),
-                info=f"One subfolder per class, or train/ and val/ holding them, or a labels CSV (image path, label)."
-                     f" Must be under {settings.data_root}"
-                     " (the built-in MNIST example is always allowed).",
+                info="One subfolder per class, or train/ and val/ holding them, or a labels CSV (image path, label)."
+                     + (f" Must be under {settings.data_root} (the built-in MNIST example is always allowed)."
+                        if settings.confined else " Relative paths start in the data root."),
                 elem_id="data-path",
             )
             with gr.Row():
@@ -306,7 +309,7 @@ def build(ctx: Any) -> DataTab:
                                     file_count="directory", type="filepath", elem_id="folder-upload")
         relpaths = gr.Textbox(elem_id="folder-relpaths", elem_classes="vitft-hidden", container=False)
         upload_message = gr.Markdown(elem_id="upload-message")
-        with gr.Row():
+        with gr.Row(equal_height=True):
             uploads = gr.Dropdown(label="Uploaded datasets", choices=upload_choices(settings), value=None, scale=4,
                                   elem_id="uploads-list",
                                   info=f"Uploads may use {settings.uploads_quota_bytes / 1024**3:,.1f} GiB in all"
