@@ -670,3 +670,10 @@ def test_webcam_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path):
     with pytest.raises(gr.Error, match="4000x3000"):
         check_image_header(Payload(), max_pixels=10_000_000)
     check_image_header(Payload(), max_pixels=20_000_000)  # under the limit: passes
+
+
+def test_an_infinite_learning_rate_is_refused():
+    from vitft_app.config import TrainConfig
+
+    with pytest.raises(ValueError, match="lr must be finite, got inf"):
+        TrainConfig(data_dir="x", lr=float("inf"))
