@@ -1,5 +1,5 @@
 """Start the vitft web app: ``python app.py [--host 127.0.0.1] [--port 7860] [--auth USER:PASS]
-[--data-root DIR] [--runs-dir DIR] [--no-browser]``."""
+[--data-root DIR] [--runs-dir DIR] [--max-upload-mb N] [--uploads-quota-mb N] [--no-browser]``."""
 
 import argparse
 
