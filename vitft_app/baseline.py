@@ -83,7 +83,14 @@ def format_accuracy(value: float | None) -> str:
 
 def is_weak(accuracy: float | None, baseline: Baseline | None, margin: float = WEAK_MARGIN) -> bool:
     """True when ``accuracy`` is less than ``margin`` above the majority-class rate."""
-    return accuracy is not None and baseline is not None and accuracy < baseline.rate + margin
+    return baseline is not None and is_weak_rate(accuracy, baseline.rate, margin)
+
+
+def is_weak_rate(accuracy: float | None, rate: float | None, margin: float = WEAK_MARGIN) -> bool:
+    """:func:`is_weak` from the majority-class rate alone (NaN or None: not weak)."""
+    if accuracy is None or rate is None or accuracy != accuracy or rate != rate:
+        return False
+    return float(accuracy) < float(rate) + margin
 
 
 def accuracy_with_baseline(accuracy: float | None, baseline: Baseline | None) -> str:

@@ -41,7 +41,7 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 def launch(args: argparse.Namespace) -> None:
     """Writes the example dataset if needed, builds the UI and serves it (blocks)."""
     from .data import ensure_example_dataset
-    from .ui.app import AppSettings, build_app
+    from .ui.app import APP_CSS, AppSettings, build_app
     from .ui.data_tab import FOLDER_UPLOAD_JS
 
     try:
@@ -64,5 +64,5 @@ def launch(args: argparse.Namespace) -> None:
         show_error=False,
         favicon_path=str(FAVICON) if FAVICON.exists() else None,
         head=FOLDER_UPLOAD_JS,
-        css=".vitft-hidden {display: none !important}",
+        css=APP_CSS,
     )
