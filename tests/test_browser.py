@@ -183,9 +183,13 @@ def test_presets_and_augmentation_preview_in_the_browser(app_url, page):
     page.locator("#preview-button").click()
     expect(page.locator("#preview-message")).to_contain_text("augmented versions", timeout=60_000)
     page.wait_for_function("() => document.querySelectorAll('#augment-preview img').length >= 8", timeout=30_000)
+    expect(page.locator("#augment-summary")).to_contain_text("RandAugment", timeout=30_000)
     page.locator("#preset-quick").click()
     expect(page.locator("#augment input")).to_have_value("none", timeout=30_000)
     expect(page.locator("#train-message")).to_contain_text("smoke test")
+    # The preset changed the freeze depth and the augmentation: their summaries follow.
+    expect(page.locator("#param-count")).to_contain_text("linear probe", timeout=30_000)
+    expect(page.locator("#augment-summary")).to_contain_text("only resized")
 
 
 def test_upload_a_folder_and_a_zip(app_url, page, tmp_path):

@@ -337,7 +337,7 @@ def _signature(run_dir: str) -> tuple:
 
 
 #: Outputs of :func:`poll`, in order.
-POLL_KEYS = ("status", "progress", "details", "loss", "accuracy", "after_run", "signature")
+POLL_KEYS = ("status", "progress", "details", "loss", "accuracy", "after_run", "banner", "signature")
 
 
 def poll(ctx: Any, run_dir: str | None, last_signature: Any) -> tuple:
@@ -350,7 +350,8 @@ def poll(ctx: Any, run_dir: str | None, last_signature: Any) -> tuple:
     """
     run_dir = shown_run(ctx, run_dir)
     if not run_dir:
-        return status_markdown({}, ""), "", status_details({}), gr.skip(), gr.skip(), gr.update(visible=False), None
+        return (status_markdown({}, ""), "", status_details({}), gr.skip(), gr.skip(), gr.update(visible=False),
+                "", None)
     signature = _signature(run_dir)
     if signature == last_signature:
         return tuple(gr.skip() for _ in POLL_KEYS)
@@ -359,7 +360,19 @@ def poll(ctx: Any, run_dir: str | None, last_signature: Any) -> tuple:
     finished = status.get("status") in ("completed", "stopped", "interrupted", "failed")
     has_model = finished and model_dir(run_dir) is not None
     return (status_markdown(status, Path(run_dir).name), progress_html(status), status_details(status),
-            figure_loss(metrics), figure_accuracy(metrics), gr.update(visible=has_model), signature)
+            figure_loss(metrics), figure_accuracy(metrics), gr.update(visible=has_model),
+            banner_markdown(status, Path(run_dir).name), signature)
+
+
+def banner_markdown(status: dict[str, Any], run_id: str) -> str:
+    """A one-line live status under the dataset line while a run trains (the form above Start is
+    long; a reopened page shows at once that training is going on). Empty otherwise."""
+    state = status.get("status")
+    if state not in ("running", "starting"):
+        return ""
+    where = f"step {status.get('step', 0)}/{status['total_steps']}" if status.get("total_steps") else "starting"
+    return (f"{STATUS_MARKS[state]} **Training** run `{run_id}` · {where} · ETA {_format_seconds(status.get('eta_s'))}"
+            " · Stop, Resume, status and curves are below the settings.")
 
 
 def augment_summary(name: str | None, choice: dict[str, Any] | None = None) -> str:
@@ -426,6 +439,7 @@ def build(ctx: Any, data: Any) -> TrainTab:
         return gr.Radio(choices, value=defaults[name], label=label, info=docs[name], elem_id=name.replace("_", "-"))
 
     dataset_line = gr.Markdown(dataset_markdown(None), elem_id="train-dataset")
+    banner = gr.Markdown(elem_id="train-banner")
     with gr.Row():
         gr.Markdown("**Presets** fill the form (edit anything after): **Quick** = linear probe, no augmentation;"
                     " **Balanced** = partial freeze + basic augmentation; **Best** = RandAugment, MixUp/CutMix,"
@@ -567,7 +581,7 @@ def build(ctx: Any, data: Any) -> TrainTab:
     resume.click(on_resume, inputs=run_state, outputs=[message, run_state, signature])
     resume.click(None, js=scroll)
     live = {"status": status, "progress": progress_bar, "details": details, "loss": loss_plot,
-            "accuracy": acc_plot, "after_run": after_run, "signature": signature}
+            "accuracy": acc_plot, "after_run": after_run, "banner": banner, "signature": signature}
     timer.tick(on_poll, inputs=[run_state, signature], outputs=[*(live[k] for k in POLL_KEYS), message])
 
     # The chosen dataset: shown at the top, its suggested augmentation in the form.
