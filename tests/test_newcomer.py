@@ -161,3 +161,23 @@ def test_status_marks_render_without_an_emoji_font():
         odd = {ch for ch in path.read_text(encoding="utf-8") if ord(ch) > 127 and ch not in allowed}
         assert not odd, f"{path.name}: {sorted(odd)}"
     assert set(train_tab.STATUS_MARKS.values()) <= allowed
+
+
+def test_train_again_uses_the_runs_settings_and_dataset(tmp_path):
+    ctx = make_ctx(tmp_path, tmp_path / "runs")
+    run_dir = ctx.runner.store.create_run(TrainConfig(data_dir="/data/hymenoptera", epochs=7, augment="none"))
+    values, data_dir, message = train_tab.train_again(str(run_dir), ["epochs", "augment", "lr"])
+    assert values[:2] == [7, "none"] and data_dir == "/data/hymenoptera" and "Start" in message
+
+
+def test_cli_summary_shows_the_baseline(capsys):
+    from vitft_app.cli import progress_listener
+
+    listener = progress_listener({"bar": None})
+    listener(RunStarted(run_id="r", run_dir="r", classes=["ants", "bees"], num_train=244, num_val=153, epochs=3,
+                        total_steps=24, device="cpu", precision="fp32", trainable_params=1, total_params=1,
+                        val_baseline=Baseline("bees", 83, 153, 2).to_dict()))
+    listener(RunFinished(status="completed", best_val_accuracy=0.5556, duration_s=3.0, step=24))
+    err = capsys.readouterr().err
+    assert "best val accuracy 55.6% (always 'bees': 54.2%)" in err
+    assert "about what always answering 'bees' gives" in err

@@ -272,7 +272,8 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab, data: Any) -> None:
     results = [summary, trials_table, history, importance, charts_message]
 
     def on_start(values: dict) -> tuple:
-        return start_from_form(ctx, values[data.path], {k: values[c] for k, c in fixed.items()},
+        chosen = values[data.chosen] or {}  # the chosen dataset, as the Train tab shows and trains it
+        return start_from_form(ctx, chosen.get("path") or values[data.path], {k: values[c] for k, c in fixed.items()},
                                {k: values[c] for k, c in space.items()}, values[trials], values[name],
                                values[sampler], values[pruning])
 
@@ -288,7 +289,8 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab, data: Any) -> None:
             return (gr.skip(),) * (len(results) + 1)
         return (*on_show(chosen), current)
 
-    start.click(on_start, inputs={*fixed.values(), *space.values(), data.path, trials, name, sampler, pruning},
+    start.click(on_start, inputs={*fixed.values(), *space.values(), data.path, data.chosen, trials, name, sampler,
+                                  pruning},
                 outputs=[message, sweep])
     stop.click(lambda: stop_sweep(ctx), outputs=message)
     sweep.change(on_show, inputs=sweep, outputs=results)

@@ -443,8 +443,9 @@ def build(ctx: Any, data: Any) -> TrainTab:
     with gr.Row():
         gr.Markdown("**Presets** fill the form (edit anything after): **Quick** = linear probe, no augmentation;"
                     " **Balanced** = partial freeze + basic augmentation; **Best** = RandAugment, MixUp/CutMix,"
-                    " label smoothing, layer decay, EMA.")
-        preset_buttons = {name: gr.Button(name.capitalize(), size="sm", elem_id=f"preset-{name}") for name in PRESETS}
+                    " label smoothing, layer decay, EMA.", scale=3)
+        preset_buttons = {name: gr.Button(name.capitalize(), size="sm", elem_id=f"preset-{name}", scale=1,
+                                          min_width=90) for name in PRESETS}
     with gr.Row():
         with gr.Column(scale=2):
             model = gr.Dropdown(
