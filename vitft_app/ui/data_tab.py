@@ -146,7 +146,7 @@ def scan_folder(text: str | None, settings: Any, progress: Callable[[int, int], 
     counts = report.counts()
     summary, problems = report_markdown(report)
     return {
-        "summary": summary,
+        "summary": summary + " · **the chosen dataset**: the Train tab trains it",
         "problems": problems,
         "counts": counts,
         "figure": figure_class_counts(counts),
