@@ -331,9 +331,8 @@ def test_the_newcomer_path_at_1400x900(app_url, page, digits_root):
 
         page.locator("#stop-button").click()
         expect(status).to_contain_text("stopped", timeout=60_000)
-        page.locator("#evaluate-this-run").click()
+        page.locator("#evaluate-this-run").click()  # switches to Evaluate, the run selected, and evaluates it
         expect(page.locator("#eval-run input")).to_have_value(re.compile(run_dir.name), timeout=30_000)
-        page.locator("#evaluate-button").click()
         summary = page.locator("#eval-summary")
         expect(summary).to_contain_text(re.compile(r"\d+ of 15 validation images right \(\d+\.\d%\)"),
                                         timeout=120_000)

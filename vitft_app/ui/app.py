@@ -122,6 +122,8 @@ def build_app(settings: AppSettings) -> gr.Blocks:
         # After a run: "Evaluate this run" and "Try it" open those tabs with the run selected.
         for button, target, dropdown in ((train.evaluate_button, "evaluate", evaluate_run),
                                          (train.try_button, "predict", predict_run)):
-            button.click(lambda run: refresh_runs(ctx, train_tab.shown_run(ctx, run)), inputs=train.run,
-                         outputs=dropdown).then(lambda target=target: gr.Tabs(selected=target), outputs=tabs)
+            switched = button.click(lambda run: refresh_runs(ctx, train_tab.shown_run(ctx, run)), inputs=train.run,
+                                    outputs=dropdown).then(lambda target=target: gr.Tabs(selected=target), outputs=tabs)
+            if target == "evaluate":  # and evaluate it at once: the tab opens with the plain headline
+                switched.then(None, js="() => setTimeout(() => document.querySelector('#evaluate-button')?.click(), 300)")
     return demo

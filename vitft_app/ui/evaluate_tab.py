@@ -189,7 +189,8 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> gr.Dropdown:
     with gr.Row():
         report_message = gr.Markdown(elem_id="report-message")
         report_file = gr.File(label="Report", interactive=False, elem_id="report-file", visible=False)
-    summary = gr.Markdown(elem_id="eval-summary")
+    summary = gr.Markdown("Press **Evaluate**: how many images of the chosen split this model gets right, beside"
+                          " what always answering the most common class gets, then the details.", elem_id="eval-summary")
     with gr.Column(visible=False, elem_id="eval-results") as results:
         with gr.Row():
             per_class = gr.Dataframe(label="Per class (click a header to sort)", interactive=False,
