@@ -325,8 +325,10 @@ def test_the_newcomer_path_at_1400x900(app_url, page, digits_root):
         page.get_by_role("tab", name="Train").click()
         expect(page.locator("#train-dataset")).to_contain_text("threes-and-sevens", timeout=60_000)
         expect(page.locator("#data-path textarea, #data-path input").first).to_have_value(str(dataset))
-        expect(status).to_contain_text("running", timeout=30_000)
+        expect(status).to_contain_text("running", timeout=60_000)
         expect(status).to_contain_text(run_dir.name)
+        expect(page.locator("#train-banner")).to_contain_text("Training")
+        expect(page.locator("#epochs input")).to_have_value("2000")  # the running job's settings, not defaults
         shot("6-reloaded")
 
         page.locator("#stop-button").click()

@@ -119,6 +119,7 @@ def build_app(settings: AppSettings) -> gr.Blocks:
                 sweep_tab.build(ctx, demo, sweep, data)
         # A new page shows the chosen dataset (saved server-side), scanned.
         demo.load(data_tab.load_outputs_fn(ctx), outputs=[data.path, *data.outputs])
+        demo.load(train.on_load, outputs=train.load_outputs)
         # After a run: "Evaluate this run" and "Try it" open those tabs with the run selected.
         for button, target, dropdown in ((train.evaluate_button, "evaluate", evaluate_run),
                                          (train.try_button, "predict", predict_run)):

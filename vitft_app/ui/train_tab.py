@@ -417,6 +417,9 @@ class TrainTab:
     """The run folder this page started or resumed (None: :func:`initial_run`)."""
     evaluate_button: gr.Button
     try_button: gr.Button
+    on_load: Callable[[], list]
+    """Page-load handler: the running job's settings into the form (values for ``load_outputs``)."""
+    load_outputs: list
 
 
 def build(ctx: Any, data: Any) -> TrainTab:
@@ -440,12 +443,15 @@ def build(ctx: Any, data: Any) -> TrainTab:
 
     dataset_line = gr.Markdown(dataset_markdown(None), elem_id="train-dataset")
     banner = gr.Markdown(elem_id="train-banner")
-    with gr.Row():
-        gr.Markdown("**Presets** fill the form (edit anything after): **Quick** = linear probe, no augmentation;"
-                    " **Balanced** = partial freeze + basic augmentation; **Best** = RandAugment, MixUp/CutMix,"
-                    " label smoothing, layer decay, EMA.", scale=3)
-        preset_buttons = {name: gr.Button(name.capitalize(), size="sm", elem_id=f"preset-{name}", scale=1,
-                                          min_width=90) for name in PRESETS}
+    with gr.Row(equal_height=True):
+        with gr.Column(scale=3):
+            gr.Markdown("**Presets** fill the form (edit anything after): **Quick** = linear probe, no augmentation;"
+                        " **Balanced** = partial freeze + basic augmentation; **Best** = RandAugment, MixUp/CutMix,"
+                        " label smoothing, layer decay, EMA.")
+        with gr.Column(scale=2, min_width=320):
+            with gr.Row():
+                preset_buttons = {name: gr.Button(name.capitalize(), size="sm", elem_id=f"preset-{name}",
+                                                  min_width=90) for name in PRESETS}
     with gr.Row():
         with gr.Column(scale=2):
             model = gr.Dropdown(
@@ -627,13 +633,21 @@ def build(ctx: Any, data: Any) -> TrainTab:
     )
 
     info_inputs = [model, image_size, freeze_depth, data.classes]
-    model.change(
-        lambda name: (gr.update(visible=name == SCRATCH_MODEL), SCRATCH_LR if name == SCRATCH_MODEL else FINETUNE_LR),
-        inputs=model, outputs=[image_size, lr],
-    )
+    model.change(lambda name: gr.update(visible=name == SCRATCH_MODEL), inputs=model, outputs=image_size)
+    # Only a model the user picks suggests a learning rate (a loaded run's settings keep theirs).
+    model.input(lambda name: SCRATCH_LR if name == SCRATCH_MODEL else FINETUNE_LR, inputs=model, outputs=lr)
     data.suggested_size.change(lambda size: size if size else gr.skip(), inputs=data.suggested_size,
                                outputs=image_size)
     for component in (model, image_size, data.classes):
         component.change(model_info, inputs=info_inputs, outputs=[freeze_depth, params])
     freeze_depth.input(model_info, inputs=info_inputs, outputs=[freeze_depth, params], trigger_mode="always_last")
-    return TrainTab(run=run_state, evaluate_button=evaluate_button, try_button=try_button)
+    def on_load() -> list:
+        # A reopened page shows the running job's settings in the form, not the defaults.
+        job = ctx.runner.current
+        if job is None or not job.running or job.kind != "train":
+            return [gr.skip() for _ in range(len(fields) + 1)]
+        values, data_dir, _ = train_again(str(job.run_dir), fields)
+        return [*values, data_dir if data_dir else gr.skip()]
+
+    return TrainTab(run=run_state, evaluate_button=evaluate_button, try_button=try_button, on_load=on_load,
+                    load_outputs=[*form.values(), suggested_for])
