@@ -143,6 +143,7 @@ def test_stop_and_restart_status(tmp_path, tiny_vit):
     assert "interrupted** at step 8 of 24" in live["status"] and "**Resume** continues it" in live["status"]
     assert interrupted.name in live["status"] and "No run yet" not in live["status"]
     assert live["after_run"]["visible"] is True and "8 / 24 steps" in live["progress"]
+    assert "**Resume**" in live["banner"] and interrupted.name in live["banner"]
 
 
 def test_evaluate_error_clears_stale_results(tmp_path):

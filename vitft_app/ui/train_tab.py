@@ -365,9 +365,13 @@ def poll(ctx: Any, run_dir: str | None, last_signature: Any) -> tuple:
 
 
 def banner_markdown(status: dict[str, Any], run_id: str) -> str:
-    """A one-line live status under the dataset line while a run trains (the form above Start is
-    long; a reopened page shows at once that training is going on). Empty otherwise."""
+    """A one-line status under the dataset line while a run trains, or when the shown run was
+    interrupted by an app restart (the form above Start is long; a reopened page shows at once
+    what is going on). Empty otherwise."""
     state = status.get("status")
+    if state == "interrupted":
+        return (f"{STATUS_MARKS[state]} The app stopped while run `{run_id}` was training (step {status.get('step', 0)}):"
+                " **Resume**, below the settings, continues it from its last checkpoint.")
     if state not in ("running", "starting"):
         return ""
     where = f"step {status.get('step', 0)}/{status['total_steps']}" if status.get("total_steps") else "starting"
