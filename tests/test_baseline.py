@@ -88,3 +88,20 @@ def test_a_resumed_run_shows_its_checkpoint_step_at_once(tmp_path):
     recorder(StepProgress(step=15, epoch=1.875, images_per_sec=12.5, eta_s=9.0))
     status = read_status(run_dir)
     assert (status["step"], status["images_per_sec"], status["eta_s"]) == (15, 12.5, 9.0)
+
+
+def test_evaluation_opens_with_the_plain_headline():
+    import numpy as np
+
+    from vitft_app.evaluate import compute_metrics, evaluation_headline, summary_text
+
+    y_true = np.array([0] * 70 + [1] * 83)  # hymenoptera's validation split
+    probs = np.tile([0.3, 0.7], (153, 1))
+    probs[:48] = [0.8, 0.2]  # 48 ants right, 22 ants wrong, 83 bees right: 131 of 153
+    metrics = {**compute_metrics(y_true, probs, ["ants", "bees"]), "split": "val"}
+    assert metrics["correct"] == 131 and metrics["baseline"]["majority_count"] == 83
+    assert evaluation_headline(metrics) == "131 of 153 validation images right (85.6%); always guessing 'bees' gets 54.2%"
+    assert summary_text(metrics).splitlines()[0] == evaluation_headline(metrics)
+    weak = {**compute_metrics(y_true, np.tile([0.4, 0.6], (153, 1)), ["ants", "bees"]), "split": "test"}
+    assert evaluation_headline(weak).startswith("83 of 153 test images right (54.2%)")
+    assert "about what always answering 'bees' gives" in evaluation_headline(weak)

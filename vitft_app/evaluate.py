@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
-from .baseline import Baseline, headline, majority_baseline, weak_model_warning
+from .baseline import Baseline, format_accuracy, headline, majority_baseline, weak_model_warning
 from .config import TrainConfig
 from .data import ImageItem, scan_dataset
 from .runs import atomic_write_text, is_run_dir
@@ -373,8 +373,8 @@ def evaluation_headline(metrics: dict[str, Any]) -> str:
 
 
 def summary_text(metrics: dict[str, Any]) -> str:
-    """A few lines for the terminal: accuracy, top-k, macro-F1, ROC-AUC, ECE (multi-label: subset
-    accuracy, micro/macro F1, mAP)."""
+    """A few lines for the terminal: the plain headline with its baseline (:func:`evaluation_headline`),
+    then accuracy, top-k, macro-F1, ROC-AUC, ECE (multi-label: subset accuracy, micro/macro F1, mAP)."""
     if metrics.get("multi_label"):
         mean_ap = "n/a" if metrics.get("map") is None else f"{metrics['map']:.4f}"
         return (
@@ -385,7 +385,7 @@ def summary_text(metrics: dict[str, Any]) -> str:
     auc = "n/a" if metrics.get("roc_auc") is None else f"{metrics['roc_auc']:.4f}"
     return (
         evaluation_headline(metrics) + "\n"
-        f"accuracy {metrics['accuracy']:.4f} · top-{metrics['top_k']} {metrics['top_k_accuracy']:.4f}"
+        f"accuracy {format_accuracy(metrics['accuracy'])} · top-{metrics['top_k']} {format_accuracy(metrics['top_k_accuracy'])}"
         f" · macro-F1 {metrics['macro_f1']:.4f} · weighted-F1 {metrics['weighted_f1']:.4f}"
         f" · ROC-AUC {auc} · ECE {metrics['ece']:.4f}"
     )

@@ -18,6 +18,12 @@ from .config import SCRATCH_MODEL, TrainConfig
 from .runs import atomic_write_text, is_run_dir, model_dir, read_metrics, read_status
 
 
+
+def _metric_text(key: str, value: float) -> str:
+    """Accuracies as percentages with one decimal (the one rounding used everywhere), other
+    metrics (F1, ROC-AUC, ECE, mAP) with 4 decimals."""
+    return format_accuracy(value) if key in ("accuracy", "top_k_accuracy") else f"{value:.4f}"
+
 def confusion_matrix_png(matrix: list[list[int]], classes: list[str], cell: int = 44) -> Image.Image:
     """Draws a confusion matrix (rows true, columns predicted) as a PNG-ready image with Pillow:
     darker blue for larger row shares, the count in each cell, class names on both axes."""
@@ -103,7 +109,7 @@ def write_model_card(run_dir: str | os.PathLike, metrics: dict[str, Any] | None 
     if metrics:
         for key in ("accuracy", "top_k_accuracy", "micro_f1", "macro_f1", "map", "weighted_f1", "roc_auc", "ece"):
             if metrics.get(key) is not None:
-                lines.append(f"| {key.replace('_', ' ')} ({metrics.get('split', 'val')}) | {metrics[key]:.4f} |")
+                lines.append(f"| {key.replace('_', ' ')} ({metrics.get('split', 'val')}) | {_metric_text(key, metrics[key])} |")
         lines += ["", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
         lines += [f"| {c['class']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |"
                   for c in metrics["per_class"]]
@@ -180,7 +186,7 @@ def write_html_report(run_dir: str | os.PathLike, out: str | os.PathLike | None 
     counts = {c["class"]: c["support"] for c in metrics["per_class"]}
     mistakes = evaluation.top_losses(12)
     esc = html.escape
-    rows = "".join(f"<tr><td>{esc(k.replace('_', ' '))}</td><td>{metrics[k]:.4f}</td></tr>"
+    rows = "".join(f"<tr><td>{esc(k.replace('_', ' '))}</td><td>{_metric_text(k, metrics[k])}</td></tr>"
                    for k in ("accuracy", "top_k_accuracy", "micro_f1", "macro_f1", "map", "weighted_f1", "roc_auc", "ece")
                    if metrics.get(k) is not None)
     per_class = "".join(f"<tr><td>{esc(c['class'])}</td><td>{c['precision']:.3f}</td><td>{c['recall']:.3f}</td>"
