@@ -1,6 +1,5 @@
 """Honest numbers: the majority-class baseline, computed from the split, and live progress."""
 
-import shutil
 
 import pytest
 

@@ -1,11 +1,9 @@
 """The first ten minutes: the chosen dataset survives a reload, honest numbers, plain screens."""
 
 import json
-import re
 from pathlib import Path
 
 import gradio as gr
-import pytest
 
 from vitft_app.app_state import APP_SETTINGS_FILE, dataset_markdown, default_augment, read_app_settings
 from vitft_app.baseline import Baseline
