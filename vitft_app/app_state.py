@@ -52,8 +52,9 @@ def dataset_choice(report: Any) -> dict[str, Any]:
 
     Returns:
         ``{"path", "name", "classes", "num_train", "num_val", "warnings", "errors", "augment",
-        "augment_reason"}`` (JSON-ready; ``classes`` is the list of class names, ``warnings`` and
-        ``errors`` are counts, ``augment`` the form default from :func:`default_augment`).
+        "augment_reason", "suggested_image_size"}`` (JSON-ready; ``classes`` is the list of class
+        names, ``warnings`` and ``errors`` are counts, ``augment`` the form default from
+        :func:`default_augment`, ``suggested_image_size`` the vit-tiny-scratch input size for it).
     """
     return {
         "path": str(report.root),
@@ -65,6 +66,7 @@ def dataset_choice(report: Any) -> dict[str, Any]:
         "errors": len(report.errors),
         "augment": default_augment(report)[0],
         "augment_reason": default_augment(report)[1],
+        "suggested_image_size": report.suggested_image_size(),
     }
 
 

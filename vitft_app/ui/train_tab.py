@@ -596,17 +596,20 @@ def build(ctx: Any, data: Any) -> TrainTab:
     timer.tick(on_poll, inputs=[run_state, signature], outputs=[*(live[k] for k in POLL_KEYS), message])
 
     # The chosen dataset: shown at the top, its suggested augmentation in the form.
-    # The suggestion is applied once per dataset, so a re-scan keeps an augmentation the user chose.
+    # The dataset's suggestions (augmentation, scratch image size) are applied once per dataset, so a
+    # re-scan keeps what the user chose, and "Train again" keeps the run's own settings.
     suggested_for = gr.State(None)
 
     def on_dataset(chosen: dict | None, done_for: str | None) -> tuple:
-        path, suggestion = (chosen or {}).get("path"), (chosen or {}).get("augment")
-        if not suggestion or path == done_for:
-            return dataset_markdown(chosen), gr.skip(), gr.skip(), gr.skip()
-        return dataset_markdown(chosen), suggestion, path, augment_summary(suggestion, chosen)
+        chosen = chosen or {}
+        path, suggestion, size = chosen.get("path"), chosen.get("augment"), chosen.get("suggested_image_size")
+        if path == done_for or not path:
+            return dataset_markdown(chosen), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return (dataset_markdown(chosen), suggestion or gr.skip(), size or gr.skip(), path,
+                augment_summary(suggestion, chosen) if suggestion else gr.skip())
 
     data.chosen.change(on_dataset, inputs=[data.chosen, suggested_for],
-                       outputs=[dataset_line, augment, suggested_for, augment_note])
+                       outputs=[dataset_line, augment, image_size, suggested_for, augment_note])
     augment.change(lambda name, chosen: augment_summary(name, chosen), inputs=[augment, data.chosen],
                    outputs=augment_note)
 
@@ -640,8 +643,6 @@ def build(ctx: Any, data: Any) -> TrainTab:
     model.change(lambda name: gr.update(visible=name == SCRATCH_MODEL), inputs=model, outputs=image_size)
     # Only a model the user picks suggests a learning rate (a loaded run's settings keep theirs).
     model.input(lambda name: SCRATCH_LR if name == SCRATCH_MODEL else FINETUNE_LR, inputs=model, outputs=lr)
-    data.suggested_size.change(lambda size: size if size else gr.skip(), inputs=data.suggested_size,
-                               outputs=image_size)
     for component in (model, image_size, data.classes):
         component.change(model_info, inputs=info_inputs, outputs=[freeze_depth, params])
     freeze_depth.input(model_info, inputs=info_inputs, outputs=[freeze_depth, params], trigger_mode="always_last")
