@@ -269,7 +269,9 @@ def status_markdown(status: dict[str, Any], run_id: str) -> str:
         parts.append(status["reason"])
     text = " · ".join(parts)
     if state == "stopped":
-        text += "\n\n**Resume** continues from step " + str(step) + "; the best model so far is saved."
+        saved = ("the best model so far is saved" if status.get("best_val_accuracy") is not None
+                 else "no epoch finished yet, so no model is saved")
+        text += f"\n\n**Resume** continues from step {step}; {saved}."
     warning = weak_model_warning(status.get("best_val_accuracy"), run_baseline(status))
     if warning and state in ("completed", "stopped", "interrupted") and status.get("monitor") != "val_map":
         text += f"\n\n⚠ {warning}"
