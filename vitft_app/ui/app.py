@@ -107,8 +107,10 @@ def build_app(settings: AppSettings) -> gr.Blocks:
         with gr.Tabs() as tabs:
             with gr.Tab("Data", id="data"):
                 data = data_tab.build(ctx)
-            with gr.Tab("Train", id="train"):
+            with gr.Tab("Train", id="train") as train_page:
                 train = train_tab.build(ctx, data)
+            # Opening the tab redraws the live view (its components may mount after earlier ticks).
+            train_page.select(lambda: None, outputs=train.signature)
             with gr.Tab("Evaluate", id="evaluate") as evaluate:
                 evaluate_run = evaluate_tab.build(ctx, demo, evaluate)
             with gr.Tab("Predict", id="predict") as predict:

@@ -423,6 +423,8 @@ class TrainTab:
     """The run folder this page started or resumed (None: :func:`initial_run`)."""
     evaluate_button: gr.Button
     try_button: gr.Button
+    signature: gr.State
+    """What the live view last drew; None makes the next timer tick redraw everything."""
     on_load: Callable[[], list]
     """Page-load handler: the running job's settings into the form (values for ``load_outputs``)."""
     load_outputs: list
@@ -656,5 +658,6 @@ def build(ctx: Any, data: Any) -> TrainTab:
         values, data_dir, _ = train_again(str(job.run_dir), fields)
         return [*values, data_dir if data_dir else gr.skip()]
 
-    return TrainTab(run=run_state, evaluate_button=evaluate_button, try_button=try_button, on_load=on_load,
+    return TrainTab(run=run_state, evaluate_button=evaluate_button, try_button=try_button, signature=signature,
+                    on_load=on_load,
                     load_outputs=[*form.values(), suggested_for])
