@@ -283,6 +283,7 @@ def test_the_newcomer_path_at_1400x900(app_url, page, digits_root):
         expect(page.locator("#param-count")).to_contain_text("2 encoder blocks", timeout=30_000)
         page.locator("#epochs input").fill("2000")
         page.locator("#batch-size input").fill("4")
+        expect(page.locator("#train-status")).to_contain_text(re.compile(r"No run yet|run \d{8}-"), timeout=20_000)
         shot("2-train-form")
         page.locator("#start-button").click()
         expect(page.locator("#train-message")).to_contain_text("Started run", timeout=60_000)
