@@ -91,10 +91,14 @@ def choose_model(page, name: str) -> None:
 
 
 def open_app(page, url: str) -> None:
-    """Opens the app and waits for the example dataset's scan (10 digit classes)."""
+    """Opens the app and waits for the example dataset's scan (10 digit classes); the chosen
+    dataset is saved server-side, so a test that chose another one is undone here."""
     from playwright.sync_api import expect
 
     page.goto(url)
+    expect(page.locator("#data-summary")).to_contain_text("classes", timeout=120_000)
+    if "10 classes" not in page.locator("#data-summary").inner_text():
+        page.locator("#example-button").click()
     expect(page.locator("#data-summary")).to_contain_text("10 classes", timeout=120_000)
 
 
@@ -182,9 +186,13 @@ def test_presets_and_augmentation_preview_in_the_browser(app_url, page):
     page.locator("#preview-button").click()
     expect(page.locator("#preview-message")).to_contain_text("augmented versions", timeout=60_000)
     page.wait_for_function("() => document.querySelectorAll('#augment-preview img').length >= 8", timeout=30_000)
+    expect(page.locator("#augment-summary")).to_contain_text("RandAugment", timeout=30_000)
     page.locator("#preset-quick").click()
     expect(page.locator("#augment input")).to_have_value("none", timeout=30_000)
     expect(page.locator("#train-message")).to_contain_text("smoke test")
+    # The preset changed the freeze depth and the augmentation: their summaries follow.
+    expect(page.locator("#param-count")).to_contain_text("linear probe", timeout=30_000)
+    expect(page.locator("#augment-summary")).to_contain_text("only resized")
 
 
 def test_upload_a_folder_and_a_zip(app_url, page, tmp_path):
@@ -234,3 +242,125 @@ def test_evaluate_tab_in_the_browser(app_url, page):
     expect(page.locator("#eval-cell-caption")).to_contain_text("true 0, predicted 0", timeout=30_000)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "evaluate-tab.png"), full_page=True)
+
+
+def test_the_newcomer_path_at_1400x900(app_url, page, digits_root):
+    """Open, pick a dataset folder outside the home folder, Train (the dataset is shown), Start:
+    the status counts steps and the loss plot has a point within 5 s of the first optimizer step;
+    Stop, Resume, reload mid-run (same dataset, live run), Evaluate's plain headline with its
+    baseline, Predict's results under the drop zone. A screenshot of each state."""
+    import json
+    import shutil
+
+    from playwright.sync_api import expect
+
+    url, tiny_vit, home = app_url
+    page.set_viewport_size({"width": 1400, "height": 900})
+    ARTIFACTS.mkdir(exist_ok=True)
+
+    def shot(name: str) -> None:
+        page.screenshot(path=str(ARTIFACTS / f"newcomer-{name}.png"))
+
+    # A small unbalanced dataset in the data root (a temp folder, outside the home folder).
+    dataset = home.parent / "data" / "threes-and-sevens"
+    for name, count in (("three", 30), ("seven", 45)):
+        (dataset / name).mkdir(parents=True, exist_ok=True)
+        for path in sorted((digits_root / ("3" if name == "three" else "7")).iterdir())[:count]:
+            shutil.copy(path, dataset / name / path.name)
+    runs = home.parent / "runs"
+    before = {p.name for p in runs.iterdir()} if runs.exists() else set()
+    try:
+        open_app(page, url)
+        page.locator("#data-path textarea, #data-path input").first.fill(str(dataset))
+        page.locator("#scan-button").click()
+        expect(page.locator("#data-summary")).to_contain_text("2 classes", timeout=60_000)
+        shot("1-data")
+
+        page.get_by_role("tab", name="Train").click()
+        line = page.locator("#train-dataset")
+        expect(line).to_contain_text("threes-and-sevens")
+        expect(line).to_contain_text("2 classes")
+        expect(line).to_contain_text("60 train / 15 val images")
+        expect(page.locator("#augment input")).to_have_value("none")  # small grayscale digits: no flips
+        choose_model(page, str(tiny_vit))
+        expect(page.locator("#param-count")).to_contain_text("2 encoder blocks", timeout=30_000)
+        page.locator("#epochs input").fill("2000")
+        page.locator("#batch-size input").fill("4")
+        expect(page.locator("#train-status")).to_contain_text(re.compile(r"No run yet|run \d{8}-"), timeout=20_000)
+        shot("2-train-form")
+        page.locator("#start-button").click()
+        expect(page.locator("#train-message")).to_contain_text("Started run", timeout=60_000)
+        run_dir = next(runs / n for n in {p.name for p in runs.iterdir() if p.is_dir()} - before)
+
+        # The first optimizer step, seen in the run folder; the page must show it within 5 s.
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if json.loads((run_dir / "status.json").read_text()).get("step", 0) >= 1:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.1)
+        first_step = time.time()
+        expect(page.locator("#train-status")).to_contain_text(re.compile(r"step [1-9]\d*/\d+"), timeout=5_000)
+        page.wait_for_function(
+            "() => document.querySelectorAll('#loss-plot .scatterlayer .point').length > 0", timeout=5_000)
+        assert time.time() - first_step <= 5.5
+        expect(page.locator("#train-progress")).to_contain_text("steps")
+        box = page.locator("#train-status").bounding_box()
+        assert box is not None and 0 <= box["y"] < 900, box  # scrolled into view on Start
+        shot("3-running")
+
+        page.locator("#stop-button").click()
+        status = page.locator("#train-status")
+        expect(status).to_contain_text(re.compile(r"stopped after step (\d+) of \d+, epoch"), timeout=60_000)
+        stopped_at = int(re.search(r"after step (\d+)", status.inner_text()).group(1))
+        expect(page.locator("#train-message")).not_to_contain_text("Stopping", timeout=10_000)
+        shot("4-stopped")
+
+        page.locator("#resume-button").click()
+        expect(page.locator("#train-message")).to_contain_text("Resumed run", timeout=60_000)
+        expect(status).to_contain_text("running", timeout=60_000)
+        shown = int(re.search(r"step (\d+)/", status.inner_text()).group(1))
+        assert shown >= stopped_at  # continues from the checkpoint's step, never "step 0"
+        shot("5-resumed")
+
+        page.reload()
+        page.get_by_role("tab", name="Train").click()
+        expect(page.locator("#train-dataset")).to_contain_text("threes-and-sevens", timeout=60_000)
+        expect(page.locator("#data-path textarea, #data-path input").first).to_have_value(str(dataset))
+        expect(status).to_contain_text("running", timeout=60_000)
+        expect(status).to_contain_text(run_dir.name)
+        expect(page.locator("#train-banner")).to_contain_text("Training")
+        expect(page.locator("#epochs input")).to_have_value("2000")  # the running job's settings, not defaults
+        shot("6-reloaded")
+
+        page.locator("#stop-button").click()
+        expect(status).to_contain_text("stopped", timeout=60_000)
+        page.locator("#evaluate-this-run").click()  # switches to Evaluate, the run selected, and evaluates it
+        expect(page.locator("#eval-run input")).to_have_value(re.compile(run_dir.name), timeout=30_000)
+        summary = page.locator("#eval-summary")
+        expect(summary).to_contain_text(re.compile(r"\d+ of 15 validation images right \(\d+\.\d%\)"),
+                                        timeout=120_000)
+        expect(summary).to_contain_text("always guessing 'seven' gets 60.0%")  # 9 of the 15 val images
+        shot("7-evaluate")
+
+        page.get_by_role("tab", name="Train").click()
+        page.locator("#try-this-run").click()
+        expect(page.locator("#predict-run input")).to_have_value(re.compile(run_dir.name), timeout=30_000)
+        page.locator("#predict-files input[type=file]").set_input_files(str(sorted((dataset / "seven").iterdir())[0]))
+        result = page.locator(".predict-label").first
+        expect(result).to_be_visible(timeout=60_000)
+        drop_zone = page.locator("#predict-files").bounding_box()
+        batch = page.get_by_text("Batch prediction: a folder or a zip of images").bounding_box()
+        assert drop_zone["y"] < result.bounding_box()["y"] < batch["y"]  # right under the drop zone
+        page.locator("#predict-files input[type=file]").set_input_files(str(sorted((dataset / "three").iterdir())[0]))
+        expect(page.locator(".predict-label")).to_have_count(1, timeout=30_000)  # a new drop replaces the old
+        result.scroll_into_view_if_needed()
+        shot("8-predict")
+    finally:
+        # The app process owns the job: stop it from the page (a no-op when nothing runs).
+        page.get_by_role("tab", name="Train").click()
+        page.locator("#stop-button").click()
+        expect(page.locator("#train-status")).not_to_contain_text("running", timeout=60_000)
+        shutil.rmtree(dataset, ignore_errors=True)

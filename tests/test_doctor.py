@@ -359,7 +359,7 @@ def test_upload_handler_shows_messages(tmp_path):
     settings = AppSettings(data_root=tmp_path, runs_dir=tmp_path / "runs", example_dir=tmp_path / "ex")
     evil = make_zip(tmp_path / "evil.zip", {"../x.txt": b"1"})
     _, message = data_tab.receive_upload(str(evil), settings)
-    assert message.startswith("❌") and "unsafe member" in message
+    assert message.startswith("✗") and "unsafe member" in message
     good = make_zip(tmp_path / "good.zip", {"cat/a.txt": b"1", "dog/b.txt": b"2"})
     path, message = data_tab.receive_upload(str(good), settings)
     assert Path(path).parent == tmp_path / "uploads" and "Extracted" in message

@@ -133,7 +133,7 @@ def test_evaluate_tab_handlers(finished_run, tmp_path):
     settings = AppSettings(data_root=tmp_path, runs_dir=finished_run.parent, example_dir=tmp_path, device="cpu")
     ctx = AppContext(settings=settings, runner=JobRunner(settings.runs_dir, device="cpu"))
     assert evaluate_tab.run_evaluation(ctx, None, "val", 5)["summary"].startswith("Choose a run")
-    assert evaluate_tab.run_evaluation(ctx, str(tmp_path), "test", 5)["summary"].startswith("❌")
+    assert evaluate_tab.run_evaluation(ctx, str(tmp_path), "test", 5)["summary"].startswith("✗")
     result = evaluate_tab.run_evaluation(ctx, str(finished_run), "test", 5)
     assert "accuracy" in result["summary"] and isinstance(result["matrix"], go.Figure)
     assert list(result["matrix_table"].columns) == ["true \\ predicted", "0", "1", "7"]

@@ -179,7 +179,7 @@ def test_predict_tab_export_buttons(tmp_path, digits_small, tiny_vit):
     with zipfile.ZipFile(path) as archive:
         assert "config.json" in archive.namelist()
     text = predict_tab.export_onnx_for_run(str(run_dir))
-    assert text.startswith("✅") and "over 12 images" in text  # the run's validation images
+    assert text.startswith("✓") and "over 12 images" in text  # the run's validation images
     assert (run_dir / "model" / "onnx" / "model.onnx").exists()
 
 

@@ -106,7 +106,7 @@ def test_rename_and_delete_handlers(ctx, tmp_path):
     assert read_meta(run_dir)["name"] == "baseline lr 1e-3" and run_dir.is_dir()  # the folder keeps its name
     table = runs_table(store.root).set_index("run_id")
     assert table.loc[run_dir.name, "name"] == "baseline lr 1e-3"
-    assert runs_tab.rename_selected(ctx, str(run_dir), "two\nlines").startswith("❌")
+    assert runs_tab.rename_selected(ctx, str(run_dir), "two\nlines").startswith("✗")
     assert runs_tab.rename_selected(ctx, None, "x").startswith("Choose a run")
     runs_tab.rename_selected(ctx, str(run_dir), "")  # blank: back to the run id
     assert runs_table(store.root).set_index("run_id").loc[run_dir.name, "name"] == run_dir.name
@@ -121,15 +121,15 @@ def test_rename_and_delete_handlers(ctx, tmp_path):
     while job.run_dir != run_dir:
         job.wait(0.01)
     message, confirm = runs_tab.ask_delete(ctx, str(run_dir))
-    assert message.startswith("❌") and "training right now" in message and confirm["visible"] is False
+    assert message.startswith("✗") and "training right now" in message and confirm["visible"] is False
     message, _ = runs_tab.confirm_delete(ctx, str(run_dir))
-    assert message.startswith("❌") and run_dir.is_dir()
+    assert message.startswith("✗") and run_dir.is_dir()
     assert ctx.runner.stop() and job.wait(10)
 
     message, confirm = runs_tab.ask_delete(ctx, str(other))
     assert "cannot be undone" in message and confirm["visible"] is True
     message, confirm = runs_tab.confirm_delete(ctx, str(other))
-    assert message.startswith("🗑️") and not other.exists() and confirm["visible"] is False
+    assert message.startswith("✓") and not other.exists() and confirm["visible"] is False
     assert runs_table(store.root)["run_id"].tolist() == [run_dir.name]
 
     outside = fake_run(RunStore(tmp_path / "elsewhere"), "x", "completed")
@@ -138,7 +138,7 @@ def test_rename_and_delete_handlers(ctx, tmp_path):
     crashed_elsewhere = fake_run(store, "live", "completed")
     RunRecorder(crashed_elsewhere).write_status(status="running")  # this (live) process's pid
     message, _ = runs_tab.confirm_delete(ctx, str(crashed_elsewhere))
-    assert message.startswith("❌") and crashed_elsewhere.exists()
+    assert message.startswith("✗") and crashed_elsewhere.exists()
 
 
 def test_compare_figure_has_one_trace_per_run_and_configs_side_by_side(ctx):

@@ -135,7 +135,7 @@ def test_three_trial_sweep_then_restart_continues_the_study(tmp_path, colors_roo
     best = sweep.best_config(study)
     assert best.lr == pytest.approx(study.best_params["lr"]) and best.run_name == "colors-best"
     message = sweep_tab.train_best_from_ui(ctx, "colors", 2)
-    assert message.startswith("▶️"), message
+    assert message.startswith("▶"), message
     assert restarted.current.wait(120)
     best_run = restarted.current.run_dir
     assert read_status(best_run)["status"] == "completed"
@@ -208,7 +208,7 @@ def test_sweep_tab_messages(tmp_path, colors_root):
              "weight_decay": 0.0, "freeze_depth": 0, "augment": "none", "precision": "fp32", "seed": 42}
     nothing = {f"{p}.on": False for p in sweep.available_parameters()}
     message, _ = sweep_tab.start_from_form(ctx, str(colors_root), fixed, nothing, 3, "", "tpe", True)
-    assert message.startswith("❌") and "search space is empty" in message
+    assert message.startswith("✗") and "search space is empty" in message
     space = nothing | {"freeze_depth.on": True, "freeze_depth.low": 0, "freeze_depth.high": 40}
     assert sweep_tab.space_from_form(space) == {"freeze_depth": {"low": 0, "high": 40, "log": False}}
     message, _ = sweep_tab.start_from_form(ctx, str(colors_root), fixed, space, 3, "", "tpe", True)
@@ -218,6 +218,6 @@ def test_sweep_tab_messages(tmp_path, colors_root):
     assert "sweep name" in sweep_tab.start_from_form(ctx, str(colors_root), fixed, lr_only, 2, "a b", "tpe", True)[0]
     assert "outside the data root" in sweep_tab.start_from_form(ctx, "/etc", fixed, lr_only, 2, "", "tpe", True)[0]
     assert sweep_tab.show_sweep(ctx, None)["summary"].startswith("No sweep yet")
-    assert sweep_tab.show_sweep(ctx, "nope")["summary"].startswith("❌")
+    assert sweep_tab.show_sweep(ctx, "nope")["summary"].startswith("✗")
     assert sweep_tab.stop_sweep(ctx) == "Nothing is running."
     assert sweep_tab.train_best_from_ui(ctx, None, None) == "Choose a sweep first."

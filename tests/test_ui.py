@@ -84,7 +84,7 @@ def test_scan_shows_table_chart_samples_and_warnings(ctx, digits_small):
 
 def test_scan_of_a_bad_path_is_a_message_not_an_exception(ctx):
     result = data_tab.scan_folder("/etc", ctx.settings)
-    assert result["summary"].startswith("❌") and result["classes"] == []
+    assert result["summary"].startswith("✗") and result["classes"] == []
 
 
 def test_form_values_become_a_config_by_keyword(tmp_path):
@@ -100,7 +100,7 @@ def test_form_values_become_a_config_by_keyword(tmp_path):
 
 def test_start_busy_stop_and_live_view(ctx, digits_small, tiny_vit):
     message, run_dir = train_tab.start_run(ctx, form(tiny_vit, epochs=200), str(digits_small))
-    assert message.startswith("▶️") and run_dir
+    assert message.startswith("▶") and run_dir
     busy, second = train_tab.start_run(ctx, form(tiny_vit), str(digits_small))
     assert "Busy" in busy and "already in progress" in busy and second is None
     wait_for(run_dir, states=("running",))
@@ -111,7 +111,8 @@ def test_start_busy_stop_and_live_view(ctx, digits_small, tiny_vit):
     assert "Stopping" in train_tab.stop_run(ctx)
     status = wait_for(run_dir)
     assert status["status"] == "stopped"
-    text, loss, accuracy, signature = train_tab.poll(ctx, run_dir, None)
+    live = dict(zip(train_tab.POLL_KEYS, train_tab.poll(ctx, run_dir, None)))
+    text, loss, accuracy, signature = live["status"], live["loss"], live["accuracy"], live["signature"]
     assert "stopped" in text and isinstance(loss, go.Figure) and isinstance(accuracy, go.Figure)
     unchanged = train_tab.poll(ctx, run_dir, signature)
     assert all(isinstance(v, type(gr.skip())) for v in unchanged)
@@ -133,15 +134,15 @@ def test_failure_and_bad_input_show_messages(ctx, digits_small, tmp_path, tiny_v
     assert "failed" in text and "simulated failure" in text and "Traceback" not in text
     monkeypatch.undo()
     missing, none = train_tab.start_run(ctx, form(tmp_path / "missing-model"), str(digits_small))
-    assert missing.startswith("❌") and "missing-model" in missing and none is None
+    assert missing.startswith("✗") and "missing-model" in missing and none is None
     fp16, _ = train_tab.start_run(ctx, form("vit-tiny-scratch", precision="fp16"), str(digits_small))
     assert "fp16 needs a CUDA GPU" in fp16
     shutil.rmtree(digits_small / "1")
     shutil.rmtree(digits_small / "7")  # one class left: refused before a run starts
     one, none = train_tab.start_run(ctx, form(tiny_vit), str(digits_small))
-    assert one.startswith("❌") and "at least 2" in one and none is None
+    assert one.startswith("✗") and "at least 2" in one and none is None
     bad, none = train_tab.start_run(ctx, form("vit-tiny-scratch", lr=-1), str(digits_small))
-    assert bad.startswith("❌") and "lr must be > 0" in bad and none is None
+    assert bad.startswith("✗") and "lr must be > 0" in bad and none is None
     outside, _ = train_tab.start_run(ctx, form("vit-tiny-scratch"), "/etc")
     assert "outside the data root" in outside
 
@@ -221,7 +222,7 @@ def test_threshold_tta_and_batch_prediction(ctx, digits_small, tiny_vit, tmp_pat
 
     (digits_small / "1" / "broken.png").write_bytes(b"nope")
     table, csv_path, message = predict_tab.predict_batch(ctx, str(tiny_vit), str(digits_small), None, 3, 0.0, False)
-    assert message.startswith("✅") and len(table) == 61
+    assert message.startswith("✓") and len(table) == 61
     assert table.loc[table["file"] == "1/broken.png", "error"].item() == "not an image"
     assert Path(csv_path).read_text().splitlines()[0] == "file,top1,score,answer,top_k,error"
     archive = tmp_path / "imgs.zip"
@@ -248,7 +249,7 @@ def test_preset_buttons_fill_the_form_by_field_name(tiny_vit):
     values, text = train_tab.preset_updates("quick", "vit-tiny-scratch", 32, ["freeze_depth"])
     assert values == [12] and "smoke test" in text
     values, text = train_tab.preset_updates("best", "/no/such/model", None, ["augment"])
-    assert text.startswith("❌")
+    assert text.startswith("✗")
 
 
 def test_every_config_field_but_the_paths_is_in_the_form():
@@ -272,7 +273,7 @@ def test_augmentation_preview_shows_the_settings(ctx, digits_small):
     assert image.size == (32, 32)
     assert "mixed 2 images" in gallery[0][1]
     gallery, text = train_tab.augmentation_preview(values, "/etc", ctx.settings)
-    assert gallery == [] and text.startswith("❌")
+    assert gallery == [] and text.startswith("✗")
 
 
 def test_resume_button_continues_a_stopped_run(ctx, digits_small, tiny_vit):
@@ -289,7 +290,7 @@ def test_resume_button_continues_a_stopped_run(ctx, digits_small, tiny_vit):
     text, resumed = train_tab.resume_run(ctx, run_dir)
     assert resumed == run_dir, text
     assert "Resumed" in text
-    assert train_tab.resume_run(ctx, run_dir)[0].startswith("⏳ Busy")
+    assert train_tab.resume_run(ctx, run_dir)[0].startswith("⚠ Busy")
     train_tab.stop_run(ctx)
     assert ctx.runner.current.wait(60)
     status = read_status(run_dir)

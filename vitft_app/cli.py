@@ -219,11 +219,13 @@ def progress_listener(state: dict[str, Any]) -> Callable[[Any], None]:
     (kept in ``state["status"]``)."""
     from tqdm import tqdm
 
-    from .events import EvalDone, LogMessage, RunFailed, RunFinished, RunStarted, StepLogged
+    from .baseline import Baseline, accuracy_with_baseline, format_accuracy, weak_model_warning
+    from .events import EvalDone, LogMessage, RunFailed, RunFinished, RunStarted, StepLogged, StepProgress
 
     def listener(event: Any) -> None:
         bar = state["bar"]
         if isinstance(event, RunStarted):
+            state["baseline"] = Baseline.from_dict(event.val_baseline)
             if state.get("announce_runs"):
                 print(f"== {event.run_id}", file=sys.stderr)
             for note in event.notes:
@@ -232,6 +234,8 @@ def progress_listener(state: dict[str, Any]) -> Callable[[Any], None]:
                   f" {event.trainable_params:,} / {event.total_params:,} parameters trainable", file=sys.stderr)
             state["bar"] = tqdm(total=event.total_steps, unit="step", file=sys.stderr, dynamic_ncols=True,
                                 initial=event.resumed_from_step or 0)
+        elif isinstance(event, StepProgress) and bar is not None:
+            bar.update(event.step - bar.n)
         elif isinstance(event, StepLogged) and bar is not None:
             bar.update(event.step - bar.n)
             bar.set_postfix(epoch=f"{event.epoch:.2f}", loss=f"{event.loss:.4f}", img_s=f"{event.images_per_sec:.1f}")
@@ -250,12 +254,16 @@ def progress_listener(state: dict[str, Any]) -> Callable[[Any], None]:
             state["status"] = event.status
             if bar is not None:
                 bar.close()
-            best = (f"best val mAP {event.best_metric:.4f} (val accuracy {event.best_val_accuracy:.4f})"
+            baseline = state.get("baseline")
+            best = (f"best val mAP {event.best_metric:.4f} (val accuracy {format_accuracy(event.best_val_accuracy)})"
                     if event.monitor == "val_map" and event.best_metric is not None
-                    else "best val accuracy " + (f"{event.best_val_accuracy:.4f}" if event.best_val_accuracy is not None
-                                                 else "- (no epoch finished)"))
+                    else "best val accuracy " + (accuracy_with_baseline(event.best_val_accuracy, baseline)
+                                                 if event.best_val_accuracy is not None else "- (no epoch finished)"))
             print(f"{event.status} in {event.duration_s:.1f} s after {event.step} steps; {best}"
                   + (f" ({event.reason})" if event.reason else ""), file=sys.stderr)
+            warning = None if event.monitor == "val_map" else weak_model_warning(event.best_val_accuracy, baseline)
+            if warning:
+                print(warning, file=sys.stderr)
         elif isinstance(event, RunFailed):
             if bar is not None:
                 bar.close()

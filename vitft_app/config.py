@@ -143,7 +143,8 @@ class TrainConfig:
     """Folder that receives the run folder runs/<run-id>/."""
 
     log_every_steps: int = 10
-    """Optimizer steps between two training-loss rows in metrics.csv."""
+    """Optimizer steps between two training-loss rows in metrics.csv (at most: a small dataset logs about
+    four times per epoch, and a run's first step is always logged)."""
 
     num_workers: int = 0
     """DataLoader worker processes (0 decodes images in the training thread)."""

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
+from .baseline import Baseline, format_accuracy, headline, majority_baseline, weak_model_warning
 from .config import TrainConfig
 from .data import ImageItem, scan_dataset
 from .runs import atomic_write_text, is_run_dir
@@ -137,6 +138,11 @@ def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int 
     return float(ece), table
 
 
+def _baseline(y_true: np.ndarray, classes: list[str]) -> dict[str, Any] | None:
+    baseline = majority_baseline(np.asarray(y_true).tolist(), classes)
+    return None if baseline is None else baseline.to_dict()
+
+
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], top_k: int = 5) -> dict[str, Any]:
     """All metrics of the Evaluate tab, computed with scikit-learn.
 
@@ -152,7 +158,8 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], t
         (list of ``{class, precision, recall, f1, support}``), ``confusion_matrix`` (rows = true,
         columns = predicted), ``roc_auc`` (binary: of the positive class; more classes: one-vs-rest
         macro average; None when a class is absent from ``y_true``), ``ece``, ``reliability``,
-        ``num_images``.
+        ``num_images``, ``correct`` (images right) and ``baseline`` (the majority-class rate of
+        these labels, :meth:`vitft_app.baseline.Baseline.to_dict`, or None).
     """
     labels = list(range(len(classes)))
     y_pred = probs.argmax(1)
@@ -161,6 +168,8 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], t
     result: dict[str, Any] = {
         "num_images": int(len(y_true)),
         "accuracy": accuracy,
+        "correct": int((y_pred == np.asarray(y_true)).sum()),
+        "baseline": _baseline(y_true, classes),
         "top_k": k,
         "top_k_accuracy": float(skm.top_k_accuracy_score(y_true, probs, k=k, labels=labels)) if k > 1 else accuracy,
     }
@@ -348,9 +357,24 @@ def write_evaluation(result: Evaluation, out_dir: Path) -> None:
     result.out_dir = out_dir
 
 
+def evaluation_headline(metrics: dict[str, Any]) -> str:
+    """The plain first line of an evaluation: images right with the majority-class baseline of
+    the same split, then a weak-model warning when the accuracy is near it.
+
+    Example: ``"131 of 153 validation images right (85.6%); always guessing 'bees' gets 54.2%"``.
+    """
+    split = {"val": "validation"}.get(str(metrics.get("split", "")), str(metrics.get("split", "")))
+    baseline = Baseline.from_dict(metrics.get("baseline"))
+    total = int(metrics["num_images"])
+    correct = int(metrics.get("correct", round(metrics["accuracy"] * total)))
+    line = headline(correct, total, baseline, split or "evaluated")
+    warning = weak_model_warning(metrics["accuracy"], baseline)
+    return line + (f"\n{warning}" if warning else "")
+
+
 def summary_text(metrics: dict[str, Any]) -> str:
-    """A few lines for the terminal: accuracy, top-k, macro-F1, ROC-AUC, ECE (multi-label: subset
-    accuracy, micro/macro F1, mAP)."""
+    """A few lines for the terminal: the plain headline with its baseline (:func:`evaluation_headline`),
+    then accuracy, top-k, macro-F1, ROC-AUC, ECE (multi-label: subset accuracy, micro/macro F1, mAP)."""
     if metrics.get("multi_label"):
         mean_ap = "n/a" if metrics.get("map") is None else f"{metrics['map']:.4f}"
         return (
@@ -360,8 +384,8 @@ def summary_text(metrics: dict[str, Any]) -> str:
         )
     auc = "n/a" if metrics.get("roc_auc") is None else f"{metrics['roc_auc']:.4f}"
     return (
-        f"{metrics['split']}: {metrics['num_images']} images\n"
-        f"accuracy {metrics['accuracy']:.4f} · top-{metrics['top_k']} {metrics['top_k_accuracy']:.4f}"
+        evaluation_headline(metrics) + "\n"
+        f"accuracy {format_accuracy(metrics['accuracy'])} · top-{metrics['top_k']} {format_accuracy(metrics['top_k_accuracy'])}"
         f" · macro-F1 {metrics['macro_f1']:.4f} · weighted-F1 {metrics['weighted_f1']:.4f}"
         f" · ROC-AUC {auc} · ECE {metrics['ece']:.4f}"
     )

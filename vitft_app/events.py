@@ -26,6 +26,9 @@ class RunStarted:
     notes: list[str] = field(default_factory=list)
     resumed_from_step: int | None = None
     """The optimizer step a resumed run continues after; None for a fresh run."""
+    val_baseline: dict[str, Any] | None = None
+    """The validation split's majority-class rate (:meth:`vitft_app.baseline.Baseline.to_dict`);
+    None for multi-label data or an empty split."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,22 @@ class StepLogged:
     images_per_sec: float
     eta_s: float
     """Estimated seconds to the end of the run (training and remaining evaluations)."""
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    """Progress after an optimizer step, at most about once a second and independent of
+    ``log_every_steps`` (no loss: reading it would be a device sync), so a live view moves from
+    the first step."""
+
+    step: int
+    """Optimizer steps done so far (1-based)."""
+    epoch: float
+    """Fractional epoch."""
+    images_per_sec: float
+    """Training images per second since this (or the resumed) run's first step."""
+    eta_s: float
+    """Estimated seconds to the end of the training steps."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +126,7 @@ class RunFailed:
     traceback: str
 
 
-Event = Union[RunStarted, StepLogged, EvalDone, LogMessage, RunFinished, RunFailed]
+Event = Union[RunStarted, StepProgress, StepLogged, EvalDone, LogMessage, RunFinished, RunFailed]
 Emit = Callable[[Event], None]
 
 

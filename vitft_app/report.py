@@ -13,9 +13,16 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .baseline import accuracy_with_baseline, format_accuracy, run_baseline, weak_model_warning
 from .config import SCRATCH_MODEL, TrainConfig
 from .runs import atomic_write_text, is_run_dir, model_dir, read_metrics, read_status
 
+
+
+def _metric_text(key: str, value: float) -> str:
+    """Accuracies as percentages with one decimal (the one rounding used everywhere), other
+    metrics (F1, ROC-AUC, ECE, mAP) with 4 decimals."""
+    return format_accuracy(value) if key in ("accuracy", "top_k_accuracy") else f"{value:.4f}"
 
 def confusion_matrix_png(matrix: list[list[int]], classes: list[str], cell: int = 44) -> Image.Image:
     """Draws a confusion matrix (rows true, columns predicted) as a PNG-ready image with Pillow:
@@ -85,13 +92,24 @@ def write_model_card(run_dir: str | os.PathLike, metrics: dict[str, Any] | None 
     lines += [f"| {k} | {v} |" for k, v in config.to_dict().items() if k not in ("output_dir",)]
     lines += [f"| device | {status.get('device', '?')} ({status.get('precision', '?')}) |",
               f"| duration | {status.get('duration_s', 0):.0f} s |", ""]
-    lines += ["## Results", "", "| metric | value |", "|---|---|"]
+    lines += ["## Results", ""]
+    baseline = run_baseline(status)
+    if status.get("best_val_accuracy") is not None and baseline is not None:
+        # The honest line first: the accuracy beside always answering the most common class.
+        lines += [f"Validation accuracy {accuracy_with_baseline(status['best_val_accuracy'], baseline)};"
+                  f" chance (1/{baseline.num_classes}) is {format_accuracy(baseline.chance)}.", ""]
+        warning = weak_model_warning(status["best_val_accuracy"], baseline)
+        if warning:
+            lines += [f"**{warning}**", ""]
+    lines += ["| metric | value |", "|---|---|"]
     if status.get("best_val_accuracy") is not None:
-        lines.append(f"| best validation accuracy | {status['best_val_accuracy']:.4f} |")
+        lines.append(f"| best validation accuracy | {format_accuracy(status['best_val_accuracy'])} |")
+    if baseline is not None:
+        lines.append(f"| always '{baseline.majority_class}' (majority class, validation) | {format_accuracy(baseline.rate)} |")
     if metrics:
         for key in ("accuracy", "top_k_accuracy", "micro_f1", "macro_f1", "map", "weighted_f1", "roc_auc", "ece"):
             if metrics.get(key) is not None:
-                lines.append(f"| {key.replace('_', ' ')} ({metrics.get('split', 'val')}) | {metrics[key]:.4f} |")
+                lines.append(f"| {key.replace('_', ' ')} ({metrics.get('split', 'val')}) | {_metric_text(key, metrics[key])} |")
         lines += ["", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
         lines += [f"| {c['class']} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |"
                   for c in metrics["per_class"]]
@@ -148,7 +166,7 @@ def write_html_report(run_dir: str | os.PathLike, out: str | os.PathLike | None 
         EvaluationError: the validation split cannot be evaluated (dataset gone).
     """
     from . import plots
-    from .evaluate import evaluate_run
+    from .evaluate import evaluate_run, evaluation_headline
 
     run_dir = Path(run_dir)
     if model_dir(run_dir) is None:
@@ -168,7 +186,7 @@ def write_html_report(run_dir: str | os.PathLike, out: str | os.PathLike | None 
     counts = {c["class"]: c["support"] for c in metrics["per_class"]}
     mistakes = evaluation.top_losses(12)
     esc = html.escape
-    rows = "".join(f"<tr><td>{esc(k.replace('_', ' '))}</td><td>{metrics[k]:.4f}</td></tr>"
+    rows = "".join(f"<tr><td>{esc(k.replace('_', ' '))}</td><td>{_metric_text(k, metrics[k])}</td></tr>"
                    for k in ("accuracy", "top_k_accuracy", "micro_f1", "macro_f1", "map", "weighted_f1", "roc_auc", "ece")
                    if metrics.get(k) is not None)
     per_class = "".join(f"<tr><td>{esc(c['class'])}</td><td>{c['precision']:.3f}</td><td>{c['recall']:.3f}</td>"
@@ -178,6 +196,8 @@ def write_html_report(run_dir: str | os.PathLike, out: str | os.PathLike | None 
         f"<figure><img src='{_thumbnail_data_uri(r.path)}' alt=''><figcaption>{esc(r.true)} → {esc(r.predicted)}"
         f" ({r.confidence:.2f})</figcaption></figure>" for r in mistakes.itertuples()
     ) or "<p>No mistakes on the validation split.</p>"
+    headline_line, _, warning = evaluation_headline(metrics).partition("\n")
+    warning_html = f"<p class='warning'><b>{esc(warning)}</b></p>" if warning else ""
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>vitft report: {esc(run_dir.name)}</title>
 <style>
@@ -185,10 +205,11 @@ body {{font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; 
 table {{border-collapse: collapse; margin: 0.5em 0 1.5em}} td, th {{border: 1px solid #ccc; padding: 4px 10px}}
 .grid {{display: grid; grid-template-columns: 1fr 1fr; gap: 1em}}
 .gallery {{display: flex; flex-wrap: wrap; gap: 10px}} figure {{margin: 0; text-align: center; font-size: 0.85em}}
-.headline {{font-size: 1.4em}}
+.headline {{font-size: 1.4em}} .warning {{color: #92400e; background: #fef3c7; padding: 0.5em}}
 </style></head><body>
 <h1>{esc(run_dir.name)}</h1>
-<p class="headline">Validation accuracy <b>{metrics['accuracy']:.1%}</b> · macro-F1 <b>{metrics['macro_f1']:.3f}</b>
+<p class="headline">{esc(headline_line)}</p>{warning_html}
+<p>Validation accuracy <b>{format_accuracy(metrics['accuracy'])}</b> · macro-F1 <b>{metrics['macro_f1']:.3f}</b>
 on {metrics['num_images']} images</p>
 <p>Model: <code>{esc(config.model)}</code>, {status.get('epochs', config.epochs)} epochs on {esc(str(status.get('device', '?')))}
 ({esc(str(status.get('precision', '?')))}), status {esc(str(status.get('status', '?')))}.</p>

@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from .config import TrainConfig
-from .events import EvalDone, Event, LogMessage, RunFailed, RunFinished, RunStarted, StepLogged
+from .events import EvalDone, Event, LogMessage, RunFailed, RunFinished, RunStarted, StepLogged, StepProgress
 
 METRICS_COLUMNS = [
     "kind",  # "train" (logging step) or "eval" (end of epoch)
@@ -307,8 +307,11 @@ class RunRecorder:
                 trainable_params=event.trainable_params,
                 total_params=event.total_params,
                 notes=event.notes,
-                step=0,
-                epoch=0.0,
+                val_baseline=event.val_baseline,
+                # A resumed run shows its checkpoint's step at once, not "step 0".
+                step=event.resumed_from_step or 0,
+                epoch=(event.resumed_from_step or 0) * event.epochs / max(event.total_steps, 1),
+                eta_s=None,
             )
             self.log(
                 f"started: {event.num_train} train / {event.num_val} val images, {len(event.classes)} classes,"
@@ -316,13 +319,15 @@ class RunRecorder:
             )
             for note in event.notes:
                 self.log(note)
+        elif isinstance(event, StepProgress):
+            self.write_status(step=event.step, epoch=event.epoch, images_per_sec=event.images_per_sec,
+                              eta_s=event.eta_s)
         elif isinstance(event, StepLogged):
             self._append_metrics(
                 {"kind": "train", "step": event.step, "epoch": round(event.epoch, 4), "loss": event.loss,
                  "lr": event.lr, "images_per_sec": round(event.images_per_sec, 2)}
             )
-            self.write_status(step=event.step, epoch=event.epoch, loss=event.loss, lr=event.lr,
-                              images_per_sec=event.images_per_sec, eta_s=event.eta_s)
+            self.write_status(step=event.step, epoch=event.epoch, loss=event.loss, lr=event.lr)
             self.log(f"step {event.step} epoch {event.epoch:.2f} loss {event.loss:.4f} lr {event.lr:.3g}"
                      f" {event.images_per_sec:.1f} img/s")
         elif isinstance(event, EvalDone):

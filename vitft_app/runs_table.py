@@ -16,6 +16,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from .baseline import run_baseline
 from .runs import atomic_write_text, is_run_dir, read_metrics, read_status
 
 META_FILE = "meta.json"
@@ -23,7 +24,7 @@ META_FILE = "meta.json"
 #: Columns of :func:`runs_table`, in order (``path`` is last; the UI may hide it).
 RUN_COLUMNS = [
     "run_id", "name", "status", "dataset", "model", "freeze_depth", "lr", "batch_size", "epochs", "augment",
-    "best_val_accuracy", "macro_f1", "duration", "date", "sweep", "path",
+    "best_val_accuracy", "val_baseline", "baseline_class", "macro_f1", "duration", "date", "sweep", "path",
 ]
 
 
@@ -134,6 +135,8 @@ def run_row(run_dir: str | os.PathLike) -> dict[str, Any]:
         "epochs": config.get("epochs"),
         "augment": config.get("augment"),
         "best_val_accuracy": status.get("best_val_accuracy"),
+        "val_baseline": baseline.rate if (baseline := run_baseline(status)) is not None else None,
+        "baseline_class": baseline.majority_class if baseline is not None else "",
         "macro_f1": read_macro_f1(run_dir),
         "duration": format_duration(run_duration_s(status)),
         "date": started.strftime("%Y-%m-%d %H:%M") if started else "",
@@ -159,7 +162,8 @@ def runs_table(runs_dir: str | os.PathLike) -> pd.DataFrame:
     Returns:
         A DataFrame with :data:`RUN_COLUMNS`: status is ``running``, ``completed``, ``stopped``,
         ``failed`` or ``interrupted`` (a running run whose process is gone, see
-        :func:`~vitft_app.runs.read_status`); ``best_val_accuracy`` in 0..1; ``macro_f1`` from the
+        :func:`~vitft_app.runs.read_status`); ``best_val_accuracy`` in 0..1 and ``val_baseline`` (the majority-class rate
+        of the validation split, class ``baseline_class``; NaN for older runs); ``macro_f1`` from the
         run's validation evaluation (NaN when never evaluated); ``duration`` as ``m:ss``.
     """
     rows = [run_row(path) for path in reversed(list_run_dirs(runs_dir))]

@@ -60,7 +60,7 @@ def launch(args: argparse.Namespace) -> None:
 
     from .confine import is_confined
     from .data import ensure_example_dataset
-    from .ui.app import AppSettings, build_app
+    from .ui.app import APP_CSS, AppSettings, build_app
     from .ui.data_tab import FOLDER_UPLOAD_JS
 
     try:
@@ -92,7 +92,7 @@ def launch(args: argparse.Namespace) -> None:
         show_error=False,
         favicon_path=str(FAVICON) if FAVICON.exists() else None,
         head=FOLDER_UPLOAD_JS,
-        css=".vitft-hidden {display: none !important}",
+        css=APP_CSS,
         max_file_size=f"{getattr(args, 'max_upload_mb', DEFAULT_MAX_UPLOAD_MB)}mb",
         # No FastAPI schema pages (/openapi.json, /docs list every route); the guard does the rest.
         app_kwargs={"middleware": [Middleware(AuthGuard)], "openapi_url": None, "docs_url": None, "redoc_url": None},

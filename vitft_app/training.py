@@ -27,7 +27,8 @@ from .config import TrainConfig
 from .data import DatasetReport, ImageDataset, build_transforms, collate_skipping_failures, processor_spec, scan_dataset
 from .device import DevicePlan, resolve_device_plan
 from .distributed import DistContext, current_context, process_device
-from .events import Emit, EvalDone, LogMessage, RunFinished, RunStarted, StepLogged
+from .baseline import majority_baseline
+from .events import Emit, EvalDone, LogMessage, RunFinished, RunStarted, StepLogged, StepProgress
 from .filecheck import Progress
 from .modeling import build_model, count_parameters, freeze_layers, num_blocks
 from .optim import create_ema, create_optimizer, create_scheduler
@@ -95,6 +96,30 @@ def optimizer_steps_per_epoch(num_micro_batches: int, grad_accum_steps: int) -> 
     no image is dropped and the scheduler's total equals the steps really taken.
     """
     return math.ceil(num_micro_batches / grad_accum_steps)
+
+
+#: Seconds between two :class:`~vitft_app.events.StepProgress` events (the live view polls once a second).
+PROGRESS_INTERVAL_S = 1.0
+
+
+def log_interval(log_every_steps: int, steps_per_epoch: int) -> int:
+    """Optimizer steps between two loss rows: ``log_every_steps``, but at least about four rows per
+    epoch, so a small dataset (hymenoptera: 8 steps per epoch) draws a curve in its first epoch.
+
+    Args:
+        log_every_steps: the configured interval (TrainConfig.log_every_steps).
+        steps_per_epoch: optimizer steps in one epoch.
+
+    Returns:
+        ``min(log_every_steps, max(1, steps_per_epoch // 4))``.
+    """
+    return max(1, min(log_every_steps, steps_per_epoch // 4))
+
+
+def _baseline_dict(report: DatasetReport) -> dict[str, Any] | None:
+    """The validation split's majority-class rate for ``RunStarted`` (None when empty)."""
+    baseline = majority_baseline((item.label for item in report.val), report.classes)
+    return None if baseline is None else baseline.to_dict()
 
 
 def _window_sizes(num_samples: int, batch_size: int, grad_accum_steps: int) -> list[int]:
@@ -602,6 +627,7 @@ def train(
     )
     steps_per_epoch = optimizer_steps_per_epoch(num_micro, config.grad_accum_steps)
     total_steps = steps_per_epoch * config.epochs
+    log_every = log_interval(config.log_every_steps, steps_per_epoch)
     scheduler = create_scheduler(optimizer, total_steps, config.warmup_ratio, config.scheduler)
     scaler = torch.amp.GradScaler(plan.device.type) if plan.use_grad_scaler else None
     ema = create_ema(model, config.ema_decay) if config.ema_decay > 0 else None
@@ -718,6 +744,7 @@ def train(
             total_params=total,
             notes=notes,
             resumed_from_step=state.step if checkpoint is not None else None,
+            val_baseline=None if multi_label else _baseline_dict(report),
         )
     )
     if checkpoint is not None:
@@ -730,6 +757,7 @@ def train(
     monitor = "val_map" if multi_label else "val_accuracy"
     stopped, reason = False, ""
     start_step, t_train = state.step, time.perf_counter()
+    progress_t, images_done = 0.0, 0  # last StepProgress time; images trained since start_step
     for epoch in range(state.epoch, config.epochs):
         state.epoch = epoch
         # ---- gradual unfreezing: the optimizer already holds every parameter; a frozen one has
@@ -878,8 +906,17 @@ def train(
                     f" {state.step}); the run stopped. The best model saved so far is kept. Try a lower learning"
                     " rate, precision fp32, or max_grad_norm 1."
                 )
-            # ---- log ---------------------------------------------------------------------------
-            if state.step % config.log_every_steps == 0 or state.step == total_steps:
+            # ---- progress: the live view moves at every step (at most once a second) -----------
+            images_done += window_sizes[window]  # images in this window, over every process
+            now = time.perf_counter()
+            if now - progress_t >= PROGRESS_INTERVAL_S or state.step == total_steps:
+                progress_t = now
+                done = state.step - start_step
+                emit(StepProgress(step=state.step, epoch=epoch + (micro + 1) / num_micro,
+                                  images_per_sec=images_done / max(now - t_train, 1e-9),
+                                  eta_s=(now - t_train) / max(done, 1) * (total_steps - state.step)))
+            # ---- log: the first step of a (resumed) run too, so the loss plot has a point at once
+            if state.step % log_every == 0 or state.step == total_steps or state.step == start_step + 1:
                 # Per-sample mean over every process's samples since the last log.
                 totals = dist_ctx.sum(torch.stack([log_loss.double(), torch.tensor(float(log_seen), device=plan.device).double()]))
                 loss_total, seen_total = float(totals[0]), float(totals[1])

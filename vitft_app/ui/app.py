@@ -36,6 +36,20 @@ def download_path(name: str) -> Path:
     return _DOWNLOADS / (re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "download")
 
 
+#: The app's stylesheet (passed to ``launch(css=...)``): hidden helpers and the training progress bar.
+APP_CSS = """
+.vitft-hidden {display: none !important}
+.vitft-progress {position: relative; height: 2.2em; border-radius: 6px; background: #e5e7eb; overflow: hidden;
+  margin: 4px 0}
+.vitft-progress > div {height: 100%; background: #60a5fa; transition: width 0.5s}
+.vitft-progress-completed > div {background: #4ade80}
+.vitft-progress-stopped > div, .vitft-progress-interrupted > div {background: #fbbf24}
+.vitft-progress-failed > div {background: #f87171}
+.vitft-progress > span {position: absolute; inset: 0; display: flex; align-items: center; justify-content: center;
+  font-weight: 600; color: #111827}
+"""
+
+
 @dataclass(frozen=True)
 class AppSettings:
     """Server-side settings from the command line.
@@ -132,6 +146,7 @@ def build_app(settings: AppSettings) -> gr.Blocks:
         The ``gr.Blocks`` app (call ``.launch()``).
     """
     from . import data_tab, evaluate_tab, predict_tab, runs_tab, sweep_tab, train_tab
+    from .predict_tab import refresh_runs
 
     ctx = AppContext(settings=settings, runner=JobRunner(settings.runs_dir, device=settings.device, launch_multi_gpu=True))
     with gr.Blocks(title="vitft: fine-tune a Vision Transformer") as demo:
@@ -142,8 +157,10 @@ def build_app(settings: AppSettings) -> gr.Blocks:
         with gr.Tabs() as tabs:
             with gr.Tab("Data", id="data"):
                 data = data_tab.build(ctx)
-            with gr.Tab("Train", id="train"):
-                train_tab.build(ctx, data)
+            with gr.Tab("Train", id="train") as train_page:
+                train = train_tab.build(ctx, data)
+            # Opening the tab redraws the live view (its components may mount after earlier ticks).
+            train_page.select(lambda: None, outputs=train.signature)
             with gr.Tab("Evaluate", id="evaluate") as evaluate:
                 evaluate_run = evaluate_tab.build(ctx, demo, evaluate)
             with gr.Tab("Predict", id="predict") as predict:
@@ -152,5 +169,14 @@ def build_app(settings: AppSettings) -> gr.Blocks:
                 runs_tab.build(ctx, demo, runs, tabs, evaluate_run, predict_run)
             with gr.Tab("Sweep", id="sweep") as sweep:
                 sweep_tab.build(ctx, demo, sweep, data)
-        demo.load(data_tab.scan_folder_outputs_fn(ctx), inputs=data.path, outputs=data.outputs)
+        # A new page shows the chosen dataset (saved server-side), scanned.
+        demo.load(data_tab.load_outputs_fn(ctx), outputs=[data.path, *data.outputs])
+        demo.load(train.on_load, outputs=train.load_outputs)
+        # After a run: "Evaluate this run" and "Try it" open those tabs with the run selected.
+        for button, target, dropdown in ((train.evaluate_button, "evaluate", evaluate_run),
+                                         (train.try_button, "predict", predict_run)):
+            switched = button.click(lambda run: refresh_runs(ctx, train_tab.shown_run(ctx, run)), inputs=train.run,
+                                    outputs=dropdown).then(lambda target=target: gr.Tabs(selected=target), outputs=tabs)
+            if target == "evaluate":  # and evaluate it at once: the tab opens with the plain headline
+                switched.then(None, js="() => setTimeout(() => document.querySelector('#evaluate-button')?.click(), 300)")
     return demo

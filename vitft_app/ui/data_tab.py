@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,10 +11,13 @@ from typing import Any, Callable
 import gradio as gr
 import pandas as pd
 
+from ..app_state import dataset_choice, read_app_settings, update_app_settings
 from ..data import DatasetReport, scan_dataset
 from ..images import ImageLoadError, load_image
 from ..uploads import UnsafeArchiveError, copy_folder_upload, extract_zip
 from ..plots import figure_class_counts, figure_image_stats
+
+logger = logging.getLogger(__name__)
 
 SAMPLES_PER_CLASS = 4
 MAX_CLASSES_SHOWN = 12
@@ -66,7 +70,7 @@ def report_markdown(report: DatasetReport) -> tuple[str, str]:
         return os.path.relpath(path, report.root)
 
     summary = f"**{Path(report.root).name}** · {report.summary()}"
-    lines = [f"- ❌ {e}" for e in report.errors] + [f"- ⚠️ {w}" for w in report.warnings]
+    lines = [f"- ✗ {e}" for e in report.errors] + [f"- ⚠ {w}" for w in report.warnings]
     sections = [
         ("Skipped files", [f"`{rel(p)}`: {reason}" for p, reason in report.skipped]),
         ("Duplicates", [f"{', '.join(g.kinds)}: " + ", ".join(f"`{rel(p)}`" for p in g.paths)
@@ -80,13 +84,13 @@ def report_markdown(report: DatasetReport) -> tuple[str, str]:
             if len(entries) > 50:
                 lines.append(f"- … and {len(entries) - 50} more (download the CSV report)")
     if not report.errors and not report.warnings:
-        lines.insert(0, "✅ Ready to train: no problems found.")
+        lines.insert(0, "✓ Ready to train: no problems found.")
     return summary, "\n".join(lines)
 
 
 #: Keys of :func:`scan_folder`'s result, in the order of :attr:`DataTab.outputs`.
 OUTPUT_KEYS = ("summary", "problems", "counts", "figure", "sizes_figure", "samples", "csv", "classes",
-               "suggested_image_size", "balance_button")
+               "suggested_image_size", "balance_button", "dataset")
 
 
 @dataclass
@@ -99,6 +103,11 @@ class DataTab:
     outputs: list
     balance_button: gr.Button
     """Shown when the scan warns about class imbalance; the Train tab sets balanced class weights."""
+    scan_handler: Callable
+    """The Scan handler: path box value -> values for :attr:`outputs`."""
+    chosen: gr.State
+    """The chosen dataset (:func:`~vitft_app.app_state.dataset_choice` of the last good scan, saved
+    server-side): what the Train tab shows and Start trains."""
 
 
 def _write_csv(report: DatasetReport) -> str:
@@ -122,18 +131,18 @@ def scan_folder(text: str | None, settings: Any, progress: Callable[[int, int], 
     empty_counts = pd.DataFrame(columns=["class", "train", "val", "total"])
     failed = {"problems": "", "counts": empty_counts, "figure": figure_class_counts(empty_counts),
               "sizes_figure": figure_image_stats(pd.DataFrame()), "samples": [], "csv": None, "classes": [],
-              "suggested_image_size": None, "balance_button": gr.update(visible=False)}
+              "suggested_image_size": None, "balance_button": gr.update(visible=False), "dataset": None}
     try:
         folder = resolve_data_path(text, settings)
         report = scan_dataset(folder, progress=progress)
     except (ValueError, FileNotFoundError, PermissionError) as exc:
-        return {"summary": f"❌ {exc}", **failed}
+        return {"summary": f"✗ {exc}", **failed}
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
-        return {"summary": f"❌ Scan failed: {type(exc).__name__}: {exc}", **failed}
+        return {"summary": f"✗ Scan failed: {type(exc).__name__}: {exc}", **failed}
     counts = report.counts()
     summary, problems = report_markdown(report)
     return {
-        "summary": summary,
+        "summary": summary + " · **the chosen dataset**: the Train tab trains it",
         "problems": problems,
         "counts": counts,
         "figure": figure_class_counts(counts),
@@ -143,6 +152,7 @@ def scan_folder(text: str | None, settings: Any, progress: Callable[[int, int], 
         "classes": report.classes,
         "suggested_image_size": report.suggested_image_size(),
         "balance_button": gr.update(visible=any(w.startswith("Class imbalance") for w in report.warnings)),
+        "dataset": dataset_choice(report),
     }
 
 
@@ -154,7 +164,44 @@ def scan_folder_outputs_fn(ctx: Any) -> Callable:
             progress((done, total), desc="Decoding images", unit="files")
 
         result = scan_folder(text, ctx.settings, report_progress)
+        if result["dataset"] is None:
+            result["dataset"] = gr.skip()  # a failed scan keeps the chosen dataset
+        else:
+            remember_dataset(ctx, result["dataset"])
         return tuple(result[key] for key in OUTPUT_KEYS)
+
+    return handler
+
+
+def remember_dataset(ctx: Any, choice: dict[str, Any]) -> None:
+    """Saves the chosen dataset server-side (a reload and every tab show it); a write failure is
+    logged, never shown as an error (the choice still holds for this page)."""
+    try:
+        update_app_settings(ctx.settings.runs_dir, dataset=choice)
+    except OSError as exc:
+        logger.warning("could not save the chosen dataset: %s", exc)
+
+
+def saved_dataset_path(ctx: Any) -> str:
+    """The path box value for a newly opened page: the saved dataset when it is still allowed and
+    present, else the built-in example."""
+    saved = (read_app_settings(ctx.settings.runs_dir).get("dataset") or {}).get("path")
+    if saved:
+        try:
+            return str(resolve_data_path(saved, ctx.settings))
+        except ValueError:
+            pass
+    return str(ctx.settings.example_dir)
+
+
+def load_outputs_fn(ctx: Any) -> Callable:
+    """The page-load handler: the saved dataset in the path box, then its scan (values in
+    ``[path, *DataTab.outputs]`` order)."""
+    scan = scan_folder_outputs_fn(ctx)
+
+    def handler(progress: gr.Progress = gr.Progress()):
+        path = saved_dataset_path(ctx)
+        return (path, *scan(path, progress))
 
     return handler
 
@@ -196,10 +243,10 @@ def receive_folder(files: list | None, relative_paths_json: str | None, settings
         folder = copy_folder_upload(paths, relative, Path(settings.data_root) / "uploads",
                                     quota_bytes=getattr(settings, "uploads_quota_bytes", None))
     except (UnsafeArchiveError, ValueError) as exc:
-        return gr.skip(), f"❌ {exc}"
+        return gr.skip(), f"✗ {exc}"
     except OSError as exc:
-        return gr.skip(), f"❌ Could not copy the folder into {settings.data_root}/uploads: {exc}"
-    return str(folder), f"📁 Copied {len(paths)} files to `{folder}`."
+        return gr.skip(), f"✗ Could not copy the folder into {settings.data_root}/uploads: {exc}"
+    return str(folder), f"✓ Copied {len(paths)} files to `{folder}`."
 
 
 def receive_upload(file: Any, settings: Any) -> tuple[Any, str]:
@@ -212,15 +259,15 @@ def receive_upload(file: Any, settings: Any) -> tuple[Any, str]:
         return gr.skip(), ""
     path = file if isinstance(file, str) else getattr(file, "name", str(file))
     if not str(path).lower().endswith(".zip"):
-        return gr.skip(), "❌ Upload a .zip file holding one folder per class (or train/ and val/)."
+        return gr.skip(), "✗ Upload a .zip file holding one folder per class (or train/ and val/)."
     try:
         folder = extract_zip(path, Path(settings.data_root) / "uploads",
                              quota_bytes=getattr(settings, "uploads_quota_bytes", None))
     except UnsafeArchiveError as exc:
-        return gr.skip(), f"❌ {exc}"
+        return gr.skip(), f"✗ {exc}"
     except OSError as exc:
-        return gr.skip(), f"❌ Could not extract the zip into {settings.data_root}/uploads: {exc}"
-    return str(folder), f"📦 Extracted to `{folder}`."
+        return gr.skip(), f"✗ Could not extract the zip into {settings.data_root}/uploads: {exc}"
+    return str(folder), f"✓ Extracted to `{folder}`."
 
 
 def upload_choices(settings: Any) -> list[tuple[str, str]]:
@@ -252,12 +299,12 @@ def delete_upload_folder(ctx: Any, folder: str | None) -> tuple[Any, str]:
     if job is not None and job.running and job.config is not None:
         data = Path(job.config.data_dir).resolve()
         if data == Path(folder).resolve() or data.is_relative_to(Path(folder).resolve()):
-            return gr.update(), "❌ A training run is using this upload: stop it first."
+            return gr.update(), "✗ A training run is using this upload: stop it first."
     try:
         deleted = delete_upload(folder, Path(settings.data_root) / "uploads")
     except (ValueError, OSError) as exc:
-        return gr.update(choices=upload_choices(settings), value=None), f"❌ {exc}"
-    return gr.update(choices=upload_choices(settings), value=None), f"🗑️ Deleted the upload `{deleted.name}`."
+        return gr.update(choices=upload_choices(settings), value=None), f"✗ {exc}"
+    return gr.update(choices=upload_choices(settings), value=None), f"✓ Deleted the upload `{deleted.name}`."
 
 
 def picked_folder(selection: str | list | None, settings: Any) -> str:
@@ -327,9 +374,10 @@ def build(ctx: Any) -> DataTab:
     samples = gr.Gallery(label="Samples (first images of each class)", columns=8, height=260, object_fit="contain")
     classes = gr.State([])
     suggested_size = gr.State(None)
+    chosen = gr.State(None)
     by_key = {"summary": summary, "problems": problems, "counts": counts, "figure": figure,
               "sizes_figure": sizes_figure, "samples": samples, "csv": csv, "classes": classes,
-              "suggested_image_size": suggested_size, "balance_button": balance_button}
+              "suggested_image_size": suggested_size, "balance_button": balance_button, "dataset": chosen}
     outputs = [by_key[key] for key in OUTPUT_KEYS]
 
     handler = scan_folder_outputs_fn(ctx)
@@ -348,4 +396,4 @@ def build(ctx: Any) -> DataTab:
     example.click(lambda: str(settings.example_dir), outputs=path).then(handler, inputs=path, outputs=outputs)
     browser.change(lambda sel: picked_folder(sel, settings), inputs=browser, outputs=path)
     return DataTab(path=path, classes=classes, suggested_size=suggested_size, outputs=outputs,
-                   balance_button=balance_button)
+                   balance_button=balance_button, scan_handler=handler, chosen=chosen)

@@ -12,14 +12,16 @@ import gradio as gr
 import pandas as pd
 from PIL import Image, ImageOps
 
-from ..evaluate import Evaluation, EvaluationError, evaluate_run
+from ..evaluate import Evaluation, EvaluationError, evaluate_run, evaluation_headline
+from ..baseline import format_accuracy
 from ..images import ImageLoadError, load_image
 from ..plots import figure_confusion_matrix, figure_precision_recall, figure_reliability, figure_roc
 from .predict_tab import refresh_runs
 
 #: Keys of :func:`run_evaluation`'s result, in the order of the tab's outputs.
 OUTPUT_KEYS = ("summary", "per_class", "per_class_csv", "matrix_table", "matrix", "matrix_normalized", "roc",
-               "pr", "reliability", "top_losses", "evaluation")
+               "pr", "reliability", "top_losses", "evaluation", "results", "matrix_group", "cell_images",
+               "cell_caption")
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +42,8 @@ def summary_markdown(metrics: dict[str, Any]) -> str:
     auc = "n/a (a class is missing from this split)" if metrics.get("roc_auc") is None else f"{metrics['roc_auc']:.4f}"
     rows = [
         ("images", f"{metrics['num_images']}"),
-        ("accuracy", f"{metrics['accuracy']:.4f}"),
-        (f"top-{metrics['top_k']} accuracy", f"{metrics['top_k_accuracy']:.4f}"),
+        ("accuracy", format_accuracy(metrics["accuracy"])),
+        *([(f"top-{metrics['top_k']} accuracy", format_accuracy(metrics["top_k_accuracy"]))] if metrics["top_k"] > 1 else []),
         ("macro precision / recall / F1",
          f"{metrics['macro_precision']:.4f} / {metrics['macro_recall']:.4f} / {metrics['macro_f1']:.4f}"),
         ("weighted precision / recall / F1",
@@ -50,6 +52,17 @@ def summary_markdown(metrics: dict[str, Any]) -> str:
         ("expected calibration error", f"{metrics['ece']:.4f}"),
     ]
     return "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def headline_markdown(metrics: dict[str, Any]) -> str:
+    """The plain line the tab opens with ("131 of 153 validation images right (85.6%); always
+    guessing 'bees' gets 54.2%"), and the weak-model warning under it when the model is near that
+    baseline."""
+    lines = evaluation_headline(metrics).split("\n")
+    text = f"### {lines[0]}"
+    if len(lines) > 1:
+        text += f"\n\n⚠ **{lines[1]}**"
+    return text
 
 
 def _thumbnail(path: str) -> Image.Image | None:
@@ -77,15 +90,19 @@ def run_evaluation(ctx: Any, run_dir: str | None, split: str, top_k: int) -> dic
         A dict with :data:`OUTPUT_KEYS`; on failure only ``summary`` (the message) is meaningful.
         Never raises.
     """
-    empty: dict[str, Any] = {key: None for key in OUTPUT_KEYS}
+    # Nothing stale survives a new evaluation or an error: every result and the clicked cell reset,
+    # and the result components stay hidden until there is something to show.
+    empty: dict[str, Any] = {key: None for key in OUTPUT_KEYS} | {
+        "results": gr.update(visible=False), "matrix_group": gr.update(visible=False), "cell_images": [],
+        "cell_caption": "", "per_class_csv": gr.update(value=None)}
     if not run_dir:
         return empty | {"summary": "Choose a run with a saved model first."}
     try:
         result = evaluate_run(run_dir, split=split, top_k=int(top_k), device=ctx.settings.device)
     except (EvaluationError, FileNotFoundError, ValueError, OSError) as exc:
-        return empty | {"summary": f"❌ {exc}"}
+        return empty | {"summary": f"✗ {exc}"}
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
-        return empty | {"summary": f"❌ Evaluation failed: {type(exc).__name__}: {exc}"}
+        return empty | {"summary": f"✗ Evaluation failed: {type(exc).__name__}: {exc}"}
     metrics = result.metrics
     per_class = pd.DataFrame(metrics["per_class"]).round(4)
     csv_path = result.out_dir / "per_class.csv" if result.out_dir else None
@@ -95,6 +112,7 @@ def run_evaluation(ctx: Any, run_dir: str | None, split: str, top_k: int) -> dic
         return empty | {
             "summary": f"**{Path(run_dir).name}**, {split} split, multi-label (saved in `{result.out_dir}`)\n\n"
                        + summary_markdown(metrics),
+            "results": gr.update(visible=True),
             "per_class": per_class,
             "per_class_csv": str(csv_path) if csv_path else None,
             "roc": figure_roc(result.y_true, result.probs, result.classes),
@@ -104,8 +122,12 @@ def run_evaluation(ctx: Any, run_dir: str | None, split: str, top_k: int) -> dic
         }
     matrix = pd.DataFrame(metrics["confusion_matrix"], columns=result.classes)
     matrix.insert(0, "true \\ predicted", result.classes)
-    return {
-        "summary": f"**{Path(run_dir).name}**, {split} split (saved in `{result.out_dir}`)\n\n" + summary_markdown(metrics),
+    return empty | {
+        "summary": headline_markdown(metrics) + f"\n\n**{Path(run_dir).name}**, {split} split (saved in"
+                   f" `{result.out_dir}`)\n\n" + summary_markdown(metrics),
+        "results": gr.update(visible=True),
+        "matrix_group": gr.update(visible=True),
+        "cell_caption": "Click a number in the matrix to see the images behind it.",
         "per_class": per_class,
         "per_class_csv": str(csv_path) if csv_path else None,
         "matrix_table": matrix,
@@ -149,11 +171,11 @@ def make_report(run_dir: str | None) -> tuple[str | None, str]:
         copy = download_path(f"{Path(run_dir).name}-report.html")
         shutil.copyfile(path, copy)
     except (EvaluationError, FileNotFoundError, ValueError, OSError) as exc:
-        return None, f"❌ {exc}"
+        return None, f"✗ {exc}"
     except Exception as exc:  # noqa: BLE001 - a damaged run folder is a message, not Gradio's "Error"
         logger.exception("report of %s", run_dir)
-        return None, f"❌ Could not write the report of {Path(run_dir).name}: {type(exc).__name__}: {exc}"
-    return str(copy), f"📄 Written to `{path}`; it opens in any browser, without the app."
+        return None, f"✗ Could not write the report of {Path(run_dir).name}: {type(exc).__name__}: {exc}"
+    return str(copy), f"✓ Written to `{path}`; it opens in any browser, without the app."
 
 
 def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> gr.Dropdown:
@@ -172,30 +194,36 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> gr.Dropdown:
         evaluate = gr.Button("Evaluate", variant="primary", elem_id="evaluate-button", scale=3)
         report_button = gr.Button("Make a one-page HTML report", elem_id="report-button", scale=2)
     with gr.Row():
-        report_file = gr.File(label="Report", interactive=False, elem_id="report-file")
         report_message = gr.Markdown(elem_id="report-message")
-    summary = gr.Markdown(elem_id="eval-summary")
-    with gr.Row():
-        per_class = gr.Dataframe(label="Per class (click a header to sort)", interactive=False,
-                                 elem_id="eval-per-class")
-        per_class_csv = gr.DownloadButton("Download per-class CSV")
-    gr.Markdown("**Confusion matrix**: rows are the true class, columns the prediction; click a count to see"
-                " its images.")
-    matrix_table = gr.Dataframe(interactive=False, elem_id="eval-matrix")
-    cell_caption = gr.Markdown(elem_id="eval-cell-caption")
-    cell_images = gr.Gallery(label="Images in the selected cell", columns=8, height=240, elem_id="eval-cell-gallery")
-    with gr.Row():
-        matrix = gr.Plot(label="Counts")
-        matrix_normalized = gr.Plot(label="Row-normalized")
-    with gr.Row():
-        roc = gr.Plot(label="ROC")
-        pr = gr.Plot(label="Precision-recall")
-        reliability = gr.Plot(label="Calibration")
-    top_losses = gr.Gallery(label="Top losses: the most confident mistakes", columns=6, height=260)
+        report_file = gr.File(label="Report", interactive=False, elem_id="report-file", visible=False)
+    summary = gr.Markdown("Press **Evaluate**: how many images of the chosen split this model gets right, beside"
+                          " what always answering the most common class gets, then the details.", elem_id="eval-summary")
+    with gr.Column(visible=False, elem_id="eval-results") as results:
+        with gr.Row():
+            per_class = gr.Dataframe(label="Per class (click a header to sort)", interactive=False,
+                                     elem_id="eval-per-class")
+            per_class_csv = gr.DownloadButton("Download per-class CSV")
+        with gr.Column(visible=False) as matrix_group:
+            gr.Markdown("**Confusion matrix**: rows are the true class, columns the prediction; click a count to"
+                        " see its images.")
+            matrix_table = gr.Dataframe(interactive=False, elem_id="eval-matrix")
+            cell_caption = gr.Markdown(elem_id="eval-cell-caption")
+            cell_images = gr.Gallery(label="Images in the selected cell", columns=8, height=240,
+                                     elem_id="eval-cell-gallery")
+            with gr.Row():
+                matrix = gr.Plot(label="Counts")
+                matrix_normalized = gr.Plot(label="Row-normalized")
+        with gr.Row():
+            roc = gr.Plot(label="ROC")
+            pr = gr.Plot(label="Precision-recall")
+            reliability = gr.Plot(label="Calibration")
+        top_losses = gr.Gallery(label="Top losses: the most confident mistakes", columns=6, height=260)
     evaluation = gr.State(None)
     by_key = {"summary": summary, "per_class": per_class, "per_class_csv": per_class_csv,
               "matrix_table": matrix_table, "matrix": matrix, "matrix_normalized": matrix_normalized, "roc": roc,
-              "pr": pr, "reliability": reliability, "top_losses": top_losses, "evaluation": evaluation}
+              "pr": pr, "reliability": reliability, "top_losses": top_losses, "evaluation": evaluation,
+              "results": results, "matrix_group": matrix_group, "cell_images": cell_images,
+              "cell_caption": cell_caption}
 
     def on_evaluate(run_dir: str | None, split_name: str, k: float) -> tuple:
         result = run_evaluation(ctx, run_dir, split_name, int(k or 5))
@@ -205,7 +233,11 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> gr.Dropdown:
         row, column = event.index
         return cell_gallery(result, int(row), int(column))
 
-    report_button.click(make_report, inputs=run, outputs=[report_file, report_message])
+    def on_report(run_dir: str | None) -> tuple:
+        path, text = make_report(run_dir)
+        return gr.update(value=path, visible=path is not None), text
+
+    report_button.click(on_report, inputs=run, outputs=[report_file, report_message])
     evaluate.click(on_evaluate, inputs=[run, split, top_k], outputs=[by_key[k] for k in OUTPUT_KEYS])
     matrix_table.select(on_cell, inputs=evaluation, outputs=[cell_images, cell_caption])
     refresh.click(lambda current: refresh_runs(ctx, current), inputs=run, outputs=run)

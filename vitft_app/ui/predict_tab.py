@@ -10,7 +10,9 @@ import gradio as gr
 import pandas as pd
 from PIL import Image, ImageOps
 
+from ..baseline import accuracy_with_baseline, run_baseline, weak_model_warning
 from ..images import ImageLoadError, load_image
+from ..runs import read_status
 from ..predict import NOT_SURE, apply_threshold, expand_image_paths
 
 
@@ -61,9 +63,22 @@ def run_choices(ctx: Any) -> list[tuple[str, str]]:
     """``(label, run folder)`` for every run with a saved model, newest first."""
     choices = []
     for run in ctx.runner.store.runs_with_model():
-        accuracy = f", val acc {run.best_val_accuracy:.3f}" if run.best_val_accuracy is not None else ""
+        accuracy = ""
+        if run.best_val_accuracy is not None:
+            accuracy = ", val accuracy " + accuracy_with_baseline(run.best_val_accuracy, run_baseline(read_status(run.path)))
         choices.append((f"{run.run_id} ({run.status}{accuracy})", run.path))
     return choices
+
+
+def model_warning(run_dir: str | None) -> str | None:
+    """The weak-model warning of a run whose validation accuracy is near its majority-class
+    baseline (its predictions are then shown without a confident bold label), else None."""
+    if not run_dir:
+        return None
+    status = read_status(run_dir)
+    if status.get("monitor") == "val_map":
+        return None
+    return weak_model_warning(status.get("best_val_accuracy"), run_baseline(status))
 
 
 def refresh_runs(ctx: Any, current: str | None) -> Any:
@@ -152,7 +167,7 @@ def predict_batch(
 
     predictor, problem = _load_predictor(ctx, run_dir)
     if problem:
-        return None, None, f"❌ {problem}"
+        return None, None, f"✗ {problem}"
     try:
         if zip_file:
             zip_path = zip_file if isinstance(zip_file, str) else getattr(zip_file, "name", str(zip_file))
@@ -165,11 +180,11 @@ def predict_batch(
             if not folder.is_dir():
                 raise ValueError(f"'{shown}' is a file; batch prediction takes a folder of images (or a .zip).")
     except (UnsafeArchiveError, ValueError, OSError) as exc:
-        return None, None, f"❌ {exc}"
+        return None, None, f"✗ {exc}"
     # Symbolic links are skipped, as in the dataset scan: a link must not read outside the data root.
     paths = expand_image_paths([folder], follow_symlinks=False)
     if not paths:
-        return None, None, f"❌ No images in {shown} (image files: .jpg .jpeg .png .bmp .gif .webp .tif .tiff)."
+        return None, None, f"✗ No images in {shown} (image files: .jpg .jpeg .png .bmp .gif .webp .tif .tiff)."
     rows = []
     for path in paths:
         row: dict[str, Any] = {"file": os.path.relpath(path, folder)}
@@ -188,7 +203,7 @@ def predict_batch(
 
     out = download_path(f"{Path(folder).name}-predictions.csv")
     table.to_csv(out, index=False)
-    return table, str(out), f"✅ {len(table)} images from `{shown}`."
+    return table, str(out), f"✓ {len(table)} images from `{shown}`."
 
 
 def export_zip(run_dir: str | None) -> tuple[str | None, str]:
@@ -207,8 +222,8 @@ def export_zip(run_dir: str | None) -> tuple[str | None, str]:
     try:
         path = export_model_zip(run_dir, dest)
     except (ExportError, OSError) as exc:
-        return None, f"❌ {exc}"
-    return str(path), f"📦 `{path.name}`: unzip it and load it with `transformers.pipeline(\"image-classification\", model=FOLDER)`."
+        return None, f"✗ {exc}"
+    return str(path), f"✓ `{path.name}`: unzip it and load it with `transformers.pipeline(\"image-classification\", model=FOLDER)`."
 
 
 def export_onnx_for_run(run_dir: str | None) -> str:
@@ -220,8 +235,8 @@ def export_onnx_for_run(run_dir: str | None) -> str:
     try:
         result = export_onnx(run_dir, images=validation_images(run_dir) or None)
     except (ExportError, OSError) as exc:
-        return f"❌ {exc}"
-    return (f"✅ `{result.path}` (opset {result.opset}); largest probability difference from PyTorch"
+        return f"✗ {exc}"
+    return (f"✓ `{result.path}` (opset {result.opset}); largest probability difference from PyTorch"
             f" {result.max_abs_prob_diff:.2g} over {result.num_images} images."
             f" Use it with `vitft predict --backend onnx --model {run_dir} IMAGE`.")
 
@@ -235,10 +250,10 @@ def push_model(run_dir: str | None, repo_id: str | None, token: str | None, priv
     try:
         url = push_to_hub(run_dir, repo_id or "", token or "", private=bool(private))
     except (ValueError, ConnectionError, FileNotFoundError) as exc:
-        return f"❌ {exc}"
+        return f"✗ {exc}"
     except Exception as exc:  # noqa: BLE001 - the Hub client raises many types; the user needs the message
-        return f"❌ Push failed: {type(exc).__name__}: {exc}"
-    return f"✅ Pushed to {url}"
+        return f"✗ Push failed: {type(exc).__name__}: {exc}"
+    return f"✓ Pushed to {url}"
 
 
 def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> gr.Dropdown:
@@ -260,16 +275,56 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> gr.Dropdown:
         explain = gr.Checkbox(False, label="Explain (attention rollout heatmap)", scale=1, elem_id="predict-explain")
     with gr.Row():
         files = gr.File(label="Drop one or more images here", file_count="multiple", file_types=["image"],
-                        elem_id="predict-files", scale=3)
+                        elem_id="predict-files", scale=3, height=170)
         webcam = PixelCheckedImage(sources=["webcam"], type="filepath", label="Or take a photo", scale=2,
-                          elem_id="predict-webcam")
+                          elem_id="predict-webcam", height=170)
+    results = gr.State([])
+    weak = gr.State(None)
+    shown_images = gr.State([])  # the last dropped images: the settings above re-predict them
+
+    @gr.render(inputs=[results, weak])
+    def show(items: list[dict[str, Any]], warning: str | None) -> None:
+        if not items:
+            gr.Markdown("Drop images above to see the model's top classes.", elem_id="predict-empty")
+            return
+        if warning:
+            gr.Markdown(f"⚠ **{warning}**", elem_classes="predict-weak")
+        for item in items:
+            if "error" in item:
+                gr.Markdown(f"✗ {item['error']}", elem_classes="predict-error")
+                continue
+            with gr.Row(equal_height=True):
+                try:
+                    thumb = ImageOps.contain(load_image(item["path"]), (224, 224), Image.Resampling.NEAREST)
+                except ImageLoadError:
+                    thumb = None
+                gr.Image(thumb, label=item["name"], height=200, interactive=False, scale=1)
+                if item.get("explanation") is not None:
+                    gr.Image(ImageOps.contain(item["explanation"], (224, 224)), label=item["method"], height=200,
+                             interactive=False, scale=1, elem_classes="predict-explanation")
+                with gr.Column(scale=2):
+                    # A bold top class only when the answer stands: "Not sure" replaces it, and a
+                    # weak model's guesses are listed as plain scores.
+                    confident = True
+                    if item.get("multi_label"):
+                        gr.Markdown(f"**Labels present:** {item['answer']}", elem_classes="predict-present")
+                    elif item["answer"] == NOT_SURE:
+                        confident = False
+                        gr.Markdown("### Not sure\nThe top class is below the confidence threshold; the scores:",
+                                    elem_classes="predict-not-sure")
+                    elif warning:
+                        confident = False
+                        gr.Markdown(f"Guess of a weak model: {item['answer']}", elem_classes="predict-weak-guess")
+                    gr.Label(item["scores"], label=f"Top classes: {item['name']}", elem_classes="predict-label",
+                             show_heading=confident)
+
     with gr.Accordion("Batch prediction: a folder or a zip of images", open=False):
         with gr.Row():
             batch_folder = gr.Textbox(label="Folder on the server (under the data root)", scale=3)
             batch_zip = gr.File(label="or a .zip of images", file_types=[".zip"], type="filepath", scale=2)
         batch_button = gr.Button("Predict all", elem_id="batch-predict")
         batch_message = gr.Markdown()
-        batch_table = gr.Dataframe(interactive=False, elem_id="batch-table")
+        batch_table = gr.Dataframe(interactive=False, elem_id="batch-table", visible=False)
         batch_csv = gr.DownloadButton("Download predictions (CSV)")
     with gr.Accordion("Export this model", open=False):
         with gr.Row():
@@ -283,49 +338,37 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> gr.Dropdown:
             private = gr.Checkbox(True, label="private", scale=1)
             push_button = gr.Button("Push to the Hub", scale=1, elem_id="push-button")
         push_message = gr.Markdown(elem_id="push-message")
-    results = gr.State([])
+    def on_predict(run_dir: str | None, images: list | None, k: int, limit: float, flip: bool, engine: str,
+                   why: bool) -> tuple:
+        return predict_files(ctx, run_dir, images, k, limit, flip, engine, why), model_warning(run_dir)
 
-    @gr.render(inputs=results)
-    def show(items: list[dict[str, Any]]) -> None:
-        if not items:
-            gr.Markdown("Upload images to see the model's top classes.")
-            return
-        for item in items:
-            if "error" in item:
-                gr.Markdown(f"❌ {item['error']}", elem_classes="predict-error")
-                continue
-            with gr.Row(equal_height=True):
-                try:
-                    thumb = ImageOps.contain(load_image(item["path"]), (224, 224), Image.Resampling.NEAREST)
-                except ImageLoadError:
-                    thumb = None
-                gr.Image(thumb, label=item["name"], height=200, interactive=False, scale=1)
-                if item.get("explanation") is not None:
-                    gr.Image(ImageOps.contain(item["explanation"], (224, 224)), label=item["method"], height=200,
-                             interactive=False, scale=1, elem_classes="predict-explanation")
-                with gr.Column(scale=2):
-                    if item.get("multi_label"):
-                        gr.Markdown(f"**Labels present:** {item['answer']}", elem_classes="predict-present")
-                    elif item["answer"] == NOT_SURE:
-                        gr.Markdown("**Not sure**: the top class is below the confidence threshold.",
-                                    elem_classes="predict-not-sure")
-                    gr.Label(item["scores"], label=f"Top classes: {item['name']}", elem_classes="predict-label")
+    def on_drop(run_dir: str | None, uploaded: list | None, k: int, limit: float, flip: bool, engine: str,
+                why: bool) -> tuple:
+        # A new drop replaces the shown images (the drop zone is emptied for the next one).
+        images = [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in (uploaded or []) if f]
+        if not images:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        items, warning = on_predict(run_dir, images, k, limit, flip, engine, why)
+        return items, warning, images, None
 
-    def on_predict(run_dir: str | None, uploaded: list | None, k: int, limit: float, flip: bool, engine: str,
-                   photo: str | None, why: bool) -> list[dict[str, Any]]:
-        images = list(uploaded or []) + ([photo] if photo else [])
-        return predict_files(ctx, run_dir, images, k, limit, flip, engine, why)
+    def on_photo(run_dir: str | None, photo: str | None, k: int, limit: float, flip: bool, engine: str,
+                 why: bool) -> tuple:
+        if not photo:
+            return gr.skip(), gr.skip(), gr.skip()
+        items, warning = on_predict(run_dir, [photo], k, limit, flip, engine, why)
+        return items, warning, [photo]
 
-    inputs = [run, files, top_k, threshold, tta, backend, webcam, explain]
-    explain.change(on_predict, inputs=inputs, outputs=results)
-    files.change(on_predict, inputs=inputs, outputs=results)
-    webcam.change(on_predict, inputs=inputs, outputs=results)
-    backend.change(on_predict, inputs=inputs, outputs=results)
-    run.change(on_predict, inputs=inputs, outputs=results)
-    top_k.release(on_predict, inputs=inputs, outputs=results)
-    threshold.release(on_predict, inputs=inputs, outputs=results)
-    tta.change(on_predict, inputs=inputs, outputs=results)
-    batch_button.click(lambda r, f, z, k, t, a: predict_batch(ctx, r, f, z, k, t, a),
+    settings = [top_k, threshold, tta, backend, explain]
+    files.upload(on_drop, inputs=[run, files, *settings], outputs=[results, weak, shown_images, files])
+    webcam.change(on_photo, inputs=[run, webcam, *settings], outputs=[results, weak, shown_images])
+    inputs = [run, shown_images, *settings]
+    for trigger in (explain.change, backend.change, run.change, top_k.release, threshold.release, tta.change):
+        trigger(on_predict, inputs=inputs, outputs=[results, weak])
+    def on_batch(*values: Any) -> tuple:
+        table, csv_path, text = predict_batch(ctx, *values)
+        return gr.update(value=table, visible=table is not None), csv_path, text
+
+    batch_button.click(on_batch,
                        inputs=[run, batch_folder, batch_zip, top_k, threshold, tta],
                        outputs=[batch_table, batch_csv, batch_message])
     zip_button.click(export_zip, inputs=run, outputs=[export_file, export_message])

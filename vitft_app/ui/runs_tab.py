@@ -9,6 +9,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from ..baseline import format_accuracy, is_weak_rate
 from ..plots import figure_compare
 from ..runs import STATUSES, is_run_dir, model_dir, read_status
 from ..runs_table import (
@@ -23,8 +24,9 @@ from ..runs_table import (
 from ..tracking import REPORT_TO_CHOICES, check_report_to
 
 #: Columns shown in the table (``path`` stays server-side).
-SHOWN_COLUMNS = ["name", "status", "dataset", "model", "freeze_depth", "lr", "batch_size", "epochs", "augment",
-                 "best_val_accuracy", "macro_f1", "duration", "date", "sweep", "run_id"]
+#: The result columns come first, so they are on screen at 1400 pixels without scrolling sideways.
+SHOWN_COLUMNS = ["name", "status", "best_val_accuracy", "val_baseline", "macro_f1", "dataset", "model", "freeze_depth",
+                 "lr", "batch_size", "epochs", "augment", "duration", "date", "sweep", "run_id"]
 SORT_CHOICES = ["date", "name", "status", "best_val_accuracy", "macro_f1", "lr", "batch_size", "epochs", "sweep"]
 STATUS_FILTERS = ["all"] + [s for s in STATUSES if s != "starting"]
 
@@ -37,12 +39,20 @@ def active_run(ctx: Any) -> str | None:
 
 def table_view(ctx: Any, text: str | None = None, status: str | None = "all", sort_by: str | None = "date",
                descending: bool = True) -> pd.DataFrame:
-    """The filtered, sorted runs table as shown (accuracies rounded to 4 places)."""
+    """The filtered, sorted runs table as shown: accuracies as percentages with one decimal (the
+    rounding used everywhere), each beside its baseline (always answering the validation split's
+    most common class), macro-F1 rounded to 4 places."""
     column = "run_id" if sort_by in (None, "", "date") else sort_by  # run ids start with the start time
     frame = filter_runs(runs_table(ctx.settings.runs_dir), text, status, column, descending)
     shown = frame[SHOWN_COLUMNS].copy()
-    for column in ("best_val_accuracy", "macro_f1"):
-        shown[column] = pd.to_numeric(shown[column], errors="coerce").round(4)
+    shown["best_val_accuracy"] = [
+        "" if pd.isna(value) else format_accuracy(value) + (" (weak)" if is_weak_rate(value, rate) else "")
+        for value, rate in zip(pd.to_numeric(frame["best_val_accuracy"], errors="coerce"),
+                               pd.to_numeric(frame["val_baseline"], errors="coerce"))]
+    shown["val_baseline"] = ["" if pd.isna(rate) else f"{format_accuracy(rate)} ('{name}')"
+                             for rate, name in zip(pd.to_numeric(frame["val_baseline"], errors="coerce"),
+                                                   frame["baseline_class"])]
+    shown["macro_f1"] = pd.to_numeric(shown["macro_f1"], errors="coerce").round(4)
     shown["lr"] = pd.to_numeric(shown["lr"], errors="coerce").map(lambda v: float(f"{v:.3g}"), na_action="ignore")
     return shown
 
@@ -79,8 +89,8 @@ def rename_selected(ctx: Any, run_dir: str | None, name: str | None) -> str:
     try:
         shown = rename_run(run_dir, name or "")
     except (FileNotFoundError, ValueError, OSError) as exc:
-        return f"❌ {exc}"
-    return f"✏️ `{Path(run_dir).name}` is now shown as **{shown}** (the folder keeps its name)."
+        return f"✗ {exc}"
+    return f"✏ `{Path(run_dir).name}` is now shown as **{shown}** (the folder keeps its name)."
 
 
 def ask_delete(ctx: Any, run_dir: str | None) -> tuple[str, Any]:
@@ -88,9 +98,9 @@ def ask_delete(ctx: Any, run_dir: str | None) -> tuple[str, Any]:
     if not run_dir:
         return "Choose a run first (click its row).", gr.update(visible=False)
     if active_run(ctx) == run_dir or read_status(run_dir).get("status") in ("starting", "running"):
-        return f"❌ `{Path(run_dir).name}` is training right now: press Stop and wait for it to end first.", \
+        return f"✗ `{Path(run_dir).name}` is training right now: press Stop and wait for it to end first.", \
             gr.update(visible=False)
-    return (f"⚠️ Delete `{Path(run_dir).name}` and everything in its folder (model, metrics, evaluations)?"
+    return (f"⚠ Delete `{Path(run_dir).name}` and everything in its folder (model, metrics, evaluations)?"
             " This cannot be undone.", gr.update(visible=True))
 
 
@@ -102,8 +112,8 @@ def confirm_delete(ctx: Any, run_dir: str | None) -> tuple[str, Any]:
     try:
         delete_run(run_dir, ctx.settings.runs_dir, active_run(ctx))
     except (FileNotFoundError, ValueError, OSError) as exc:
-        return f"❌ {exc}", hide
-    return f"🗑️ Deleted `{Path(run_dir).name}`.", hide
+        return f"✗ {exc}", hide
+    return f"✓ Deleted `{Path(run_dir).name}`.", hide
 
 
 def open_in(ctx: Any, run_dir: str | None, target: str) -> tuple[Any, str, bool]:
@@ -121,7 +131,7 @@ def open_in(ctx: Any, run_dir: str | None, target: str) -> tuple[Any, str, bool]
     if not run_dir:
         return gr.skip(), "Choose a run first (click its row).", False
     if model_dir(run_dir) is None:
-        return gr.skip(), f"❌ `{Path(run_dir).name}` has no saved model yet (no epoch finished).", False
+        return gr.skip(), f"✗ `{Path(run_dir).name}` has no saved model yet (no epoch finished).", False
     return gr.update(choices=model_choices(ctx), value=run_dir), f"Opened `{Path(run_dir).name}` in {target.title()}.", True
 
 
@@ -158,7 +168,7 @@ def set_tracking(ctx: Any, value: str) -> tuple[str, str]:
         ctx.runner.report_to = check_report_to(value)
     except ValueError as exc:
         ctx.runner.report_to = "none"
-        return "none", f"❌ {exc}"
+        return "none", f"✗ {exc}"
     if ctx.runner.report_to == "none":
         return "none", "New runs write only their run folder."
     where = "RUN_DIR/tensorboard (tensorboard --logdir <runs folder>)" if value == "tensorboard" else \
@@ -199,9 +209,10 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab, tabs: gr.Tabs, evaluate_run: g
         compare_button = gr.Button("Compare", elem_id="runs-compare-button")
         compare_message = gr.Markdown()
         with gr.Row():
-            loss_plot = gr.Plot(label="Training loss")
-            accuracy_plot = gr.Plot(label="Validation accuracy")
+            loss_plot = gr.Plot(label="Training loss", visible=False)
+            accuracy_plot = gr.Plot(label="Validation accuracy", visible=False)
         config_table = gr.Dataframe(label="Settings side by side (differing rows highlighted)", interactive=False,
+                                    visible=False,
                                     elem_id="runs-compare-table")
     with gr.Accordion("Tracking", open=False):
         tracking = gr.Radio(list(REPORT_TO_CHOICES), value=ctx.runner.report_to,
@@ -236,6 +247,10 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab, tabs: gr.Tabs, evaluate_run: g
         button.click(lambda run_dir, target=target: open_in(ctx, run_dir, target), inputs=selected,
                      outputs=[dropdown, message, switch]).then(
             lambda go, target=target: gr.Tabs(selected=target) if go else gr.skip(), inputs=switch, outputs=tabs)
-    compare_button.click(lambda run_dirs: compare(ctx, run_dirs), inputs=compared,
+    def on_compare(run_dirs: list[str] | None) -> tuple:
+        loss, accuracy, settings, text = compare(ctx, run_dirs)
+        return (*(gr.update(value=v, visible=v is not None) for v in (loss, accuracy, settings)), text)
+
+    compare_button.click(on_compare, inputs=compared,
                          outputs=[loss_plot, accuracy_plot, config_table, compare_message])
     tracking.change(lambda value: set_tracking(ctx, value), inputs=tracking, outputs=[tracking, tracking_message])

@@ -104,13 +104,13 @@ def start_from_form(ctx: Any, data_text: str | None, fixed: dict[str, Any], spac
         job = start_sweep(ctx.runner, config, space_from_form(space_values), int(float(trials)),
                           name=(name or "").strip() or None, sampler=sampler, pruner=pruner)
     except BusyError as exc:
-        return f"⏳ Busy: {exc}", gr.skip()
+        return f"⚠ Busy: {exc}", gr.skip()
     except (SweepError, ModelLoadError, ValueError, FileNotFoundError, OSError) as exc:
-        return f"❌ {exc}", gr.skip()
+        return f"✗ {exc}", gr.skip()
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
-        return f"❌ Could not start the sweep: {type(exc).__name__}: {exc}", gr.skip()
+        return f"✗ Could not start the sweep: {type(exc).__name__}: {exc}", gr.skip()
     sweep_name = job.name.removeprefix("sweep ")
-    return (f"▶️ Sweep **{sweep_name}** started: trials run one after another (follow the current one in the"
+    return (f"▶ Sweep **{sweep_name}** started: trials run one after another (follow the current one in the"
             " Train tab); Stop ends the sweep after stopping the current trial.",
             gr.update(choices=list_sweeps(ctx.settings.runs_dir), value=sweep_name))
 
@@ -118,7 +118,7 @@ def start_from_form(ctx: Any, data_text: str | None, fixed: dict[str, Any], spac
 def stop_sweep(ctx: Any) -> str:
     """Stops the current job (for a sweep: the current trial, and no further trial starts)."""
     if ctx.runner.stop():
-        return "⏹️ Stopping the current trial; the sweep ends after it."
+        return "■ Stopping the current trial; the sweep ends after it."
     return "Nothing is running."
 
 
@@ -129,6 +129,13 @@ def sweep_choices(ctx: Any, current: str | None) -> Any:
     except Exception:  # noqa: BLE001 - an unreadable sweeps.db lists nothing rather than failing the page
         return gr.skip()
     return gr.update(choices=names, value=current if current in names else (names[0] if names else None))
+
+
+def shown_if_content(value: Any) -> Any:
+    """A component update that shows ``value`` and hides the component when it is empty (None or
+    a frame without rows), so no placeholder header appears."""
+    empty = value is None or (hasattr(value, "empty") and value.empty)
+    return gr.update(value=None if empty else value, visible=not empty)
 
 
 def show_sweep(ctx: Any, name: str | None) -> dict[str, Any]:
@@ -146,15 +153,15 @@ def show_sweep(ctx: Any, name: str | None) -> dict[str, Any]:
         trials = trials_frame(study)
         summary = study_summary(study)
     except SweepError as exc:
-        return empty | {"summary": f"❌ {exc}"}
+        return empty | {"summary": f"✗ {exc}"}
     except Exception as exc:  # noqa: BLE001 - e.g. the database is busy: a message, retried on the next tick
-        return empty | {"summary": f"❌ Cannot read sweep {name!r} now: {type(exc).__name__}: {exc}"}
+        return empty | {"summary": f"✗ Cannot read sweep {name!r} now: {type(exc).__name__}: {exc}"}
     notes = []
     job = ctx.runner.current
     running = job is not None and job.running and job.name == f"sweep {name}"
     if job is not None and not job.running and job.name == f"sweep {name}" and job.error:
-        notes.append(f"❌ The sweep job ended with an error: {job.error}")
-    result = {"summary": summary + (" · 🟢 running" if running else ""), "trials": trials}
+        notes.append(f"✗ The sweep job ended with an error: {job.error}")
+    result = {"summary": summary + (" · ● running" if running else ""), "trials": trials}
     for key, draw in (("history", figure_history), ("importance", figure_importance)):
         try:
             result[key] = draw(study)
@@ -174,12 +181,12 @@ def train_best_from_ui(ctx: Any, name: str | None, epochs: float | None) -> str:
     try:
         job = train_best(ctx.runner, load_sweep(ctx.settings.runs_dir, name), int(epochs) if epochs else None)
     except BusyError as exc:
-        return f"⏳ Busy: {exc}"
+        return f"⚠ Busy: {exc}"
     except (SweepError, ModelLoadError, ValueError, FileNotFoundError, OSError) as exc:
-        return f"❌ {exc}"
+        return f"✗ {exc}"
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
-        return f"❌ Could not start: {type(exc).__name__}: {exc}"
-    return f"▶️ Training the best configuration as `{job.run_dir.name}`; follow it in the Train tab."
+        return f"✗ Could not start: {type(exc).__name__}: {exc}"
+    return f"▶ Training the best configuration as `{job.run_dir.name}`; follow it in the Train tab."
 
 
 def _signature(ctx: Any) -> tuple:
@@ -251,10 +258,10 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab, data: Any) -> None:
         sweep = gr.Dropdown(label="Sweep", choices=[], scale=3, elem_id="sweep-choice")
         refresh = gr.Button("↻ Refresh", scale=1)
     summary = gr.Markdown(elem_id="sweep-summary")
-    trials_table = gr.Dataframe(label="Trials", interactive=False, elem_id="sweep-trials-table")
+    trials_table = gr.Dataframe(label="Trials", interactive=False, elem_id="sweep-trials-table", visible=False)
     with gr.Row():
-        history = gr.Plot(label="Optimization history")
-        importance = gr.Plot(label="Parameter importance")
+        history = gr.Plot(label="Optimization history", visible=False)
+        importance = gr.Plot(label="Parameter importance", visible=False)
     charts_message = gr.Markdown(elem_id="sweep-charts-message")
     with gr.Row():
         best_epochs = gr.Number(value=0, precision=0, minimum=0, label="Epochs for the full run",
@@ -266,13 +273,16 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab, data: Any) -> None:
     results = [summary, trials_table, history, importance, charts_message]
 
     def on_start(values: dict) -> tuple:
-        return start_from_form(ctx, values[data.path], {k: values[c] for k, c in fixed.items()},
+        chosen = values[data.chosen] or {}  # the chosen dataset, as the Train tab shows and trains it
+        return start_from_form(ctx, chosen.get("path") or values[data.path], {k: values[c] for k, c in fixed.items()},
                                {k: values[c] for k, c in space.items()}, values[trials], values[name],
                                values[sampler], values[pruning])
 
     def on_show(chosen: str | None) -> tuple:
         result = show_sweep(ctx, chosen)
-        return tuple(result[key] for key in RESULT_KEYS)
+        # Empty tables and charts stay hidden (no placeholder headers) until they have content.
+        return tuple(shown_if_content(result[key]) if key in ("trials", "history", "importance") else result[key]
+                     for key in RESULT_KEYS)
 
     def on_tick(chosen: str | None, last: Any) -> tuple:
         current = _signature(ctx)
@@ -280,7 +290,8 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab, data: Any) -> None:
             return (gr.skip(),) * (len(results) + 1)
         return (*on_show(chosen), current)
 
-    start.click(on_start, inputs={*fixed.values(), *space.values(), data.path, trials, name, sampler, pruning},
+    start.click(on_start, inputs={*fixed.values(), *space.values(), data.path, data.chosen, trials, name, sampler,
+                                  pruning},
                 outputs=[message, sweep])
     stop.click(lambda: stop_sweep(ctx), outputs=message)
     sweep.change(on_show, inputs=sweep, outputs=results)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,7 +15,9 @@ from ..config import SCRATCH_MODEL, TrainConfig, field_docs
 from ..jobs import BusyError
 from ..modeling import MODEL_CHOICES, ModelLoadError, summarize_model
 from ..presets import PRESETS, preset_values_for_model
-from ..runs import read_metrics, read_status
+from ..app_state import dataset_markdown
+from ..baseline import accuracy_with_baseline, format_accuracy, run_baseline, weak_model_warning
+from ..runs import model_dir, read_metrics, read_status
 from .data_tab import resolve_data_path
 from ..plots import figure_accuracy, figure_loss
 
@@ -42,9 +45,9 @@ def model_info(model: str, image_size: int | None, freeze_depth: int, classes: l
             model = settings.check_model(model) if model != SCRATCH_MODEL else model
         summary = summarize_model(model, classes, int(freeze_depth or 0), image_size if model == SCRATCH_MODEL else None)
     except (ModelLoadError, ValueError, OSError) as exc:
-        return gr.update(), f"❌ {exc}"
+        return gr.update(), f"✗ {exc}"
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
-        return gr.update(), f"❌ Cannot describe model '{model}': {type(exc).__name__}: {exc}"
+        return gr.update(), f"✗ Cannot describe model '{model}': {type(exc).__name__}: {exc}"
     depth = min(int(freeze_depth or 0), summary.num_blocks)
     probe = " (linear probe: only the head trains)" if depth == summary.num_blocks else ""
     return (
@@ -98,22 +101,22 @@ def start_run(
         values = {**values, "model": ctx.settings.check_model(values.get("model"))}  # confined: see README
         config = config_from_form(values, data_dir)
     except ValueError as exc:
-        return f"❌ {exc}", None
+        return f"✗ {exc}", None
     try:
         job = ctx.runner.start(dataclasses.replace(config, output_dir=str(ctx.settings.runs_dir)), progress=progress)
     except BusyError as exc:
-        return f"⏳ Busy: {exc}", None
+        return f"⚠ Busy: {exc}", None
     except (ModelLoadError, ValueError, FileNotFoundError) as exc:
-        return f"❌ {exc}", None
+        return f"✗ {exc}", None
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
-        return f"❌ Could not start: {type(exc).__name__}: {exc}", None
-    return f"▶️ Started run `{job.run_dir.name}`.", str(job.run_dir)
+        return f"✗ Could not start: {type(exc).__name__}: {exc}", None
+    return f"▶ Started run `{job.run_dir.name}`.", str(job.run_dir)
 
 
 def stop_run(ctx: Any) -> str:
     """Signals Stop; the loop exits before its next step and keeps the best model saved."""
     if ctx.runner.stop():
-        return "⏹️ Stopping after the current step… the best model so far stays saved."
+        return "■ Stopping after the current step… the best model so far stays saved."
     return "Nothing is running."
 
 
@@ -129,12 +132,12 @@ def resume_run(ctx: Any, run_dir: str | None) -> tuple[str, str | None]:
     try:
         job = ctx.runner.resume(run_dir)
     except BusyError as exc:
-        return f"⏳ Busy: {exc}", None
+        return f"⚠ Busy: {exc}", None
     except (ResumeError, ModelLoadError, ValueError, FileNotFoundError) as exc:
-        return f"❌ {exc}", None
+        return f"✗ {exc}", None
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
-        return f"❌ Could not resume: {type(exc).__name__}: {exc}", None
-    return f"▶️ Resumed run `{job.run_dir.name}` from its last checkpoint.", str(job.run_dir)
+        return f"✗ Could not resume: {type(exc).__name__}: {exc}", None
+    return f"▶ Resumed run `{job.run_dir.name}` from its last checkpoint.", str(job.run_dir)
 
 
 def preset_updates(name: str, model: str, image_size: int | None, fields: list[str]) -> tuple[list[Any], str]:
@@ -148,7 +151,7 @@ def preset_updates(name: str, model: str, image_size: int | None, fields: list[s
         values = preset_values_for_model(name, (model or "").strip() or SCRATCH_MODEL,
                                          int(image_size) if image_size else None)
     except (ModelLoadError, ValueError, OSError) as exc:
-        return [gr.skip() for _ in fields], f"❌ {exc}"
+        return [gr.skip() for _ in fields], f"✗ {exc}"
     note = {
         "quick": "linear probe, 3 epochs, no augmentation",
         "balanced": "partial freeze, basic augmentation, 10 epochs",
@@ -184,7 +187,7 @@ def augmentation_preview(values: dict[str, Any], data_text: str, settings: Any, 
         processor = load_processor(config.model, config.image_size)
         patch = _patch_size(config)
     except (ValueError, FileNotFoundError, ModelLoadError, OSError) as exc:
-        return [], f"❌ {exc}"
+        return [], f"✗ {exc}"
     picked, seen = [], {}
     for item in report.train:
         if seen.get(item.label, 0) < per_class:
@@ -193,7 +196,7 @@ def augmentation_preview(values: dict[str, Any], data_text: str, settings: Any, 
         if len(picked) >= max_images:
             break
     if not picked:
-        return [], "❌ No training images to preview."
+        return [], "✗ No training images to preview."
     gallery = preview_augmentations(
         picked, processor, patch_size=patch, augment=config.augment, crop_scale_min=config.crop_scale_min,
         color_jitter=config.color_jitter, random_erasing=config.random_erasing, mixup=config.mixup,
@@ -218,50 +221,120 @@ def _format_seconds(seconds: float | None) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
-def status_markdown(status: dict[str, Any], run_id: str) -> str:
-    """The status line: state, epoch and step, ETA, images/s, learning rate (or the error)."""
-    if not status:
-        return "No run yet: choose a dataset and a model, then press **Start**."
-    state = status.get("status", "unknown")
-    icon = {"running": "🟢", "starting": "🟡", "completed": "✅", "stopped": "⏹️", "failed": "❌",
-            "interrupted": "⚠️"}.get(state, "•")
-    parts = [f"{icon} **{state}** · run `{run_id}`"]
-    if state == "failed":
-        return parts[0] + f"\n\n**Error:** {status.get('error', 'unknown error')} (details in train.log)"
-    if state == "interrupted":
-        parts.append("the app stopped while this run was training")
-    if "total_steps" in status:
-        parts.append(f"epoch {float(status.get('epoch', 0)):.2f}/{status.get('epochs')}")
-        parts.append(f"step {status.get('step', 0)}/{status['total_steps']}")
-    if state == "running":
-        parts.append(f"ETA {_format_seconds(status.get('eta_s'))}")
-    if status.get("images_per_sec"):
-        parts.append(f"{status['images_per_sec']:.1f} images/s")
-    if status.get("lr") is not None:
-        parts.append(f"lr {status['lr']:.2e}")
+#: Status marks: plain symbols that Debian's DejaVu fonts render (no emoji font is needed).
+STATUS_MARKS = {"running": "●", "starting": "○", "completed": "✓", "stopped": "■", "failed": "✗",
+                "interrupted": "⚠"}
+
+
+def _accuracy_part(status: dict[str, Any]) -> str | None:
+    """``best val accuracy 55.6% (always 'bees': 54.2%)`` (or mAP for multi-label runs)."""
     if status.get("monitor") == "val_map" and status.get("best_metric") is not None:
-        parts.append(f"best val mAP {status['best_metric']:.4f}")
-    elif status.get("best_val_accuracy") is not None:
-        parts.append(f"best val accuracy {status['best_val_accuracy']:.4f}")
+        return f"best val mAP {status['best_metric']:.4f}"
+    if status.get("best_val_accuracy") is not None:
+        return "best val accuracy " + accuracy_with_baseline(status["best_val_accuracy"], run_baseline(status))
+    return None
+
+
+def status_markdown(status: dict[str, Any], run_id: str) -> str:
+    """The status line beside Start: state, step and epoch, ETA, images/s, learning rate, best
+    accuracy with its baseline (or the error). Device and precision notes are in
+    :func:`status_details`."""
+    if not status:
+        return "No run yet: check the dataset above, choose a model, then press **Start**."
+    state = status.get("status", "unknown")
+    mark = STATUS_MARKS.get(state, "•")
+    step, total = int(status.get("step") or 0), status.get("total_steps")
+    epoch, epochs = float(status.get("epoch") or 0), status.get("epochs")
+    if state == "failed":
+        return (f"{mark} **failed** · run `{run_id}`\n\n**Error:** {status.get('error', 'unknown error')}"
+                " (details in train.log)")
+    if state == "stopped" and total:
+        parts = [f"{mark} **stopped** after step {step} of {total}, epoch {epoch:.2f} of {epochs}", f"run `{run_id}`"]
+    elif state == "interrupted":
+        parts = [f"{mark} **interrupted** at step {step}" + (f" of {total}" if total else ""),
+                 f"run `{run_id}`", "the app stopped while this run was training: **Resume** continues it"]
+    elif state == "starting":
+        parts = [f"{mark} **starting** · run `{run_id}`", "loading the model and data"]
+    else:
+        parts = [f"{mark} **{state}** · run `{run_id}`"]
+        if total:
+            parts.append(f"step {step}/{total}")
+            parts.append(f"epoch {epoch:.2f}/{epochs}")
+    if state == "running":
+        parts.append(f"ETA {_format_seconds(status.get('eta_s'))}" if step > int(status.get("resumed_from_step") or 0)
+                     else "first step running…")
+    if state == "running" and status.get("images_per_sec"):
+        parts.append(f"{status['images_per_sec']:.1f} images/s")
+    if state == "running" and status.get("lr") is not None:
+        parts.append(f"lr {status['lr']:.2e}")
+    accuracy = _accuracy_part(status)
+    if accuracy:
+        parts.append(accuracy)
     patience = status.get("early_stopping_patience") or 0
     if patience and state == "running":
         left = patience - int(status.get("epochs_without_improvement") or 0)
         parts.append(f"early stopping after {left} more epoch(s) without improvement")
     if status.get("reason"):
         parts.append(status["reason"])
+    text = " · ".join(parts)
+    if state == "stopped":
+        saved = ("the best model so far is saved" if status.get("best_val_accuracy") is not None
+                 else "no epoch finished yet, so no model is saved")
+        text += f"\n\n**Resume** continues from step {step}; {saved}."
+    warning = weak_model_warning(status.get("best_val_accuracy"), run_baseline(status))
+    if warning and state in ("completed", "stopped", "interrupted") and status.get("monitor") != "val_map":
+        text += f"\n\n⚠ {warning}"
+    return text
+
+
+def status_details(status: dict[str, Any]) -> str:
+    """The folded run details: device and precision, parameters, model and attention notes."""
+    if not status:
+        return "Device, precision and model notes appear here once a run starts."
+    lines = []
     if status.get("device"):
-        parts.append(f"{status['device']} {status.get('precision', '')}")
-    notes = status.get("notes") or []
-    return " · ".join(parts) + ("\n\n" + " · ".join(f"_{n}_" for n in notes) if notes else "")
+        lines.append(f"- device **{status['device']}**, precision **{status.get('precision', '')}**")
+    if status.get("trainable_params"):
+        lines.append(f"- {status['trainable_params']:,} / {status.get('total_params', 0):,} parameters trainable")
+    if status.get("num_train") is not None:
+        lines.append(f"- {status['num_train']} training / {status.get('num_val', 0)} validation images")
+    baseline = run_baseline(status)
+    if baseline is not None:
+        lines.append(f"- validation baseline: always '{baseline.majority_class}' is right for"
+                     f" {baseline.majority_count} of {baseline.total} ({format_accuracy(baseline.rate)}); chance"
+                     f" {format_accuracy(baseline.chance)}")
+    lines += [f"- {note}" for note in status.get("notes") or [] if note]
+    return "\n".join(lines)
+
+
+def progress_html(status: dict[str, Any]) -> str:
+    """A progress bar of optimizer steps (empty when nothing ran yet)."""
+    total = status.get("total_steps") if status else None
+    if not total:
+        return ""
+    step = min(int(status.get("step") or 0), int(total))
+    share = 100.0 * step / max(int(total), 1)
+    state = status.get("status", "")
+    return (f'<div class="vitft-progress vitft-progress-{state}" role="progressbar" aria-valuenow="{step}"'
+            f' aria-valuemax="{int(total)}"><div style="width:{share:.1f}%"></div>'
+            f'<span>{step} / {int(total)} steps ({share:.0f}%)</span></div>')
+
+
+def shown_run(ctx: Any, run_dir: str | None) -> str | None:
+    """The run the Train tab shows: the one this page started or resumed, else :func:`initial_run`."""
+    return run_dir or initial_run(ctx)
 
 
 def initial_run(ctx: Any) -> str | None:
-    """The run a newly opened page shows: the running job, else the newest run."""
+    """The run a newly opened page shows: the running job, else the newest run (after an app
+    restart that is the interrupted run, with its Resume)."""
     job = ctx.runner.current
-    if job is not None and job.running:
+    if job is not None and job.running and job.kind == "train":
         return str(job.run_dir)
-    runs = ctx.runner.store.list_runs()
-    return runs[0].path if runs else None
+    for run in ctx.runner.store.list_runs():
+        if read_status(run.path):
+            return run.path
+    return None
 
 
 def _signature(run_dir: str) -> tuple:
@@ -274,32 +347,112 @@ def _signature(run_dir: str) -> tuple:
     return (run_dir, *sig)
 
 
+#: Outputs of :func:`poll`, in order.
+POLL_KEYS = ("status", "progress", "details", "loss", "accuracy", "after_run", "banner", "signature")
+
+
 def poll(ctx: Any, run_dir: str | None, last_signature: Any) -> tuple:
     """Reads the run folder for the live view; skips redrawing when nothing changed.
 
     Returns:
-        ``(status markdown, loss figure, accuracy figure, signature)`` (``gr.skip()`` values when
-        unchanged).
+        Values for :data:`POLL_KEYS`: status markdown, progress bar HTML, run details markdown,
+        loss figure, accuracy figure, the after-run buttons' row update and the signature
+        (``gr.skip()`` values when unchanged).
     """
+    run_dir = shown_run(ctx, run_dir)
     if not run_dir:
-        run_dir = initial_run(ctx)
-    if not run_dir:
-        return status_markdown({}, ""), gr.skip(), gr.skip(), None
+        return (status_markdown({}, ""), "", status_details({}), gr.skip(), gr.skip(), gr.update(visible=False),
+                "", None)
     signature = _signature(run_dir)
     if signature == last_signature:
-        return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return tuple(gr.skip() for _ in POLL_KEYS)
     metrics = read_metrics(run_dir)
-    text = status_markdown(read_status(run_dir), Path(run_dir).name)
-    return text, figure_loss(metrics), figure_accuracy(metrics), signature
+    status = read_status(run_dir)
+    finished = status.get("status") in ("completed", "stopped", "interrupted", "failed")
+    has_model = finished and model_dir(run_dir) is not None
+    return (status_markdown(status, Path(run_dir).name), progress_html(status), status_details(status),
+            figure_loss(metrics), figure_accuracy(metrics), gr.update(visible=has_model),
+            banner_markdown(status, Path(run_dir).name), signature)
 
 
-def build(ctx: Any, data: Any) -> None:
+def banner_markdown(status: dict[str, Any], run_id: str) -> str:
+    """A one-line status under the dataset line while a run trains, or when the shown run was
+    interrupted by an app restart (the form above Start is long; a reopened page shows at once
+    what is going on). Empty otherwise."""
+    state = status.get("status")
+    if state == "interrupted":
+        return (f"{STATUS_MARKS[state]} The app stopped while run `{run_id}` was training (step {status.get('step', 0)}):"
+                " **Resume**, below the settings, continues it from its last checkpoint.")
+    if state not in ("running", "starting"):
+        return ""
+    where = f"step {status.get('step', 0)}/{status['total_steps']}" if status.get("total_steps") else "starting"
+    return (f"{STATUS_MARKS[state]} **Training** run `{run_id}` · {where} · ETA {_format_seconds(status.get('eta_s'))}"
+            " · Stop, Resume, status and curves are below the settings.")
+
+
+def augment_summary(name: str | None, choice: dict[str, Any] | None = None) -> str:
+    """One line under the augmentation choice: what it does, and why it is the default for this data."""
+    what = {
+        "none": "no augmentation: images are only resized",
+        "basic": "random resized crop and horizontal flip",
+        "randaugment": "basic + RandAugment (2 random ops, magnitude 9)",
+        "trivialaugment": "basic + TrivialAugmentWide",
+        "autoaugment": "basic + AutoAugment (ImageNet policy)",
+    }.get(name or "", str(name))
+    text = f"Augmentation: {what}."
+    if choice and choice.get("augment") and choice.get("augment_reason"):
+        text += f" Suggested for this dataset: **{choice['augment']}** ({choice['augment_reason']})."
+    return text
+
+
+def train_again(run_dir: str | None, fields: list[str]) -> tuple[list[Any], str | None, str]:
+    """Form values and dataset of a finished run, to train it again.
+
+    Returns:
+        ``(values in the order of fields (gr.skip() for fields the config lacks), the run's dataset
+        folder or None, message)``; never raises.
+    """
+    from ..runs_table import read_config
+
+    if not run_dir:
+        return [gr.skip() for _ in fields], None, "Choose a run first."
+    config = read_config(run_dir)
+    if not config:
+        return [gr.skip() for _ in fields], None, f"✗ {Path(run_dir).name} has no readable config.json."
+    values = [config[name] if name in config and config[name] is not None else gr.skip() for name in fields]
+    return (values, config.get("data_dir"),
+            f"Settings and dataset of `{Path(run_dir).name}` loaded: edit anything, then press **Start**.")
+
+
+@dataclass
+class TrainTab:
+    """Components other tabs use (the app wires the after-run buttons to Evaluate and Predict)."""
+
+    run: gr.State
+    """The run folder this page started or resumed (None: :func:`initial_run`)."""
+    evaluate_button: gr.Button
+    try_button: gr.Button
+    signature: gr.State
+    """What the live view last drew; None makes the next timer tick redraw everything."""
+    on_load: Callable[[], list]
+    """Page-load handler: the running job's settings into the form (values for ``load_outputs``)."""
+    load_outputs: list
+
+
+def build(ctx: Any, data: Any) -> TrainTab:
     """Builds the Train tab's components and events.
 
-    The common settings are always visible; the rest of the recipe sits in folded groups
-    (augmentation and regularization, optimization, data and logging). Preset buttons fill the
-    form; every control is named after its :class:`~vitft_app.config.TrainConfig` field.
+    The chosen dataset is shown at the top; the common settings are always visible; the rest of
+    the recipe (and precision, attention kernel, device notes) sits in folded groups. Start, Stop,
+    Resume, the status line and the progress bar sit together above the live plots. Preset
+    buttons fill the form; every control is named after its
+    :class:`~vitft_app.config.TrainConfig` field.
     """
+
+    def info(name: str, size: int | None, depth: int, classes: list[str]) -> tuple[Any, str]:
+        # A typed model folder must pass the app's confinement check (settings).
+        return model_info(name, size, depth, classes, settings=ctx.settings)
+
     docs = field_docs()
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
@@ -310,11 +463,17 @@ def build(ctx: Any, data: Any) -> None:
     def radio(name: str, label: str, choices: list[str]) -> gr.Radio:
         return gr.Radio(choices, value=defaults[name], label=label, info=docs[name], elem_id=name.replace("_", "-"))
 
-    with gr.Row():
-        gr.Markdown("**Presets** fill the form (edit anything after): **Quick** = linear probe, no augmentation;"
-                    " **Balanced** = partial freeze + basic augmentation; **Best** = RandAugment, MixUp/CutMix,"
-                    " label smoothing, layer decay, EMA.")
-        preset_buttons = {name: gr.Button(name.capitalize(), size="sm", elem_id=f"preset-{name}") for name in PRESETS}
+    dataset_line = gr.Markdown(dataset_markdown(None), elem_id="train-dataset")
+    banner = gr.Markdown(elem_id="train-banner")
+    with gr.Row(equal_height=True):
+        with gr.Column(scale=3):
+            gr.Markdown("**Presets** fill the form (edit anything after): **Quick** = linear probe, no augmentation;"
+                        " **Balanced** = partial freeze + basic augmentation; **Best** = RandAugment, MixUp/CutMix,"
+                        " label smoothing, layer decay, EMA.")
+        with gr.Column(scale=2, min_width=320):
+            with gr.Row():
+                preset_buttons = {name: gr.Button(name.capitalize(), size="sm", elem_id=f"preset-{name}",
+                                                  min_width=90) for name in PRESETS}
     with gr.Row():
         with gr.Column(scale=2):
             model = gr.Dropdown(
@@ -330,15 +489,13 @@ def build(ctx: Any, data: Any) -> None:
         with gr.Column(scale=3):
             with gr.Row():
                 epochs = gr.Number(value=defaults["epochs"], label="Epochs", precision=0, minimum=1, elem_id="epochs")
-                batch_size = gr.Number(value=defaults["batch_size"], label="Batch size", precision=0, minimum=1)
+                batch_size = gr.Number(value=defaults["batch_size"], label="Batch size", precision=0, minimum=1,
+                                       elem_id="batch-size")
                 lr = gr.Number(value=SCRATCH_LR, label="Learning rate", info="5e-5 for fine-tuning, 1e-3 from scratch",
                                elem_id="lr")
-            with gr.Row():
-                precision = gr.Radio(["auto", "bf16", "fp16", "fp32"], value="auto", label="Precision",
-                                     info=docs["precision"])
-                augment = gr.Dropdown(["none", "basic", "randaugment", "trivialaugment", "autoaugment"],
-                                      value=defaults["augment"], label="Augmentation", info=docs["augment"],
-                                      elem_id="augment")
+            augment = gr.Dropdown(["none", "basic", "randaugment", "trivialaugment", "autoaugment"],
+                                  value=defaults["augment"], label="Augmentation", elem_id="augment")
+            augment_note = gr.Markdown(augment_summary(defaults["augment"]), elem_id="augment-summary")
     with gr.Accordion("Augmentation and regularization", open=False):
         with gr.Row():
             crop_scale_min = number("crop_scale_min", "Random crop: smallest area", minimum=0.01, maximum=1)
@@ -373,7 +530,7 @@ def build(ctx: Any, data: Any) -> None:
             distill_weight = number("distill_weight", "Distillation weight", minimum=0)
             patience = number("early_stopping_patience", "Early stopping patience", integer=True, minimum=0)
             min_delta = number("early_stopping_min_delta", "Early stopping min improvement", minimum=0)
-    with gr.Accordion("Data, speed and logging", open=False):
+    with gr.Accordion("Data, speed, precision and logging", open=False):
         with gr.Row():
             val_fraction = gr.Number(value=defaults["val_fraction"], label="Validation fraction",
                                      info="used when the folder has no val/ split")
@@ -383,16 +540,26 @@ def build(ctx: Any, data: Any) -> None:
             num_workers = number("num_workers", "Loader workers", integer=True, minimum=0)
             max_nonfinite = number("max_nonfinite_steps", "Non-finite steps before stopping", integer=True, minimum=1)
         with gr.Row():
+            precision = gr.Radio(["auto", "bf16", "fp16", "fp32"], value="auto", label="Precision",
+                                 info=docs["precision"], elem_id="precision")
             attention = radio("attention", "Attention kernel", ["auto", "sdpa", "eager"])
-    with gr.Row():
-        start = gr.Button("Start", variant="primary", elem_id="start-button")
-        stop = gr.Button("Stop", variant="stop", elem_id="stop-button")
-        resume = gr.Button("Resume", elem_id="resume-button")
-    message = gr.Markdown(elem_id="train-message")
-    status = gr.Markdown(elem_id="train-status")
+    with gr.Group(elem_id="train-live"):
+        with gr.Row(equal_height=True):
+            start = gr.Button("Start", variant="primary", elem_id="start-button", scale=1, min_width=90)
+            stop = gr.Button("Stop", variant="stop", elem_id="stop-button", scale=1, min_width=90)
+            resume = gr.Button("Resume", elem_id="resume-button", scale=1, min_width=90)
+            progress_bar = gr.HTML(elem_id="train-progress", scale=5, padding=False)
+        message = gr.Markdown(elem_id="train-message")
+        status = gr.Markdown(elem_id="train-status")
+    with gr.Row(visible=False, elem_id="after-run") as after_run:
+        evaluate_button = gr.Button("Evaluate this run", elem_id="evaluate-this-run", size="sm")
+        try_button = gr.Button("Try it (Predict)", elem_id="try-this-run", size="sm")
+        again_button = gr.Button("Train again with these settings", elem_id="train-again", size="sm")
     with gr.Row():
         loss_plot = gr.Plot(label="Loss", elem_id="loss-plot")
         acc_plot = gr.Plot(label="Accuracy", elem_id="accuracy-plot")
+    with gr.Accordion("Run details (device, precision, notes)", open=False):
+        details = gr.Markdown(status_details({}), elem_id="train-details")
 
     # The form, by TrainConfig field name: the one place that ties components to fields.
     form = {
@@ -417,45 +584,95 @@ def build(ctx: Any, data: Any) -> None:
         def report(done: int, total: int) -> None:
             progress((done, total), desc="Checking images", unit="files")
 
-        text, run_dir = start_run(ctx, {name: values[comp] for name, comp in form.items()}, values[data.path], report)
+        chosen = values[data.chosen]
+        if not chosen or not chosen.get("path"):
+            return "✗ No dataset chosen: pick a folder in the Data tab and press Scan.", gr.skip(), gr.skip()
+        text, run_dir = start_run(ctx, {name: values[comp] for name, comp in form.items()}, chosen["path"], report)
         return text, (run_dir if run_dir else gr.skip()), None
 
     def on_resume(run_dir: str | None) -> tuple:
         text, resumed = resume_run(ctx, run_dir)
         return text, (resumed if resumed else gr.skip()), None
 
-    start.click(on_start, inputs=set(form.values()) | {data.path}, outputs=[message, run_state, signature])
+    def on_poll(run: str | None, sig: Any) -> tuple:
+        values = poll(ctx, run, sig)
+        # A run that has ended clears "Stopping…" and similar messages of the buttons.
+        new_signature = values[-1]
+        settled = isinstance(new_signature, tuple) and read_status(new_signature[0]).get("status") in (
+            "completed", "stopped", "failed", "interrupted")
+        return (*values, "" if settled else gr.skip())
+
+    # On Start, bring the buttons, status and plots into view: that is where things move.
+    scroll = "() => document.querySelector('#train-live')?.scrollIntoView({behavior: 'smooth', block: 'start'})"
+    start.click(on_start, inputs=set(form.values()) | {data.chosen}, outputs=[message, run_state, signature])
+    start.click(None, js=scroll)
     stop.click(lambda: stop_run(ctx), outputs=message)
     resume.click(on_resume, inputs=run_state, outputs=[message, run_state, signature])
-    timer.tick(lambda run, sig: poll(ctx, run, sig), inputs=[run_state, signature],
-               outputs=[status, loss_plot, acc_plot, signature])
+    resume.click(None, js=scroll)
+    live = {"status": status, "progress": progress_bar, "details": details, "loss": loss_plot,
+            "accuracy": acc_plot, "after_run": after_run, "banner": banner, "signature": signature}
+    timer.tick(on_poll, inputs=[run_state, signature], outputs=[*(live[k] for k in POLL_KEYS), message])
+
+    # The chosen dataset: shown at the top, its suggested augmentation in the form.
+    # The dataset's suggestions (augmentation, scratch image size) are applied once per dataset, so a
+    # re-scan keeps what the user chose, and "Train again" keeps the run's own settings.
+    suggested_for = gr.State(None)
+
+    def on_dataset(chosen: dict | None, done_for: str | None) -> tuple:
+        chosen = chosen or {}
+        path, suggestion, size = chosen.get("path"), chosen.get("augment"), chosen.get("suggested_image_size")
+        if path == done_for or not path:
+            return dataset_markdown(chosen), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return (dataset_markdown(chosen), suggestion or gr.skip(), size or gr.skip(), path,
+                augment_summary(suggestion, chosen) if suggestion else gr.skip())
+
+    data.chosen.change(on_dataset, inputs=[data.chosen, suggested_for],
+                       outputs=[dataset_line, augment, image_size, suggested_for, augment_note])
+    augment.change(lambda name, chosen: augment_summary(name, chosen), inputs=[augment, data.chosen],
+                   outputs=augment_note)
+
+    def on_again(run: str | None) -> list:
+        values, data_dir, text = train_again(shown_run(ctx, run), fields)
+        # The run's own augmentation wins over the dataset's suggestion.
+        return [*values, data_dir if data_dir else gr.skip(), data_dir if data_dir else gr.skip(), text]
+
+    again_button.click(on_again, inputs=run_state, outputs=[*form.values(), data.path, suggested_for, message]).then(
+        data.scan_handler, inputs=data.path, outputs=data.outputs)
 
     for name, button in preset_buttons.items():
         def apply(model_name: str, size: float, name: str = name) -> list:
             values, text = preset_updates(name, model_name, size, fields)
             return [*values, text]
 
-        button.click(apply, inputs=[model, image_size], outputs=[*form.values(), message])
+        # A preset changes the freeze depth, image size and augmentation: refresh their summaries too.
+        button.click(apply, inputs=[model, image_size], outputs=[*form.values(), message]).then(
+            info, inputs=[model, image_size, freeze_depth, data.classes], outputs=[freeze_depth, params])
 
     preview_button.click(
         lambda values: augmentation_preview({n: values[c] for n, c in form.items()}, values[data.path], ctx.settings),
         inputs=set(form.values()) | {data.path}, outputs=[preview, preview_message],
     )
     data.balance_button.click(
-        lambda: ("balanced", "⚖️ Class weights set to **balanced** (Train tab → Augmentation and regularization)."),
+        lambda: ("balanced", "⚖ Class weights set to **balanced** (Train tab → Augmentation and regularization)."),
         outputs=[class_weights, message],
     )
 
     info_inputs = [model, image_size, freeze_depth, data.classes]
-    model.change(
-        lambda name: (gr.update(visible=name == SCRATCH_MODEL), SCRATCH_LR if name == SCRATCH_MODEL else FINETUNE_LR),
-        inputs=model, outputs=[image_size, lr],
-    )
-    data.suggested_size.change(lambda size: size if size else gr.skip(), inputs=data.suggested_size,
-                               outputs=image_size)
-    def info(name: str, size: int | None, depth: int, classes: list[str]) -> tuple[Any, str]:
-        return model_info(name, size, depth, classes, settings=ctx.settings)
-
+    model.change(lambda name: gr.update(visible=name == SCRATCH_MODEL), inputs=model, outputs=image_size)
+    # Only a model the user picks suggests a learning rate (a loaded run's settings keep theirs).
+    model.input(lambda name: SCRATCH_LR if name == SCRATCH_MODEL else FINETUNE_LR, inputs=model, outputs=lr)
     for component in (model, image_size, data.classes):
         component.change(info, inputs=info_inputs, outputs=[freeze_depth, params])
     freeze_depth.input(info, inputs=info_inputs, outputs=[freeze_depth, params], trigger_mode="always_last")
+
+    def on_load() -> list:
+        # A reopened page shows the running job's settings in the form, not the defaults.
+        job = ctx.runner.current
+        if job is None or not job.running or job.kind != "train":
+            return [gr.skip() for _ in range(len(fields) + 1)]
+        values, data_dir, _ = train_again(str(job.run_dir), fields)
+        return [*values, data_dir if data_dir else gr.skip()]
+
+    return TrainTab(run=run_state, evaluate_button=evaluate_button, try_button=try_button, signature=signature,
+                    on_load=on_load,
+                    load_outputs=[*form.values(), suggested_for])
