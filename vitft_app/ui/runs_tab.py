@@ -125,6 +125,26 @@ def open_in(ctx: Any, run_dir: str | None, target: str) -> tuple[Any, str, bool]
     return gr.update(choices=model_choices(ctx), value=run_dir), f"Opened `{Path(run_dir).name}` in {target.title()}.", True
 
 
+def open_demo(ctx: Any, run_dir: str | None) -> tuple[str, int | None]:
+    """Starts (or reuses) the run's demo page on its own port in this process
+    (:class:`~vitft_app.ui.demo_page.DemoServers`). Never raises.
+
+    Returns:
+        ``(message markdown, port or None)``; the page's JavaScript opens the port on the host the
+        browser already uses.
+    """
+    from ..demo import DemoError
+
+    if not run_dir:
+        return "Choose a run first (click its row).", None
+    try:
+        port = ctx.demo_servers.open(run_dir)
+    except (DemoError, FileNotFoundError, OSError, ValueError) as exc:
+        return f"❌ {exc}", None
+    return (f"Demo page of `{Path(run_dir).name}` on port {port}: [open it](http://127.0.0.1:{port}/) (this machine)"
+            f" or the same address as this app with port :{port}. It stays up while the app runs.", port)
+
+
 def resume_selected(ctx: Any, run_dir: str | None) -> str:
     """Resumes the selected stopped, interrupted or failed run from its checkpoint (the Train
     tab's Resume, :func:`vitft_app.ui.train_tab.resume_run`). Never raises."""
@@ -189,6 +209,7 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab, tabs: gr.Tabs, evaluate_run: g
         evaluate_button = gr.Button("Open in Evaluate", elem_id="runs-open-evaluate")
         predict_button = gr.Button("Open in Predict", elem_id="runs-open-predict")
         resume_button = gr.Button("Resume", elem_id="runs-resume")
+        demo_button = gr.Button("Open demo page", elem_id="runs-open-demo")
         delete_button = gr.Button("Delete…", variant="stop", elem_id="runs-delete")
     with gr.Row(visible=False) as confirm_row:
         confirm_button = gr.Button("Yes, delete it", variant="stop", elem_id="runs-delete-confirm")
@@ -231,6 +252,10 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab, tabs: gr.Tabs, evaluate_run: g
                          outputs=[message, confirm_row]).then(on_refresh, inputs=filters, outputs=outputs)
     cancel_button.click(lambda: ("Not deleted.", gr.update(visible=False)), outputs=[message, confirm_row])
     resume_button.click(lambda run_dir: resume_selected(ctx, run_dir), inputs=selected, outputs=message)
+    demo_port = gr.Number(visible=False)
+    demo_button.click(lambda run_dir: open_demo(ctx, run_dir), inputs=selected, outputs=[message, demo_port]).then(
+        None, inputs=demo_port, js="(port) => { if (port) window.open(`${location.protocol}//${location.hostname}:${port}/`,"
+                                   " '_blank'); }")
     for button, target, dropdown in ((evaluate_button, "evaluate", evaluate_run), (predict_button, "predict", predict_run)):
         # Set the target tab's dropdown first, then switch, so its select handler sees the new value.
         button.click(lambda run_dir, target=target: open_in(ctx, run_dir, target), inputs=selected,
