@@ -228,8 +228,9 @@ def _stop(process: subprocess.Popen | None) -> None:
         process.wait(10)
 
 
-def _drive_page(url: str, upload: Path, expected_classes: list[str], shot_prefix: str, overlay: bool) -> None:
-    """Drop an image -> top-k bars; click an example -> a new prediction; screenshots at 1400x900."""
+def _drive_page(url: str, upload: Path, expected_classes: list[str], shot_prefix: str, overlay: bool,
+                upload_class: str | None = None, example_index: int = -1, example_class: str | None = None) -> None:
+    """Click an example -> a prediction; drop an image -> top-k bars; screenshots at 1400x900."""
     from playwright.sync_api import expect, sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
@@ -240,25 +241,24 @@ def _drive_page(url: str, upload: Path, expected_classes: list[str], shot_prefix
             page.set_default_timeout(60_000)
             page.goto(url)
             expect(page.locator("#demo-header")).to_contain_text("Validation accuracy")
-            page.screenshot(path=str(ARTIFACTS / f"{shot_prefix}-open.png"))
-            page.locator("#demo-image input[type=file]").set_input_files(str(upload))
             label = page.locator("#demo-label")
-            expect(label).to_contain_text(expected_classes[0])
+            expect(label).not_to_contain_text("%")
+            page.screenshot(path=str(ARTIFACTS / f"{shot_prefix}-open.png"))
+            page.locator("#demo-examples button").nth(example_index).click()
+            expect(label).to_contain_text("%")
+            if example_class is not None:
+                expect(label.locator(".output-class").first).to_have_text(example_class)
+            page.screenshot(path=str(ARTIFACTS / f"{shot_prefix}-example.png"))
+            page.locator("#demo-image input[type=file]").set_input_files(str(upload))
+            if upload_class is not None:
+                expect(label.locator(".output-class").first).to_have_text(upload_class)
             for name in expected_classes:
                 expect(label).to_contain_text(name)
-            expect(label).to_contain_text("%")
             page.screenshot(path=str(ARTIFACTS / f"{shot_prefix}-dropped.png"))
             if overlay:
                 page.locator("#demo-overlay-toggle input").check()
                 expect(page.locator("#demo-overlay img")).to_be_visible()
                 page.screenshot(path=str(ARTIFACTS / f"{shot_prefix}-overlay.png"))
-                page.locator("#demo-overlay-toggle input").uncheck()
-            # clear, then click the last example: a prediction appears again
-            page.locator("#demo-image button[aria-label='Clear']").first.click()
-            expect(label).not_to_contain_text("%")
-            page.locator("#demo-examples button").last.click()
-            expect(label).to_contain_text("%")
-            page.screenshot(path=str(ARTIFACTS / f"{shot_prefix}-example.png"))
         finally:
             browser.close()
 
@@ -274,7 +274,11 @@ def test_demo_page_in_a_browser(strong_run, tmp_path, colors_root):
         process = _serve([sys.executable, "-m", "vitft_app.cli", "demo", str(strong_run), "--port", str(port),
                           "--no-browser"], tmp_path, env, port, tmp_path / "demo.log")
         upload = sorted((colors_root / "blue").iterdir())[0]
-        _drive_page(f"http://127.0.0.1:{port}", upload, ["blue"], "demo-page", overlay=True)
+        examples = demo_summary(strong_run).example_labels
+        red = examples.index("red")
+        _drive_page(f"http://127.0.0.1:{port}", upload, ["blue"], "demo-page", overlay=True, upload_class="blue",
+                    example_index=red,
+                    example_class="red")
     finally:
         _stop(process)
 

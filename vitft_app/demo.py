@@ -95,9 +95,10 @@ class DemoSummary:
         if self.val_accuracy is None:
             return "Weak model: it has no validation accuracy yet, so nothing says its answers are right."
         if self.baseline is not None:
-            return (f"Weak model: {self.val_accuracy:.1%} is about what always answering '{self.majority_class}'"
-                    f" gives ({self.baseline:.1%}). Do not trust its answers; train longer, from a pretrained"
-                    " model, or with more images.")
+            where = "below" if self.val_accuracy < self.baseline - 0.005 else "about"
+            return (f"Weak model: {self.val_accuracy:.1%} validation accuracy is {where} what always answering"
+                    f" '{self.majority_class}' gives ({self.baseline:.1%}). Do not trust its answers; train longer,"
+                    " from a pretrained model, or with more images.")
         return (f"Weak model: {self.val_accuracy:.1%} is close to chance ({self.chance:.1%}). Do not trust its"
                 " answers.")
 

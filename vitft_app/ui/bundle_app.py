@@ -24,7 +24,7 @@ CSS = """
 #demo-header h1 {margin-bottom: 0.2em}
 .demo-warning {background: #fff4e5; border-left: 5px solid #e67e22; padding: 10px 14px; border-radius: 4px}
 .demo-warning p {color: #7a3e00 !important; margin: 0}
-#demo-image {min-height: 440px}
+#demo-image img, #demo-overlay img {width: 100%; height: 100%; object-fit: contain}
 """
 
 #: Classes shown as bars.
@@ -163,6 +163,7 @@ def launch(page: gr.Blocks, host: str | None, port: int | None, allowed: list[st
     """Serves the page (gradio 6 takes the CSS at launch, gradio 5 in ``gr.Blocks``)."""
     if int(gr.__version__.split(".")[0]) >= 6:
         kwargs["css"] = CSS
+        kwargs.setdefault("footer_links", [])  # a clean page: no API or settings links
     return page.queue(default_concurrency_limit=2).launch(
         server_name=host, server_port=port, allowed_paths=allowed, inbrowser=open_browser, show_error=False,
         **kwargs)
