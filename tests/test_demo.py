@@ -180,7 +180,7 @@ def test_runs_tab_opens_a_demo_server(strong_run, tmp_path):
     ctx = Ctx()
     try:
         message, port = open_demo(ctx, str(strong_run))
-        assert port and f":{port}" in message
+        assert port and f"http://127.0.0.1:{port}/" in message
         html = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).read().decode()
         assert strong_run.name in html
         assert open_demo(ctx, str(strong_run))[1] == port  # reused, not a second server
@@ -314,3 +314,56 @@ def test_bundle_in_a_browser_without_vitft(weak_run, tmp_path, digits_root):
     finally:
         _stop(process)
     assert "vitft_app" not in (tmp_path / "bundle.log").read_text()
+
+
+@pytest.mark.browser
+def test_app_train_tab_info_and_runs_tab_demo_button(strong_run, tmp_path):
+    """The app: the model picker's info line (offline: scratch default with its note), then Runs ->
+    select the run -> Open demo page opens the demo in a new tab."""
+    from playwright.sync_api import expect, sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"Chromium not found at {CHROMIUM}")
+    (tmp_path / "data").mkdir()
+    port = free_port()
+    env = {**os.environ, "VITFT_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1",
+           "HF_HUB_CACHE": str(tmp_path / "empty-hf-cache"), "GRADIO_ANALYTICS_ENABLED": "False"}
+    process = None
+    try:
+        process = _serve([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--data-root",
+                          str(tmp_path / "data"), "--runs-dir", str(strong_run.parent), "--no-browser"],
+                         tmp_path, env, port, tmp_path / "app.log")
+        ARTIFACTS.mkdir(exist_ok=True)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 900})
+                page.set_default_timeout(120_000)
+                page.goto(f"http://127.0.0.1:{port}")
+                expect(page.locator("#data-summary")).to_contain_text("10 classes", timeout=300_000)
+                page.get_by_role("tab", name="Train").click()
+                expect(page.locator("#model-choice input")).to_have_value(SCRATCH_MODEL_ID)
+                info = page.locator("#model-catalog-info")
+                expect(info).to_contain_text("per epoch")
+                expect(info).to_contain_text("estimate")
+                expect(info).to_contain_text("random weights: expect low accuracy on small datasets", ignore_case=True)
+                page.screenshot(path=str(ARTIFACTS / "demo-app-train-info.png"))
+                page.get_by_role("tab", name="Runs").click()
+                page.locator("#runs-selected input").click()
+                page.get_by_role("option", name=strong_run.name).click()
+                expect(page.locator("#runs-selected input")).to_have_value(strong_run.name)
+                page.locator("#runs-open-demo").click()
+                expect(page.locator("#runs-message")).to_contain_text("Demo page of")
+                page.screenshot(path=str(ARTIFACTS / "demo-app-runs-button.png"))
+                with page.context.expect_page() as opened:
+                    page.locator("#runs-demo-link").click()
+                demo = opened.value
+                expect(demo.locator("#demo-header")).to_contain_text("Validation accuracy")
+                expect(demo.locator("#demo-header")).to_contain_text(strong_run.name)
+            finally:
+                browser.close()
+    finally:
+        _stop(process)
+
+
+SCRATCH_MODEL_ID = "vit-tiny-scratch"

@@ -352,7 +352,7 @@ class ModelInfo:
                 f" · {self.forward_gflops:.1f} GFLOPs per image")
         if self.epoch_seconds is not None:
             text += (f" · **about {format_duration(self.epoch_seconds)} per epoch** on this {self.device.upper()}"
-                     " (estimate from FLOPs and a quick matmul probe, full fine-tune)")
+                     " (estimate: FLOPs and a quick matmul probe)")
         return text
 
 

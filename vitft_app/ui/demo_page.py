@@ -110,14 +110,32 @@ class DemoServers:
         with self._lock:
             page = self._pages.pop(key, None)
             if page is None:
-                page = serve_demo(key, self.host, None, open_browser=False, auth=self.auth, device=self.device,
-                                  block=False)
+                page = self._start(key)
             self._pages[key] = page  # newest last
             while len(self._pages) > self.limit:
                 _, oldest = next(iter(self._pages.items()))
                 self._pages.pop(next(iter(self._pages)))
                 oldest.close()
             return int(page.server_port)
+
+    def _start(self, run_dir: str) -> gr.Blocks:
+        """Builds and serves the page in a fresh thread: inside an event handler gradio treats
+        new components as updates (a context variable a new thread does not inherit)."""
+        result: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                result["page"] = serve_demo(run_dir, self.host, None, open_browser=False, auth=self.auth,
+                                            device=self.device, block=False)
+            except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                result["error"] = exc
+
+        thread = threading.Thread(target=target, name="vitft-demo-start", daemon=True)
+        thread.start()
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        return result["page"]
 
     def close(self) -> None:
         """Stops every demo page."""

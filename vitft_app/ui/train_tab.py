@@ -66,7 +66,7 @@ def catalog_info(model: str, image_size: int | None, data_text: str | None, sett
         info = describe_model(model, num_train, int(image_size) if image_size else None, settings.device)
     except Exception as exc:  # noqa: BLE001 - the parameter summary below says why in full
         return f"_No size or time estimate for this model ({type(exc).__name__})._"
-    note = f"\n\n⚠️ **{SCRATCH_NOTE[0].upper() + SCRATCH_NOTE[1:]}.**" if info.pretrained_on and \
+    note = f"\n\n**{SCRATCH_NOTE[0].upper() + SCRATCH_NOTE[1:]}.**" if info.pretrained_on and \
         info.pretrained_on.startswith("nothing") else ""
     return info.markdown() + note
 
