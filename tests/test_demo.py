@@ -245,11 +245,16 @@ def _drive_page(url: str, upload: Path, expected_classes: list[str], shot_prefix
             expect(label).not_to_contain_text("%")
             page.screenshot(path=str(ARTIFACTS / f"{shot_prefix}-open.png"))
             page.locator("#demo-examples button").nth(example_index).click()
+            page.wait_for_timeout(300)
+            expect(label).not_to_contain_text("processing")
             expect(label).to_contain_text("%")
             if example_class is not None:
                 expect(label.locator(".output-class").first).to_have_text(example_class)
             page.screenshot(path=str(ARTIFACTS / f"{shot_prefix}-example.png"))
             page.locator("#demo-image input[type=file]").set_input_files(str(upload))
+            page.wait_for_timeout(300)
+            expect(label).not_to_contain_text("processing")
+            expect(label).to_contain_text("%")
             if upload_class is not None:
                 expect(label.locator(".output-class").first).to_have_text(upload_class)
             for name in expected_classes:

@@ -22,8 +22,8 @@ HERE = Path(__file__).resolve().parent
 
 CSS = """
 #demo-header h1 {margin-bottom: 0.2em}
-.demo-warning {background: #fff4e5; border-left: 5px solid #e67e22; padding: 10px 14px; border-radius: 4px}
-.demo-warning p {color: #7a3e00 !important; margin: 0}
+#demo-warning {background: #fff4e5; padding: 10px 14px; border-radius: 4px}
+#demo-warning p {color: #7a3e00 !important; margin: 0}
 #demo-image img, #demo-overlay img {width: 100%; height: 100%; object-fit: contain}
 """
 
@@ -68,22 +68,22 @@ def build_page(info: dict[str, Any], classify: Callable[[Image.Image], dict[str,
     with gr.Blocks(title=info["title"], **blocks_kwargs) as page:
         gr.Markdown(f"# {info['title']}\n{info['headline']}", elem_id="demo-header")
         if info.get("warning"):
-            gr.Markdown(f"**{info['warning']}**", elem_id="demo-warning", elem_classes=["demo-warning"])
+            gr.Markdown(f"**{info['warning']}**", elem_id="demo-warning")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
-                image = gr.Image(type="pil", sources=["upload", "webcam", "clipboard"], height=440,
+                image = gr.Image(type="pil", sources=["upload", "webcam", "clipboard"], height=400,
                                  label="Drop an image here, click to choose one, or use the webcam",
                                  elem_id="demo-image")
                 show_overlay = gr.Checkbox(False, label="Show where the model looks (attention overlay)",
                                            visible=explain is not None, elem_id="demo-overlay-toggle")
+                if examples:
+                    gr.Examples([[path] for path in examples], inputs=image, label="Examples from the validation"
+                                " split: click one", examples_per_page=len(examples), elem_id="demo-examples")
             with gr.Column(scale=2):
                 label = gr.Label(num_top_classes=top_k, label="Top classes", elem_id="demo-label")
                 overlay = gr.Image(label="Where the model looks (red: most attended patches)", visible=False,
                                    interactive=False, height=320, elem_id="demo-overlay")
                 note = gr.Markdown(elem_id="demo-note")
-        if examples:
-            gr.Examples([[path] for path in examples], inputs=image, label="Examples from the validation split:"
-                        " click one", examples_per_page=len(examples), elem_id="demo-examples")
         outputs = [label, overlay, note]
         image.change(run, inputs=[image, show_overlay], outputs=outputs)
         show_overlay.change(run, inputs=[image, show_overlay], outputs=outputs)
