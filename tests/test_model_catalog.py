@@ -165,3 +165,21 @@ def test_describe_catalogue_and_saved_models(tiny_vit):
     scratch = mc.describe_model(SCRATCH_MODEL, 50, image_size=64, device="cpu")
     assert scratch.pretrained_on.startswith("nothing")
     assert scratch.forward_gflops < mc.describe_model(SCRATCH_MODEL, 50, image_size=224, device="cpu").forward_gflops
+
+
+def test_train_tab_info_line(digits_small, tiny_vit):
+    """The Train tab's handler: estimate for the chosen dataset, the scratch note, no traceback."""
+    from types import SimpleNamespace
+
+    from vitft_app.data import scan_dataset
+    from vitft_app.ui.train_tab import catalog_info
+
+    settings = SimpleNamespace(data_root=digits_small.parent, example_dir=digits_small, device="cpu")
+    text = catalog_info(SCRATCH_MODEL, 32, str(digits_small), settings)
+    num_train = len(scan_dataset(digits_small).train)
+    info = mc.describe_model(SCRATCH_MODEL, num_train, image_size=32, device="cpu")
+    assert text.startswith(info.markdown())
+    assert "Random weights: expect low accuracy on small datasets" in text and "estimate" in text
+    assert "Random weights" not in catalog_info(str(tiny_vit), None, str(digits_small), settings)
+    assert "per epoch" not in catalog_info(SCRATCH_MODEL, 32, "/no/such/folder", settings)
+    assert catalog_info("no-such-org/no-such-model-offline", None, "", settings).startswith("_No size")

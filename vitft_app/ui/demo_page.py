@@ -97,7 +97,7 @@ class DemoServers:
     def __init__(self, host: str = "127.0.0.1", auth: tuple[str, str] | None = None, device: str | None = None,
                  limit: int = 3):
         self.host, self.auth, self.device, self.limit = host, auth, device, limit
-        self._pages: dict[str, gr.Blocks] = {}
+        self._pages: dict[tuple, gr.Blocks] = {}
         self._lock = threading.Lock()
 
     def open(self, run_dir: str | Path) -> int:
@@ -106,11 +106,16 @@ class DemoServers:
         Raises:
             DemoError: not a run folder, or no saved model.
         """
-        key = str(Path(run_dir).resolve())
+        from ..runs import model_dir
+
+        folder = model_dir(run_dir)
+        weights = sorted(folder.glob("*.safetensors")) if folder is not None else []
+        # a new best model (the run kept training, or was resumed) gets a fresh page
+        key = (str(Path(run_dir).resolve()), tuple(p.stat().st_mtime_ns for p in weights))
         with self._lock:
             page = self._pages.pop(key, None)
             if page is None:
-                page = self._start(key)
+                page = self._start(key[0])
             self._pages[key] = page  # newest last
             while len(self._pages) > self.limit:
                 _, oldest = next(iter(self._pages.items()))
