@@ -615,7 +615,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     """``vitft demo``: serve the run's demo page (blocks), or write the bundle with ``--bundle``."""
-    from .demo import DemoError, write_bundle
+    from .demo import DemoError, demo_summary, write_bundle
 
     try:
         if args.bundle:
@@ -628,6 +628,7 @@ def run_demo(args: argparse.Namespace) -> int:
         from .ui.demo_page import serve_demo
 
         auth = parse_auth(args.auth)
+        demo_summary(args.run)  # a bad folder fails here, before the banner
         print(f"Demo page of {args.run} on http://{args.host}:{args.port} (Ctrl+C stops it)", file=sys.stderr, flush=True)
         serve_demo(args.run, args.host, args.port, open_browser=not args.no_browser, auth=auth)
     except (DemoError, FileNotFoundError, OSError, ValueError) as exc:
