@@ -131,10 +131,15 @@ def default_model(device: str, hub_reachable: bool, cached: Iterable[str]) -> st
     return RECOMMENDED_SCRATCH_MODEL
 
 
+def is_scratch(model_id: str) -> bool:
+    """True for a model with random weights (:data:`~vitft_app.config.SCRATCH_MODEL` or
+    :data:`RECOMMENDED_SCRATCH_MODEL`)."""
+    return model_id in (SCRATCH_MODEL, RECOMMENDED_SCRATCH_MODEL)
+
+
 def default_model_note(model_id: str) -> str:
-    """The note shown beside the default: :data:`SCRATCH_NOTE` for a scratch model, else ''."""
-    entry = CATALOG.get(model_id)
-    return SCRATCH_NOTE if entry is not None and not entry.devices else ""
+    """The note shown beside a model: :data:`SCRATCH_NOTE` for a scratch model, else ''."""
+    return SCRATCH_NOTE if is_scratch(model_id) else ""
 
 
 def hub_reachable() -> bool:
@@ -378,7 +383,7 @@ def describe_model(model_id: str, num_train_images: int | None, image_size: int 
     flops, counted_params = _count_forward(_config_key(config))
     entry = CATALOG.get(model_id)
     params = entry.params_millions if entry is not None and model_id != SCRATCH_MODEL else counted_params / 1e6
-    if model_id == SCRATCH_MODEL:
+    if is_scratch(model_id):
         pretrained = CATALOG[SCRATCH_MODEL].pretrained_on
     else:
         pretrained = entry.pretrained_on if entry is not None else None

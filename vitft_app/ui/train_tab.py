@@ -52,7 +52,7 @@ def catalog_info(model: str, image_size: int | None, data_text: str | None, sett
     the chosen dataset (:func:`vitft_app.model_catalog.describe_model`); the random-weights note
     for a scratch model. Never raises: a model or dataset that cannot be read gives a short line."""
     from ..data import scan_dataset
-    from ..model_catalog import SCRATCH_NOTE, describe_model
+    from ..model_catalog import default_model_note, describe_model
 
     model = (model or "").strip()
     if not model:
@@ -62,12 +62,12 @@ def catalog_info(model: str, image_size: int | None, data_text: str | None, sett
         num_train = len(scan_dataset(resolve_data_path(data_text, settings)).train) or None
     except Exception:  # noqa: BLE001 - no dataset yet: the line simply has no estimate
         pass
+    note = default_model_note(model)
+    note = f"\n\n**{note[0].upper() + note[1:]}.**" if note else ""
     try:
         info = describe_model(model, num_train, int(image_size) if image_size else None, settings.device)
     except Exception as exc:  # noqa: BLE001 - the parameter summary below says why in full
-        return f"_No size or time estimate for this model ({type(exc).__name__})._"
-    note = f"\n\n**{SCRATCH_NOTE[0].upper() + SCRATCH_NOTE[1:]}.**" if info.pretrained_on and \
-        info.pretrained_on.startswith("nothing") else ""
+        return f"_No size or time estimate for this model ({type(exc).__name__})._" + note
     return info.markdown() + note
 
 
