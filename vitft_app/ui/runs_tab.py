@@ -135,6 +135,37 @@ def open_in(ctx: Any, run_dir: str | None, target: str) -> tuple[Any, str, bool]
     return gr.update(choices=model_choices(ctx), value=run_dir), f"Opened `{Path(run_dir).name}` in {target.title()}.", True
 
 
+def open_demo(ctx: Any, run_dir: str | None, page_host: str = "127.0.0.1") -> tuple[str, int | None]:
+    """Starts (or reuses) the run's demo page on its own port in this process
+    (:class:`~vitft_app.ui.demo_page.DemoServers`). Never raises.
+
+    Args:
+        page_host: the host name the browser used for the app (the link points there).
+
+    Returns:
+        ``(message markdown with a link that opens a new tab, port or None)``.
+    """
+    from ..demo import DemoError
+
+    if not run_dir:
+        return "Choose a run first (click its row).", None
+    try:
+        port = ctx.demo_servers.open(run_dir)
+    except (DemoError, FileNotFoundError, OSError, ValueError) as exc:
+        return f"❌ {exc}", None
+    url = f"http://{page_host}:{port}/"
+    return (f'Demo page of `{Path(run_dir).name}`: <a href="{url}" target="_blank" id="runs-demo-link">{url}</a>'
+            " (opens in a new tab; it stays up while the app runs).", port)
+
+
+def _browser_host(request: Any) -> str:
+    """The host name in the browser's address bar for this app (from the request's Host header)."""
+    host = (getattr(request, "headers", None) or {}).get("host", "") if request is not None else ""
+    if host.startswith("["):  # [IPv6]:port
+        return host.split("]")[0] + "]"
+    return host.rsplit(":", 1)[0] if host else "127.0.0.1"
+
+
 def resume_selected(ctx: Any, run_dir: str | None) -> str:
     """Resumes the selected stopped, interrupted or failed run from its checkpoint (the Train
     tab's Resume, :func:`vitft_app.ui.train_tab.resume_run`). Never raises."""
@@ -199,6 +230,7 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab, tabs: gr.Tabs, evaluate_run: g
         evaluate_button = gr.Button("Open in Evaluate", elem_id="runs-open-evaluate")
         predict_button = gr.Button("Open in Predict", elem_id="runs-open-predict")
         resume_button = gr.Button("Resume", elem_id="runs-resume")
+        demo_button = gr.Button("Open demo page", elem_id="runs-open-demo")
         delete_button = gr.Button("Delete…", variant="stop", elem_id="runs-delete")
     with gr.Row(visible=False) as confirm_row:
         confirm_button = gr.Button("Yes, delete it", variant="stop", elem_id="runs-delete-confirm")
@@ -242,6 +274,10 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab, tabs: gr.Tabs, evaluate_run: g
                          outputs=[message, confirm_row]).then(on_refresh, inputs=filters, outputs=outputs)
     cancel_button.click(lambda: ("Not deleted.", gr.update(visible=False)), outputs=[message, confirm_row])
     resume_button.click(lambda run_dir: resume_selected(ctx, run_dir), inputs=selected, outputs=message)
+    def on_demo(run_dir: str | None, request: gr.Request) -> str:
+        return open_demo(ctx, run_dir, _browser_host(request))[0]
+
+    demo_button.click(on_demo, inputs=selected, outputs=message)
     for button, target, dropdown in ((evaluate_button, "evaluate", evaluate_run), (predict_button, "predict", predict_run)):
         # Set the target tab's dropdown first, then switch, so its select handler sees the new value.
         button.click(lambda run_dir, target=target: open_in(ctx, run_dir, target), inputs=selected,

@@ -13,6 +13,7 @@ import gradio as gr
 from ..checkpoint import ResumeError
 from ..config import SCRATCH_MODEL, TrainConfig, field_docs
 from ..jobs import BusyError
+from ..model_catalog import resolve_default_model
 from ..modeling import MODEL_CHOICES, ModelLoadError, summarize_model
 from ..presets import PRESETS, preset_values_for_model
 from ..app_state import dataset_markdown
@@ -54,6 +55,34 @@ def model_info(model: str, image_size: int | None, freeze_depth: int, classes: l
         gr.update(maximum=summary.num_blocks, value=depth),
         summary.describe() + probe,
     )
+
+
+def catalog_info(model: str, image_size: int | None, data_text: str | None, settings: Any) -> str:
+    """The model picker's info line: parameters, pretraining data and the estimated epoch time on
+    the chosen dataset (:func:`vitft_app.model_catalog.describe_model`); the random-weights note
+    for a scratch model. Never raises: a model or dataset that cannot be read gives a short line."""
+    from ..data import scan_dataset
+    from ..model_catalog import default_model_note, describe_model
+
+    model = (model or "").strip()
+    if not model:
+        return ""
+    try:
+        model = settings.check_model(model)  # a typed folder must be allowed before it is read
+    except Exception as exc:  # noqa: BLE001 - the parameter summary below says why in full
+        return f"_No size or time estimate for this model ({exc})._"
+    num_train = None
+    try:
+        num_train = len(scan_dataset(resolve_data_path(data_text, settings)).train) or None
+    except Exception:  # noqa: BLE001 - no dataset yet: the line simply has no estimate
+        pass
+    note = default_model_note(model)
+    note = f"\n\n**{note[0].upper() + note[1:]}.**" if note else ""
+    try:
+        info = describe_model(model, num_train, int(image_size) if image_size else None, settings.device)
+    except Exception as exc:  # noqa: BLE001 - the parameter summary below says why in full
+        return f"_No size or time estimate for this model ({type(exc).__name__})._" + note
+    return info.markdown() + note
 
 
 def config_from_form(values: dict[str, Any], data_dir: Path) -> TrainConfig:
@@ -476,13 +505,16 @@ def build(ctx: Any, data: Any) -> TrainTab:
                                                   min_width=90) for name in PRESETS}
     with gr.Row():
         with gr.Column(scale=2):
+            default_model, _ = resolve_default_model(ctx.settings.device)  # pretrained when the Hub or cache has one
             model = gr.Dropdown(
-                choices=list(MODEL_CHOICES), value=SCRATCH_MODEL, allow_custom_value=True,
+                choices=list(MODEL_CHOICES), value=default_model, allow_custom_value=True,
                 label="Model", info="A Hub id, a local save_pretrained folder, or vit-tiny-scratch (offline).",
                 elem_id="model-choice",
             )
+            catalog = gr.Markdown(elem_id="model-catalog-info")
             image_size = gr.Slider(32, 224, value=224, step=16, label="Image size (vit-tiny-scratch)",
-                                   info=docs["image_size"], elem_id="image-size")
+                                   info=docs["image_size"], elem_id="image-size",
+                                   visible=default_model == SCRATCH_MODEL)
             freeze_depth = gr.Slider(0, 12, value=0, step=1, label="Freeze depth", info=docs["freeze_depth"],
                                      elem_id="freeze-depth")
             params = gr.Markdown(elem_id="param-count")
@@ -491,7 +523,8 @@ def build(ctx: Any, data: Any) -> TrainTab:
                 epochs = gr.Number(value=defaults["epochs"], label="Epochs", precision=0, minimum=1, elem_id="epochs")
                 batch_size = gr.Number(value=defaults["batch_size"], label="Batch size", precision=0, minimum=1,
                                        elem_id="batch-size")
-                lr = gr.Number(value=SCRATCH_LR, label="Learning rate", info="5e-5 for fine-tuning, 1e-3 from scratch",
+                lr = gr.Number(value=SCRATCH_LR if default_model == SCRATCH_MODEL else FINETUNE_LR,
+                               label="Learning rate", info="5e-5 for fine-tuning, 1e-3 from scratch",
                                elem_id="lr")
             augment = gr.Dropdown(["none", "basic", "randaugment", "trivialaugment", "autoaugment"],
                                   value=defaults["augment"], label="Augmentation", elem_id="augment")
@@ -663,6 +696,9 @@ def build(ctx: Any, data: Any) -> TrainTab:
     model.input(lambda name: SCRATCH_LR if name == SCRATCH_MODEL else FINETUNE_LR, inputs=model, outputs=lr)
     for component in (model, image_size, data.classes):
         component.change(info, inputs=info_inputs, outputs=[freeze_depth, params])
+    for component in (model, image_size, data.classes):
+        component.change(lambda name, size, text: catalog_info(name, size, text, ctx.settings),
+                         inputs=[model, image_size, data.path], outputs=catalog)
     freeze_depth.input(info, inputs=info_inputs, outputs=[freeze_depth, params], trigger_mode="always_last")
 
     def on_load() -> list:
