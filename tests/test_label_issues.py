@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -134,3 +135,48 @@ def test_linear_probe_run_uses_k_fold_on_every_image(tmp_path, digits_small, tin
     result = find_run_label_issues(run_dir, device="cpu", folds=3, write=False)
     assert result.method.startswith("frozen backbone (linear probe): 3-fold")
     assert result.num_images == 60 and not (Path(run_dir) / "label_issues.csv").exists()
+
+
+def test_panel_handlers_edit_undo_and_retrain(noisy_run, tmp_path):
+    """The Evaluate panel's handlers on a real run: find, select, move, exclude, undo, retrain."""
+    from vitft_app.jobs import JobRunner
+    from vitft_app.runs_table import read_meta, runs_table
+    from vitft_app.ui import label_issues_panel as panel
+    from vitft_app.ui.app import AppContext, AppSettings
+
+    run_dir, _ = noisy_run
+    data = Path(json.loads((run_dir / "config.json").read_text())["data_dir"])
+    runs = tmp_path / "runs"
+    outside = AppContext(settings=AppSettings(data_root=tmp_path, runs_dir=runs, example_dir=tmp_path, device="cpu"),
+                         runner=JobRunner(runs, device="cpu"))
+    message, changed = panel.apply_edit(outside, str(run_dir), [str(next((data / "train" / "0").iterdir()))], "exclude")
+    assert message.startswith("❌") and "outside the data folders" in message and changed == []
+
+    ctx = AppContext(settings=AppSettings(data_root=data.parent, runs_dir=runs, example_dir=tmp_path, device="cpu"),
+                     runner=JobRunner(runs, device="cpu"))
+    items, paths, summary = panel.find_issues(ctx, str(run_dir))
+    assert len(items) == len(paths) and "suspected label error" in summary and "Method: fine-tuned" in summary
+    assert panel.run_classes(str(run_dir)) == ["0", "1", "7"]
+    a, b = sorted((data / "train" / "1").iterdir())[:2]
+    update, known = panel.add_to_selection(ctx, str(run_dir), [], [], str(a))
+    update, known = panel.add_to_selection(ctx, str(run_dir), known, update["value"], str(b))
+    assert known == [str(a), str(b)] and update["value"] == [str(a), str(b)]
+    assert update["choices"] == [(f"train/1/{a.name}", str(a)), (f"train/1/{b.name}", str(b))]
+    message, changed = panel.apply_edit(ctx, str(run_dir), [str(a)], "move", "7")
+    assert message.startswith("✅ Moved 1") and (data / "train" / "7" / a.name).is_file()
+    message, _ = panel.apply_edit(ctx, str(run_dir), [str(b)], "exclude")
+    assert message.startswith("✅ Excluded 1") and (data / "_excluded" / "train" / "1" / b.name).is_file()
+    assert list(panel.journal_view(ctx, str(run_dir))["action"]) == ["exclude", "move"]
+    assert panel.undo(ctx, str(run_dir), everything=False).startswith("↩️ Undid edit 2")
+    assert b.is_file()
+
+    started = panel.retrain(ctx, str(run_dir))
+    assert started.startswith("▶️ Started"), started
+    job = ctx.runner.current
+    assert job.wait(300)
+    meta = read_meta(job.run_dir)
+    assert meta["retrained_from"] == run_dir.name and meta["name"].endswith("(fixed data)")
+    table = runs_table(runs)
+    assert table.loc[table["run_id"] == job.run_dir.name, "retrained_from"].item() == run_dir.name
+    assert panel.undo(ctx, str(run_dir), everything=True) == "↩️ Undid 1 edit(s)."
+    assert a.is_file() and panel.undo(ctx, str(run_dir), everything=True) == "Nothing to undo."

@@ -25,6 +25,7 @@ simply seen at its new path by the next scan.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -397,3 +398,27 @@ def journal_frame(data_path: str | os.PathLike) -> pd.DataFrame:
         rows.append({"id": e.get("id"), "time": e.get("time", ""), "action": e.get("action"), "to": detail,
                      "images": count, "in effect": e.get("action") != "undo" and e.get("id") not in undone})
     return pd.DataFrame(rows, columns=["id", "time", "action", "to", "images", "in effect"]).iloc[::-1]
+
+
+def retrain_config(run_dir: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
+    """The settings to train a run again on its fixed data: the same :class:`TrainConfig` with
+    ``data_dir`` switched to :func:`current_data_path` (the newest edited CSV; a folder is edited
+    in place), and the ``meta.json`` values that record where the new run came from.
+
+    Args:
+        run_dir: the run to train again.
+
+    Returns:
+        ``(config, meta)`` with ``meta = {"retrained_from": <run id>, "name": "<name> (fixed data)"}``.
+
+    Raises:
+        FileNotFoundError: the run has no ``config.json``.
+    """
+    from .config import TrainConfig
+    from .runs_table import read_meta
+
+    run_dir = Path(run_dir)
+    config = TrainConfig.from_json_file(run_dir / "config.json")
+    fixed = dataclasses.replace(config, data_dir=current_data_path(config.data_dir))
+    name = read_meta(run_dir).get("name") or run_dir.name
+    return fixed, {"retrained_from": run_dir.name, "name": f"{name} (fixed data)"}

@@ -24,7 +24,7 @@ from ..tracking import REPORT_TO_CHOICES, check_report_to
 
 #: Columns shown in the table (``path`` stays server-side).
 SHOWN_COLUMNS = ["name", "status", "dataset", "model", "freeze_depth", "lr", "batch_size", "epochs", "augment",
-                 "best_val_accuracy", "macro_f1", "duration", "date", "sweep", "run_id"]
+                 "best_val_accuracy", "macro_f1", "duration", "date", "sweep", "retrained_from", "run_id"]
 SORT_CHOICES = ["date", "name", "status", "best_val_accuracy", "macro_f1", "lr", "batch_size", "epochs", "sweep"]
 STATUS_FILTERS = ["all"] + [s for s in STATUSES if s != "starting"]
 
