@@ -54,6 +54,7 @@ def test_move_exclude_journal_and_undo_round_trip(digits_small):
         ("move", None), ("exclude", None), ("undo", excluded.edit_id), ("undo", moved.edit_id)]
     table = journal_frame(root)
     assert list(table["action"]) == ["undo", "undo", "exclude", "move"] and not table["in effect"].any()
+    assert table["files"].iloc[3] == f"0/{a.name}" and table["to"].iloc[0] == f"edit {moved.edit_id}"
 
 
 def test_split_layout_keeps_the_split_and_excluded_mirrors_the_path(tmp_path, digits_small):

@@ -385,19 +385,24 @@ def undo_all(data_path: str | os.PathLike) -> list[EditResult]:
 
 
 def journal_frame(data_path: str | os.PathLike) -> pd.DataFrame:
-    """The journal as a table for the UI: id, time, action, class, images, in effect (newest first)."""
+    """The journal as a table for the UI, newest first: id, time (UTC, HH:MM:SS), action, to
+    (class, ``_excluded`` or the undone edit), images, files (first three), in effect."""
     entries = read_journal(data_path)
     undone = {e.get("undoes") for e in entries if e.get("action") == "undo"}
     rows = []
     for e in entries:
         if e.get("action") == "undo":
-            detail, count = f"undo of edit {e.get('undoes')}", ""
+            detail, count, files = f"edit {e.get('undoes')}", "", ""
         else:
             detail = e.get("class", "") if e.get("action") == "move" else EXCLUDED_DIR_NAME
-            count = len(e.get("moves") or e.get("files") or [])
-        rows.append({"id": e.get("id"), "time": e.get("time", ""), "action": e.get("action"), "to": detail,
-                     "images": count, "in effect": e.get("action") != "undo" and e.get("id") not in undone})
-    return pd.DataFrame(rows, columns=["id", "time", "action", "to", "images", "in effect"]).iloc[::-1]
+            names = [src for src, _ in e.get("moves") or []] or list(e.get("files") or [])
+            count = len(names)
+            files = ", ".join(names[:3]) + (" …" if len(names) > 3 else "")
+        rows.append({"id": e.get("id"), "time": str(e.get("time", ""))[11:19], "action": e.get("action"),
+                     "to": detail, "images": count, "files": files,
+                     "in effect": e.get("action") != "undo" and e.get("id") not in undone})
+    columns = ["id", "time", "action", "to", "images", "files", "in effect"]
+    return pd.DataFrame(rows, columns=columns).iloc[::-1].reset_index(drop=True)
 
 
 def retrain_config(run_dir: str | os.PathLike) -> tuple[Any, dict[str, Any]]:

@@ -9,6 +9,7 @@ data root or the built-in example's copy.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -92,9 +93,13 @@ def find_issues(ctx: Any, run_dir: str | None, progress: Any = None) -> tuple[li
         return [], [], f"❌ {exc}"
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
         return [], [], f"❌ Label-issue search failed: {type(exc).__name__}: {exc}"
-    lines = [f"**{len(result.issues)}** suspected label error(s) of {result.num_images} images"
-             f" (out-of-sample accuracy {result.out_of_sample_accuracy:.4f}; a weak model finds errors poorly)."
-             f" Saved in `{result.csv_path}`.", f"Method: {result.method}."]
+    lines = [f"**{len(result.issues)}** suspected label error(s) of {result.num_images} images; out-of-sample"
+             f" accuracy {result.out_of_sample_accuracy:.4f} (majority-class baseline"
+             f" {result.majority_baseline:.4f}). Saved in `{result.csv_path}`",
+             f"Method: {result.method}."]
+    if result.weak:
+        lines.insert(0, "⚠️ **The model is weak**: most of these flags are likely its own mistakes, not label"
+                        " errors. Train a better model, then search again.")
     if len(result.outliers):
         names = ", ".join(f"`{os.path.basename(p)}`" for p in result.outliers["path"].head(8))
         lines.append(f"**{len(result.outliers)}** outlier(s), far from every other image: {names}"
@@ -157,7 +162,8 @@ def apply_edit(ctx: Any, run_dir: str | None, selected: list[str] | None, action
         return f"❌ {exc}", []
     except OSError as exc:
         return f"❌ {exc}", []
-    return (f"✅ {result.message} Undo reverts it. Evaluate again or retrain to see the effect.",
+    names = ", ".join(f"`{os.path.basename(p)}`" for p in selected[:4]) + (" …" if len(selected) > 4 else "")
+    return (f"✅ {result.message} ({names}) *Undo last* reverts it; evaluate again or retrain to see the effect.",
             list(selected))
 
 
@@ -189,8 +195,7 @@ def retrain(ctx: Any, run_dir: str | None) -> str:
     try:
         run_dataset(ctx, run_dir)
         config, meta = retrain_config(run_dir)
-        job = ctx.runner.start(config.__class__(**{**config.to_dict(), "output_dir": str(ctx.settings.runs_dir)}),
-                               meta=meta)
+        job = ctx.runner.start(dataclasses.replace(config, output_dir=str(ctx.settings.runs_dir)), meta=meta)
     except BusyError as exc:
         return f"⏳ Busy: {exc}"
     except (EditError, ValueError, FileNotFoundError, OSError) as exc:
@@ -225,7 +230,7 @@ def build(ctx: Any, run: gr.Dropdown, evaluation: gr.State, matrix_table: gr.Dat
             issues_summary = gr.Markdown(elem_id="issues-summary")
         issues_gallery = gr.Gallery(label="Suspected label errors: given → suggested (self-confidence), most"
                                           " suspicious first", columns=8, height=260, allow_preview=False,
-                                    elem_id="issues-gallery")
+                                    elem_id="issues-gallery", visible=False)
         selection = gr.CheckboxGroup(label="Selected images (click images to add them; untick to leave one out)",
                                      choices=[], elem_id="fix-selection")
         with gr.Row():
@@ -245,7 +250,7 @@ def build(ctx: Any, run: gr.Dropdown, evaluation: gr.State, matrix_table: gr.Dat
 
     def on_find(run_dir: str | None, progress: gr.Progress = gr.Progress()) -> tuple:
         items, paths, text = find_issues(ctx, run_dir, lambda done, total: progress((done, total), desc="Embedding"))
-        return items, paths, text
+        return gr.update(value=items, visible=bool(items)), paths, text
 
     def on_cell(event: gr.SelectData) -> Any:
         row, column = event.index
@@ -288,7 +293,7 @@ def build(ctx: Any, run: gr.Dropdown, evaluation: gr.State, matrix_table: gr.Dat
     def on_run(run_dir: str | None) -> tuple:
         classes = run_classes(run_dir)
         return (gr.update(choices=classes, value=None), journal_view(ctx, run_dir), [], [], "",
-                gr.update(choices=[], value=[]), [])
+                gr.update(choices=[], value=[]), gr.update(value=[], visible=False))
 
     find.click(on_find, inputs=run, outputs=[issues_gallery, issue_paths, issues_summary])
     matrix_table.select(on_cell, outputs=cell)
