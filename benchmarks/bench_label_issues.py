@@ -81,16 +81,17 @@ def make_noisy_dataset(target: Path, per_class: int | None, flip_fraction: float
     return flipped, len(train_files)
 
 
-def save_small_vit(folder: Path, image_size: int = 32) -> Path:
-    """A small random ViT (hidden 128, 4 blocks, 4 heads, MLP 256, patch 4) saved with
-    ``save_pretrained``, loaded by path like a user's model (``--small-vit``): about 7x cheaper per
-    image than vit-tiny-scratch's 12 blocks, so it learns the digits within a short CPU budget."""
+def save_small_vit(folder: Path, image_size: int = 28, patch_size: int = 7) -> Path:
+    """A small random ViT (hidden 128, 4 blocks, 4 heads, MLP 256; 28 px in 7 px patches: 16
+    tokens, as the MNIST ViTs of tutorials) saved with ``save_pretrained`` and loaded by path like
+    a user's model (``--small-vit``): far cheaper per image than vit-tiny-scratch (12 blocks, 64
+    tokens at 32 px), so it learns the digits within a short CPU budget."""
     import torch
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     torch.manual_seed(0)
     config = ViTConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
-                       image_size=image_size, patch_size=4, num_labels=2)
+                       image_size=image_size, patch_size=patch_size, num_labels=2)
     ViTForImageClassification(config).save_pretrained(folder)
     ViTImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(folder)
     return folder
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-retrain", action="store_true", help="skip the run on the cleaned data")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (printed)")
     parser.add_argument("--small-vit", action="store_true",
-                        help="train a small random ViT (4 blocks, hidden 128, patch 4, 32 px) saved to the temporary"
+                        help="train a small random ViT (4 blocks, hidden 128, 28 px, patch 7) saved to the temporary"
                              " folder: adds --model PATH to the recipe")
     args = parser.parse_args(own)
     recipe = recipe or default_recipe()

@@ -85,9 +85,3 @@ def test_fix_data_from_a_confusion_cell_and_undo(app_url, page):  # noqa: F811 -
     page.locator("#fix-journal").scroll_into_view_if_needed()
     page.screenshot(path=str(ARTIFACTS / "fix-data-3-undone.png"))
 
-    # Find label issues on the example (a weak tiny model: the panel says so).
-    page.locator("#find-issues").click()
-    expect(page.locator("#issues-summary")).to_contain_text("suspected label error", timeout=300_000)
-    expect(page.locator("#issues-summary")).to_contain_text("majority-class baseline")
-    page.locator("#fix-data").scroll_into_view_if_needed()
-    page.screenshot(path=str(ARTIFACTS / "fix-data-4-label-issues.png"))

@@ -300,8 +300,7 @@ def _edit(data_path: str | os.PathLike, paths: Sequence[str], action: Action, cl
         raise EditError(f"Could not write the journal {journal_path(data_path)}: {exc}; nothing was changed.") from exc
     verb = f"Moved {len(pairs)} image(s) to class {class_name}" if action == "move" \
         else f"Excluded {len(pairs)} image(s) to {EXCLUDED_DIR_NAME}/"
-    return EditResult(edit_id, action, tuple((str(s), str(d)) for s, d in pairs), str(dataset_root(data_path)
-                      if not _is_csv(data_path) else data_path), verb + ".")
+    return EditResult(edit_id, action, tuple((str(s), str(d)) for s, d in pairs), str(root), verb + ".")
 
 
 def move_to_class(data_path: str | os.PathLike, paths: Sequence[str], class_name: str) -> EditResult:
