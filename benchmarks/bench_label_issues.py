@@ -81,6 +81,35 @@ def make_noisy_dataset(target: Path, per_class: int | None, flip_fraction: float
     return flipped, len(train_files)
 
 
+def flipped_files(data: Path) -> set[str]:
+    """The training files of a dataset made by :func:`make_noisy_dataset` that sit in another class
+    than in the built-in example (file names are the example's)."""
+    from vitft_app.data import ensure_example_dataset
+
+    source = ensure_example_dataset(Path(tempfile.gettempdir()) / "vitft-bench-home")
+    original = {p.name: p.parent.name for p in source.glob("*/*.png")}
+    return {str(p.resolve()) for p in (data / "train").glob("*/*.png") if original.get(p.name) != p.parent.name}
+
+
+def score_run(run_dir: Path, folds: int) -> None:
+    """``--score-run``: label issues of an existing (even running) benchmark run against its flips."""
+    from vitft_app.label_issues import find_run_label_issues
+
+    data = Path(json.loads((run_dir / "config.json").read_text())["data_dir"])
+    flipped = flipped_files(data)
+    status = json.loads((run_dir / "status.json").read_text())
+    start = time.perf_counter()
+    result = find_run_label_issues(run_dir, folds=folds, write=False)
+    issues = result.issues
+    flagged = {str(Path(p).resolve()) for p in issues[issues["split"] == "train"]["path"]}
+    hits = len(flagged & flipped)
+    print(result.summary())
+    print(f"model of epoch {status.get('epoch')} (best val accuracy {status.get('best_val_accuracy')}):"
+          f" {len(flagged)} training images flagged (+{len(issues) - len(flagged)} val), {hits} of {len(flipped)}"
+          f" flips found: precision {hits / max(1, len(flagged)):.3f}, recall {hits / max(1, len(flipped)):.3f}"
+          f" ({time.perf_counter() - start:.0f} s)")
+
+
 def save_small_vit(folder: Path, image_size: int = 28, patch_size: int = 7) -> Path:
     """A small random ViT (hidden 128, 4 blocks, 4 heads, MLP 256; 28 px in 7 px patches: 16
     tokens, as the MNIST ViTs of tutorials) saved with ``save_pretrained`` and loaded by path like
@@ -126,7 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small-vit", action="store_true",
                         help="train a small random ViT (4 blocks, hidden 128, 28 px, patch 7) saved to the temporary"
                              " folder: adds --model PATH to the recipe")
+    parser.add_argument("--score-run", default=None, metavar="RUN_DIR",
+                        help="only score label issues of an existing run of this benchmark (kept with --keep)")
     args = parser.parse_args(own)
+    if args.score_run:
+        score_run(Path(args.score_run), args.folds)
+        return 0
     recipe = recipe or default_recipe()
 
     from vitft_app.dataset_edits import exclude
