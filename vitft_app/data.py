@@ -10,11 +10,10 @@ torchvision's ``ImageFolder`` and timm's ``ReaderImageFolder``)::
 
 A top-level ``test/`` folder (class folders inside) is the held-out test split: training never
 reads it and ``vitft evaluate --split test`` does. Images are found recursively inside class
-folders. Hidden entries (names starting with ``.``),
-``__MACOSX``, ``Thumbs.db``, ``desktop.ini``, the ``_excluded/`` folder of excluded images (and
-the hidden edit journal, see :mod:`vitft_app.dataset_edits`) and files without an image extension
-are ignored and listed in the report. Symbolic links are never followed out of the dataset folder: a linked file
-inside it is read, a link to a folder is not descended (so a link loop cannot hang the scan).
+folders. Hidden entries (names starting with ``.``, such as the edit journal of
+:mod:`vitft_app.dataset_edits`), ``__MACOSX``, ``Thumbs.db``, ``desktop.ini``, the ``_excluded/``
+folder of excluded images and files without an image extension are ignored and listed in the
+report. Symbolic links are never followed out of the dataset folder: a linked file inside it is read, a link to a folder is not descended (so a link loop cannot hang the scan).
 """
 
 from __future__ import annotations
