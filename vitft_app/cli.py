@@ -226,6 +226,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=7870, help="port (default: 7870)")
     demo.add_argument("--auth", metavar="USER:PASS", default=None, help="require this login")
     demo.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    issues = commands.add_parser(
+        "label-issues", help="find suspected label errors, outliers and exact duplicates (confident learning)",
+        description="Out-of-sample probabilities for every training and validation image (k-fold linear head on"
+                    " the model's features; the run's model on validation images of a fine-tune), then"
+                    " cleanlab's find_label_issues ranked by self-confidence. Writes RUN_DIR/label_issues.csv"
+                    " (path, split, given_label, suggested_label, score; flagged images only, most suspicious"
+                    " first) and RUN_DIR/label_issues.json (method, outliers, duplicates). Nothing in the"
+                    " dataset is changed.")
+    issues.add_argument("run", metavar="RUN_DIR", help="a run folder with a saved model")
+    issues.add_argument("--data", default=None, help="dataset folder or labels CSV (default: the run's)")
+    issues.add_argument("--folds", type=int, default=5, help="k of the cross-validated linear head (default: 5)")
+    issues.add_argument("--show", type=int, default=10, help="flagged images to print (default: 10)")
 
     app = commands.add_parser("app", help="start the web app (same as python app.py)")
     add_server_arguments(app)
@@ -547,6 +559,26 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_label_issues(args: argparse.Namespace) -> int:
+    """Finds label issues, prints the method, counts and the most suspicious images, writes the CSV."""
+    from .label_issues import LabelIssuesError, find_run_label_issues
+
+    if args.folds < 2:
+        print(f"vitft label-issues: error: --folds must be >= 2, got {args.folds}", file=sys.stderr)
+        return 2
+    try:
+        result = find_run_label_issues(args.run, data_dir=args.data, folds=args.folds)
+    except (LabelIssuesError, FileNotFoundError, ValueError, OSError) as exc:
+        print(f"vitft label-issues: error: {exc}", file=sys.stderr)
+        return 2
+    print(result.summary())
+    for row in result.issues.head(max(0, args.show)).itertuples():
+        print(f"  {row.score:.3f}  {row.given_label} -> {row.suggested_label}  {row.path}")
+    for row in result.outliers.head(max(0, min(args.show, 5))).itertuples():
+        print(f"  outlier ({row.distance:.3f})  {row.label}  {row.path}")
+    return 0
+
+
 def run_export(args: argparse.Namespace) -> int:
     """Exports and prints the written path (and, for ONNX, the measured parity)."""
     from .export import ExportError, export_model_zip, export_onnx, validation_images
@@ -684,7 +716,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     commands = {"train": run_train, "sweep": run_sweep, "predict": run_predict, "scan": run_scan, "evaluate": run_evaluate,
-                "export": run_export, "report": run_report, "demo": run_demo}
+                "export": run_export, "report": run_report, "demo": run_demo,
+                "label-issues": run_label_issues}
     install_sigint_handler()
     if args.command not in commands:  # "app"
         from .server import launch

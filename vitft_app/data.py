@@ -10,10 +10,10 @@ torchvision's ``ImageFolder`` and timm's ``ReaderImageFolder``)::
 
 A top-level ``test/`` folder (class folders inside) is the held-out test split: training never
 reads it and ``vitft evaluate --split test`` does. Images are found recursively inside class
-folders. Hidden entries (names starting with ``.``),
-``__MACOSX``, ``Thumbs.db``, ``desktop.ini`` and files without an image extension are ignored and
-listed in the report. Symbolic links are never followed out of the dataset folder: a linked file
-inside it is read, a link to a folder is not descended (so a link loop cannot hang the scan).
+folders. Hidden entries (names starting with ``.``, such as the edit journal of
+:mod:`vitft_app.dataset_edits`), ``__MACOSX``, ``Thumbs.db``, ``desktop.ini``, the ``_excluded/``
+folder of excluded images and files without an image extension are ignored and listed in the
+report. Symbolic links are never followed out of the dataset folder: a linked file inside it is read, a link to a folder is not descended (so a link loop cannot hang the scan).
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ VAL_DIR_NAMES = ("val", "validation", "valid")
 MIN_IMAGES_PER_CLASS = 5
 #: Largest / smallest class size at or above which the scan warns about imbalance.
 IMBALANCE_WARNING_RATIO = 3.0
-IGNORED_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
+#: Folder that receives excluded images (``vitft_app.dataset_edits``); the scan never reads it.
+EXCLUDED_DIR_NAME = "_excluded"
+IGNORED_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini", EXCLUDED_DIR_NAME})
 
 DuplicateKind = Literal["same class", "conflicting labels", "train/val leakage"]
 

@@ -1,8 +1,9 @@
 """Every run of a runs folder as one table, plus the run-management actions behind the Runs tab.
 
 A run's display name and its sweep live in ``RUN_DIR/meta.json`` (``{"name": ..., "sweep": ...,
-"trial": ...}``), written atomically; the folder itself is never renamed, so paths held by a
-running job, the Predict tab or a shell stay valid.
+"trial": ..., "retrained_from": ...}``; the last names the run whose fixed data this one trained
+on), written atomically; the folder itself is never renamed, so paths held by a running job, the
+Predict tab or a shell stay valid.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ META_FILE = "meta.json"
 #: Columns of :func:`runs_table`, in order (``path`` is last; the UI may hide it).
 RUN_COLUMNS = [
     "run_id", "name", "status", "dataset", "model", "freeze_depth", "lr", "batch_size", "epochs", "augment",
-    "best_val_accuracy", "val_baseline", "baseline_class", "macro_f1", "duration", "date", "sweep", "path",
+    "best_val_accuracy", "val_baseline", "baseline_class", "macro_f1", "duration", "date", "sweep", "retrained_from", "path",
 ]
 
 
@@ -141,6 +142,7 @@ def run_row(run_dir: str | os.PathLike) -> dict[str, Any]:
         "duration": format_duration(run_duration_s(status)),
         "date": started.strftime("%Y-%m-%d %H:%M") if started else "",
         "sweep": meta.get("sweep") or "",
+        "retrained_from": meta.get("retrained_from") or "",
         "path": str(run_dir),
     }
 

@@ -16,6 +16,7 @@ from ..evaluate import Evaluation, EvaluationError, evaluate_run, evaluation_hea
 from ..baseline import format_accuracy
 from ..images import ImageLoadError, load_image
 from ..plots import figure_confusion_matrix, figure_precision_recall, figure_reliability, figure_roc
+from . import label_issues_panel
 from .predict_tab import refresh_runs
 
 #: Keys of :func:`run_evaluation`'s result, in the order of the tab's outputs.
@@ -219,6 +220,8 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> gr.Dropdown:
             reliability = gr.Plot(label="Calibration")
         top_losses = gr.Gallery(label="Top losses: the most confident mistakes", columns=6, height=260)
     evaluation = gr.State(None)
+    # Fix the data: label issues, move / exclude / undo, retrain (its own module).
+    label_issues_panel.build(ctx, run, evaluation, matrix_table, cell_images, top_losses)
     by_key = {"summary": summary, "per_class": per_class, "per_class_csv": per_class_csv,
               "matrix_table": matrix_table, "matrix": matrix, "matrix_normalized": matrix_normalized, "roc": roc,
               "pr": pr, "reliability": reliability, "top_losses": top_losses, "evaluation": evaluation,

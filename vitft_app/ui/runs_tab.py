@@ -26,7 +26,7 @@ from ..tracking import REPORT_TO_CHOICES, check_report_to
 #: Columns shown in the table (``path`` stays server-side).
 #: The result columns come first, so they are on screen at 1400 pixels without scrolling sideways.
 SHOWN_COLUMNS = ["name", "status", "best_val_accuracy", "val_baseline", "macro_f1", "dataset", "model", "freeze_depth",
-                 "lr", "batch_size", "epochs", "augment", "duration", "date", "sweep", "run_id"]
+                 "lr", "batch_size", "epochs", "augment", "duration", "date", "sweep", "retrained_from", "run_id"]
 SORT_CHOICES = ["date", "name", "status", "best_val_accuracy", "macro_f1", "lr", "batch_size", "epochs", "sweep"]
 STATUS_FILTERS = ["all"] + [s for s in STATUSES if s != "starting"]
 
