@@ -44,7 +44,11 @@ def run_dataset(ctx: Any, run_dir: str | None) -> str:
     if not data:
         raise EditError(f"{Path(run_dir).name} does not record its dataset.")
     data = current_data_path(data)
-    check_editable(data, [ctx.settings.data_root, ctx.settings.example_dir])
+    # The data-root rule of the app (vitft_app.confine): a confined app edits only datasets under
+    # its data root or the example's copy; a local app (loopback, no --auth, no --data-root) may
+    # edit any dataset it trained, as it may read any folder.
+    roots = [ctx.settings.data_root, ctx.settings.example_dir] if getattr(ctx.settings, "confined", True) else ["/"]
+    check_editable(data, roots)
     return data
 
 
