@@ -150,7 +150,7 @@ def test_panel_handlers_edit_undo_and_retrain(noisy_run, tmp_path):
     outside = AppContext(settings=AppSettings(data_root=tmp_path, runs_dir=runs, example_dir=tmp_path, device="cpu"),
                          runner=JobRunner(runs, device="cpu"))
     message, changed = panel.apply_edit(outside, str(run_dir), [str(next((data / "train" / "0").iterdir()))], "exclude")
-    assert message.startswith("❌") and "outside the data folders" in message and changed == []
+    assert message.startswith("✗") and "outside the data folders" in message and changed == []
 
     ctx = AppContext(settings=AppSettings(data_root=data.parent, runs_dir=runs, example_dir=tmp_path, device="cpu"),
                      runner=JobRunner(runs, device="cpu"))
@@ -163,9 +163,9 @@ def test_panel_handlers_edit_undo_and_retrain(noisy_run, tmp_path):
     assert known == [str(a), str(b)] and update["value"] == [str(a), str(b)]
     assert update["choices"] == [(f"train/1/{a.name}", str(a)), (f"train/1/{b.name}", str(b))]
     message, changed = panel.apply_edit(ctx, str(run_dir), [str(a)], "move", "7")
-    assert message.startswith("✅ Moved 1") and (data / "train" / "7" / a.name).is_file()
+    assert message.startswith("✓ Moved 1") and (data / "train" / "7" / a.name).is_file()
     message, _ = panel.apply_edit(ctx, str(run_dir), [str(b)], "exclude")
-    assert message.startswith("✅ Excluded 1") and (data / "_excluded" / "train" / "1" / b.name).is_file()
+    assert message.startswith("✓ Excluded 1") and (data / "_excluded" / "train" / "1" / b.name).is_file()
     assert list(panel.journal_view(ctx, str(run_dir))["action"]) == ["exclude", "move"]
     assert panel.undo(ctx, str(run_dir), everything=False).startswith("↩️ Undid edit 2")
     assert b.is_file()

@@ -233,7 +233,7 @@ def test_delete_an_upload_in_the_data_tab(tmp_path, digits_small):
     choices = data_tab.upload_choices(settings)
     assert len(choices) == 1 and "MiB" in choices[0][0]
     update, message = data_tab.delete_upload_folder(ctx, choices[0][1])
-    assert message.startswith("🗑️") and update["choices"] == [] and not Path(folder).exists()
+    assert message.startswith("✓") and update["choices"] == [] and not Path(folder).exists()
     _, refused = data_tab.delete_upload_folder(ctx, str(digits_small))
     assert "Only uploaded datasets" in refused and digits_small.exists()
 
@@ -288,10 +288,10 @@ def test_every_bad_zip_is_a_one_line_message_in_upload_and_batch_prediction(tmp_
     ctx = AppContext(settings=settings, runner=JobRunner(settings.runs_dir, device="cpu"))
     for kind, archive in _bad_zips(tmp_path).items():
         value, message = data_tab.receive_upload(str(archive), settings)
-        assert message.startswith("❌ ") and "\n" not in message and "Traceback" not in message, (kind, message)
+        assert message.startswith("✗ ") and "\n" not in message and "Traceback" not in message, (kind, message)
         assert str(tmp_path) not in message, (kind, message)
         _, _, batch = predict_tab.predict_batch(ctx, str(tiny_vit), None, str(archive), 3, 0.0, False)
-        assert batch.startswith("❌ ") and "\n" not in batch, (kind, batch)
+        assert batch.startswith("✗ ") and "\n" not in batch, (kind, batch)
     assert not [p for p in (tmp_path / "uploads").iterdir()]  # nothing left behind
 
 
@@ -304,7 +304,7 @@ def test_folder_upload_with_paths_that_are_not_strings_is_a_message(tmp_path):
     image.write_bytes(b"x")
     for relpaths in ("[1, 2]", '{"a": 1}', "[null]", "not json"):
         _, message = data_tab.receive_folder([str(image), str(image)], relpaths, settings)
-        assert message.startswith("❌ "), relpaths
+        assert message.startswith("✗ "), relpaths
 
 
 # ---- 5. confinement everywhere; the data-root rule per host (issue 17 item 5) --------------------
@@ -389,7 +389,7 @@ def test_batch_prediction_does_not_follow_a_symlink_out_of_the_data_root(tmp_pat
     table, _, message = predict_tab.predict_batch(ctx, str(tiny_vit), str(root / "batch"), None, 2, 0.0, False)
     assert table["file"].tolist() == ["mine.png"], message
     _, _, csv_message = predict_tab.predict_batch(ctx, str(tiny_vit), str(root / "labels.csv"), None, 2, 0.0, False)
-    assert csv_message.startswith("❌") and "folder of images" in csv_message
+    assert csv_message.startswith("✗") and "folder of images" in csv_message
 
 
 # ---- 6. auth that does not leak, and login throttling -------------------------------------------
@@ -544,12 +544,12 @@ def test_app_resume_of_an_unreadable_checkpoint_says_so_at_once_and_report_is_a_
     RunRecorder(finished_run).write_status(status="stopped")
     (finished_run / "checkpoint.pt").write_bytes(b"this is not a checkpoint")
     message, resumed = train_tab.resume_run(ctx, str(finished_run))
-    assert message.startswith("❌") and "damaged" in message and resumed is None
+    assert message.startswith("✗") and "damaged" in message and resumed is None
     assert read_status(finished_run)["status"] == "stopped" and ctx.runner.current is None
     (finished_run / "metrics.csv").write_text("kind,step\n\x00\x00garbage,\n")
     (finished_run / "status.json").write_text("[1, 2]")
     file, text = evaluate_tab.make_report(str(finished_run))
-    assert text.startswith(("❌", "📄")) and "Error" != text
+    assert text.startswith(("✗", "📄")) and "Error" != text
 
 
 def test_run_folder_deleted_while_training_is_one_line_in_the_cli(tmp_path, digits_small, tiny_vit):

@@ -94,15 +94,15 @@ def find_issues(ctx: Any, run_dir: str | None, progress: Any = None) -> tuple[li
     try:
         result = find_run_label_issues(run_dir, device=ctx.settings.device, progress=progress)
     except (LabelIssuesError, FileNotFoundError, ValueError, OSError) as exc:
-        return [], [], f"❌ {exc}"
+        return [], [], f"✗ {exc}"
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
-        return [], [], f"❌ Label-issue search failed: {type(exc).__name__}: {exc}"
+        return [], [], f"✗ Label-issue search failed: {type(exc).__name__}: {exc}"
     lines = [f"**{len(result.issues)}** suspected label error(s) of {result.num_images} images; out-of-sample"
              f" accuracy {result.out_of_sample_accuracy:.4f} (majority-class baseline"
              f" {result.majority_baseline:.4f}). Saved in `{result.csv_path}`",
              f"Method: {result.method}."]
     if result.weak:
-        lines.insert(0, "⚠️ **The model is weak**: most of these flags are likely its own mistakes, not label"
+        lines.insert(0, "⚠ **The model is weak**: most of these flags are likely its own mistakes, not label"
                         " errors. Train a better model, then search again.")
     if len(result.outliers):
         names = ", ".join(f"`{os.path.basename(p)}`" for p in result.outliers["path"].head(8))
@@ -163,11 +163,11 @@ def apply_edit(ctx: Any, run_dir: str | None, selected: list[str] | None, action
         data = run_dataset(ctx, run_dir)
         result = move_to_class(data, selected, class_name) if action == "move" else exclude(data, selected)
     except EditError as exc:
-        return f"❌ {exc}", []
+        return f"✗ {exc}", []
     except OSError as exc:
-        return f"❌ {exc}", []
+        return f"✗ {exc}", []
     names = ", ".join(f"`{os.path.basename(p)}`" for p in selected[:4]) + (" …" if len(selected) > 4 else "")
-    return (f"✅ {result.message} ({names}) *Undo last* reverts it; evaluate again or retrain to see the effect.",
+    return (f"✓ {result.message} ({names}) *Undo last* reverts it; evaluate again or retrain to see the effect.",
             list(selected))
 
 
@@ -177,11 +177,11 @@ def undo(ctx: Any, run_dir: str | None, everything: bool) -> str:
         data = run_dataset(ctx, run_dir)
         if everything:
             results = undo_all(data)
-            return f"↩️ Undid {len(results)} edit(s)." if results else "Nothing to undo."
+            return f"✓ Undid {len(results)} edit(s)." if results else "Nothing to undo."
         result = undo_last(data)
     except (EditError, OSError) as exc:
-        return f"❌ {exc}"
-    return f"↩️ {result.message}" if result else "Nothing to undo."
+        return f"✗ {exc}"
+    return f"✓ {result.message}" if result else "Nothing to undo."
 
 
 def journal_view(ctx: Any, run_dir: str | None) -> pd.DataFrame:
@@ -201,12 +201,12 @@ def retrain(ctx: Any, run_dir: str | None) -> str:
         config, meta = retrain_config(run_dir)
         job = ctx.runner.start(dataclasses.replace(config, output_dir=str(ctx.settings.runs_dir)), meta=meta)
     except BusyError as exc:
-        return f"⏳ Busy: {exc}"
+        return f"● Busy: {exc}"
     except (EditError, ValueError, FileNotFoundError, OSError) as exc:
-        return f"❌ {exc}"
+        return f"✗ {exc}"
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
-        return f"❌ Could not start: {type(exc).__name__}: {exc}"
-    return (f"▶️ Started `{job.run_dir.name}` ({meta['name']}), same settings on the fixed data."
+        return f"✗ Could not start: {type(exc).__name__}: {exc}"
+    return (f"▶ Started `{job.run_dir.name}` ({meta['name']}), same settings on the fixed data."
             " Follow it in the Train tab; the Runs tab shows both runs.")
 
 
