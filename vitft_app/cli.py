@@ -336,6 +336,11 @@ def _wait_for_job(job: Any, runner: Any, what: str, stop_file: Path | None = Non
                 stopping = True
             else:
                 print("\nstill stopping: waiting for the current step to end", file=sys.stderr)
+    # ``done`` is the thread's last statement, but its frame still holds the model, the optimizer
+    # and (on resume) the checkpoint: let it release them before the interpreter shuts down, or a
+    # tensor freed in a daemon thread during finalization aborts the process ("terminate called
+    # without an active exception").
+    job.thread.join(timeout=60)
 
 
 def _train_follower(args: argparse.Namespace, dist_ctx: Any) -> int:
