@@ -14,6 +14,7 @@ from ..config import SCRATCH_MODEL, TrainConfig, field_docs
 from ..jobs import BusyError
 from ..modeling import MODEL_CHOICES, ModelLoadError, summarize_model
 from ..presets import PRESETS, preset_values_for_model
+from ..scratch import is_scratch_model, scratch_model
 from ..runs import read_metrics, read_status
 from .data_tab import resolve_data_path
 from ..plots import figure_accuracy, figure_loss
@@ -33,7 +34,7 @@ def model_info(model: str, image_size: int | None, freeze_depth: int, classes: l
     if not model:
         return gr.update(), "Choose a model."
     try:
-        summary = summarize_model(model, classes, int(freeze_depth or 0), image_size if model == SCRATCH_MODEL else None)
+        summary = summarize_model(model, classes, int(freeze_depth or 0), image_size if is_scratch_model(model) else None)
     except (ModelLoadError, ValueError, OSError) as exc:
         return gr.update(), f"❌ {exc}"
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
@@ -72,7 +73,7 @@ def config_from_form(values: dict[str, Any], data_dir: Path) -> TrainConfig:
         elif isinstance(default, float):
             value = float(value)
         kwargs[name] = value
-    if kwargs.get("model") != SCRATCH_MODEL:
+    if not is_scratch_model(kwargs.get("model")):
         kwargs.pop("image_size", None)
     return TrainConfig(**kwargs)
 
@@ -146,7 +147,7 @@ def preset_updates(name: str, model: str, image_size: int | None, fields: list[s
         "balanced": "partial freeze, basic augmentation, 10 epochs",
         "best": "RandAugment, MixUp/CutMix, label smoothing, layer decay, EMA, 20 epochs",
     }[name]
-    scratch = (model or SCRATCH_MODEL) == SCRATCH_MODEL
+    scratch = is_scratch_model(model or SCRATCH_MODEL)
     if scratch and name == "quick":
         note += " (on a random-weight model a linear probe only trains the head: a smoke test)"
     elif scratch and name == "best":
@@ -155,6 +156,26 @@ def preset_updates(name: str, model: str, image_size: int | None, fields: list[s
     elif scratch:
         note += " (from scratch: nothing frozen, lr 1e-3)"
     return [values.get(f, gr.skip()) for f in fields], f"Preset **{name}**: {note}. Edit anything before Start."
+
+
+def auto_preset_updates(data_text: str, settings: Any, fields: list[str]) -> tuple[list[Any], str]:
+    """Form values of the *Auto (from the data)* preset: the scratch recipe suggested for the
+    dataset in the path box (:func:`vitft_app.auto_recipe.suggest_scratch_recipe`).
+
+    Returns:
+        ``(values in the order of fields, message markdown)``; ``gr.skip()`` everywhere and the
+        reason when the folder cannot be read.
+    """
+    from ..presets import auto_preset_values
+
+    try:
+        values, description = auto_preset_values(str(resolve_data_path(data_text, settings)))
+    except (ValueError, OSError) as exc:
+        return [gr.skip() for _ in fields], f"❌ {exc}"
+    return ([values.get(f, gr.skip()) for f in fields],
+            f"Preset **auto** (from the data): {description} Trained from scratch, no pretrained weights: expect"
+            " the accuracy of the README's *Offline models* table, not a fine-tuned checkpoint's. Edit anything"
+            " before Start.")
 
 
 def augmentation_preview(values: dict[str, Any], data_text: str, settings: Any, per_class: int = 1,
@@ -193,10 +214,17 @@ def augmentation_preview(values: dict[str, Any], data_text: str, settings: Any, 
     return gallery, f"{len(gallery)} augmented versions of {len(picked)} training images (evaluation never augments)."
 
 
+def build_scratch_config(config: TrainConfig) -> Any:
+    """The transformers config of a scratch model at the form's image size (two dummy labels)."""
+    return scratch_model(config.model).config(config.image_size or 224, {0: "a", 1: "b"})
+
+
 def _patch_size(config: TrainConfig) -> int:
     from ..modeling import load_model_config, scratch_patch_size
 
-    if config.model == SCRATCH_MODEL:
+    if is_scratch_model(config.model):
+        if config.model != SCRATCH_MODEL:
+            return int(getattr(build_scratch_config(config), "patch_size", 2))
         return scratch_patch_size(config.image_size or 224)
     return int(getattr(load_model_config(config.model), "patch_size", 16))
 
@@ -304,16 +332,18 @@ def build(ctx: Any, data: Any) -> None:
     with gr.Row():
         gr.Markdown("**Presets** fill the form (edit anything after): **Quick** = linear probe, no augmentation;"
                     " **Balanced** = partial freeze + basic augmentation; **Best** = RandAugment, MixUp/CutMix,"
-                    " label smoothing, layer decay, EMA.")
+                    " label smoothing, layer decay, EMA; **Auto** = a from-scratch recipe chosen from the dataset"
+                    " (model, image size, epochs, lr, augmentation).")
         preset_buttons = {name: gr.Button(name.capitalize(), size="sm", elem_id=f"preset-{name}") for name in PRESETS}
+        auto_button = gr.Button("Auto (from the data)", size="sm", elem_id="preset-auto")
     with gr.Row():
         with gr.Column(scale=2):
             model = gr.Dropdown(
                 choices=list(MODEL_CHOICES), value=SCRATCH_MODEL, allow_custom_value=True,
-                label="Model", info="A Hub id, a local save_pretrained folder, or vit-tiny-scratch (offline).",
+                label="Model", info="A Hub id, a local save_pretrained folder, or a *-scratch model (offline, random weights).",
                 elem_id="model-choice",
             )
-            image_size = gr.Slider(32, 224, value=224, step=16, label="Image size (vit-tiny-scratch)",
+            image_size = gr.Slider(32, 224, value=224, step=16, label="Image size (scratch models)",
                                    info=docs["image_size"], elem_id="image-size")
             freeze_depth = gr.Slider(0, 12, value=0, step=1, label="Freeze depth", info=docs["freeze_depth"],
                                      elem_id="freeze-depth")
@@ -327,7 +357,7 @@ def build(ctx: Any, data: Any) -> None:
             with gr.Row():
                 precision = gr.Radio(["auto", "bf16", "fp16", "fp32"], value="auto", label="Precision",
                                      info=docs["precision"])
-                augment = gr.Dropdown(["none", "basic", "randaugment", "trivialaugment", "autoaugment"],
+                augment = gr.Dropdown(["none", "basic", "crop", "randaugment", "trivialaugment", "autoaugment"],
                                       value=defaults["augment"], label="Augmentation", info=docs["augment"],
                                       elem_id="augment")
     with gr.Accordion("Augmentation and regularization", open=False):
@@ -428,6 +458,9 @@ def build(ctx: Any, data: Any) -> None:
 
         button.click(apply, inputs=[model, image_size], outputs=[*form.values(), message])
 
+    auto_button.click(lambda text: (lambda v, t: [*v, t])(*auto_preset_updates(text, ctx.settings, fields)),
+                      inputs=data.path, outputs=[*form.values(), message])
+
     preview_button.click(
         lambda values: augmentation_preview({n: values[c] for n, c in form.items()}, values[data.path], ctx.settings),
         inputs=set(form.values()) | {data.path}, outputs=[preview, preview_message],
@@ -439,7 +472,7 @@ def build(ctx: Any, data: Any) -> None:
 
     info_inputs = [model, image_size, freeze_depth, data.classes]
     model.change(
-        lambda name: (gr.update(visible=name == SCRATCH_MODEL), SCRATCH_LR if name == SCRATCH_MODEL else FINETUNE_LR),
+        lambda name: (gr.update(visible=is_scratch_model(name)), SCRATCH_LR if is_scratch_model(name) else FINETUNE_LR),
         inputs=model, outputs=[image_size, lr],
     )
     data.suggested_size.change(lambda size: size if size else gr.skip(), inputs=data.suggested_size,

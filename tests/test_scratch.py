@@ -1,0 +1,130 @@
+"""Every offline (scratch) model: trains one epoch on real digits above chance, saves, reloads with
+``transformers.pipeline``, exports to ONNX within the parity bound and is explained; MobileViT's
+freeze depth and layer-decay ids."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from vitft_app.config import TrainConfig
+from vitft_app.explain import explain_image
+from vitft_app.export import export_onnx
+from vitft_app.modeling import MODEL_CHOICES, build_model, freeze_layers, num_blocks, summarize_model
+from vitft_app.optim import layer_ids
+from vitft_app.predict import Predictor
+from vitft_app.runs import RunStore
+from vitft_app.scratch import RECOMMENDED_SCRATCH_MODEL, SCRATCH_MODELS, mobilevit_output_stride
+from vitft_app.training import train
+
+DIGITS = ("0", "1", "7")
+
+
+@pytest.fixture(scope="module")
+def digits3(tmp_path_factory, digits_root) -> Path:
+    """3 digit classes x 100 real MNIST images (chance accuracy 1/3)."""
+    target = tmp_path_factory.mktemp("digits3x100")
+    for name in DIGITS:
+        shutil.copytree(digits_root / name, target / name)
+    return target
+
+
+@pytest.fixture(scope="module", params=list(SCRATCH_MODELS))
+def trained(request, tmp_path_factory, digits3):
+    """One epoch of each scratch model at 32 px on the 3-class digits."""
+    name = request.param
+    tmp = tmp_path_factory.mktemp(name)
+    config = TrainConfig(data_dir=str(digits3), model=name, image_size=32, epochs=1, batch_size=16, lr=2e-3,
+                         warmup_ratio=0.1, augment="none", precision="fp32",
+                         output_dir=str(tmp / "runs"))
+    run_dir = RunStore(config.output_dir).create_run(config)
+    result = train(config, run_dir, lambda event: None, device="cpu")
+    return name, run_dir / "model", result, digits3
+
+
+def test_one_epoch_learns_real_digits_above_chance(trained):
+    name, _, result, _ = trained
+    assert result.status == "completed"
+    assert result.best_val_accuracy is not None and result.best_val_accuracy > 0.5, (name, result)  # chance 1/3
+
+
+def test_saved_model_reloads_with_pipeline(trained):
+    from transformers import pipeline
+
+    name, folder, _, digits = trained
+    classify = pipeline("image-classification", model=str(folder), device="cpu")
+    paths = [str(p) for d in DIGITS for p in sorted((digits / d).iterdir())[:3]]
+    results = [classify(path, top_k=3) for path in paths]
+    assert all({r["label"] for r in result} == set(DIGITS) for result in results), name
+    config_class = type(classify.model).__name__
+    assert config_class == ("MobileViTForImageClassification" if SCRATCH_MODELS[name].family == "mobilevit"
+                            else "ViTForImageClassification")
+
+
+def test_onnx_export_within_parity_bound(trained):
+    name, folder, _, digits = trained
+    images = [str(p) for d in DIGITS for p in sorted((digits / d).iterdir())[:8]]
+    result = export_onnx(folder, images=images)
+    assert result.path.is_file() and result.num_images == len(images)
+    assert result.max_abs_prob_diff < 1e-4, name
+
+
+def test_explanation_per_family(trained):
+    name, folder, _, digits = trained
+    explanation = explain_image(Predictor(folder, device="cpu"), sorted((digits / "7").iterdir())[0])
+    expected = SCRATCH_MODELS[name].explanation
+    assert explanation.method == expected
+    assert explanation.grid.min() >= 0 and abs(float(explanation.grid.sum()) - 1) < 1e-4
+
+
+def test_model_list_is_readable_data():
+    assert RECOMMENDED_SCRATCH_MODEL in SCRATCH_MODELS and "vit-tiny-scratch" in SCRATCH_MODELS
+    assert MODEL_CHOICES[: len(SCRATCH_MODELS)] == tuple(SCRATCH_MODELS)
+    for name, spec in SCRATCH_MODELS.items():
+        info = spec.as_dict()
+        assert info["name"] == name and info["params"] and info["pretraining"] and info["expected"]
+        summary = summarize_model(name, list(DIGITS), 0, image_size=32)
+        assert summary.num_blocks == spec.blocks
+        millions = float(spec.params.split()[0])
+        ten_classes = summarize_model(name, [str(i) for i in range(10)], 0, image_size=32).total_params
+        assert abs(ten_classes / 1e6 - millions) < 0.06, (name, ten_classes)
+
+
+def test_mobilevit_output_stride_keeps_a_4x4_map():
+    for size in (32, 48, 64, 96, 128, 224):
+        assert size // mobilevit_output_stride(size) >= 4
+
+
+def test_mobilevit_freeze_depth_and_layer_ids():
+    model = build_model(RECOMMENDED_SCRATCH_MODEL, list(DIGITS), image_size=32).model
+    assert num_blocks(model) == 5
+    ids = layer_ids(model)
+    assert ids["mobilevit.conv_stem.convolution.weight"] == 0
+    assert {ids[n] for n in ids if n.startswith("mobilevit.encoder.layer.4.")} == {5}
+    assert ids["classifier.weight"] == 6 and ids["mobilevit.conv_1x1_exp.convolution.weight"] == 6
+
+    freeze_layers(model, 5)  # linear probe: stem, 5 stages and the final 1x1 conv frozen
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"classifier.weight", "classifier.bias"}
+    stem_bn = model.mobilevit.conv_stem.normalization
+    before = stem_bn.running_mean.clone()
+    model.train()
+    model(pixel_values=torch.randn(4, 3, 32, 32))
+    assert torch.equal(stem_bn.running_mean, before)  # frozen BatchNorm keeps its statistics
+
+    freeze_layers(model, 2)  # stem + stages 1-2 frozen; stage 3 onwards trains and updates its BN
+    assert not any(p.requires_grad for p in model.mobilevit.encoder.layer[1].parameters())
+    assert all(p.requires_grad for p in model.mobilevit.encoder.layer[2].parameters())
+    stage3_bn = model.mobilevit.encoder.layer[2].downsampling_layer.expand_1x1.normalization
+    before3 = stage3_bn.running_mean.clone()
+    model.train()
+    model(pixel_values=torch.randn(4, 3, 32, 32))
+    assert torch.equal(stem_bn.running_mean, before) and not torch.equal(stage3_bn.running_mean, before3)
+
+    freeze_layers(model, 0)  # everything trains again, BatchNorm included
+    model.train()
+    model(pixel_values=torch.randn(4, 3, 32, 32))
+    assert not torch.equal(stem_bn.running_mean, before)
