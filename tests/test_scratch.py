@@ -1,5 +1,5 @@
 """Every offline (scratch) model: trains one epoch on real digits above chance, saves, reloads with
-``transformers.pipeline``, exports to ONNX within the parity bound and is explained; MobileViT's
+``transformers.pipeline``, exports to ONNX within the parity bound and is explained; PVTv2's and MobileViT's
 freeze depth and layer-decay ids."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from vitft_app.modeling import MODEL_CHOICES, build_model, freeze_layers, num_bl
 from vitft_app.optim import layer_ids
 from vitft_app.predict import Predictor
 from vitft_app.runs import RunStore
-from vitft_app.scratch import RECOMMENDED_SCRATCH_MODEL, SCRATCH_MODELS, mobilevit_output_stride
+from vitft_app.scratch import RECOMMENDED_SCRATCH_MODEL, SCRATCH_MODELS, pvt_strides
 from vitft_app.training import train
 
 DIGITS = ("0", "1", "7")
@@ -60,7 +60,7 @@ def test_saved_model_reloads_with_pipeline(trained):
     results = [classify(path, top_k=3) for path in paths]
     assert all({r["label"] for r in result} == set(DIGITS) for result in results), name
     config_class = type(classify.model).__name__
-    assert config_class == ("MobileViTForImageClassification" if SCRATCH_MODELS[name].family == "mobilevit"
+    assert config_class == ("PvtV2ForImageClassification" if SCRATCH_MODELS[name].family == "pvt"
                             else "ViTForImageClassification")
 
 
@@ -93,13 +93,36 @@ def test_model_list_is_readable_data():
         assert abs(ten_classes / 1e6 - millions) < 0.06, (name, ten_classes)
 
 
-def test_mobilevit_output_stride_keeps_a_4x4_map():
+def test_pvt_strides_keep_16x16_tokens_in_the_first_stage():
+    import math
+
     for size in (32, 48, 64, 96, 128, 224):
-        assert size // mobilevit_output_stride(size) >= 4
+        strides = pvt_strides(size)["strides"]
+        assert size // strides[0] >= 16 and size // math.prod(strides) >= 2, size
 
 
-def test_mobilevit_freeze_depth_and_layer_ids():
+def test_pvt_freeze_depth_and_layer_ids():
     model = build_model(RECOMMENDED_SCRATCH_MODEL, list(DIGITS), image_size=32).model
+    assert num_blocks(model) == 4
+    ids = layer_ids(model)
+    assert ids["pvt_v2.encoder.layers.0.patch_embedding.proj.weight"] == 0
+    assert {ids[n] for n in ids if n.startswith("pvt_v2.encoder.layers.3.")} == {4}
+    assert ids["classifier.weight"] == 5
+    freeze_layers(model, 4)  # linear probe
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"classifier.weight", "classifier.bias"}
+    freeze_layers(model, 1)
+    assert not any(p.requires_grad for p in model.pvt_v2.encoder.layers[0].parameters())
+    assert all(p.requires_grad for p in model.pvt_v2.encoder.layers[1].parameters())
+
+
+def test_mobilevit_checkpoint_freeze_depth_and_frozen_batchnorm():
+    """A MobileViT loaded by path (e.g. apple/mobilevit-small): stem + 5 stages + 1x1 conv."""
+    from transformers import MobileViTConfig, MobileViTForImageClassification
+
+    torch.manual_seed(0)
+    model = MobileViTForImageClassification(MobileViTConfig(
+        image_size=32, num_labels=3, hidden_sizes=[64, 80, 96], neck_hidden_sizes=[16, 16, 24, 48, 64, 80, 320],
+        expand_ratio=2.0))
     assert num_blocks(model) == 5
     ids = layer_ids(model)
     assert ids["mobilevit.conv_stem.convolution.weight"] == 0

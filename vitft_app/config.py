@@ -46,7 +46,7 @@ class TrainConfig:
     """Dataset folder (one subfolder per class, or train/ and val/ holding them), or a labels CSV (image path, label)."""
 
     model: str = SCRATCH_MODEL
-    """Hub id, local save_pretrained folder, or a model trained from scratch offline: 'mobilevit-xxs-scratch' (recommended), 'mobilevit-xs-scratch' or 'vit-tiny-scratch' (random ViT-Tiny)."""
+    """Hub id, local save_pretrained folder, or a model trained from scratch offline: 'pvt-v2-b0-scratch' (recommended) or 'vit-tiny-scratch' (random ViT-Tiny)."""
 
     image_size: int | None = None
     """Input size in pixels for a scratch model (32 to 224, default 224); pretrained models use their processor's size."""

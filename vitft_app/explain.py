@@ -80,7 +80,7 @@ def _patch_size(model: torch.nn.Module) -> int | None:
 
 def _has_patch_tokens(model: torch.nn.Module) -> bool:
     """True for ViT-style models (``embeddings.patch_embeddings``: one token per patch), whose
-    attentions attention rollout can read; False for hybrids such as MobileViT."""
+    attentions attention rollout can read; False for hierarchical models such as PVTv2 or MobileViT."""
     base = getattr(model, "base_model", model)
     return getattr(getattr(base, "embeddings", None), "patch_embeddings", None) is not None
 
@@ -90,7 +90,7 @@ def explain_image(predictor, image: ImageSource) -> Explanation:
 
     ViT-style models (patch embeddings + attentions): attention rollout on the patch grid, with the
     model switched to eager attention for this forward pass (SDPA returns no attention weights).
-    Other models (MobileViT and other hybrids): the absolute input gradient of the top logit, max over colour channels,
+    Other models (PVTv2, MobileViT, ...): the absolute input gradient of the top logit, max over colour channels,
     normalized to sum 1 (Simonyan et al. 2014).
 
     Args:

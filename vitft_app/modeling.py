@@ -47,7 +47,7 @@ def offline_message(name: str) -> str:
     return (
         f"Cannot load model '{name}': the Hugging Face Hub cannot be reached and the model is not "
         "in the local cache. Offline choices: "
-        f"'{RECOMMENDED_SCRATCH_MODEL}' (a MobileViT trained from scratch), 'vit-tiny-scratch' (a ViT-Tiny), "
+        f"'{RECOMMENDED_SCRATCH_MODEL}' (a PVTv2 trained from scratch), 'vit-tiny-scratch' (a ViT-Tiny), "
         "or a local folder saved with save_pretrained, such as the model/ folder of an earlier run."
     )
 
@@ -311,7 +311,9 @@ def encoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module
     """Returns ``(embeddings, encoder blocks, final norm)`` of a ViT-style model.
 
     For MobileViT (``base.conv_stem``, ``encoder.layer``, ``conv_1x1_exp``) the parts are the
-    convolutional stem, the 5 stages and the final 1x1 expansion convolution.
+    convolutional stem, the 5 stages and the final 1x1 expansion convolution. For PVTv2 they are
+    the first stage's patch embedding, the 4 stages (each with its own patch embedding, blocks and
+    LayerNorm) and None.
 
     Raises:
         ValueError: the model has no ``embeddings`` and ``encoder.layer`` (not ViT-like).
@@ -321,6 +323,10 @@ def encoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module
         blocks = getattr(getattr(base, "encoder", None), "layer", None)
         if isinstance(blocks, nn.ModuleList):
             return base.conv_stem, blocks, getattr(base, "conv_1x1_exp", None)
+    stages = getattr(getattr(base, "encoder", None), "layers", None)
+    if getattr(base, "embeddings", None) is None and isinstance(stages, nn.ModuleList) and stages \
+            and hasattr(stages[0], "patch_embedding"):
+        return stages[0].patch_embedding, stages, None  # PVTv2: each stage embeds its own patches
     embeddings = getattr(base, "embeddings", None)
     # transformers < 5 keeps blocks in `encoder.layer`; 5.x moved ViT's to `layers`.
     encoder = getattr(base, "encoder", None)
@@ -351,7 +357,8 @@ def freeze_layers(model: nn.Module, depth: int) -> None:
     embeddings (they feed block 0). ``depth = number of blocks`` is a linear probe: the final
     LayerNorm is frozen as well, so only the classification head trains. For MobileViT the blocks
     are its 5 stages, the embeddings its convolutional stem and the final norm its 1x1 expansion
-    convolution; BatchNorm layers in frozen parts keep their running statistics.
+    convolution; for PVTv2 the blocks are its 4 stages. BatchNorm layers in frozen parts keep
+    their running statistics.
 
     Raises:
         ValueError: ``depth`` is negative or larger than the number of blocks.

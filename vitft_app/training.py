@@ -277,7 +277,7 @@ def evaluate(
 
 def supports_feature_cache(model: torch.nn.Module) -> bool:
     """True for ViT-style models (CLS token + transformer blocks), whose frozen prefix
-    :mod:`vitft_app.feature_cache` can split off; MobileViT's convolutional stages cannot be."""
+    :mod:`vitft_app.feature_cache` can split off; hierarchical models (PVTv2, MobileViT) cannot be."""
     return has_cls_token(model)
 
 
