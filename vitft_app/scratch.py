@@ -140,7 +140,9 @@ SCRATCH_MODELS: dict[str, ScratchModel] = {
                         "spatial-reduction attention, depthwise-conv MLP), strides adapted to small images",
             params="3.0 M",
             use_for="the offline default: digits, icons, small photo sets trained from scratch",
-            expected="see README 'Offline models' and benchmarks/README.md (quality table)",
+            expected="it learns small sets from scratch (0.67 validation accuracy after one epoch on 1,000 "
+                     "built-in digits, where a 6-block ViT gets 0.12), but far less than a pretrained checkpoint on "
+                     "photos; numbers per dataset: README 'Offline models' and benchmarks/README.md",
             blocks=4,
             explanation="input gradient",
             shape=dict(num_encoder_blocks=4, depths=[2, 2, 2, 2], hidden_sizes=[32, 64, 160, 256],

@@ -41,9 +41,13 @@ def model_info(model: str, image_size: int | None, freeze_depth: int, classes: l
         return gr.update(), f"❌ Cannot describe model '{model}': {type(exc).__name__}: {exc}"
     depth = min(int(freeze_depth or 0), summary.num_blocks)
     probe = " (linear probe: only the head trains)" if depth == summary.num_blocks else ""
+    offline = ""
+    if is_scratch_model(model):
+        spec = scratch_model(model)
+        offline = f"\n\n**Offline, no pretraining** ({spec.params} parameters): {spec.use_for}. Expect: {spec.expected}."
     return (
         gr.update(maximum=summary.num_blocks, value=depth),
-        summary.describe() + probe,
+        summary.describe() + probe + offline,
     )
 
 
