@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .scratch import RECOMMENDED_SCRATCH_MODEL
+from .scratch import RECOMMENDED_SCRATCH_MODEL, scratch_model
 
 #: Largest input size the recipe suggests for photos trained from scratch, pixels.
 PHOTO_SIZE_CAP = 64
@@ -100,7 +100,7 @@ def suggest_scratch_recipe(report: Any) -> ScratchRecipe:
     reasons.append(f"{epochs} epochs of {n_train} training images (about {TARGET_IMAGE_VIEWS:,} images seen), batch {batch}.")
     values = {
         "model": RECOMMENDED_SCRATCH_MODEL, "image_size": int(size), "epochs": epochs, "batch_size": batch,
-        "lr": 2e-3, "warmup_ratio": 0.05, "weight_decay": 0.01, "scheduler": "cosine", "optimizer": "adamw",
+        "lr": scratch_model(RECOMMENDED_SCRATCH_MODEL).lr, "warmup_ratio": 0.05, "weight_decay": 0.01, "scheduler": "cosine", "optimizer": "adamw",
         "augment": augment, "crop_scale_min": crop_min, "label_smoothing": smoothing, "freeze_depth": 0,
         "layer_decay": 1.0, "mixup": 0.0, "cutmix": 0.0, "random_erasing": 0.0, "ema_decay": 0.0,
         "patch_mask_ratio": 0.0, "gradual_unfreeze": 0, "distill_weight": 0.0, "color_jitter": 0.0,

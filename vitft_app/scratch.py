@@ -55,6 +55,8 @@ class ScratchModel:
         pretraining: what the weights saw before your data.
         blocks: number of freezable blocks (the freeze-depth range is 0..blocks).
         explanation: how :mod:`vitft_app.explain` explains its predictions.
+        lr: the AdamW learning rate it trains well with from scratch (the Train tab's default
+            when it is chosen, and the auto recipe's).
         shape: family-specific config values.
     """
 
@@ -66,6 +68,7 @@ class ScratchModel:
     expected: str
     blocks: int
     explanation: str
+    lr: float = 1e-3
     pretraining: str = NO_PRETRAINING
     shape: dict[str, Any] = field(default_factory=dict)
 
@@ -104,7 +107,7 @@ class ScratchModel:
         """The public fields (for a model picker or ``--help`` text)."""
         return {"name": self.name, "family": self.family, "description": self.description, "params": self.params,
                 "pretraining": self.pretraining, "use_for": self.use_for, "expected": self.expected,
-                "blocks": self.blocks, "explanation": self.explanation}
+                "blocks": self.blocks, "explanation": self.explanation, "lr": self.lr}
 
 
 def pvt_strides(image_size: int) -> dict[str, list[int]]:
@@ -145,6 +148,7 @@ SCRATCH_MODELS: dict[str, ScratchModel] = {
                      "photos; numbers per dataset: README 'Offline models' and benchmarks/README.md",
             blocks=4,
             explanation="input gradient",
+            lr=2e-3,
             shape=dict(num_encoder_blocks=4, depths=[2, 2, 2, 2], hidden_sizes=[32, 64, 160, 256],
                        num_attention_heads=[1, 2, 5, 8], mlp_ratios=[8, 8, 4, 4], sr_ratios=[4, 2, 1, 1]),
         ),

@@ -336,8 +336,7 @@ def build(ctx: Any, data: Any) -> None:
     with gr.Row():
         gr.Markdown("**Presets** fill the form (edit anything after): **Quick** = linear probe, no augmentation;"
                     " **Balanced** = partial freeze + basic augmentation; **Best** = RandAugment, MixUp/CutMix,"
-                    " label smoothing, layer decay, EMA; **Auto** = a from-scratch recipe chosen from the dataset"
-                    " (model, image size, epochs, lr, augmentation).")
+                    " label smoothing, layer decay, EMA; **Auto** = a from-scratch recipe from the data.")
         preset_buttons = {name: gr.Button(name.capitalize(), size="sm", elem_id=f"preset-{name}") for name in PRESETS}
         auto_button = gr.Button("Auto (from the data)", size="sm", elem_id="preset-auto")
     with gr.Row():
@@ -356,7 +355,7 @@ def build(ctx: Any, data: Any) -> None:
             with gr.Row():
                 epochs = gr.Number(value=defaults["epochs"], label="Epochs", precision=0, minimum=1, elem_id="epochs")
                 batch_size = gr.Number(value=defaults["batch_size"], label="Batch size", precision=0, minimum=1)
-                lr = gr.Number(value=SCRATCH_LR, label="Learning rate", info="5e-5 for fine-tuning, 1e-3 from scratch",
+                lr = gr.Number(value=SCRATCH_LR, label="Learning rate", info="5e-5 for fine-tuning, 1e-3 to 2e-3 from scratch",
                                elem_id="lr")
             with gr.Row():
                 precision = gr.Radio(["auto", "bf16", "fp16", "fp32"], value="auto", label="Precision",
@@ -476,7 +475,7 @@ def build(ctx: Any, data: Any) -> None:
 
     info_inputs = [model, image_size, freeze_depth, data.classes]
     model.change(
-        lambda name: (gr.update(visible=is_scratch_model(name)), SCRATCH_LR if is_scratch_model(name) else FINETUNE_LR),
+        lambda name: (gr.update(visible=is_scratch_model(name)), scratch_model(name).lr if is_scratch_model(name) else FINETUNE_LR),
         inputs=model, outputs=[image_size, lr],
     )
     data.suggested_size.change(lambda size: size if size else gr.skip(), inputs=data.suggested_size,
