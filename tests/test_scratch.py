@@ -155,3 +155,25 @@ def test_mobilevit_checkpoint_freeze_depth_and_frozen_batchnorm():
     model.train()
     model(pixel_values=torch.randn(4, 3, 32, 32))
     assert not torch.equal(stem_bn.running_mean, before)
+
+
+def test_own_weights_transfer_with_a_freeze_depth(trained, colors_root, tmp_path):
+    """Item 3 of issue 14: a model we trained is a checkpoint like any other: fine-tuning it on
+    another dataset loads its weights, replaces the head and keeps the frozen stage bit-identical."""
+    from safetensors.torch import load_file
+
+    name, folder, _, _ = trained
+    if SCRATCH_MODELS[name].family != "pvt":
+        return  # the transfer path is the same code for every family; one is enough here
+    config = TrainConfig(data_dir=str(colors_root), model=str(folder), freeze_depth=1, epochs=1, batch_size=16,
+                         lr=2e-3, augment="none", precision="fp32", output_dir=str(tmp_path / "runs"))
+    events = []
+    run_dir = RunStore(config.output_dir).create_run(config)
+    result = train(config, run_dir, events.append, device="cpu")
+    assert result.status == "completed" and result.best_val_accuracy > 0.5  # 4 colours, chance 0.25
+    before, after = load_file(str(folder / "model.safetensors")), load_file(str(run_dir / "model" / "model.safetensors"))
+    stage0 = [k for k in before if k.startswith("pvt_v2.encoder.layers.0.")]
+    assert stage0 and all(torch.equal(before[k], after[k]) for k in stage0)  # frozen: unchanged
+    assert not torch.equal(before["pvt_v2.encoder.layers.3.blocks.0.mlp.dense1.weight"],
+                           after["pvt_v2.encoder.layers.3.blocks.0.mlp.dense1.weight"])  # trained
+    assert after["classifier.weight"].shape[0] == 4  # new head for the 4 colour classes
