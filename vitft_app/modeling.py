@@ -215,8 +215,9 @@ def load_processor(name: str, image_size: int | None = None) -> Any:
 def build_model(name: str, classes: list[str], image_size: int | None = None) -> LoadedModel:
     """Loads a model for the dataset's classes.
 
-    A scratch name (``vit-tiny-scratch``, ``mobilevit-xxs-scratch``, ...: see
-    :data:`vitft_app.scratch.SCRATCH_MODELS`) builds a model with random weights (offline). Anything else goes through
+    A scratch name (``pvt-v2-b0-scratch``, ``vit-tiny-scratch``: see
+    :data:`vitft_app.scratch.SCRATCH_MODELS`) builds a model with random weights (offline).
+    Anything else goes through
     ``AutoModelForImageClassification.from_pretrained`` and ``AutoImageProcessor``: a local folder
     (a run folder stands for its ``model/``), a cached Hub model, or a Hub download. The head is
     re-initialized (truncated normal, std ``initializer_range``, as ViT's ``_init_weights``) unless
@@ -262,7 +263,8 @@ def build_model(name: str, classes: list[str], image_size: int | None = None) ->
     if image_size is not None and (image_size, image_size) != native:
         raise ModelLoadError(
             f"Model '{name}' was trained at {native[0]}x{native[1]} px; image size {image_size} is "
-            "only adjustable for vit-tiny-scratch and the other models trained from scratch. Leave image size empty for pretrained models."
+            "only adjustable for vit-tiny-scratch and the other models trained from scratch. Leave image size"
+            " empty for pretrained models."
         )
     keep_head = head_matches(config, classes)
     model = _call_hub(

@@ -8,7 +8,11 @@ or the flags (``vitft train --preset``). The user can change any value afterward
   random erasing 0.25, label smoothing 0.1, layer decay 0.75, weight EMA 0.999, 20 epochs:
   the DeiT/BEiT fine-tuning recipe (Touvron et al. 2021, table 9; Bao et al. 2021).
 
-A model trained from scratch (``vit-tiny-scratch``) has no pretrained features to keep, so for
+- ``auto``: not a fixed set: a from-scratch recipe (model, image size, epochs, lr, augmentation)
+  chosen from the scanned dataset by :func:`vitft_app.auto_recipe.suggest_scratch_recipe`
+  (:func:`auto_preset_values`).
+
+A model trained from scratch (``vit-tiny-scratch``, ``pvt-v2-b0-scratch``) has no pretrained features to keep, so for
 it ``balanced`` and ``best`` freeze nothing and use no layer decay, and the learning rates are
 higher (1e-3, the rate DeiT scales to for small batches). ``quick`` stays a linear probe there
 too (on random features: only useful as a smoke test). ``best``'s regularization is made for
