@@ -34,7 +34,7 @@ PHOTO_SIZE_CAP = 64
 #: Images at or below this median shorter side are "tiny" (digits, icons, CIFAR), pixels.
 TINY_SIDE = 48
 #: Training images the recipe aims to show the model (epochs = this / training images).
-TARGET_IMAGE_VIEWS = 20_000
+TARGET_IMAGE_VIEWS = 32_000
 #: Share of grayscale ("L", "1", "LA", "I", "I;16") images above which flips are left out.
 GRAYSCALE_SHARE = 0.5
 
