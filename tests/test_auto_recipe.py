@@ -78,3 +78,14 @@ def test_train_tab_auto_button_values(digits_small):
     assert "Preset **auto**" in text and "from scratch" in text
     _, bad = auto_preset_updates("", settings, fields)
     assert bad.startswith("❌")
+
+
+def test_tiny_colour_images_get_flips_and_mild_crops(tmp_path):
+    rng = np.random.default_rng(1)
+    for name, base in (("red", (200, 40, 40)), ("blue", (40, 40, 200))):
+        (tmp_path / "tiny" / name).mkdir(parents=True)
+        for i in range(10):
+            pixels = np.clip(np.array(base) + rng.normal(0, 25, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "tiny" / name / f"{i}.png")
+    v = suggest_scratch_recipe(scan_dataset(tmp_path / "tiny")).values
+    assert v["image_size"] == 32 and v["augment"] == "basic" and v["crop_scale_min"] == 0.6

@@ -9,10 +9,11 @@ The rule (README, "Offline models"; measurements in benchmarks/README.md):
 - **Image size**: the scan's median shorter side rounded up to a multiple of 16, at least 32; photos
   are capped at :data:`PHOTO_SIZE_CAP` px (from scratch on a CPU, more pixels cost time and add
   little on a few hundred images).
-- **Augmentation**: tiny (at most 48 px) or grayscale images (digits, glyphs, icons, scans) get
-  ``crop`` (random resized crop, no flip: a mirrored 7 is no 7) with a mild scale range (area
-  >= 0.6: cropping a 28 px digit to 8 % of its area leaves no digit); photos get ``basic`` (crop +
-  flip) with area >= 0.25, and RandAugment only when few images per class (< 200) make the model
+- **Augmentation**: mostly grayscale images (digits, glyphs, scans) get ``crop`` (random resized
+  crop, no flip: a mirrored 7 is no 7); tiny images (at most 48 px) get a mild scale range (area
+  >= 0.6: cropping a 28 px digit to 8 % of its area leaves no digit), tiny colour images (CIFAR)
+  ``basic`` with that range (flips keep their class); photos get ``basic`` (crop + flip) with area
+  >= 0.25, and RandAugment only when few images per class (< 200) make the model
   see the same images many times, where stronger augmentation pays off (DeiT, Touvron et al. 2021).
 - **Epochs and batch**: a budget of about :data:`TARGET_IMAGE_VIEWS` training images seen (so a
   small dataset gets more passes), 3 to 60 epochs; batch 32, or 16 below 1,000 training images
@@ -82,12 +83,14 @@ def suggest_scratch_recipe(report: Any) -> ScratchRecipe:
 
     size = median_side if tiny else min(median_side, PHOTO_SIZE_CAP)
     reasons.append(f"Image size {size} px: median shorter side {'kept' if size == median_side else f'capped at {PHOTO_SIZE_CAP} for training from scratch'}.")
-    no_flip = tiny or gray > GRAYSCALE_SHARE
-    if no_flip:
+    if gray > GRAYSCALE_SHARE:
         augment, crop_min, smoothing = "crop", 0.6, 0.0
-        why = "grayscale" if gray > GRAYSCALE_SHARE else f"tiny ({median_side} px)"
-        reasons.append(f"Augment crop (no flip, crop area >= 0.6): {why} images such as digits or glyphs change"
+        reasons.append("Augment crop (no flip, crop area >= 0.6): grayscale images such as digits or glyphs change"
                        " meaning when mirrored and lose their content under strong crops.")
+    elif tiny:
+        augment, crop_min, smoothing = "basic", 0.6, 0.1
+        reasons.append(f"Augment basic (flip, crop area >= 0.6): tiny ({median_side} px) colour images keep their"
+                       " class when mirrored but lose it under strong crops.")
     elif per_class < 200:
         augment, crop_min, smoothing = "randaugment", 0.25, 0.1
         reasons.append(f"Augment RandAugment + flip: {per_class:.0f} training images per class are seen many times,"
