@@ -58,14 +58,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     Every field flag defaults to None in the parser, so :func:`config_from_args` can tell a value
     the user typed (it wins over the preset) from one left out (preset, then field default).
     """
-    from .presets import PRESETS
+    from .presets import AUTO_PRESET, PRESETS
 
     hints = typing.get_type_hints(TrainConfig)
     docs = field_docs()
-    parser.add_argument("--preset", choices=PRESETS, default=None,
+    parser.add_argument("--preset", choices=(*PRESETS, AUTO_PRESET), default=None,
                         help="fill the settings from a preset (quick: linear probe; balanced: partial freeze +"
                              " basic augmentation; best: RandAugment, MixUp/CutMix, layer decay, EMA, label"
-                             " smoothing); flags given explicitly override it")
+                             " smoothing; auto: a from-scratch recipe chosen from the scanned data: model, image"
+                             " size, epochs, lr, augmentation); flags given explicitly override it")
     parser.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)  # the app's multi-GPU launch
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
                         help="continue a stopped, failed or interrupted run from its checkpoint (other flags are"
@@ -106,7 +107,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if "data_dir" not in given:
         raise ValueError("the following arguments are required: --data")
     values: dict[str, Any] = {}
-    if getattr(args, "preset", None):
+    if getattr(args, "preset", None) == "auto":
+        from .presets import auto_preset_values
+
+        values, description = auto_preset_values(given["data_dir"], given.get("val_fraction", TrainConfig.val_fraction),
+                                                 given.get("seed", TrainConfig.seed))
+        print(f"preset auto: {description}", file=sys.stderr)
+    elif getattr(args, "preset", None):
         from .presets import preset_values_for_model
 
         values = preset_values_for_model(args.preset, given.get("model", TrainConfig.model), given.get("image_size"))
@@ -426,7 +433,7 @@ def _run_train(args: argparse.Namespace, dist_ctx: Any) -> int:
     else:
         try:
             config = config_from_args(args)
-        except (ValueError, ModelLoadError) as exc:
+        except (ValueError, ModelLoadError, OSError) as exc:
             print(f"vitft train: error: {exc}", file=sys.stderr)
             return 2
         output_dir = config.output_dir

@@ -17,15 +17,20 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
-Augment = Literal["none", "basic", "randaugment", "trivialaugment", "autoaugment"]
+Augment = Literal["none", "basic", "crop", "randaugment", "trivialaugment", "autoaugment"]
 Optimizer = Literal["adamw", "sgd"]
 Scheduler = Literal["cosine", "linear", "constant"]
 ClassWeights = Literal["none", "balanced"]
 Preset = Literal["quick", "balanced", "best"]
 Attention = Literal["auto", "sdpa", "eager"]
 
-#: Name of the built-in offline model (a ViT-Tiny with random weights).
+from .scratch import SCRATCH_MODELS
+
+#: Name of the first built-in offline model (a ViT-Tiny with random weights); the default of
+#: ``TrainConfig.model``. All offline choices: :data:`vitft_app.scratch.SCRATCH_MODELS`.
 SCRATCH_MODEL = "vit-tiny-scratch"
+#: Names of every model built with random weights (offline).
+SCRATCH_MODEL_NAMES = tuple(SCRATCH_MODELS)
 
 
 @dataclass(frozen=True)
@@ -41,10 +46,10 @@ class TrainConfig:
     """Dataset folder (one subfolder per class, or train/ and val/ holding them), or a labels CSV (image path, label)."""
 
     model: str = SCRATCH_MODEL
-    """Hub id, local save_pretrained folder, or 'vit-tiny-scratch' (random ViT-Tiny, works offline)."""
+    """Hub id, local save_pretrained folder, or a model trained from scratch offline: 'pvt-v2-b0-scratch' (recommended) or 'vit-tiny-scratch' (random ViT-Tiny)."""
 
     image_size: int | None = None
-    """Input size in pixels for vit-tiny-scratch (32 to 224, default 224); pretrained models use their processor's size."""
+    """Input size in pixels for a scratch model (32 to 224, default 224); pretrained models use their processor's size."""
 
     freeze_depth: int = 0
     """Encoder blocks to freeze: 0 trains everything; N >= 1 also freezes the patch and position embeddings; all blocks = linear probe."""
@@ -86,7 +91,7 @@ class TrainConfig:
     """Attention kernel: auto alternates sdpa and eager over the first 8 training micro-batches and keeps eager only if at least 10% faster (speed only); or force one."""
 
     augment: Augment = "basic"
-    """Training augmentation: none; basic (random resized crop + flip); or basic + a torchvision policy."""
+    """Training augmentation: none; basic (random resized crop + flip); crop (random resized crop, no flip: digits, text); or basic + a torchvision policy."""
 
     crop_scale_min: float = 0.08
     """Smallest crop area (fraction of the image) of the random resized crop (torchvision's default 0.08)."""
@@ -164,10 +169,10 @@ class TrainConfig:
                 32 <= self.image_size <= 1024,
                 f"image_size must be between 32 and 1024, got {self.image_size}",
             )
-            if self.model == SCRATCH_MODEL:
+            if self.model in SCRATCH_MODEL_NAMES:
                 check(
                     self.image_size <= 224,
-                    f"image_size for vit-tiny-scratch must be between 32 and 224, got {self.image_size}",
+                    f"image_size for {self.model} must be between 32 and 224, got {self.image_size}",
                 )
         check(self.freeze_depth >= 0, f"freeze_depth must be >= 0, got {self.freeze_depth}")
         check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")

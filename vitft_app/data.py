@@ -654,13 +654,14 @@ def build_transforms(
     when ``color_jitter > 0``, ``ColorJitter(brightness=contrast=saturation=color_jitter)``.
     ``randaugment`` / ``trivialaugment`` / ``autoaugment`` add ``v2.RandAugment()`` (2 ops,
     magnitude 9), ``v2.TrivialAugmentWide()`` or ``v2.AutoAugment(IMAGENET)`` on top of basic,
-    with their torchvision defaults. ``random_erasing > 0`` appends ``v2.RandomErasing(p,
+    with their torchvision defaults. ``crop`` is ``basic`` without the flip (digits, letters,
+    anything whose mirror image is another class or none). ``random_erasing > 0`` appends ``v2.RandomErasing(p,
     value="random")`` after normalization (as in timm and DeiT). Evaluation never augments.
 
     Args:
         processor: a transformers image processor (``AutoImageProcessor``).
         train: True for the training split.
-        augment: one of ``none``, ``basic``, ``randaugment``, ``trivialaugment``, ``autoaugment``;
+        augment: one of ``none``, ``basic``, ``crop``, ``randaugment``, ``trivialaugment``, ``autoaugment``;
             ignored (like the other options) when ``train`` is False.
         crop_scale_min: smallest crop area fraction of the random resized crop, in (0, 1].
         color_jitter: colour jitter strength in [0, 1]; 0 = off.
@@ -684,6 +685,7 @@ def build_transforms(
         return v2.Compose(head + tail)
     policies = {
         "basic": None,
+        "crop": None,
         "randaugment": v2.RandAugment,
         "trivialaugment": v2.TrivialAugmentWide,
         "autoaugment": v2.AutoAugment,
@@ -692,8 +694,9 @@ def build_transforms(
         raise ValueError(f"augment must be one of {['none', *policies]}, got {augment!r}")
     head = [
         v2.RandomResizedCrop(spec.output_size, scale=(crop_scale_min, 1.0), interpolation=mode, antialias=True),
-        v2.RandomHorizontalFlip(),
     ]
+    if augment != "crop":
+        head.append(v2.RandomHorizontalFlip())
     if color_jitter > 0:
         head.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
     if policies[augment] is not None:

@@ -78,12 +78,19 @@ def _patch_size(model: torch.nn.Module) -> int | None:
     return patch if isinstance(patch, int) and patch > 0 else None
 
 
+def _has_patch_tokens(model: torch.nn.Module) -> bool:
+    """True for ViT-style models (``embeddings.patch_embeddings``: one token per patch), whose
+    attentions attention rollout can read; False for hierarchical models such as PVTv2 or MobileViT."""
+    base = getattr(model, "base_model", model)
+    return getattr(getattr(base, "embeddings", None), "patch_embeddings", None) is not None
+
+
 def explain_image(predictor, image: ImageSource) -> Explanation:
     """Explains the top-1 prediction of a PyTorch :class:`~vitft_app.predict.Predictor`.
 
     ViT-style models (patch embeddings + attentions): attention rollout on the patch grid, with the
     model switched to eager attention for this forward pass (SDPA returns no attention weights).
-    Other models: the absolute input gradient of the top logit, max over colour channels,
+    Other models (PVTv2, MobileViT, ...): the absolute input gradient of the top logit, max over colour channels,
     normalized to sum 1 (Simonyan et al. 2014).
 
     Args:
@@ -99,7 +106,7 @@ def explain_image(predictor, image: ImageSource) -> Explanation:
     rgb = load_image(image)
     pixels = predictor.transform(rgb).unsqueeze(0).to(predictor.plan.device)
     model = predictor.model
-    patch = _patch_size(model)
+    patch = _patch_size(model) if _has_patch_tokens(model) else None
     if patch and hasattr(model, "set_attn_implementation"):
         previous = model.config._attn_implementation
         try:
@@ -108,7 +115,7 @@ def explain_image(predictor, image: ImageSource) -> Explanation:
                 out = model(pixel_values=pixels, output_attentions=True)
         finally:
             model.set_attn_implementation(previous)
-        if out.attentions:
+        if getattr(out, "attentions", None):
             height, width = pixels.shape[-2:]
             grid = attention_rollout(out.attentions, (height // patch, width // patch))[0].cpu().numpy()
             label = predictor.id2label[int(out.logits.argmax(-1))]

@@ -23,6 +23,7 @@ from transformers import (  # imported up front: transformers' lazy imports race
 )
 
 from .config import SCRATCH_MODEL
+from .scratch import RECOMMENDED_SCRATCH_MODEL, SCRATCH_MODELS, is_scratch_model, scratch_model
 
 #: Hub checkpoints offered in the model dropdown (any other Hub id or local folder works too).
 CURATED_MODELS = (
@@ -31,8 +32,8 @@ CURATED_MODELS = (
     "facebook/deit-tiny-patch16-224",
     "facebook/deit-small-patch16-224",
 )
-#: Every choice of the model dropdown, the offline one first.
-MODEL_CHOICES = (SCRATCH_MODEL,) + CURATED_MODELS
+#: Every choice of the model dropdown, the offline ones first (see vitft_app.scratch.SCRATCH_MODELS).
+MODEL_CHOICES = tuple(SCRATCH_MODELS) + CURATED_MODELS
 #: Default input size of vit-tiny-scratch.
 SCRATCH_DEFAULT_IMAGE_SIZE = 224
 
@@ -46,7 +47,8 @@ def offline_message(name: str) -> str:
     """The message shown when a Hub model is neither reachable nor cached."""
     return (
         f"Cannot load model '{name}': the Hugging Face Hub cannot be reached and the model is not "
-        "in the local cache. Offline choices: 'vit-tiny-scratch' (a ViT-Tiny trained from scratch), "
+        "in the local cache. Offline choices: "
+        f"'{RECOMMENDED_SCRATCH_MODEL}' (a PVTv2 trained from scratch), 'vit-tiny-scratch' (a ViT-Tiny), "
         "or a local folder saved with save_pretrained, such as the model/ folder of an earlier run."
     )
 
@@ -206,15 +208,17 @@ def load_processor(name: str, image_size: int | None = None) -> Any:
     Raises:
         ModelLoadError: as :func:`build_model`.
     """
-    if name == SCRATCH_MODEL:
-        return scratch_processor(image_size or SCRATCH_DEFAULT_IMAGE_SIZE)
+    if is_scratch_model(name):
+        return scratch_model(name).processor(image_size or SCRATCH_DEFAULT_IMAGE_SIZE)
     return _call_hub(AutoImageProcessor, name)
 
 
 def build_model(name: str, classes: list[str], image_size: int | None = None) -> LoadedModel:
     """Loads a model for the dataset's classes.
 
-    ``vit-tiny-scratch`` builds a random ViT-Tiny (offline). Anything else goes through
+    A scratch name (``pvt-v2-b0-scratch``, ``vit-tiny-scratch``: see
+    :data:`vitft_app.scratch.SCRATCH_MODELS`) builds a model with random weights (offline).
+    Anything else goes through
     ``AutoModelForImageClassification.from_pretrained`` and ``AutoImageProcessor``: a local folder
     (a run folder stands for its ``model/``), a cached Hub model, or a Hub download. The head is
     re-initialized (truncated normal, std ``initializer_range``, as ViT's ``_init_weights``) unless
@@ -223,7 +227,7 @@ def build_model(name: str, classes: list[str], image_size: int | None = None) ->
     Args:
         name: model name or path.
         classes: class names in index order.
-        image_size: input size for vit-tiny-scratch (default 224). For a checkpoint it must be None
+        image_size: input size for a scratch model (default 224). For a checkpoint it must be None
             or equal to the processor's size.
 
     Returns:
@@ -246,6 +250,11 @@ def build_model(name: str, classes: list[str], image_size: int | None = None) ->
             head_reinitialized=True,
             notes=[f"vit-tiny-scratch: random ViT-Tiny at {size}x{size} px, patch {scratch_patch_size(size)}"],
         )
+    if is_scratch_model(name):
+        spec, size = scratch_model(name), image_size or SCRATCH_DEFAULT_IMAGE_SIZE
+        model = AutoModelForImageClassification.from_config(spec.config(size, id2label))
+        return LoadedModel(model, spec.processor(size), head_reinitialized=True,
+                           notes=[f"{name}: random {spec.description.split(' (')[0]} at {size}x{size} px"])
 
     config = load_model_config(name)
     processor = _call_hub(AutoImageProcessor, name)
@@ -255,7 +264,8 @@ def build_model(name: str, classes: list[str], image_size: int | None = None) ->
     if image_size is not None and (image_size, image_size) != native:
         raise ModelLoadError(
             f"Model '{name}' was trained at {native[0]}x{native[1]} px; image size {image_size} is "
-            "only adjustable for vit-tiny-scratch. Leave image size empty for pretrained models."
+            "only adjustable for vit-tiny-scratch and the other models trained from scratch. Leave image size"
+            " empty for pretrained models."
         )
     keep_head = head_matches(config, classes)
     model = _call_hub(
@@ -303,10 +313,23 @@ def reset_classifier(model: nn.Module) -> None:
 def encoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module | None]:
     """Returns ``(embeddings, encoder blocks, final norm)`` of a ViT-style model.
 
+    For MobileViT (``base.conv_stem``, ``encoder.layer``, ``conv_1x1_exp``) the parts are the
+    convolutional stem, the 5 stages and the final 1x1 expansion convolution. For PVTv2 they are
+    the first stage's patch embedding, the 4 stages (each with its own patch embedding, blocks and
+    LayerNorm) and None.
+
     Raises:
         ValueError: the model has no ``embeddings`` and ``encoder.layer`` (not ViT-like).
     """
     base = getattr(model, "base_model", model)
+    if getattr(base, "embeddings", None) is None and isinstance(getattr(base, "conv_stem", None), nn.Module):
+        blocks = getattr(getattr(base, "encoder", None), "layer", None)
+        if isinstance(blocks, nn.ModuleList):
+            return base.conv_stem, blocks, getattr(base, "conv_1x1_exp", None)
+    stages = getattr(getattr(base, "encoder", None), "layers", None)
+    if getattr(base, "embeddings", None) is None and isinstance(stages, nn.ModuleList) and stages \
+            and hasattr(stages[0], "patch_embedding"):
+        return stages[0].patch_embedding, stages, None  # PVTv2: each stage embeds its own patches
     embeddings = getattr(base, "embeddings", None)
     # transformers < 5 keeps blocks in `encoder.layer`; 5.x moved ViT's to `layers`.
     encoder = getattr(base, "encoder", None)
@@ -335,7 +358,10 @@ def freeze_layers(model: nn.Module, depth: int) -> None:
 
     ``depth = 0`` trains everything. ``depth >= 1`` also freezes the patch and position
     embeddings (they feed block 0). ``depth = number of blocks`` is a linear probe: the final
-    LayerNorm is frozen as well, so only the classification head trains.
+    LayerNorm is frozen as well, so only the classification head trains. For MobileViT the blocks
+    are its 5 stages, the embeddings its convolutional stem and the final norm its 1x1 expansion
+    convolution; for PVTv2 the blocks are its 4 stages. BatchNorm layers in frozen parts keep
+    their running statistics.
 
     Raises:
         ValueError: ``depth`` is negative or larger than the number of blocks.
@@ -353,6 +379,28 @@ def freeze_layers(model: nn.Module, depth: int) -> None:
     for module in frozen:
         for parameter in module.parameters():
             parameter.requires_grad_(False)
+    _freeze_batchnorm(model, frozen)
+
+
+def _keep_eval(module: nn.Module, _args: Any) -> None:
+    module.train(False)
+
+
+def _freeze_batchnorm(model: nn.Module, frozen: list[nn.Module]) -> None:
+    """BatchNorm layers inside frozen modules run in eval mode (running statistics, never
+    updated), as detectron2's ``FrozenBatchNorm2d``; others get their normal behaviour back.
+    A forward pre-hook does it, so ``model.train()`` cannot undo it and nothing is saved."""
+    frozen_ids = {id(m) for module in frozen for m in module.modules()}
+    for module in model.modules():
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        handle = getattr(module, "_vitft_frozen_hook", None)
+        if id(module) in frozen_ids and handle is None:
+            module._vitft_frozen_hook = module.register_forward_pre_hook(_keep_eval)
+        elif id(module) not in frozen_ids and handle is not None:
+            handle.remove()
+            module._vitft_frozen_hook = None
+            module.train(model.training)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -394,8 +442,8 @@ def summarize_model(name: str, classes: list[str], freeze_depth: int, image_size
     """
     n = max(len(classes), 2)
     id2label = dict(enumerate(classes)) if classes else {0: "LABEL_0", 1: "LABEL_1"}
-    if name == SCRATCH_MODEL:
-        config = scratch_config(image_size or SCRATCH_DEFAULT_IMAGE_SIZE, id2label)
+    if is_scratch_model(name):
+        config = scratch_model(name).config(image_size or SCRATCH_DEFAULT_IMAGE_SIZE, id2label)
         head_note = "random weights, new head"
     else:
         config = copy.deepcopy(load_model_config(name))

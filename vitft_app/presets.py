@@ -8,7 +8,11 @@ or the flags (``vitft train --preset``). The user can change any value afterward
   random erasing 0.25, label smoothing 0.1, layer decay 0.75, weight EMA 0.999, 20 epochs:
   the DeiT/BEiT fine-tuning recipe (Touvron et al. 2021, table 9; Bao et al. 2021).
 
-A model trained from scratch (``vit-tiny-scratch``) has no pretrained features to keep, so for
+- ``auto``: not a fixed set: a from-scratch recipe (model, image size, epochs, lr, augmentation)
+  chosen from the scanned dataset by :func:`vitft_app.auto_recipe.suggest_scratch_recipe`
+  (:func:`auto_preset_values`).
+
+A model trained from scratch (``vit-tiny-scratch``, ``pvt-v2-b0-scratch``) has no pretrained features to keep, so for
 it ``balanced`` and ``best`` freeze nothing and use no layer decay, and the learning rates are
 higher (1e-3, the rate DeiT scales to for small batches). ``quick`` stays a linear probe there
 too (on random features: only useful as a smoke test). ``best``'s regularization is made for
@@ -23,6 +27,31 @@ from typing import Any, get_args
 from .config import Preset
 
 PRESETS: tuple[str, ...] = get_args(Preset)
+#: The preset chosen from the data (``vitft train --preset auto``, the Train tab's Auto button):
+#: a scratch recipe from :func:`vitft_app.auto_recipe.suggest_scratch_recipe`.
+AUTO_PRESET = "auto"
+
+
+def auto_preset_values(data_dir: str, val_fraction: float = 0.2, seed: int = 42) -> tuple[dict[str, Any], str]:
+    """Scans ``data_dir`` and returns the suggested scratch recipe.
+
+    Args:
+        data_dir: dataset folder or labels CSV.
+        val_fraction: validation share when the folder has no val/ split (as ``TrainConfig``).
+        seed: split seed (as ``TrainConfig``).
+
+    Returns:
+        ``({TrainConfig field: value}, one-line description with the reasons)``.
+
+    Raises:
+        FileNotFoundError: the folder does not exist.
+        DatasetError: the folder cannot be scanned as a dataset.
+    """
+    from .auto_recipe import suggest_scratch_recipe
+    from .data import scan_dataset
+
+    recipe = suggest_scratch_recipe(scan_dataset(data_dir, val_fraction=val_fraction, seed=seed))
+    return dict(recipe.values), recipe.describe()
 
 
 def preset_values(name: str, num_blocks: int, pretrained: bool = True) -> dict[str, Any]:
@@ -57,10 +86,10 @@ def preset_values(name: str, num_blocks: int, pretrained: bool = True) -> dict[s
 
 
 def is_pretrained(model: str) -> bool:
-    """False only for the built-in random-weight model."""
-    from .config import SCRATCH_MODEL
+    """False only for the built-in random-weight models (vitft_app.scratch.SCRATCH_MODELS)."""
+    from .scratch import is_scratch_model
 
-    return model != SCRATCH_MODEL
+    return not is_scratch_model(model)
 
 
 def preset_values_for_model(name: str, model: str, image_size: int | None = None) -> dict[str, Any]:
@@ -71,10 +100,9 @@ def preset_values_for_model(name: str, model: str, image_size: int | None = None
         ValueError: unknown preset.
         ModelLoadError: the model's config cannot be read.
     """
-    from .config import SCRATCH_MODEL
     from .modeling import summarize_model
 
     if name not in PRESETS:
         raise ValueError(f"preset must be one of {list(PRESETS)}, got {name!r}")
-    summary = summarize_model(model, ["a", "b"], 0, image_size if model == SCRATCH_MODEL else None)
+    summary = summarize_model(model, ["a", "b"], 0, image_size if not is_pretrained(model) else None)
     return preset_values(name, summary.num_blocks, is_pretrained(model))

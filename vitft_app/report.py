@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 
 from .baseline import accuracy_with_baseline, format_accuracy, run_baseline, weak_model_warning
 from .config import SCRATCH_MODEL, TrainConfig
+from .scratch import is_scratch_model, scratch_model
 from .runs import atomic_write_text, is_run_dir, model_dir, read_metrics, read_status
 
 
@@ -76,14 +77,15 @@ def write_model_card(run_dir: str | os.PathLike, metrics: dict[str, Any] | None 
     status = read_status(run_dir)
     metrics = metrics if metrics is not None else _load_evaluation_metrics(run_dir)
     classes = status.get("classes") or []
-    base = None if config.model == SCRATCH_MODEL or Path(config.model).exists() else config.model
+    base = None if is_scratch_model(config.model) or Path(config.model).exists() else config.model
     meta = ["---", "library_name: transformers", "pipeline_tag: image-classification",
             "tags:", "- image-classification", "- vision-transformer", "- vitft"]
     if base:
         meta.append(f"base_model: {base}")
     meta += ["metrics:", "- accuracy", "- f1", "---"]
     lines = [*meta, "", f"# {run_dir.name}", ""]
-    origin = "trained from scratch (random ViT-Tiny)" if config.model == SCRATCH_MODEL else f"fine-tuned from `{config.model}`"
+    origin = (f"trained from scratch (random {scratch_model(config.model).description.split(' (')[0]})"
+              if is_scratch_model(config.model) else f"fine-tuned from `{config.model}`")
     lines += [f"An image classifier {origin} with [vitft](https://pypi.org/project/vitft/) on the folder"
               f" `{Path(config.data_dir).name}`.", "", "## Data", ""]
     lines += [f"- {len(classes)} classes: {', '.join(map(str, classes))}",

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, get_args
 
 import pandas as pd
 
+from .scratch import is_scratch_model
 from .config import TrainConfig
 from .events import EvalDone, Event, RunFailed, RunFinished
 
@@ -586,7 +587,7 @@ def start_sweep(
     base_config = dataclasses.replace(base_config, output_dir=str(runner.store.root))
     report = preflight(base_config, runner.device, progress)
     if "freeze_depth" in space:
-        scratch = base_config.image_size if base_config.model == "vit-tiny-scratch" else None
+        scratch = base_config.image_size if is_scratch_model(base_config.model) else None
         blocks = summarize_model(base_config.model, report.classes, 0, scratch).num_blocks
         top = max(space["freeze_depth"]) if isinstance(space["freeze_depth"], list) else space["freeze_depth"]["high"]
         if top > blocks:

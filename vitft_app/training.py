@@ -30,7 +30,7 @@ from .distributed import DistContext, current_context, process_device
 from .baseline import majority_baseline
 from .events import Emit, EvalDone, LogMessage, RunFinished, RunStarted, StepLogged, StepProgress
 from .filecheck import Progress
-from .modeling import build_model, count_parameters, freeze_layers, num_blocks
+from .modeling import build_model, count_parameters, freeze_layers, has_cls_token, num_blocks
 from .optim import create_ema, create_optimizer, create_scheduler
 from .runs import save_model_atomically
 
@@ -301,6 +301,12 @@ def evaluate(
     }
 
 
+def supports_feature_cache(model: torch.nn.Module) -> bool:
+    """True for ViT-style models (CLS token + transformer blocks), whose frozen prefix
+    :mod:`vitft_app.feature_cache` can split off; hierarchical models (PVTv2, MobileViT) cannot be."""
+    return has_cls_token(model)
+
+
 def preflight(config: TrainConfig, device: str | None = None, progress: Progress | None = None) -> DatasetReport:
     """Checks everything that can be checked before a run folder is created, so a run that cannot
     work is refused with a message instead of becoming a "failed" run: the dataset (scanned, or
@@ -321,8 +327,8 @@ def preflight(config: TrainConfig, device: str | None = None, progress: Progress
         ValueError: precision not supported on the device, bad image size, freeze depth too large.
         ModelLoadError: the model cannot be loaded (offline and not cached, unknown id, missing folder).
     """
-    from .config import SCRATCH_MODEL
     from .modeling import summarize_model
+    from .scratch import is_scratch_model
 
     data = Path(config.data_dir).expanduser()
     if not (data.is_dir() or (data.is_file() and data.suffix.lower() == ".csv")):
@@ -331,7 +337,7 @@ def preflight(config: TrainConfig, device: str | None = None, progress: Progress
     resolve_device_plan(config.precision, device)
     report = prepare_data(config, lambda event: None, progress)
     check_recipe(config, report)
-    scratch = config.model == SCRATCH_MODEL
+    scratch = is_scratch_model(config.model)
     summary = summarize_model(config.model, report.classes, 0, config.image_size if scratch else None)
     if config.freeze_depth > summary.num_blocks:
         raise ValueError(
@@ -603,7 +609,8 @@ def train(
     # ---- frozen-prefix feature caching: frozen blocks cannot change, so their output on images
     # that are not randomly augmented is computed once. Validation always qualifies (it never
     # augments); training does when nothing random touches its pixels. -------------------------
-    stable_depth = USE_FEATURE_CACHE and config.freeze_depth >= 1 and config.gradual_unfreeze == 0
+    stable_depth = USE_FEATURE_CACHE and config.freeze_depth >= 1 and config.gradual_unfreeze == 0 \
+        and supports_feature_cache(model)
     cache_val = stable_depth
     cache_train = stable_depth and not dist_ctx.enabled and config.augment == "none" and config.distill_weight == 0 \
         and config.mixup == 0 and config.cutmix == 0 and config.patch_mask_ratio == 0 and config.random_erasing == 0 \

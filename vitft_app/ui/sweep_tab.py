@@ -11,6 +11,7 @@ from typing import Any
 import gradio as gr
 
 from ..config import SCRATCH_MODEL, TrainConfig
+from ..scratch import is_scratch_model
 from ..jobs import BusyError
 from ..modeling import MODEL_CHOICES, ModelLoadError
 from ..sweep import (
@@ -221,7 +222,7 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab, data: Any) -> None:
         with gr.Row():
             model = gr.Dropdown(list(MODEL_CHOICES), value=SCRATCH_MODEL, allow_custom_value=True, label="Model",
                                 scale=2, elem_id="sweep-model")
-            image_size = gr.Number(value=224, precision=0, label="Image size (vit-tiny-scratch)", scale=1)
+            image_size = gr.Number(value=224, precision=0, label="Image size (scratch models)", scale=1)
             epochs = gr.Number(value=defaults["epochs"], precision=0, minimum=1, label="Epochs", scale=1)
             seed = gr.Number(value=defaults["seed"], precision=0, label="Seed (split and sampler)", scale=1)
         with gr.Row():
@@ -302,4 +303,4 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab, data: Any) -> None:
     timer.tick(on_tick, inputs=[sweep, signature], outputs=[*results, signature])
     best_button.click(lambda chosen, n: train_best_from_ui(ctx, chosen, n), inputs=[sweep, best_epochs],
                       outputs=best_message)
-    model.change(lambda m: gr.update(visible=m == SCRATCH_MODEL), inputs=model, outputs=image_size)
+    model.change(lambda m: gr.update(visible=is_scratch_model(m)), inputs=model, outputs=image_size)

@@ -19,6 +19,7 @@ from ..presets import PRESETS, preset_values_for_model
 from ..app_state import dataset_markdown
 from ..baseline import accuracy_with_baseline, format_accuracy, run_baseline, weak_model_warning
 from ..runs import model_dir, read_metrics, read_status
+from ..scratch import is_scratch_model, scratch_model
 from .data_tab import resolve_data_path
 from ..plots import figure_accuracy, figure_loss
 
@@ -43,17 +44,21 @@ def model_info(model: str, image_size: int | None, freeze_depth: int, classes: l
         return gr.update(), "Choose a model."
     try:
         if settings is not None:
-            model = settings.check_model(model) if model != SCRATCH_MODEL else model
-        summary = summarize_model(model, classes, int(freeze_depth or 0), image_size if model == SCRATCH_MODEL else None)
+            model = settings.check_model(model) if not is_scratch_model(model) else model
+        summary = summarize_model(model, classes, int(freeze_depth or 0), image_size if is_scratch_model(model) else None)
     except (ModelLoadError, ValueError, OSError) as exc:
         return gr.update(), f"✗ {exc}"
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
         return gr.update(), f"✗ Cannot describe model '{model}': {type(exc).__name__}: {exc}"
     depth = min(int(freeze_depth or 0), summary.num_blocks)
     probe = " (linear probe: only the head trains)" if depth == summary.num_blocks else ""
+    offline = ""
+    if is_scratch_model(model):
+        spec = scratch_model(model)
+        offline = f"\n\n**Offline, no pretraining** ({spec.params} parameters): {spec.use_for}. Expect: {spec.expected}."
     return (
         gr.update(maximum=summary.num_blocks, value=depth),
-        summary.describe() + probe,
+        summary.describe() + probe + offline,
     )
 
 
@@ -111,7 +116,7 @@ def config_from_form(values: dict[str, Any], data_dir: Path) -> TrainConfig:
         elif isinstance(default, float):
             value = float(value)
         kwargs[name] = value
-    if kwargs.get("model") != SCRATCH_MODEL:
+    if not is_scratch_model(kwargs.get("model")):
         kwargs.pop("image_size", None)
     return TrainConfig(**kwargs)
 
@@ -186,7 +191,7 @@ def preset_updates(name: str, model: str, image_size: int | None, fields: list[s
         "balanced": "partial freeze, basic augmentation, 10 epochs",
         "best": "RandAugment, MixUp/CutMix, label smoothing, layer decay, EMA, 20 epochs",
     }[name]
-    scratch = (model or SCRATCH_MODEL) == SCRATCH_MODEL
+    scratch = is_scratch_model(model or SCRATCH_MODEL)
     if scratch and name == "quick":
         note += " (on a random-weight model a linear probe only trains the head: a smoke test)"
     elif scratch and name == "best":
@@ -195,6 +200,26 @@ def preset_updates(name: str, model: str, image_size: int | None, fields: list[s
     elif scratch:
         note += " (from scratch: nothing frozen, lr 1e-3)"
     return [values.get(f, gr.skip()) for f in fields], f"Preset **{name}**: {note}. Edit anything before Start."
+
+
+def auto_preset_updates(data_text: str, settings: Any, fields: list[str]) -> tuple[list[Any], str]:
+    """Form values of the *Auto (from the data)* preset: the scratch recipe suggested for the
+    dataset in the path box (:func:`vitft_app.auto_recipe.suggest_scratch_recipe`).
+
+    Returns:
+        ``(values in the order of fields, message markdown)``; ``gr.skip()`` everywhere and the
+        reason when the folder cannot be read.
+    """
+    from ..presets import auto_preset_values
+
+    try:
+        values, description = auto_preset_values(str(resolve_data_path(data_text, settings)))
+    except (ValueError, OSError) as exc:
+        return [gr.skip() for _ in fields], f"✗ {exc}"
+    return ([values.get(f, gr.skip()) for f in fields],
+            f"Preset **auto** (from the data): {description} Trained from scratch, no pretrained weights: expect"
+            " the accuracy of the README's *Offline models* table, not a fine-tuned checkpoint's. Edit anything"
+            " before Start.")
 
 
 def augmentation_preview(values: dict[str, Any], data_text: str, settings: Any, per_class: int = 1,
@@ -234,10 +259,17 @@ def augmentation_preview(values: dict[str, Any], data_text: str, settings: Any, 
     return gallery, f"{len(gallery)} augmented versions of {len(picked)} training images (evaluation never augments)."
 
 
+def build_scratch_config(config: TrainConfig) -> Any:
+    """The transformers config of a scratch model at the form's image size (two dummy labels)."""
+    return scratch_model(config.model).config(config.image_size or 224, {0: "a", 1: "b"})
+
+
 def _patch_size(config: TrainConfig) -> int:
     from ..modeling import load_model_config, scratch_patch_size
 
-    if config.model == SCRATCH_MODEL:
+    if is_scratch_model(config.model):
+        if config.model != SCRATCH_MODEL:
+            return int(getattr(build_scratch_config(config), "patch_size", 2))
         return scratch_patch_size(config.image_size or 224)
     return int(getattr(load_model_config(config.model), "patch_size", 16))
 
@@ -498,23 +530,25 @@ def build(ctx: Any, data: Any) -> TrainTab:
         with gr.Column(scale=3):
             gr.Markdown("**Presets** fill the form (edit anything after): **Quick** = linear probe, no augmentation;"
                         " **Balanced** = partial freeze + basic augmentation; **Best** = RandAugment, MixUp/CutMix,"
-                        " label smoothing, layer decay, EMA.")
+                        " label smoothing, layer decay, EMA; **Auto** = a from-scratch"
+                        " recipe chosen from the data.")
         with gr.Column(scale=2, min_width=320):
             with gr.Row():
                 preset_buttons = {name: gr.Button(name.capitalize(), size="sm", elem_id=f"preset-{name}",
                                                   min_width=90) for name in PRESETS}
+                auto_button = gr.Button("Auto", size="sm", elem_id="preset-auto", min_width=90)
     with gr.Row():
         with gr.Column(scale=2):
             default_model, _ = resolve_default_model(ctx.settings.device)  # pretrained when the Hub or cache has one
             model = gr.Dropdown(
                 choices=list(MODEL_CHOICES), value=default_model, allow_custom_value=True,
-                label="Model", info="A Hub id, a local save_pretrained folder, or vit-tiny-scratch (offline).",
+                label="Model", info="A Hub id, a local save_pretrained folder, or a *-scratch model (offline, random weights).",
                 elem_id="model-choice",
             )
             catalog = gr.Markdown(elem_id="model-catalog-info")
-            image_size = gr.Slider(32, 224, value=224, step=16, label="Image size (vit-tiny-scratch)",
+            image_size = gr.Slider(32, 224, value=224, step=16, label="Image size (scratch models)",
                                    info=docs["image_size"], elem_id="image-size",
-                                   visible=default_model == SCRATCH_MODEL)
+                                   visible=is_scratch_model(default_model))
             freeze_depth = gr.Slider(0, 12, value=0, step=1, label="Freeze depth", info=docs["freeze_depth"],
                                      elem_id="freeze-depth")
             params = gr.Markdown(elem_id="param-count")
@@ -523,10 +557,10 @@ def build(ctx: Any, data: Any) -> TrainTab:
                 epochs = gr.Number(value=defaults["epochs"], label="Epochs", precision=0, minimum=1, elem_id="epochs")
                 batch_size = gr.Number(value=defaults["batch_size"], label="Batch size", precision=0, minimum=1,
                                        elem_id="batch-size")
-                lr = gr.Number(value=SCRATCH_LR if default_model == SCRATCH_MODEL else FINETUNE_LR,
-                               label="Learning rate", info="5e-5 for fine-tuning, 1e-3 from scratch",
+                lr = gr.Number(value=scratch_model(default_model).lr if is_scratch_model(default_model) else FINETUNE_LR,
+                               label="Learning rate", info="5e-5 for fine-tuning, 1e-3 to 2e-3 from scratch",
                                elem_id="lr")
-            augment = gr.Dropdown(["none", "basic", "randaugment", "trivialaugment", "autoaugment"],
+            augment = gr.Dropdown(["none", "basic", "crop", "randaugment", "trivialaugment", "autoaugment"],
                                   value=defaults["augment"], label="Augmentation", elem_id="augment")
             augment_note = gr.Markdown(augment_summary(defaults["augment"]), elem_id="augment-summary")
     with gr.Accordion("Augmentation and regularization", open=False):
@@ -681,6 +715,10 @@ def build(ctx: Any, data: Any) -> TrainTab:
         button.click(apply, inputs=[model, image_size], outputs=[*form.values(), message]).then(
             info, inputs=[model, image_size, freeze_depth, data.classes], outputs=[freeze_depth, params])
 
+    auto_button.click(lambda text: (lambda v, t: [*v, t])(*auto_preset_updates(text, ctx.settings, fields)),
+                      inputs=data.path, outputs=[*form.values(), message]).then(
+        info, inputs=[model, image_size, freeze_depth, data.classes], outputs=[freeze_depth, params])
+
     preview_button.click(
         lambda values: augmentation_preview({n: values[c] for n, c in form.items()}, values[data.path], ctx.settings),
         inputs=set(form.values()) | {data.path}, outputs=[preview, preview_message],
@@ -691,9 +729,10 @@ def build(ctx: Any, data: Any) -> TrainTab:
     )
 
     info_inputs = [model, image_size, freeze_depth, data.classes]
-    model.change(lambda name: gr.update(visible=name == SCRATCH_MODEL), inputs=model, outputs=image_size)
+    model.change(lambda name: gr.update(visible=is_scratch_model(name)), inputs=model, outputs=image_size)
     # Only a model the user picks suggests a learning rate (a loaded run's settings keep theirs).
-    model.input(lambda name: SCRATCH_LR if name == SCRATCH_MODEL else FINETUNE_LR, inputs=model, outputs=lr)
+    model.input(lambda name: scratch_model(name).lr if is_scratch_model(name) else FINETUNE_LR, inputs=model,
+                outputs=lr)
     for component in (model, image_size, data.classes):
         component.change(info, inputs=info_inputs, outputs=[freeze_depth, params])
     for component in (model, image_size, data.classes):
