@@ -24,13 +24,14 @@ from typing import Any, Iterable
 
 import torch
 
+from . import scratch
 from .config import SCRATCH_MODEL
 
 logger = logging.getLogger(__name__)
 
 #: The scratch model used offline with nothing cached. One constant, so the choice can follow
 #: whatever :mod:`vitft_app.modeling` recommends for training without pretrained weights.
-RECOMMENDED_SCRATCH_MODEL = SCRATCH_MODEL
+RECOMMENDED_SCRATCH_MODEL = scratch.RECOMMENDED_SCRATCH_MODEL
 
 #: The visible note beside an offline scratch default.
 SCRATCH_NOTE = ("random weights: expect low accuracy on small datasets; connect to the Hub or pick a saved "
@@ -132,9 +133,8 @@ def default_model(device: str, hub_reachable: bool, cached: Iterable[str]) -> st
 
 
 def is_scratch(model_id: str) -> bool:
-    """True for a model with random weights (:data:`~vitft_app.config.SCRATCH_MODEL` or
-    :data:`RECOMMENDED_SCRATCH_MODEL`)."""
-    return model_id in (SCRATCH_MODEL, RECOMMENDED_SCRATCH_MODEL)
+    """True for a model with random weights (any :data:`vitft_app.scratch.SCRATCH_MODELS` name)."""
+    return scratch.is_scratch_model(model_id)
 
 
 def default_model_note(model_id: str) -> str:
@@ -214,6 +214,8 @@ def model_config_for(model_id: str, image_size: int | None = None) -> Any:
 
     if model_id == SCRATCH_MODEL:
         return scratch_config(image_size or SCRATCH_DEFAULT_IMAGE_SIZE, {0: "a", 1: "b"})
+    if scratch.is_scratch_model(model_id):
+        return scratch.scratch_model(model_id).config(image_size or SCRATCH_DEFAULT_IMAGE_SIZE, {0: "a", 1: "b"})
     entry = CATALOG.get(model_id)
     if entry is not None:
         return ViTConfig(hidden_size=entry.hidden_size, num_hidden_layers=entry.num_layers,
@@ -293,11 +295,19 @@ def matmul_flops_per_second(device: str = "cpu", size: int = 2048, repeats: int 
     return 2.0 * size**3 / max(best, 1e-9)
 
 
+#: The least time one training image costs on a CPU whatever its FLOPs (decoding, augmentation,
+#: the optimizer step and framework overhead per batch): the PVTv2-b0 scratch model at 32 px, whose
+#: FLOPs alone predict about 1 s per epoch of the 4,000 built-in digits, took about 14.6 s per
+#: epoch including validation in ``benchmarks/bench_quality.py`` (3.6 ms per training image).
+MIN_SECONDS_PER_IMAGE = 0.003
+
+
 def estimate_epoch_seconds(forward_flops: float, num_images: int, flops_per_second: float,
                            efficiency: float = TRAIN_EFFICIENCY) -> float:
     """An *estimate* of one full fine-tuning epoch: ``3 x forward FLOPs x images / (probe rate x
     efficiency)`` (training = forward + a backward of about twice its cost; see
-    :data:`TRAIN_FLOPS_FACTOR`, :data:`TRAIN_EFFICIENCY`). Freezing blocks or a cached linear probe
+    :data:`TRAIN_FLOPS_FACTOR`, :data:`TRAIN_EFFICIENCY`), and at least
+    :data:`MIN_SECONDS_PER_IMAGE` per image (small models are bound by overheads, not FLOPs). Freezing blocks or a cached linear probe
     makes the real epoch shorter; evaluation of the validation split is not included.
 
     Args:
@@ -316,7 +326,8 @@ def estimate_epoch_seconds(forward_flops: float, num_images: int, flops_per_seco
         raise ValueError(f"flops_per_second and efficiency must be positive, got {flops_per_second}, {efficiency}")
     if forward_flops < 0 or num_images < 0:
         raise ValueError(f"forward_flops and num_images must be >= 0, got {forward_flops}, {num_images}")
-    return TRAIN_FLOPS_FACTOR * forward_flops * num_images / (flops_per_second * efficiency)
+    return max(TRAIN_FLOPS_FACTOR * forward_flops * num_images / (flops_per_second * efficiency),
+               MIN_SECONDS_PER_IMAGE * num_images)
 
 
 def format_duration(seconds: float) -> str:
