@@ -77,7 +77,7 @@ def test_train_tab_auto_button_values(digits_small):
     assert values[:3] == [RECOMMENDED_SCRATCH_MODEL, 32, "crop"] and isinstance(values[3], int)
     assert "Preset **auto**" in text and "from scratch" in text
     _, bad = auto_preset_updates("", settings, fields)
-    assert bad.startswith("❌")
+    assert bad.startswith("✗")
 
 
 def test_tiny_colour_images_get_flips_and_mild_crops(tmp_path):

@@ -371,4 +371,4 @@ def test_app_train_tab_info_and_runs_tab_demo_button(strong_run, tmp_path):
         _stop(process)
 
 
-SCRATCH_MODEL_ID = "vit-tiny-scratch"
+SCRATCH_MODEL_ID = "pvt-v2-b0-scratch"  # the offline default (vitft_app.scratch.RECOMMENDED_SCRATCH_MODEL)

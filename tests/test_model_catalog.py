@@ -76,7 +76,7 @@ def test_resolve_reachable(network, tmp_path):
 
 def test_resolve_offline_nothing_cached(network, tmp_path):
     model, note = mc.resolve_default_model("cpu", cache_dir=tmp_path)
-    assert model == mc.RECOMMENDED_SCRATCH_MODEL == SCRATCH_MODEL
+    assert model == mc.RECOMMENDED_SCRATCH_MODEL == "pvt-v2-b0-scratch"
     assert note.startswith("random weights: expect low accuracy on small datasets")
     assert network["calls"] == 1
 

@@ -152,7 +152,7 @@ def open_demo(ctx: Any, run_dir: str | None, page_host: str = "127.0.0.1") -> tu
     try:
         port = ctx.demo_servers.open(run_dir)
     except (DemoError, FileNotFoundError, OSError, ValueError) as exc:
-        return f"❌ {exc}", None
+        return f"✗ {exc}", None
     url = f"http://{page_host}:{port}/"
     return (f'Demo page of `{Path(run_dir).name}`: <a href="{url}" target="_blank" id="runs-demo-link">{url}</a>'
             " (opens in a new tab; it stays up while the app runs).", port)
