@@ -167,16 +167,16 @@ def test_panel_handlers_edit_undo_and_retrain(noisy_run, tmp_path):
     message, _ = panel.apply_edit(ctx, str(run_dir), [str(b)], "exclude")
     assert message.startswith("✓ Excluded 1") and (data / "_excluded" / "train" / "1" / b.name).is_file()
     assert list(panel.journal_view(ctx, str(run_dir))["action"]) == ["exclude", "move"]
-    assert panel.undo(ctx, str(run_dir), everything=False).startswith("↩️ Undid edit 2")
+    assert panel.undo(ctx, str(run_dir), everything=False).startswith("✓ Undid edit 2")
     assert b.is_file()
 
     started = panel.retrain(ctx, str(run_dir))
-    assert started.startswith("▶️ Started"), started
+    assert started.startswith("▶ Started"), started
     job = ctx.runner.current
     assert job.wait(300)
     meta = read_meta(job.run_dir)
     assert meta["retrained_from"] == run_dir.name and meta["name"].endswith("(fixed data)")
     table = runs_table(runs)
     assert table.loc[table["run_id"] == job.run_dir.name, "retrained_from"].item() == run_dir.name
-    assert panel.undo(ctx, str(run_dir), everything=True) == "↩️ Undid 1 edit(s)."
+    assert panel.undo(ctx, str(run_dir), everything=True) == "✓ Undid 1 edit(s)."
     assert a.is_file() and panel.undo(ctx, str(run_dir), everything=True) == "Nothing to undo."
