@@ -302,7 +302,10 @@ def test_the_newcomer_path_at_1400x900(app_url, page, digits_root):
                 pass
             time.sleep(0.1)
         first_step = time.time()
-        expect(page.locator("#train-status")).to_contain_text(re.compile(r"step [1-9]\d*/\d+"), timeout=5_000)
+        # The new run's own step count (not the status of an earlier run the page showed before Start).
+        expect(page.locator("#train-status")).to_contain_text(
+            re.compile(re.escape(run_dir.name) + r".*step [1-9]\d*/\d+|step [1-9]\d*/\d+.*" + re.escape(run_dir.name)),
+            timeout=5_000)
         page.wait_for_function(
             "() => document.querySelectorAll('#loss-plot .scatterlayer .point').length > 0", timeout=5_000)
         assert time.time() - first_step <= 5.5

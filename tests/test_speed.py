@@ -312,3 +312,18 @@ def test_adamw_uses_the_fused_kernel_and_matches_the_reference_update(tiny_vit):
         reference.step()
     for (n, a), b in zip(models[0].named_parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_slabs_made_during_validation_still_take_training_entries():
+    """Validation fills the decode cache inside torch.inference_mode(); a slab allocated there must
+    not become an inference tensor, or the next training entry (outside inference mode) fails
+    with "Inplace update to inference tensor" (seen on Resume of an --augment none run)."""
+    from vitft_app.decode_cache import _SlabStore
+
+    store = _SlabStore(slab_bytes=100)
+    with torch.inference_mode():
+        first = store.store(torch.ones(10, dtype=torch.uint8))
+    second = store.store(torch.full((10,), 2, dtype=torch.uint8))  # same slab, outside inference mode
+    assert not first.is_inference() and not second.is_inference()
+    assert (first == 1).all() and (second == 2).all()
+    assert first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()

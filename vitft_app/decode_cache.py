@@ -70,11 +70,15 @@ class _SlabStore:
         size = tensor.numel()
         if tensor.dtype != torch.uint8 or size > self.slab_bytes:
             return tensor
-        if self._used + size > self.slab_bytes:
-            self._slabs.append(torch.empty(self.slab_bytes, dtype=torch.uint8))
-            self._used = 0
-        view = self._slabs[-1][self._used : self._used + size].view(tensor.shape)
-        view.copy_(tensor)
+        # Validation fills the cache inside torch.inference_mode(): a slab made there would be an
+        # inference tensor, and training (outside it) could then not copy into it. Slabs and their
+        # views are always normal tensors.
+        with torch.inference_mode(False):
+            if self._used + size > self.slab_bytes:
+                self._slabs.append(torch.empty(self.slab_bytes, dtype=torch.uint8))
+                self._used = 0
+            view = self._slabs[-1][self._used : self._used + size].view(tensor.shape)
+            view.copy_(tensor)
         self._used += size
         return view
 
