@@ -12,18 +12,16 @@ import logging
 import os
 import re
 import shutil
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from . import baseline as _baseline
+from .baseline import WEAK_MARGIN
 from .runs import atomic_write_text, is_run_dir, model_dir, read_status
 
 logger = logging.getLogger(__name__)
 
-#: A model whose validation accuracy is less than this many points (0..1) above the
-#: majority-class baseline is called weak on the page.
-WEAK_MARGIN = 0.05
 #: Example images shown under the drop zone (spread over the classes).
 MAX_EXAMPLES = 8
 #: The bundle's template, a plain gradio + transformers script (read as text, never imported here).
@@ -111,13 +109,13 @@ def majority_baseline(labels: Sequence[str]) -> tuple[str | None, float | None]:
 
     Returns:
         ``(class, rate 0..1)``; ``(None, None)`` for an empty split. Ties go to the first class
-        in sorted order, so the answer does not depend on the image order.
+        in sorted order, so the answer does not depend on the image order. The counting and the
+        weak-model margin are :mod:`vitft_app.baseline`'s, as everywhere else in the app.
     """
-    if not labels:
-        return None, None
-    counts = Counter(labels)
-    top = max(sorted(counts), key=lambda c: counts[c])
-    return top, counts[top] / len(labels)
+    names = sorted(set(labels))
+    index = {name: i for i, name in enumerate(names)}
+    found = _baseline.majority_baseline((index[label] for label in labels), names)
+    return (found.majority_class, found.rate) if found is not None else (None, None)
 
 
 def _spread_examples(items: Sequence[tuple[str, str]], limit: int) -> list[tuple[str, str]]:
@@ -224,8 +222,6 @@ def write_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike, max_exa
         DemoError: not a run, no saved model, or ``out_dir`` is a non-empty folder or a file.
     """
     from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-    import transformers
 
     summary = demo_summary(run_dir, max_examples)
     out = Path(out_dir).expanduser()

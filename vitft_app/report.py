@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .baseline import accuracy_with_baseline, format_accuracy, run_baseline, weak_model_warning
-from .config import SCRATCH_MODEL, TrainConfig
+from .config import TrainConfig
 from .scratch import is_scratch_model, scratch_model
 from .runs import atomic_write_text, is_run_dir, model_dir, read_metrics, read_status
 
