@@ -19,20 +19,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionTrial, can_switch_attention, current_attention, set_attention
-from .augment import PatchDropout, create_batch_mixer, mask_patches
-from .checkpoint import (ResumeError, capture_rng, estimate_checkpoint_bytes, load_checkpoint, low_space_warning,
+from ..attention import AttentionTrial, can_switch_attention, current_attention, set_attention
+from ..augment import PatchDropout, create_batch_mixer, mask_patches
+from ..checkpoint import (ResumeError, capture_rng, estimate_checkpoint_bytes, load_checkpoint, low_space_warning,
                          remove_checkpoint, restore_rng, save_checkpoint)
-from .config import TrainConfig
-from .data import DatasetReport, ImageDataset, build_transforms, collate_skipping_failures, processor_spec, scan_dataset
-from .device import DevicePlan, resolve_device_plan
-from .distributed import DistContext, current_context, process_device
-from .baseline import majority_baseline
-from .events import Emit, EvalDone, LogMessage, RunFinished, RunStarted, StepLogged, StepProgress
-from .filecheck import Progress
-from .modeling import build_model, count_parameters, freeze_layers, has_cls_token, num_blocks
-from .optim import create_ema, create_optimizer, create_scheduler
-from .runs import save_model_atomically
+from ..config import TrainConfig
+from ..data import DatasetReport, ImageDataset, build_transforms, collate_skipping_failures, processor_spec, scan_dataset
+from ..device import DevicePlan, resolve_device_plan
+from ..distributed import DistContext, current_context, process_device
+from ..baseline import majority_baseline
+from ..events import Emit, EvalDone, LogMessage, RunFinished, RunStarted, StepLogged, StepProgress
+from ..filecheck import Progress
+from ..modeling import build_model, count_parameters, freeze_layers, has_cls_token, num_blocks
+from ..optim import create_ema, create_optimizer, create_scheduler
+from ..runs import save_model_atomically
 
 __all__ = [
     "DatasetError",
@@ -327,8 +327,8 @@ def preflight(config: TrainConfig, device: str | None = None, progress: Progress
         ValueError: precision not supported on the device, bad image size, freeze depth too large.
         ModelLoadError: the model cannot be loaded (offline and not cached, unknown id, missing folder).
     """
-    from .modeling import summarize_model
-    from .scratch import is_scratch_model
+    from ..modeling import summarize_model
+    from ..scratch import is_scratch_model
 
     data = Path(config.data_dir).expanduser()
     if not (data.is_dir() or (data.is_file() and data.suffix.lower() == ".csv")):
@@ -472,7 +472,7 @@ def resume_run(
         ResumeError: no readable checkpoint.
         DatasetError, FileNotFoundError, ModelLoadError, ValueError: as :func:`train`.
     """
-    from .runs import truncate_metrics
+    from ..runs import truncate_metrics
 
     run_dir = Path(run_dir)
     if checkpoint is None:  # the job runner passes the one it read (and checked) before starting
@@ -574,14 +574,14 @@ def train(
     # Augmented training decodes every epoch, so random crops keep the full resolution. ---------
     decode_cache = None
     if USE_DECODE_CACHE:
-        from .decode_cache import DecodeCache, recipe_from_spec, tensor_transform
+        from ..decode_cache import DecodeCache, recipe_from_spec, tensor_transform
 
         budget = DECODE_CACHE_BUDGET_BYTES if config.num_workers == 0 else 0  # workers share the disk tier
         decode_cache = DecodeCache(run_dir / DECODE_CACHE_DIR, memory_budget_bytes=budget)
         spec = processor_spec(processor)
 
         def eval_dataset(items: Sequence[Any]) -> torch.utils.data.Dataset:
-            from .decode_cache import CachedImageDataset
+            from ..decode_cache import CachedImageDataset
 
             return CachedImageDataset(items, decode_cache, recipe_from_spec(spec), tensor_transform(spec), target_classes)
     else:
@@ -617,7 +617,7 @@ def train(
         and config.patch_dropout == 0
     val_cache = train_cache = prefix = suffix = None
     if cache_val:
-        from .feature_cache import cache_features, split_frozen_model
+        from ..feature_cache import cache_features, split_frozen_model
 
         prefix, suffix = split_frozen_model(model, config.freeze_depth)
 
