@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
@@ -637,6 +638,66 @@ def processor_spec(processor: Any) -> ProcessorSpec:
     return ProcessorSpec(resize, crop, mean, std, interpolation)  # type: ignore[arg-type]
 
 
+def resize_transform(resize: tuple[int, int] | int, crop: tuple[int, int] | None, interpolation: str) -> Callable:
+    """The image processor's resize (+ center crop) as a torchvision ``v2`` pipeline on a PIL image
+    (or a ``uint8`` tensor): the first half of :class:`EvalTransform`, and what the decode cache
+    stores (:class:`vitft_app.decode_cache.DecodeRecipe`).
+
+    Args:
+        resize: ``(height, width)`` or a shortest-edge int (torchvision ``Resize`` semantics).
+        crop: ``(height, width)`` center crop after the resize, or None.
+        interpolation: ``InterpolationMode`` name (``"BILINEAR"``, ``"BICUBIC"``...).
+    """
+    mode = InterpolationMode[interpolation]
+    steps: list = [v2.Resize(resize, interpolation=mode, antialias=True)]
+    if crop is not None:
+        steps.append(v2.CenterCrop(crop))
+    return v2.Compose(steps)
+
+
+class EvalTransform:
+    """The one evaluation transform: validation in the training loop, :mod:`vitft_app.evaluate`,
+    prediction (PyTorch and ONNX) and the decode cache all use it, so they see the same pixels.
+
+    Two halves: ``resize`` (the processor's resize and center crop by Pillow,
+    :func:`resize_transform`: what the decode cache keeps, as ``uint8``) and :meth:`normalize` (``x * (1/255)``, minus
+    mean, divided by std, in float32 numpy: bit for bit what torchvision's ``ToDtype(scale=True)``
+    + ``Normalize`` compute, without torch's intra-op thread pool for a 150k-element tensor: on a
+    busy 2-core machine the torchvision tail took 30-50 ms per image, this well under 1 ms).
+
+    Args:
+        processor: a transformers image processor, or its :class:`ProcessorSpec`.
+
+    Attributes:
+        spec: the processor's :class:`ProcessorSpec`.
+        draft_size: ``(width, height)`` for :func:`~vitft_app.images.load_image`'s JPEG draft
+            decoding: the model input size.
+
+    Raises:
+        ValueError: the processor describes no size.
+    """
+
+    def __init__(self, processor: Any):
+        self.spec = processor if isinstance(processor, ProcessorSpec) else processor_spec(processor)
+        self.resize = resize_transform(self.spec.resize, self.spec.crop, self.spec.interpolation)
+        self.mean = np.asarray(self.spec.mean, dtype=np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(self.spec.std, dtype=np.float32).reshape(3, 1, 1)
+        out_h, out_w = self.spec.output_size
+        self.draft_size = (out_w, out_h)
+
+    def normalize(self, pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """``uint8 (3, H, W)`` -> normalized ``float32 (3, H, W)``."""
+        array = (pixels.numpy() if isinstance(pixels, torch.Tensor) else pixels).astype(np.float32)  # a copy
+        array *= np.float32(1 / 255)
+        array -= self.mean
+        array /= self.std
+        return torch.from_numpy(array)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """PIL RGB image -> float32 tensor ``(3, H, W)``."""
+        return self.normalize(np.asarray(self.resize(image), dtype=np.uint8).transpose(2, 0, 1))
+
+
 def build_transforms(
     processor: Any,
     train: bool,
@@ -647,8 +708,8 @@ def build_transforms(
 ) -> Callable:
     """Builds the ``torchvision.transforms.v2`` pipeline for a PIL image.
 
-    Evaluation (and training with ``augment="none"``): resize and center crop exactly as the
-    image processor does, rescale to [0, 1], normalize with its mean and std. Training with
+    Evaluation (and training with ``augment="none"``): :class:`EvalTransform`, the resize and
+    center crop of the image processor, rescale to [0, 1], normalize with its mean and std. Training with
     ``basic``: ``RandomResizedCrop`` to the model size (scale ``(crop_scale_min, 1)``, ratio
     (3/4, 4/3): torchvision's and the transformers example's defaults), a horizontal flip and,
     when ``color_jitter > 0``, ``ColorJitter(brightness=contrast=saturation=color_jitter)``.
@@ -675,14 +736,11 @@ def build_transforms(
     """
     spec = processor_spec(processor)
     mode = InterpolationMode[spec.interpolation]
-    tail: list = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
     if not train or augment == "none":
-        head: list = [v2.Resize(spec.resize, interpolation=mode, antialias=True)]
-        if spec.crop is not None:
-            head.append(v2.CenterCrop(spec.crop))
         if train and random_erasing > 0:
-            tail.append(v2.RandomErasing(p=random_erasing, value="random"))
-        return v2.Compose(head + tail)
+            return v2.Compose([EvalTransform(spec), v2.RandomErasing(p=random_erasing, value="random")])
+        return EvalTransform(spec)
+    tail: list = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
     policies = {
         "basic": None,
         "crop": None,

@@ -11,10 +11,10 @@ on disk).
 Cache key: ``(real path, file size in bytes, mtime in ns, target)`` where ``target`` names the
 resize/crop/draft recipe, so an edited file or another image size never returns a stale tensor.
 
-What the cache stores is exactly what :func:`vitft_app.data.build_transforms` computes before its
-``ToImage`` step (for the deterministic, no-augmentation pipeline), so
+What the cache stores is the first half of :class:`vitft_app.data.EvalTransform` (the resize and
+center crop, as ``uint8``) and :func:`tensor_transform` is its second half, so
 ``CachedImageDataset`` with :func:`tensor_transform` gives **the same float tensors bit for bit**
-as ``ImageDataset`` with ``build_transforms(processor, train=False)``. For ``augment="basic"`` the
+as ``ImageDataset`` with the eval transform. For ``augment="basic"`` the
 cache keeps a larger image (shorter side ``augment_side``) and the random crop and flip run on the
 cached tensor every epoch (see :func:`tensor_transform`).
 
@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
-from .data import ImageDataset
+from .data import EvalTransform, ImageDataset, resize_transform
 from .images import ImageLoadError, load_image
 
 #: Default in-memory budget: 2 GiB (about 14,000 images at 224 px).
@@ -110,12 +110,9 @@ class DecodeRecipe:
         return f"r{self.resize}-c{self.crop}-{self.interpolation}-d{self.draft_size}"
 
     def pil_transform(self) -> Callable[[Image.Image], Image.Image]:
-        """The PIL resize (+ center crop) of this recipe, as ``build_transforms`` does it."""
-        mode = InterpolationMode[self.interpolation]
-        steps: list[Any] = [v2.Resize(self.resize, interpolation=mode, antialias=True)]
-        if self.crop is not None:
-            steps.append(v2.CenterCrop(self.crop))
-        return v2.Compose(steps)
+        """The PIL resize (+ center crop) of this recipe: :func:`vitft_app.data.resize_transform`,
+        the first half of the eval transform."""
+        return resize_transform(self.resize, self.crop, self.interpolation)
 
 
 def recipe_from_spec(spec: Any, augment: str = "none", augment_side: int | None = None) -> DecodeRecipe:
@@ -275,8 +272,8 @@ class DecodeCache:
 def tensor_transform(spec: Any, train: bool = False, augment: str = "none") -> Callable[[torch.Tensor], torch.Tensor]:
     """The rest of the pipeline, on a cached ``uint8 (3, H, W)`` tensor.
 
-    ``augment="none"`` (or evaluation): rescale to [0, 1] and normalize, exactly the tail of
-    :func:`vitft_app.data.build_transforms`. ``"basic"`` training: ``RandomResizedCrop`` to the
+    ``augment="none"`` (or evaluation): rescale to [0, 1] and normalize:
+    :meth:`vitft_app.data.EvalTransform.normalize`, the second half of the eval transform. ``"basic"`` training: ``RandomResizedCrop`` to the
     model size (scale (0.08, 1), ratio (3/4, 4/3), torchvision defaults) and a horizontal flip on
     the cached tensor, then the same tail.
 
@@ -288,12 +285,12 @@ def tensor_transform(spec: Any, train: bool = False, augment: str = "none") -> C
     Returns:
         ``uint8 (3, H, W)`` -> ``float32 (3, out_h, out_w)``.
     """
-    tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
+    normalize = EvalTransform(spec).normalize
     if train and augment == "basic":
         mode = InterpolationMode[spec.interpolation]
         head = [v2.RandomResizedCrop(spec.output_size, interpolation=mode, antialias=True), v2.RandomHorizontalFlip()]
-        return v2.Compose(head + tail)
-    return v2.Compose(tail)
+        return v2.Compose(head + [normalize])
+    return normalize
 
 
 class CachedImageDataset(ImageDataset):

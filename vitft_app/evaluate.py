@@ -20,14 +20,13 @@ from sklearn import metrics as skm
 from .baseline import Baseline, format_accuracy, headline, majority_baseline, weak_model_warning
 from .config import TrainConfig
 from .data import ImageItem, scan_dataset
+from .metrics import MULTI_LABEL_THRESHOLD, core_metrics
 from .runs import atomic_write_text, is_run_dir
 
 Split = Literal["val", "test"]
 #: Bins of the expected calibration error (Guo et al. 2017, "On Calibration of Modern Neural
 #: Networks", equal-width confidence bins).
 ECE_BINS = 15
-#: Score at or above which a multi-label model predicts a label (the issue's and sklearn's usual 0.5).
-MULTI_LABEL_THRESHOLD = 0.5
 
 
 class EvaluationError(ValueError):
@@ -162,9 +161,9 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], t
         these labels, :meth:`vitft_app.baseline.Baseline.to_dict`, or None).
     """
     labels = list(range(len(classes)))
-    y_pred = probs.argmax(1)
+    core = core_metrics(y_true, probs, multi_label=False)  # the numbers the training loop's validation reports
+    y_pred, accuracy = core["y_pred"], core["accuracy"]
     k = max(1, min(top_k, len(classes) - 1))  # k >= C would make top-k accuracy trivially 1
-    accuracy = float(skm.accuracy_score(y_true, y_pred))
     result: dict[str, Any] = {
         "num_images": int(len(y_true)),
         "accuracy": accuracy,
@@ -177,6 +176,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], t
         p, r, f, _ = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels, average=average, zero_division=0)
         result |= {f"{average}_precision": float(p), f"{average}_recall": float(r), f"{average}_f1": float(f)}
     p, r, f, support = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    result["macro_f1"] = core["macro_f1"]  # the same value, computed in the one shared place
     result["per_class"] = [
         {"class": c, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(support[i])}
         for i, c in enumerate(classes)
@@ -211,13 +211,10 @@ def compute_multilabel_metrics(
         ``average_precision_score``), ``per_class`` (``{class, precision, recall, f1, ap,
         support}``; ap None for a label without positives).
     """
-    y_pred = (probs >= threshold).astype(int)
+    core = core_metrics(y_true, probs, multi_label=True, threshold=threshold)  # as the loop's validation
+    y_pred, aps, subset = core["y_pred"], core["ap"], core["accuracy"]
     p, r, f, support = skm.precision_recall_fscore_support(y_true, y_pred, average=None, zero_division=0)
-    aps = [float(skm.average_precision_score(y_true[:, i], probs[:, i])) if y_true[:, i].any() else None
-           for i in range(len(classes))]
-    present = [a for a in aps if a is not None]
     micro = skm.precision_recall_fscore_support(y_true, y_pred, average="micro", zero_division=0)
-    subset = float(skm.accuracy_score(y_true, y_pred))
     return {
         "multi_label": True,
         "num_images": int(len(y_true)),
@@ -226,9 +223,9 @@ def compute_multilabel_metrics(
         "subset_accuracy": subset,
         "micro_precision": float(micro[0]),
         "micro_recall": float(micro[1]),
-        "micro_f1": float(micro[2]),
-        "macro_f1": float(skm.f1_score(y_true, y_pred, average="macro", zero_division=0)),
-        "map": float(np.mean(present)) if present else None,
+        "micro_f1": core["micro_f1"],
+        "macro_f1": core["macro_f1"],
+        "map": core["map"],
         "per_class": [
             {"class": c, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "ap": aps[i],
              "support": int(support[i])}

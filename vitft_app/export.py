@@ -369,8 +369,8 @@ class OnnxPredictor(ClassifierBackend):
     """An exported ONNX classifier ready to predict, with the interface of
     :class:`~vitft_app.predict.Predictor`.
 
-    Images go through the same loader (``load_image``) and eval transform
-    (``build_transforms(processor, train=False)``) as PyTorch prediction; inference runs on
+    Images go through the same loader (``load_image``, JPEG draft at the model size) and eval
+    transform (:class:`~vitft_app.data.EvalTransform`) as PyTorch prediction; inference runs on
     onnxruntime's ``CPUExecutionProvider``.
 
     Args:
@@ -393,7 +393,7 @@ class OnnxPredictor(ClassifierBackend):
     def __init__(self, onnx_dir: str | os.PathLike):
         from transformers import AutoImageProcessor
 
-        from .data import build_transforms
+        from .data import EvalTransform
 
         _, onnxruntime = require_onnx()
         self.path = _find_onnx_dir(Path(onnx_dir).expanduser())
@@ -407,7 +407,8 @@ class OnnxPredictor(ClassifierBackend):
         self.multi_label = problem == "multi_label_classification"
         try:
             self.processor = AutoImageProcessor.from_pretrained(self.path)
-            self.transform = build_transforms(self.processor, train=False)
+            self.transform = EvalTransform(self.processor)  # the one eval transform, as PyTorch prediction
+            self.draft_size = self.transform.draft_size
         except (OSError, ValueError) as exc:
             raise ExportError(f"Cannot read the image processor in {self.path}: {exc}") from exc
         try:

@@ -2,7 +2,8 @@
 
 Speed (see ``benchmarks/bench_predict.py``): images are decoded with the JPEG draft at the model
 size (as the training run's validation does), resized by Pillow and normalized by numpy in one
-pass (:class:`EvalPreprocess`, equal to ``build_transforms(processor, train=False)``), the model
+pass (:class:`~vitft_app.data.EvalTransform`, the one eval transform: the training run's validation
+and the decode cache use it too), the model
 runs under ``torch.inference_mode`` with SDPA attention, in bf16 autocast when ``precision``
 resolves to bf16, on ``num_threads`` intra-op threads of the calling thread only.
 """
@@ -21,10 +22,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 import contextlib
 
-import numpy as np
-from PIL import Image
-
-from .data import build_transforms, processor_spec
+from .data import EvalTransform
 from .device import resolve_device_plan
 from .images import ImageSource, load_image
 
@@ -100,43 +98,8 @@ def expand_image_paths(paths: Sequence[str | os.PathLike], follow_symlinks: bool
     return found
 
 
-class EvalPreprocess:
-    """The evaluation transform of an image processor, computed by Pillow and numpy.
-
-    Same result as ``build_transforms(processor, train=False)`` (Pillow resize + center crop, then
-    ``(x / 255 - mean) / std`` in float32, the same operations in the same order), without
-    torch's intra-op thread pool for a 150k-element tensor: on a busy 2-core machine the
-    torchvision tail alone took 30-50 ms per image, this takes well under 1 ms.
-
-    Args:
-        processor: a transformers image processor.
-
-    Attributes:
-        draft_size: ``(width, height)`` for :func:`~vitft_app.images.load_image`'s JPEG draft:
-            the model size, as the training run's validation loader uses.
-    """
-
-    def __init__(self, processor: Any):
-        from torchvision.transforms import InterpolationMode, v2
-
-        spec = processor_spec(processor)
-        mode = InterpolationMode[spec.interpolation]
-        steps: list[Any] = [v2.Resize(spec.resize, interpolation=mode, antialias=True)]
-        if spec.crop is not None:
-            steps.append(v2.CenterCrop(spec.crop))
-        self.resize = v2.Compose(steps)
-        self.mean = np.asarray(spec.mean, dtype=np.float32).reshape(3, 1, 1)
-        self.std = np.asarray(spec.std, dtype=np.float32).reshape(3, 1, 1)
-        out_h, out_w = spec.output_size
-        self.draft_size = (out_w, out_h)
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        """PIL RGB image -> float32 tensor ``(3, H, W)``."""
-        array = np.asarray(self.resize(image), dtype=np.uint8).transpose(2, 0, 1).astype(np.float32)
-        array /= np.float32(255.0)
-        array -= self.mean
-        array /= self.std
-        return torch.from_numpy(array)
+#: The eval transform (an alias kept for callers of the old name): :class:`vitft_app.data.EvalTransform`.
+EvalPreprocess = EvalTransform
 
 
 def load_pixels(images: Sequence[ImageSource], transform: Any, draft_size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -144,8 +107,7 @@ def load_pixels(images: Sequence[ImageSource], transform: Any, draft_size: tuple
 
     Args:
         images: paths, bytes, file objects or PIL images.
-        transform: PIL RGB image -> float32 tensor ``(3, H, W)`` (``build_transforms(..., train=False)``
-            or :class:`EvalPreprocess`).
+        transform: PIL RGB image -> float32 tensor ``(3, H, W)`` (:class:`~vitft_app.data.EvalTransform`).
         draft_size: ``(width, height)`` JPEG draft (see :func:`~vitft_app.images.load_image`), or None.
 
     Returns:
@@ -308,12 +270,8 @@ class Predictor(ClassifierBackend):
             ) from None
         self.model = self.model.to(self.plan.device).eval()
         self.multi_label = getattr(self.model.config, "problem_type", None) == "multi_label_classification"
-        try:
-            self.transform = EvalPreprocess(self.processor)
-            self.draft_size = self.transform.draft_size
-        except (ValueError, KeyError):  # a processor the fast path does not describe
-            self.transform = build_transforms(self.processor, train=False)
-            self.draft_size = None
+        self.transform = EvalTransform(self.processor)  # the one eval transform (validation, ONNX, decode cache)
+        self.draft_size = self.transform.draft_size
 
     @torch.inference_mode()
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
