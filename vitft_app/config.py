@@ -222,6 +222,35 @@ class TrainConfig:
         check(self.log_every_steps >= 1, f"log_every_steps must be >= 1, got {self.log_every_steps}")
         check(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
 
+    def random_pixel_sources(self, stage: Literal["image", "batch", "any"] = "any") -> tuple[str, ...]:
+        """What draws random numbers on a training image's pixels: the one place that answers
+        "does anything random touch the pixels?" (caches, presets and the UI all ask here).
+
+        ``image``: the per-image transform of the loader (``augment``: random resized crop, flip,
+        a policy and the colour jitter that rides on it; ``random_erasing``). ``batch``: what acts
+        on a whole batch after the loader (``mixup``, ``cutmix``, ``patch_mask_ratio``,
+        ``patch_dropout``). ``color_jitter`` alone is no source: it only runs with an ``augment``.
+
+        Args:
+            stage: ``"image"``, ``"batch"`` or ``"any"`` (both).
+
+        Returns:
+            Short descriptions such as ``("augment basic", "mixup 0.8")``; empty when training
+            sees every image exactly as evaluation does.
+        """
+        image = [f"augment {self.augment}"] if self.augment != "none" else []
+        image += [f"random_erasing {self.random_erasing:g}"] if self.random_erasing > 0 else []
+        batch = [f"{name} {getattr(self, name):g}" for name in ("mixup", "cutmix", "patch_mask_ratio", "patch_dropout")
+                 if getattr(self, name) > 0]
+        return tuple({"image": image, "batch": batch, "any": image + batch}[stage])
+
+    @property
+    def random_pixels(self) -> bool:
+        """True when anything random touches a training image's pixels (see
+        :meth:`random_pixel_sources`); False: training inputs are a pure function of the files,
+        so decoded images and frozen blocks' features can be computed once."""
+        return bool(self.random_pixel_sources())
+
     def to_dict(self) -> dict[str, Any]:
         """Returns the fields as a JSON-ready dict (the content of ``config.json``)."""
         return dataclasses.asdict(self)

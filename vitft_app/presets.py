@@ -22,11 +22,25 @@ fine-tuning pretrained weights: on a random-weight ViT it needs hundreds of epoc
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, get_args
 
-from .config import Preset
+from .config import Preset, TrainConfig
 
 PRESETS: tuple[str, ...] = get_args(Preset)
+#: Fields no preset touches: the data, the model and its input size, the hardware (batch size,
+#: accumulation, precision, attention kernel, workers) and bookkeeping. Every other field is the
+#: recipe: a preset sets it, or resets it to the ``TrainConfig`` default, so nothing of an
+#: earlier choice lingers (a PatchDropout rate left over from another run would make Quick's
+#: pixels random and cost it the frozen-feature cache).
+PRESET_KEEPS = ("data_dir", "model", "image_size", "batch_size", "grad_accum_steps", "precision", "attention",
+                "num_workers", "max_nonfinite_steps", "val_fraction", "seed", "output_dir", "log_every_steps",
+                "run_name")
+
+
+def recipe_defaults() -> dict[str, Any]:
+    """``{field: TrainConfig default}`` for every recipe field (every field not in :data:`PRESET_KEEPS`)."""
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name not in PRESET_KEEPS}
 #: The preset chosen from the data (``vitft train --preset auto``, the Train tab's Auto button):
 #: a scratch recipe from :func:`vitft_app.auto_recipe.suggest_scratch_recipe`.
 AUTO_PRESET = "auto"
@@ -51,7 +65,7 @@ def auto_preset_values(data_dir: str, val_fraction: float = 0.2, seed: int = 42)
     from .data import scan_dataset
 
     recipe = suggest_scratch_recipe(scan_dataset(data_dir, val_fraction=val_fraction, seed=seed))
-    return dict(recipe.values), recipe.describe()
+    return {**recipe_defaults(), **recipe.values}, recipe.describe()
 
 
 def preset_values(name: str, num_blocks: int, pretrained: bool = True) -> dict[str, Any]:
@@ -63,14 +77,15 @@ def preset_values(name: str, num_blocks: int, pretrained: bool = True) -> dict[s
         pretrained: False for a randomly initialized model (see the module docstring).
 
     Returns:
-        ``{TrainConfig field: value}``; fields not listed keep their current value.
+        ``{TrainConfig field: value}`` for every recipe field: the preset's value, else the
+        ``TrainConfig`` default (:func:`recipe_defaults`); the fields of :data:`PRESET_KEEPS` are
+        not listed and keep their current value. ``quick`` leaves nothing random on the pixels
+        (``TrainConfig.random_pixels`` is False), so its frozen blocks' features are computed once.
 
     Raises:
         ValueError: unknown preset.
     """
-    off = {"mixup": 0.0, "cutmix": 0.0, "random_erasing": 0.0, "label_smoothing": 0.0, "layer_decay": 1.0,
-           "ema_decay": 0.0, "patch_mask_ratio": 0.0, "gradual_unfreeze": 0, "distill_weight": 0.0,
-           "color_jitter": 0.0, "scheduler": "cosine", "optimizer": "adamw", "warmup_ratio": 0.1}
+    off = recipe_defaults()
     if name == "quick":
         return {**off, "freeze_depth": num_blocks, "epochs": 3, "augment": "none", "lr": 1e-3,
                 "weight_decay": 0.0, "crop_scale_min": 0.08}

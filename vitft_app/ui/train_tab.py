@@ -256,7 +256,8 @@ def augmentation_preview(values: dict[str, Any], data_text: str, settings: Any, 
         color_jitter=config.color_jitter, random_erasing=config.random_erasing, mixup=config.mixup,
         cutmix=config.cutmix, patch_mask_ratio=config.patch_mask_ratio, copies=4, seed=config.seed,
     )
-    return gallery, f"{len(gallery)} augmented versions of {len(picked)} training images (evaluation never augments)."
+    same = "" if config.random_pixels else " Nothing random touches the pixels with these settings: training sees each image as evaluation does."
+    return gallery, f"{len(gallery)} augmented versions of {len(picked)} training images (evaluation never augments).{same}"
 
 
 def build_scratch_config(config: TrainConfig) -> Any:
