@@ -13,7 +13,7 @@ What it measures (the **data pipeline only**: no model, no forward or backward p
    ``num_workers=0``): the vit-tiny-scratch processor at 224 px, ``processor_spec``,
    ``recipe_from_spec``, ``tensor_transform``, :class:`~vitft_app.decode_cache.CachedImageDataset`
    for train and val over one :class:`~vitft_app.decode_cache.DecodeCache` with the training
-   loop's memory budget (``training.DECODE_CACHE_BUDGET_BYTES``, 2 GiB) and a spill folder in the
+   loop's default memory budget (``EngineOptions.decode_cache_budget_bytes``, 2 GiB) and a spill folder in the
    workdir, DataLoaders with batch 32 and ``collate_skipping_failures``.
 3. Iterates train (shuffled) then val for ``--epochs`` epochs (default 2) and reports per epoch:
    wall seconds, images/s, images decoded (cache misses) and cache hits, bytes in the memory tier
@@ -241,7 +241,7 @@ def run_epochs(loaders: list[Any], cache: Any, cache_dir: Path, epochs: int) -> 
 
 
 def main() -> None:
-    from vitft_app.training import DECODE_CACHE_BUDGET_BYTES
+    from vitft_app.training import DEFAULT_DECODE_CACHE_BUDGET_BYTES as DECODE_CACHE_BUDGET_BYTES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=50_000, help="JPEGs to generate (default 50000)")

@@ -263,8 +263,8 @@ def _vitft_run(args, decode_cache: bool, freeze_depth: int = 0, epochs: int | No
     """Runs ``vitft_app.training.train`` and reads its events.
 
     ``decode_cache=True`` is train() as users get it (decode cache and frozen-prefix feature cache
-    on); False turns both off (``training.USE_DECODE_CACHE`` / ``USE_FEATURE_CACHE``), for the
-    side-by-side comparison.
+    on); False turns both off (engine options ``EngineOptions(decode_cache=False,
+    feature_cache=False)``, passed to train() and written to its log), for the side-by-side comparison.
     """
     from vitft_app import training
     from vitft_app.config import TrainConfig
@@ -283,9 +283,9 @@ def _vitft_run(args, decode_cache: bool, freeze_depth: int = 0, epochs: int | No
 
     # train() decodes through ImageDataset (augmented or caches off) or the decode cache's
     # CachedImageDataset (images never randomly augmented); both are timed for the data-wait share.
-    training.ImageDataset = TimedDataset
-    training.USE_DECODE_CACHE = decode_cache
-    training.USE_FEATURE_CACHE = decode_cache  # the "cache" rows run train() exactly as users get it
+    training.loaders.ImageDataset = TimedDataset  # where the loop builds its datasets
+    # the "cache" rows run train() exactly as users get it (the default engine options)
+    options = training.EngineOptions(decode_cache=decode_cache, feature_cache=decode_cache)
     if decode_cache:
         from vitft_app import decode_cache as decode_cache_module
 
@@ -347,7 +347,7 @@ def _vitft_run(args, decode_cache: bool, freeze_depth: int = 0, epochs: int | No
             data_s[0] = 0.0
 
     with tempfile.TemporaryDirectory() as run_dir:
-        training.train(config, run_dir, emit, device="cpu")
+        training.train(config, run_dir, emit, device="cpu", options=options)
     if model_dir is not None:
         shutil.rmtree(model_dir)
     steady = [s for s in steps if s[0] >= 1] or steps

@@ -501,7 +501,7 @@ def slow_cases(run: Runner, sandbox: Path, ctx: Any, small: Path, model: Path, r
         if where == "checkpoint":
             torch.save = failing
         else:
-            import vitft_app.training as training_module
+            import vitft_app.training.loop as training_module  # where the loop saves the best model
             training_module.save_model_atomically = failing
         try:
             runner = JobRunner(runs, device="cpu")
@@ -509,7 +509,7 @@ def slow_cases(run: Runner, sandbox: Path, ctx: Any, small: Path, model: Path, r
             job.wait(300)
         finally:
             torch.save = real["save"]
-            import vitft_app.training as training_module
+            import vitft_app.training.loop as training_module
             training_module.save_model_atomically = real["model"]
         status = json.loads((job.run_dir / "status.json").read_text())
         if status["status"] in ("starting", "running") or runner.is_busy():

@@ -46,7 +46,6 @@ def test_run_records_the_validation_baseline_and_progress_every_step(tmp_path, d
     for name in ("0", "1"):
         for path in sorted((digits_small / name).iterdir())[8:]:
             path.unlink()
-    monkeypatch.setattr(training, "PROGRESS_INTERVAL_S", 0.0)  # every optimizer step
     config = TrainConfig(data_dir=str(digits_small), model=str(tiny_vit), epochs=2, batch_size=4, augment="none",
                          precision="fp32", log_every_steps=50, output_dir=str(tmp_path / "runs"))
     run_dir = RunStore(config.output_dir).create_run(config)
@@ -56,7 +55,8 @@ def test_run_records_the_validation_baseline_and_progress_every_step(tmp_path, d
         events.append(event)
         recorder(event)
 
-    result = training.train(config, run_dir, emit, device="cpu")
+    # an engine option (no module-level switch): a StepProgress every optimizer step
+    result = training.train(config, run_dir, emit, device="cpu", options=training.EngineOptions(progress_interval_s=0.0))
     report = scan_dataset(digits_small, val_fraction=config.val_fraction, seed=config.seed)
     val_labels = [item.label for item in report.val]
     expected = max(val_labels.count(i) for i in range(3)) / len(val_labels)

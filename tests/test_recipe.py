@@ -56,7 +56,7 @@ def run_train(config, **kwargs):
             kwargs["on_event"](event)
 
     stop = kwargs.get("stop_event")
-    result = train(config, run_dir, emit, stop_event=stop, device="cpu")
+    result = train(config, run_dir, emit, stop_event=stop, device="cpu", options=kwargs.get("options"))
     return run_dir, events, result
 
 
@@ -279,7 +279,7 @@ def _nan_after(monkeypatch, calls_ok: int, calls_bad: int | None = None):
     """Makes the classifier head output NaN on training forwards number calls_ok+1 .. (+calls_bad)."""
     from vitft_app import training
 
-    real_build = training.build_model
+    real_build = training.setup.build_model
     counter = {"n": 0}
 
     def build(*args, **kwargs):
@@ -295,7 +295,7 @@ def _nan_after(monkeypatch, calls_ok: int, calls_bad: int | None = None):
         loaded.model.classifier.register_forward_hook(hook)
         return loaded
 
-    monkeypatch.setattr(training, "build_model", build)
+    monkeypatch.setattr(training.setup, "build_model", build)
 
 
 def test_one_nan_loss_skips_its_step_and_training_goes_on(tmp_path, digits_small, tiny_vit, monkeypatch):
@@ -579,9 +579,10 @@ def test_feature_cache_trains_exactly_like_the_full_forward(tmp_path, digits_sma
     config = recipe_config(digits_small, four_block_vit, tmp_path / "cached", freeze_depth=freeze_depth, epochs=2)
     cached_dir, cached_events, _ = run_train(config)
     assert any(isinstance(e, LogMessage) and "frozen blocks cached" in e.text for e in cached_events)
-    monkeypatch.setattr(training, "USE_FEATURE_CACHE", False)
+    # the cache off is an engine option now (was the module switch training.USE_FEATURE_CACHE)
     plain_dir, plain_events, _ = run_train(recipe_config(digits_small, four_block_vit, tmp_path / "plain",
-                                                         freeze_depth=freeze_depth, epochs=2))
+                                                         freeze_depth=freeze_depth, epochs=2),
+                                           options=training.EngineOptions(feature_cache=False))
     assert not any(isinstance(e, LogMessage) and "cached" in e.text for e in plain_events)
     losses = lambda events: [e.loss for e in events if isinstance(e, StepLogged)]  # noqa: E731
     assert losses(cached_events) == pytest.approx(losses(plain_events), abs=1e-5)
@@ -606,11 +607,12 @@ def test_decode_cache_gives_the_same_run_and_cleans_up(tmp_path, digits_small, t
     epoch, and the run folder holds no cache afterwards."""
     from vitft_app import training
 
-    monkeypatch.setattr(training, "DECODE_CACHE_BUDGET_BYTES", 0)
-    cached_dir, cached_events, _ = run_train(recipe_config(digits_small, tiny_vit, tmp_path / "cached", epochs=2))
+    # engine options now (were the module switches DECODE_CACHE_BUDGET_BYTES and USE_DECODE_CACHE)
+    cached_dir, cached_events, _ = run_train(recipe_config(digits_small, tiny_vit, tmp_path / "cached", epochs=2),
+                                             options=training.EngineOptions(decode_cache_budget_bytes=0))
     assert not (cached_dir / training.DECODE_CACHE_DIR).exists()
-    monkeypatch.setattr(training, "USE_DECODE_CACHE", False)
-    plain_dir, plain_events, _ = run_train(recipe_config(digits_small, tiny_vit, tmp_path / "plain", epochs=2))
+    plain_dir, plain_events, _ = run_train(recipe_config(digits_small, tiny_vit, tmp_path / "plain", epochs=2),
+                                           options=training.EngineOptions(decode_cache=False))
     losses = lambda events: [e.loss for e in events if isinstance(e, StepLogged)]  # noqa: E731
     assert losses(cached_events) == losses(plain_events)
     a = load_file(cached_dir / "model" / "model.safetensors")

@@ -62,7 +62,7 @@ def test_config_range():
 
 def test_train_drops_tokens_in_the_training_forward_only(tmp_path, digits_small, tiny_vit, monkeypatch):
     seen: list[tuple[bool, int]] = []  # (grad enabled, tokens entering block 0)
-    original = training.build_model
+    original = training.setup.build_model
 
     def recording_build_model(*args, **kwargs):
         loaded = original(*args, **kwargs)
@@ -70,7 +70,7 @@ def test_train_drops_tokens_in_the_training_forward_only(tmp_path, digits_small,
         block0.register_forward_pre_hook(lambda m, a: seen.append((torch.is_grad_enabled(), a[0].shape[1])))
         return loaded
 
-    monkeypatch.setattr(training, "build_model", recording_build_model)
+    monkeypatch.setattr(training.setup, "build_model", recording_build_model)
     config = TrainConfig(data_dir=str(digits_small), model=str(tiny_vit), epochs=1, batch_size=8, precision="fp32",
                          patch_dropout=0.75, augment="none", freeze_depth=1, output_dir=str(tmp_path / "runs"))
     run_dir = RunStore(config.output_dir).create_run(config)

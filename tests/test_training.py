@@ -174,7 +174,7 @@ def test_failure_in_the_thread_becomes_failed_status(tmp_path, digits_small, tin
     def broken_model(*args, **kwargs):
         raise RuntimeError("simulated failure while loading weights")
 
-    monkeypatch.setattr(training, "build_model", broken_model)
+    monkeypatch.setattr(training.setup, "build_model", broken_model)  # where the loop builds its model
     runner = JobRunner(tmp_path / "runs", device="cpu")
     seen = []
     job = runner.start(tiny_config(digits_small, tiny_vit, tmp_path), listener=seen.append)

@@ -126,7 +126,7 @@ def test_failure_and_bad_input_show_messages(ctx, digits_small, tmp_path, tiny_v
     def broken_model(*args, **kwargs):
         raise RuntimeError("simulated failure")
 
-    monkeypatch.setattr(training, "build_model", broken_model)
+    monkeypatch.setattr(training.setup, "build_model", broken_model)  # where the loop builds its model
     message, run_dir = train_tab.start_run(ctx, form(tiny_vit), str(digits_small))
     status = wait_for(run_dir)
     ctx.runner.current.wait(30)

@@ -137,13 +137,17 @@ class JobRunner:
         launch_multi_gpu: when more than one CUDA GPU is present (and no device is forced),
             :meth:`start` runs the job data-parallel on all of them through
             :meth:`start_launched` (the app sets this; the CLI is launched by the user instead).
+        options: engine options of every run (:class:`~vitft_app.training.EngineOptions`:
+            caches, progress cadence); None: the defaults. Written to each run's ``train.log``.
     """
 
     def __init__(
-        self, runs_dir: str | Path, device: str | None = None, report_to: str = "none", launch_multi_gpu: bool = False
+        self, runs_dir: str | Path, device: str | None = None, report_to: str = "none", launch_multi_gpu: bool = False,
+        options: Any = None,
     ):
         self.store = RunStore(runs_dir)
         self.device = device
+        self.options = options
         self.report_to = report_to
         self.launch_multi_gpu = launch_multi_gpu
         self._lock = threading.Lock()
@@ -382,9 +386,11 @@ class JobRunner:
         try:
             tracker = create_tracker(report_to, run_dir, config)
             if resume:
-                resume_run(run_dir, emit, stop_event=stop_event, device=self.device, checkpoint=checkpoint)
+                resume_run(run_dir, emit, stop_event=stop_event, device=self.device, checkpoint=checkpoint,
+                           options=self.options)
             else:
-                train(config, run_dir, emit, stop_event=stop_event, device=self.device, report=report)
+                train(config, run_dir, emit, stop_event=stop_event, device=self.device, report=report,
+                      options=self.options)
             _write_card(run_dir, recorder.log)  # after RunFinished, so not an event
         except BaseException as exc:  # noqa: BLE001 - reported as RunFailed, not swallowed
             if isinstance(exc, OSError) and not isinstance(exc, DiskFullError):

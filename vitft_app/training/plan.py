@@ -1,0 +1,154 @@
+"""The run's plan: every "which path?" of a run decided once, with its reason, before the first
+step (as nanoGPT and timm resolve their setup at the top of ``train.py``), and written to
+``train.log``. The loop only reads it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..attention import AttentionTrial, can_switch_attention, current_attention
+from ..config import TrainConfig
+from ..data import DatasetReport
+from ..device import DevicePlan
+from ..distributed import DistContext
+from ..modeling import has_cls_token, num_blocks
+from .options import EngineOptions
+
+
+def supports_feature_cache(model: nn.Module) -> bool:
+    """True for ViT-style models (CLS token + transformer blocks), whose frozen prefix
+    :mod:`vitft_app.feature_cache` can split off; hierarchical models (PVTv2, MobileViT) cannot be."""
+    return has_cls_token(model)
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """What a run does, decided once by :func:`resolve_train_plan`.
+
+    Attributes:
+        device: device and precision (:class:`~vitft_app.device.DevicePlan`, with its reason).
+        multi_label: sigmoid + BCE head (a multi-label dataset) instead of softmax + cross-entropy.
+        num_classes: classes (labels) of the dataset.
+        decode_cache: decoded, resized images are kept (:mod:`vitft_app.decode_cache`) for the
+            splits that are never randomly transformed per image.
+        train_transform_random: the training split's per-image transform is random (augment,
+            random erasing): it is decoded every epoch (never from the decode cache).
+        feature_cache_val: validation runs the trainable suffix on the frozen prefix's stored
+            outputs (:mod:`vitft_app.feature_cache`).
+        feature_cache_train: training does too (nothing random touches the pixels).
+        attention: the kernel to set at the start (``"sdpa"``/``"eager"``), or None to keep the
+            model's (an attention trial sets it, or the kernel cannot be switched).
+        attention_trial: time the first micro-batches with each kernel and keep the faster.
+        reasons: one line per decision, for ``train.log`` (device, caches, attention).
+    """
+
+    device: DevicePlan
+    multi_label: bool
+    num_classes: int
+    decode_cache: bool
+    train_transform_random: bool
+    feature_cache_val: bool
+    feature_cache_train: bool
+    attention: str | None
+    attention_trial: bool
+    reasons: tuple[str, ...]
+
+    @property
+    def attention_reason(self) -> str:
+        """The attention line of :attr:`reasons`."""
+        return next(r for r in self.reasons if r.startswith("attention:"))
+
+
+def _feature_cache_decision(config: TrainConfig, model: nn.Module, options: EngineOptions,
+                            dist_ctx: DistContext) -> tuple[bool, bool, str]:
+    """``(validation cached, training cached, reason)``: frozen blocks cannot change, so their
+    output on pixels nothing random touches is computed once. Validation always qualifies (it
+    never augments); training does when ``config.random_pixels`` is False."""
+    why_not = (
+        "the engine option is off" if not options.feature_cache
+        else "freeze depth 0: no frozen block" if config.freeze_depth < 1
+        else "gradual unfreezing changes the frozen blocks" if config.gradual_unfreeze > 0
+        else "this model has no CLS token to split at" if not supports_feature_cache(model)
+        else ""
+    )
+    if why_not:
+        return False, False, f"frozen-feature cache: off ({why_not})"
+    sources = config.random_pixel_sources()
+    train_not = (
+        f"random pixels in training: {', '.join(sources)}" if sources
+        else "distillation runs the teacher on the pixels" if config.distill_weight > 0
+        else "data-parallel run" if dist_ctx.enabled
+        else ""
+    )
+    if train_not:
+        return True, False, f"frozen-feature cache: validation only ({train_not})"
+    return True, True, (f"frozen-feature cache: validation and training ({config.freeze_depth} frozen blocks,"
+                        " nothing random touches the pixels)")
+
+
+def _attention_decision(config: TrainConfig, model: nn.Module, resumed_attention: str | None,
+                        linear_probe_cached: bool, device: DevicePlan) -> tuple[str | None, bool, str]:
+    """``(kernel to set or None, trial?, reason)``: forced, kept from the checkpoint, or (auto)
+    chosen by timing the first training micro-batches (:class:`vitft_app.attention.AttentionTrial`)."""
+    if resumed_attention is not None and config.attention in ("auto", resumed_attention):
+        return resumed_attention, False, f"attention: {resumed_attention} (chosen when the run started)"
+    if config.attention != "auto":
+        return config.attention, False, f"attention: {config.attention} (as requested)"
+    if linear_probe_cached:
+        return None, False, (f"attention: {current_attention(model)} (linear probe on cached features: no attention"
+                             " runs in training, nothing to time)")
+    if can_switch_attention(model):
+        rounds = len(AttentionTrial(model, device.device).schedule)  # nothing runs: reads the schedule
+        return None, True, f"attention: auto (the first {rounds} micro-batches alternate sdpa and eager; the faster is kept)"
+    return None, False, f"attention: {current_attention(model)} (this model's kernel cannot be switched)"
+
+
+def resolve_train_plan(
+    config: TrainConfig,
+    report: DatasetReport,
+    device: DevicePlan,
+    model: nn.Module,
+    options: EngineOptions | None = None,
+    dist_ctx: DistContext | None = None,
+    resumed_attention: str | None = None,
+) -> TrainPlan:
+    """Decides once, with reasons, what a run does: precision, caches, attention kernel.
+
+    Args:
+        config: the run's settings.
+        report: the dataset report (multi-label, classes).
+        device: from :func:`~vitft_app.device.resolve_device_plan`.
+        model: the built model (its family decides the feature cache and attention kernels).
+        options: the engine options (default :class:`EngineOptions`).
+        dist_ctx: the data-parallel context (default: single process).
+        resumed_attention: the kernel a resumed run's checkpoint chose, or None.
+
+    Returns:
+        A :class:`TrainPlan`.
+    """
+    options = options or EngineOptions()
+    dist_ctx = dist_ctx or DistContext()
+    val_cached, train_cached, feature_reason = _feature_cache_decision(config, model, options, dist_ctx)
+    image_random = config.random_pixel_sources("image")
+    if not options.decode_cache:
+        decode_reason = "decode cache: off (the engine option is off)"
+    elif image_random:
+        decode_reason = f"decode cache: validation only (training transforms each image at random: {', '.join(image_random)})"
+    else:
+        decode_reason = "decode cache: validation and training (no per-image randomness)"
+    linear_probe_cached = train_cached and config.freeze_depth == num_blocks(model)
+    attention, trial, attention_reason = _attention_decision(config, model, resumed_attention, linear_probe_cached, device)
+    return TrainPlan(
+        device=device,
+        multi_label=report.multi_label,
+        num_classes=len(report.classes),
+        decode_cache=options.decode_cache,
+        train_transform_random=bool(image_random),
+        feature_cache_val=val_cached,
+        feature_cache_train=train_cached,
+        attention=attention,
+        attention_trial=trial,
+        reasons=(device.reason, attention_reason, decode_reason, feature_reason),
+    )
