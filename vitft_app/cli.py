@@ -322,8 +322,6 @@ def _scan_progress_bar() -> tuple[Any, Callable[[int, int], None]]:
     return scan_bar, scan_progress
 
 
-#: Created in a run folder by the app to stop a run it launched as a separate process.
-STOP_FILE = "STOP"
 
 
 def _wait_for_job(job: Any, runner: Any, what: str, stop_file: Path | None = None) -> None:
@@ -412,6 +410,7 @@ def _run_train(args: argparse.Namespace, dist_ctx: Any) -> int:
     from .checkpoint import ResumeError
     from .jobs import JobRunner
     from .modeling import ModelLoadError
+    from .runs import STOP_FILE
 
     existing = getattr(args, "run_dir", None)
     if args.resume:

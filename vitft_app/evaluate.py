@@ -20,6 +20,7 @@ from sklearn import metrics as skm
 from .baseline import Baseline, format_accuracy, headline, majority_baseline, weak_model_warning
 from .config import TrainConfig
 from .data import ImageItem, scan_dataset
+from .model_card import write_model_card
 from .runs import atomic_write_text, is_run_dir
 
 Split = Literal["val", "test"]
@@ -321,8 +322,6 @@ def evaluate_run(
         base = path if run_config else predictor.path
         write_evaluation(result, base / "eval" / split)
         if run_config and split == "val":
-            from .report import write_model_card
-
             write_model_card(path, result.metrics)  # the card shows the latest validation metrics
     return result
 

@@ -106,6 +106,17 @@ class Job:
         if self.stop_event.is_set():
             event.set()
 
+    def unlink_stop_event(self, event: threading.Event) -> None:
+        """Undoes :meth:`link_stop_event` (no-op when ``event`` is not linked)."""
+        if event in self.linked_stop_events:
+            self.linked_stop_events.remove(event)
+
+    def follow_run(self, run_dir: Path, config: TrainConfig, stop_event: threading.Event) -> None:
+        """Points a task job at the run it is training now (a sweep's trial): the UI shows that
+        run, and Stop also sets the run's ``stop_event``."""
+        self.run_dir, self.config = run_dir, config
+        self.link_stop_event(stop_event)
+
 
 def error_message(exc: BaseException) -> str:
     """One line for people: the exception's message, with its type for unexpected errors."""
@@ -439,7 +450,7 @@ class JobRunner:
         import sys
         import time
 
-        from .cli import STOP_FILE
+        from .runs import STOP_FILE
         from .runs import read_status_raw
         from .training import preflight
 

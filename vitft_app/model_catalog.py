@@ -10,7 +10,7 @@ epoch should take on this machine.
   into an *estimate* of one training epoch.
 
 No network access happens here except :func:`hub_reachable` (one TCP connect, through
-:func:`vitft_app.modeling._hub_reachable`); the cache check reads the local cache only.
+:func:`vitft_app.modeling.hub_reachable`); the cache check reads the local cache only.
 """
 
 from __future__ import annotations
@@ -144,9 +144,9 @@ def default_model_note(model_id: str) -> str:
 
 def hub_reachable() -> bool:
     """True when a TCP connection to the Hub opens (``HF_HUB_OFFLINE=1`` means no)."""
-    from .modeling import _hub_reachable
+    from .modeling import hub_reachable
 
-    return _hub_reachable()
+    return hub_reachable()
 
 
 #: Files that make a cached checkpoint usable without the network: its config and its weights.

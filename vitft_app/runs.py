@@ -43,6 +43,9 @@ METRICS_COLUMNS = [
     "val_map",
     "time_s",
 ]
+#: Created in a run folder by the app to stop a run it launched as a separate process (the
+#: ``vitft train`` process watches for it).
+STOP_FILE = "STOP"
 #: Statuses a run can have; ``interrupted`` is derived when the process that ran it is gone.
 STATUSES = ("starting", "running", "completed", "stopped", "failed", "interrupted")
 
@@ -92,10 +95,18 @@ def save_model_atomically(model: Any, processor: Any, dest: str | os.PathLike) -
     shutil.rmtree(old, ignore_errors=True)
 
 
+def is_model_folder(path: str | os.PathLike) -> bool:
+    """True when ``path`` holds a ``save_pretrained`` model (a config and weights).
+
+    A run folder has a ``config.json`` too (the TrainConfig), so the weights decide.
+    """
+    path = Path(path)
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    return (path / "config.json").is_file() and any((path / name).is_file() for name in weights)
+
+
 def model_dir(run_dir: str | os.PathLike) -> Path | None:
     """The run's saved model folder, or None when no model was saved yet."""
-    from .modeling import is_model_folder
-
     run_dir = Path(run_dir)
     for candidate in (run_dir / "model", run_dir / ".model.old"):
         if is_model_folder(candidate):

@@ -489,8 +489,7 @@ def run_sweep(
         trial.set_user_attr("run_id", run_dir.name)
         trial_stop = threading.Event()
         if job is not None:
-            job.run_dir, job.config = run_dir, config
-            job.link_stop_event(trial_stop)
+            job.follow_run(run_dir, config, trial_stop)
         outcome: dict[str, Any] = {"best": None, "pruned": False, "error": None, "status": None}
 
         def on_event(event: Event, trial: Any = trial, config: TrainConfig = config,
@@ -513,8 +512,8 @@ def run_sweep(
         try:
             runner.run_training(config, run_dir, trial_stop, listener=on_event, report=report, report_to=report_to)
         finally:
-            if job is not None and trial_stop in job.linked_stop_events:
-                job.linked_stop_events.remove(trial_stop)
+            if job is not None:
+                job.unlink_stop_event(trial_stop)
         if outcome["error"] is not None:
             trial.set_user_attr("error", outcome["error"])
             _tell(study, trial, state=TrialState.FAIL)

@@ -16,30 +16,6 @@ if TYPE_CHECKING:
     from .demo_page import DemoServers
 
 
-_DOWNLOADS: Path | None = None
-_DOWNLOADS_LOCK = threading.Lock()
-
-
-def download_path(name: str) -> Path:
-    """A path for a file the browser downloads (scan report, predictions CSV, model zip, HTML report).
-
-    All such files live in one temp folder per app process, removed at exit, and a file of the
-    same name is replaced, so scans (one per page load) do not leave a folder each behind. Gradio
-    copies a returned file into its own cache at once, so replacing it later is safe.
-    """
-    import atexit
-    import re
-    import shutil
-    import tempfile
-
-    global _DOWNLOADS
-    with _DOWNLOADS_LOCK:
-        if _DOWNLOADS is None or not _DOWNLOADS.is_dir():
-            _DOWNLOADS = Path(tempfile.mkdtemp(prefix="vitft-downloads-"))
-            atexit.register(shutil.rmtree, _DOWNLOADS, True)
-    return _DOWNLOADS / (re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "download")
-
-
 #: The app's stylesheet (passed to ``launch(css=...)``): hidden helpers and the training progress bar.
 APP_CSS = """
 .vitft-hidden {display: none !important}

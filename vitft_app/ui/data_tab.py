@@ -16,6 +16,7 @@ from ..data import DatasetReport, scan_dataset
 from ..images import ImageLoadError, load_image
 from ..uploads import UnsafeArchiveError, copy_folder_upload, extract_zip
 from ..plots import figure_class_counts, figure_image_stats
+from .common import download_path
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +113,6 @@ class DataTab:
 
 def _write_csv(report: DatasetReport) -> str:
     """Writes the per-file report to a fresh temp file and returns its path (for download)."""
-    from .app import download_path
-
     path = download_path(f"{Path(report.root).name}-scan.csv")
     path.write_text(report.to_csv(), encoding="utf-8")
     return str(path)

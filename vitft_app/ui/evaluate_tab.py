@@ -10,13 +10,13 @@ from typing import Any
 
 import gradio as gr
 import pandas as pd
-from PIL import Image, ImageOps
+from PIL import Image
 
 from ..evaluate import Evaluation, EvaluationError, evaluate_run, evaluation_headline
 from ..baseline import format_accuracy
-from ..images import ImageLoadError, load_image
 from ..plots import figure_confusion_matrix, figure_precision_recall, figure_reliability, figure_roc
 from . import label_issues_panel
+from .common import download_path, thumbnail
 from .predict_tab import refresh_runs
 
 #: Keys of :func:`run_evaluation`'s result, in the order of the tab's outputs.
@@ -66,18 +66,11 @@ def headline_markdown(metrics: dict[str, Any]) -> str:
     return text
 
 
-def _thumbnail(path: str) -> Image.Image | None:
-    try:
-        return ImageOps.contain(load_image(path, draft_size=(256, 256)), (160, 160), Image.Resampling.NEAREST)
-    except ImageLoadError:
-        return None
-
-
 def gallery_items(frame: pd.DataFrame) -> list[tuple[Image.Image, str]]:
     """``(thumbnail, "true → predicted (confidence)")`` for each row of a predictions frame."""
     items = []
     for _, row in frame.iterrows():
-        thumb = _thumbnail(row["path"])
+        thumb = thumbnail(row["path"])
         if thumb is not None:
             caption = f"{row['true']} → {row['predicted']} ({row['confidence']:.2f})  {os.path.basename(row['path'])}"
             items.append((thumb, caption))
@@ -163,8 +156,6 @@ def make_report(run_dir: str | None) -> tuple[str | None, str]:
     import shutil
 
     from ..report import write_html_report
-    from .app import download_path
-
     if not run_dir:
         return None, "Choose a run first."
     try:

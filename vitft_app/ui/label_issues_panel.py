@@ -26,6 +26,7 @@ from ..evaluate import Evaluation
 from ..jobs import BusyError
 from ..label_issues import LabelIssues, LabelIssuesError, find_run_label_issues
 from ..runs_table import read_config
+from .common import thumbnail
 
 #: Images shown in the label-issues gallery (most suspicious first).
 MAX_SHOWN = 48
@@ -66,11 +67,9 @@ def run_classes(run_dir: str | None) -> list[str]:
 
 def issue_gallery(result: LabelIssues) -> list[tuple[Any, str]]:
     """``(thumbnail, "given → suggested (self-confidence)  file")`` per flagged image, most suspicious first."""
-    from .evaluate_tab import _thumbnail
-
     items = []
     for row in result.issues.head(MAX_SHOWN).itertuples():
-        thumb = _thumbnail(row.path)
+        thumb = thumbnail(row.path)
         if thumb is not None:
             items.append((thumb, f"{row.given_label} → {row.suggested_label} ({row.score:.2f})  "
                                  f"{os.path.basename(row.path)}"))
@@ -78,9 +77,7 @@ def issue_gallery(result: LabelIssues) -> list[tuple[Any, str]]:
 
 
 def _shown_paths(result: LabelIssues) -> list[str]:
-    from .evaluate_tab import _thumbnail
-
-    return [p for p in result.issues.head(MAX_SHOWN)["path"] if _thumbnail(p) is not None]
+    return [p for p in result.issues.head(MAX_SHOWN)["path"] if thumbnail(p) is not None]
 
 
 def find_issues(ctx: Any, run_dir: str | None, progress: Any = None) -> tuple[list, list[str], str]:

@@ -14,6 +14,7 @@ from ..baseline import accuracy_with_baseline, run_baseline, weak_model_warning
 from ..images import ImageLoadError, load_image
 from ..runs import read_status
 from ..predict import NOT_SURE, apply_threshold, expand_image_paths
+from .common import download_path
 
 
 class PixelCheckedImage(gr.Image):
@@ -199,8 +200,6 @@ def predict_batch(
             "top_k": "; ".join(f"{l}:{s:.4f}" for l, s in zip(prediction.labels, prediction.scores)), "error": "",
         })
     table = pd.DataFrame(rows, columns=["file", "top1", "score", "answer", "top_k", "error"])
-    from .app import download_path
-
     out = download_path(f"{Path(folder).name}-predictions.csv")
     table.to_csv(out, index=False)
     return table, str(out), f"✓ {len(table)} images from `{shown}`."
@@ -216,8 +215,6 @@ def export_zip(run_dir: str | None) -> tuple[str | None, str]:
 
     if not run_dir:
         return None, "Choose a run first."
-    from .app import download_path
-
     dest = download_path(f"{Path(run_dir).name}-model.zip")
     try:
         path = export_model_zip(run_dir, dest)
