@@ -33,6 +33,10 @@ from PIL import Image, ImageDraw
 
 from .images import ImageLoadError, ImageSource
 from .predict import ClassifierBackend, Predictor, load_pixels
+from .config import TrainConfig
+from .data import build_transforms, scan_dataset
+from .modeling import is_model_folder, resolve_model_path
+from .runs import is_run_dir
 
 #: Largest accepted absolute difference between PyTorch and onnxruntime softmax probabilities.
 PARITY_TOLERANCE = 1e-4
@@ -338,8 +342,6 @@ def _find_onnx_dir(folder: Path) -> Path:
     Raises:
         FileNotFoundError: none holds ``model.onnx``.
     """
-    from .modeling import resolve_model_path
-
     model_folder = Path(resolve_model_path(str(folder)))
     for candidate in (folder, folder / ONNX_DIR_NAME, model_folder / ONNX_DIR_NAME):
         if (candidate / ONNX_FILE_NAME).is_file():
@@ -392,8 +394,6 @@ class OnnxPredictor(ClassifierBackend):
 
     def __init__(self, onnx_dir: str | os.PathLike):
         from transformers import AutoImageProcessor
-
-        from .data import build_transforms
 
         _, onnxruntime = require_onnx()
         self.path = _find_onnx_dir(Path(onnx_dir).expanduser())
@@ -461,8 +461,6 @@ def export_model_zip(model_path: str | os.PathLike, dest_zip: str | os.PathLike)
     Raises:
         ExportError: no saved model, or no ``preprocessor_config.json`` (the pipeline needs it).
     """
-    from .modeling import is_model_folder, resolve_model_path
-
     folder = Path(resolve_model_path(str(Path(model_path).expanduser())))
     if not is_model_folder(folder):
         raise ExportError(f"No saved model in {model_path} (a run saves one after its first epoch)")
@@ -491,10 +489,6 @@ def export_model_zip(model_path: str | os.PathLike, dest_zip: str | os.PathLike)
 def validation_images(run: str, limit: int = 32) -> list[str]:
     """Up to ``limit`` of a run's validation images, spread over the split (real images for the ONNX
     parity check); ``[]`` for a folder without a run config or when the dataset is gone."""
-    from .config import TrainConfig
-    from .data import scan_dataset
-
-    from .runs import is_run_dir
 
     if not is_run_dir(run):
         return []

@@ -56,6 +56,11 @@ def _load_evaluation_metrics(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+def _known(value: Any) -> Any:
+    """``value``, or ``?`` for a status field an older or unfinished run did not record."""
+    return "?" if value is None else value
+
+
 def write_model_card(run_dir: str | os.PathLike, metrics: dict[str, Any] | None = None) -> Path:
     """Writes ``model/README.md``: a Hugging Face model card (YAML metadata, then data summary,
     training config, metrics table, confusion matrix image, intended use and limits, usage).
@@ -78,7 +83,7 @@ def write_model_card(run_dir: str | os.PathLike, metrics: dict[str, Any] | None 
     config = TrainConfig.from_json_file(run_dir / "config.json")
     status = read_status(run_dir)
     metrics = metrics if metrics is not None else _load_evaluation_metrics(run_dir)
-    classes = status.get("classes") or []
+    classes = status.classes or []
     base = None if is_scratch_model(config.model) or Path(config.model).exists() else config.model
     meta = ["---", "library_name: transformers", "pipeline_tag: image-classification",
             "tags:", "- image-classification", "- vision-transformer", "- vitft"]
@@ -91,23 +96,24 @@ def write_model_card(run_dir: str | os.PathLike, metrics: dict[str, Any] | None 
     lines += [f"An image classifier {origin} with [vitft](https://pypi.org/project/vitft/) on the folder"
               f" `{Path(config.data_dir).name}`.", "", "## Data", ""]
     lines += [f"- {len(classes)} classes: {', '.join(map(str, classes))}",
-              f"- {status.get('num_train', '?')} training and {status.get('num_val', '?')} validation images", ""]
+              f"- {_known(status.num_train)} training and {_known(status.num_val)} validation images", ""]
     lines += ["## Training", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in config.to_dict().items() if k not in ("output_dir",)]
-    lines += [f"| device | {status.get('device', '?')} ({status.get('precision', '?')}) |",
-              f"| duration | {status.get('duration_s', 0):.0f} s |", ""]
+    lines += [f"| device | {_known(status.device)} ({_known(status.precision)}) |",
+              f"| duration | {status.duration_s or 0:.0f} s |", ""]
     lines += ["## Results", ""]
     baseline = run_baseline(status)
-    if status.get("best_val_accuracy") is not None and baseline is not None:
+    best = status.best_val_accuracy
+    if best is not None and baseline is not None:
         # The honest line first: the accuracy beside always answering the most common class.
-        lines += [f"Validation accuracy {accuracy_with_baseline(status['best_val_accuracy'], baseline)};"
+        lines += [f"Validation accuracy {accuracy_with_baseline(best, baseline)};"
                   f" chance (1/{baseline.num_classes}) is {format_accuracy(baseline.chance)}.", ""]
-        warning = weak_model_warning(status["best_val_accuracy"], baseline)
+        warning = weak_model_warning(best, baseline)
         if warning:
             lines += [f"**{warning}**", ""]
     lines += ["| metric | value |", "|---|---|"]
-    if status.get("best_val_accuracy") is not None:
-        lines.append(f"| best validation accuracy | {format_accuracy(status['best_val_accuracy'])} |")
+    if best is not None:
+        lines.append(f"| best validation accuracy | {format_accuracy(best)} |")
     if baseline is not None:
         lines.append(f"| always '{baseline.majority_class}' (majority class, validation) | {format_accuracy(baseline.rate)} |")
     if metrics:

@@ -31,6 +31,7 @@ from .scratch import (
     scratch_patch_size,
     scratch_processor,
 )
+from .data import processor_spec
 
 #: Hub checkpoints offered in the model dropdown (any other Hub id or local folder works too).
 CURATED_MODELS = (
@@ -219,7 +220,6 @@ def build_model(name: str, classes: list[str], image_size: int | None = None) ->
 
     config = load_model_config(name)
     processor = _call_hub(AutoImageProcessor, name)
-    from .data import processor_spec
 
     native = processor_spec(processor).output_size
     if image_size is not None and (image_size, image_size) != native:

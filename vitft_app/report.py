@@ -100,10 +100,10 @@ table {{border-collapse: collapse; margin: 0.5em 0 1.5em}} td, th {{border: 1px 
 <p class="headline">{esc(headline_line)}</p>{warning_html}
 <p>Validation accuracy <b>{format_accuracy(metrics['accuracy'])}</b> · macro-F1 <b>{metrics['macro_f1']:.3f}</b>
 on {metrics['num_images']} images</p>
-<p>Model: <code>{esc(config.model)}</code>, {status.get('epochs', config.epochs)} epochs on {esc(str(status.get('device', '?')))}
-({esc(str(status.get('precision', '?')))}), status {esc(str(status.get('status', '?')))}.</p>
-<h2>Data</h2><p>Folder <code>{esc(config.data_dir)}</code>: {status.get('num_train', '?')} training and
-{status.get('num_val', '?')} validation images in {len(counts)} classes.</p>
+<p>Model: <code>{esc(config.model)}</code>, {status.epochs or config.epochs} epochs on {esc(str(status.device or '?'))}
+({esc(str(status.precision or '?'))}), status {esc(str(status.status or '?'))}.</p>
+<h2>Data</h2><p>Folder <code>{esc(config.data_dir)}</code>: {status.num_train or '?'} training and
+{status.num_val or '?'} validation images in {len(counts)} classes.</p>
 <table><tr><th>class</th><th>validation images</th></tr>{''.join(f'<tr><td>{esc(c)}</td><td>{n}</td></tr>' for c, n in counts.items())}</table>
 <h2>Training curves</h2><div class="grid">{figure_html[0]}{figure_html[1]}</div>
 <h2>Metrics (validation)</h2><table>{rows}</table>

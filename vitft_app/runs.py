@@ -26,28 +26,27 @@ from typing import Any
 import pandas as pd
 
 from .config import TrainConfig
-from .events import EvalDone, Event, LogMessage, RunFailed, RunFinished, RunStarted, StepLogged, StepProgress
+from .events import (
+    EvalDone,
+    Event,
+    LogMessage,
+    RunFailed,
+    RunFinished,
+    RunStarted,
+    StepLogged,
+    StepProgress,
+    metrics_columns,
+    metrics_row,
+)
+from .run_status import RunStatus
+from .checkpoint import disk_full_error
 
-METRICS_COLUMNS = [
-    "kind",  # "train" (logging step) or "eval" (end of epoch)
-    "step",
-    "epoch",
-    "loss",
-    "lr",
-    "images_per_sec",
-    "train_loss",
-    "train_accuracy",
-    "val_loss",
-    "val_accuracy",
-    "val_f1_macro",
-    "val_map",
-    "time_s",
-]
+#: Columns of ``metrics.csv``: ``kind`` ("train": a logging step, "eval": the end of an epoch), the
+#: event fields marked as columns (:func:`vitft_app.events.metrics_columns`), ``time_s``.
+METRICS_COLUMNS = metrics_columns()
 #: Created in a run folder by the app to stop a run it launched as a separate process (the
 #: ``vitft train`` process watches for it).
 STOP_FILE = "STOP"
-#: Statuses a run can have; ``interrupted`` is derived when the process that ran it is gone.
-STATUSES = ("starting", "running", "completed", "stopped", "failed", "interrupted")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -72,7 +71,6 @@ def save_model_atomically(model: Any, processor: Any, dest: str | os.PathLike) -
     aside copy if a crash hit between the two renames).
     """
     dest = Path(dest)
-    from .checkpoint import disk_full_error
 
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
@@ -131,17 +129,18 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     return (path / "config.json").is_file() and (path / "status.json").is_file()
 
 
-def read_status(run_dir: str | os.PathLike) -> dict[str, Any]:
+def read_status(run_dir: str | os.PathLike) -> RunStatus:
     """Reads ``status.json``; a ``running`` run whose process is gone reads as ``interrupted``.
 
     Returns:
-        The status dict (empty dict when the file is missing or unreadable).
+        The :class:`~vitft_app.run_status.RunStatus` (empty, and falsy, when the file is missing
+        or unreadable).
     """
     status = read_status_raw(Path(run_dir))
-    if status.get("status") in ("starting", "running"):
-        pid = status.get("pid")
+    if status.is_active:
+        pid = status.pid
         if not isinstance(pid, int) or (pid != os.getpid() and not _pid_alive(pid)):
-            status["status"] = "interrupted"
+            status.status = "interrupted"
     return status
 
 
@@ -241,11 +240,11 @@ class RunStore:
                 RunInfo(
                     run_id=path.name,
                     path=str(path),
-                    status=status.get("status", "unknown"),
+                    status=status.status or "unknown",
                     model=str(config.get("model", "")),
                     data_dir=str(config.get("data_dir", "")),
-                    best_val_accuracy=status.get("best_val_accuracy"),
-                    started_at=status.get("started_at", ""),
+                    best_val_accuracy=status.best_val_accuracy,
+                    started_at=status.started_at or "",
                     has_model=model_dir(path) is not None,
                 )
             )
@@ -266,18 +265,18 @@ class RunRecorder:
         self.run_dir = Path(run_dir)
         self._lock = threading.Lock()
         self._t0 = time.time()
-        self.status: dict[str, Any] = read_status_raw(self.run_dir) or {
-            "run_id": self.run_dir.name,
-            "status": "starting",
-            "pid": os.getpid(),
-            "started_at": datetime.now().isoformat(timespec="seconds"),
-        }
+        self.status: RunStatus = read_status_raw(self.run_dir) or RunStatus(
+            run_id=self.run_dir.name,
+            status="starting",
+            pid=os.getpid(),
+            started_at=datetime.now().isoformat(timespec="seconds"),
+        )
 
     def write_status(self, **changes: Any) -> None:
-        """Merges ``changes`` into ``status.json`` (atomic)."""
+        """Sets :class:`~vitft_app.run_status.RunStatus` fields and rewrites ``status.json`` (atomic)."""
         with self._lock:
-            self.status.update(changes)
-            atomic_write_text(self.run_dir / "status.json", json.dumps(self.status, indent=2))
+            self.status.update(**changes)
+            atomic_write_text(self.run_dir / "status.json", self.status.to_json())
 
     def log(self, text: str) -> None:
         """Appends a timestamped line to ``train.log``."""
@@ -334,19 +333,12 @@ class RunRecorder:
             self.write_status(step=event.step, epoch=event.epoch, images_per_sec=event.images_per_sec,
                               eta_s=event.eta_s)
         elif isinstance(event, StepLogged):
-            self._append_metrics(
-                {"kind": "train", "step": event.step, "epoch": round(event.epoch, 4), "loss": event.loss,
-                 "lr": event.lr, "images_per_sec": round(event.images_per_sec, 2)}
-            )
+            self._append_metrics(metrics_row(event))
             self.write_status(step=event.step, epoch=event.epoch, loss=event.loss, lr=event.lr)
             self.log(f"step {event.step} epoch {event.epoch:.2f} loss {event.loss:.4f} lr {event.lr:.3g}"
                      f" {event.images_per_sec:.1f} img/s")
         elif isinstance(event, EvalDone):
-            self._append_metrics(
-                {"kind": "eval", "step": event.step, "epoch": event.epoch, "train_loss": event.train_loss,
-                 "train_accuracy": event.train_accuracy, "val_loss": event.val_loss,
-                 "val_accuracy": event.val_accuracy, "val_f1_macro": event.val_f1_macro, "val_map": event.val_map}
-            )
+            self._append_metrics(metrics_row(event))
             self.write_status(best_val_accuracy=event.best_val_accuracy, val_accuracy=event.val_accuracy,
                               val_f1_macro=event.val_f1_macro, val_map=event.val_map, monitor=event.monitor,
                               best_metric=event.best_metric, epoch=float(event.epoch), step=event.step,
@@ -376,9 +368,10 @@ class RunRecorder:
                     pass  # train.log is a copy; the status holds the error
 
 
-def read_status_raw(run_dir: Path) -> dict[str, Any]:
-    """``status.json`` as written (no interrupted detection); empty dict when missing."""
+def read_status_raw(run_dir: Path) -> RunStatus:
+    """``status.json`` as written (no interrupted detection); an empty status when missing or
+    unreadable."""
     try:
-        return json.loads((run_dir / "status.json").read_text(encoding="utf-8"))
+        return RunStatus.from_json((Path(run_dir) / "status.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return {}
+        return RunStatus()

@@ -37,12 +37,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, get_args
+from collections import Counter
 
 import pandas as pd
 
 from .scratch import is_scratch_model
 from .config import TrainConfig
 from .events import EvalDone, Event, RunFailed, RunFinished
+from .jobs import BusyError, error_message
+from .modeling import summarize_model
+from .runs import read_status
+from .tracking import check_report_to
+from .training import preflight
 
 if TYPE_CHECKING:  # optuna is imported lazily: the engine stays importable without it
     import optuna
@@ -343,12 +349,10 @@ def fail_stale_trials(study: optuna.Study) -> list[int]:
     """
     from optuna.trial import TrialState
 
-    from .runs import read_status
-
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         run_dir = trial.user_attrs.get("run_dir")
-        if run_dir and read_status(run_dir).get("status") in ("starting", "running"):
+        if run_dir and read_status(run_dir).is_active:
             continue  # still training in a live process
         try:
             study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
@@ -455,8 +459,6 @@ def run_sweep(
     """
     from optuna.trial import TrialState
 
-    from .jobs import error_message
-    from .training import preflight
 
     space = validate_space(DEFAULT_SPACE if space is None else space)
     report_to = runner.report_to if report_to is None else report_to
@@ -569,10 +571,6 @@ def start_sweep(
         TrackingUnavailable: the ``report_to`` package is missing.
         ModelLoadError, ValueError, FileNotFoundError: from the preflight.
     """
-    from .jobs import BusyError
-    from .modeling import summarize_model
-    from .tracking import check_report_to
-    from .training import preflight
 
     if runner.is_busy():
         raise BusyError(f"A job is already in progress ({runner.current.name}). Wait for it to finish or press Stop first.")
@@ -710,8 +708,6 @@ def train_best(runner: JobRunner, study: optuna.Study, epochs: int | None = None
 
 def study_summary(study: optuna.Study) -> str:
     """One Markdown line: trials by state and the best value with its run."""
-    from collections import Counter
-
     counts = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
     states = ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no trials yet"
     value, run_dir = _best(study)

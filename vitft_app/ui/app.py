@@ -6,14 +6,16 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import gradio as gr
 
 from ..jobs import JobRunner
-
-if TYPE_CHECKING:
-    from .demo_page import DemoServers
+from . import data_tab, evaluate_tab, predict_tab, runs_tab, sweep_tab, train_tab
+from ..confine import check_model_input
+from ..modeling import MODEL_CHOICES, resolve_model_path
+from ..predict import Predictor
+from .demo_page import DemoServers
+from .predict_tab import refresh_runs
 
 
 #: The app's stylesheet (passed to ``launch(css=...)``): hidden helpers and the training progress bar.
@@ -69,8 +71,6 @@ class AppSettings:
         Raises:
             PathNotAllowed: see there.
         """
-        from ..confine import check_model_input
-        from ..modeling import MODEL_CHOICES
 
         if (text or "").strip() in MODEL_CHOICES:
             return text.strip()
@@ -101,8 +101,6 @@ class AppContext:
             backend: ``"torch"`` (:class:`~vitft_app.predict.Predictor`) or ``"onnx"``
                 (:class:`~vitft_app.export.OnnxPredictor`, needs ``vitft export`` first).
         """
-        from ..modeling import resolve_model_path
-        from ..predict import Predictor
 
         folder = Path(resolve_model_path(model_path))
         weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("onnx/*.onnx")) or [folder / "config.json"]
@@ -131,10 +129,6 @@ def build_app(settings: AppSettings) -> gr.Blocks:
     Returns:
         The ``gr.Blocks`` app (call ``.launch()``).
     """
-    from . import data_tab, evaluate_tab, predict_tab, runs_tab, sweep_tab, train_tab
-    from .predict_tab import refresh_runs
-
-    from .demo_page import DemoServers
 
     ctx = AppContext(settings=settings, runner=JobRunner(settings.runs_dir, device=settings.device, launch_multi_gpu=True),
                      demo_servers=DemoServers(host=settings.host, auth=settings.auth, device=settings.device))

@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 from typing import Any
+import shutil
 
 import gradio as gr
 import pandas as pd
@@ -18,6 +19,7 @@ from ..plots import figure_confusion_matrix, figure_precision_recall, figure_rel
 from . import label_issues_panel
 from .common import download_path, thumbnail
 from .predict_tab import refresh_runs
+from ..report import write_html_report
 
 #: Keys of :func:`run_evaluation`'s result, in the order of the tab's outputs.
 OUTPUT_KEYS = ("summary", "per_class", "per_class_csv", "matrix_table", "matrix", "matrix_normalized", "roc",
@@ -153,9 +155,6 @@ def cell_gallery(result: Evaluation | None, row: int, column: int) -> tuple[list
 def make_report(run_dir: str | None) -> tuple[str | None, str]:
     """Writes the run's one-page HTML report; returns ``(a copy in a temp folder to download,
     message)``. Never raises."""
-    import shutil
-
-    from ..report import write_html_report
     if not run_dir:
         return None, "Choose a run first."
     try:

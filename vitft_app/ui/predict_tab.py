@@ -5,16 +5,22 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
+import base64
+import io
 
 import gradio as gr
 import pandas as pd
 from PIL import Image, ImageOps
 
 from ..baseline import accuracy_with_baseline, run_baseline, weak_model_warning
-from ..images import ImageLoadError, load_image
+from ..images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from ..runs import read_status
 from ..predict import NOT_SURE, apply_threshold, expand_image_paths
 from .common import download_path
+from ..export import ExportError, export_model_zip, export_onnx, validation_images
+from ..report import push_to_hub
+from ..uploads import UnsafeArchiveError, extract_zip
+from .data_tab import resolve_data_path
 
 
 class PixelCheckedImage(gr.Image):
@@ -35,12 +41,8 @@ def check_image_header(payload: Any, max_pixels: int | None = None) -> None:
     Raises:
         gr.Error: not an image, or more than ``max_pixels`` pixels (default: the loader's limit).
     """
-    import base64
-    import io
 
     from PIL import Image, UnidentifiedImageError
-
-    from ..images import DEFAULT_MAX_PIXELS
 
     limit = max_pixels or DEFAULT_MAX_PIXELS
     url = getattr(payload, "url", None) or ""
@@ -77,9 +79,9 @@ def model_warning(run_dir: str | None) -> str | None:
     if not run_dir:
         return None
     status = read_status(run_dir)
-    if status.get("monitor") == "val_map":
+    if status.monitor == "val_map":
         return None
-    return weak_model_warning(status.get("best_val_accuracy"), run_baseline(status))
+    return weak_model_warning(status.best_val_accuracy, run_baseline(status))
 
 
 def refresh_runs(ctx: Any, current: str | None) -> Any:
@@ -163,8 +165,6 @@ def predict_batch(
         ``(table, CSV path, message)``: one row per image (file, top1, score, answer, top_k as
         ``label:score`` pairs, error). Never raises.
     """
-    from ..uploads import UnsafeArchiveError, extract_zip
-    from .data_tab import resolve_data_path
 
     predictor, problem = _load_predictor(ctx, run_dir)
     if problem:
@@ -211,8 +211,6 @@ def export_zip(run_dir: str | None) -> tuple[str | None, str]:
     Returns:
         ``(zip path or None, message markdown)``; never raises.
     """
-    from ..export import ExportError, export_model_zip
-
     if not run_dir:
         return None, "Choose a run first."
     dest = download_path(f"{Path(run_dir).name}-model.zip")
@@ -225,8 +223,6 @@ def export_zip(run_dir: str | None) -> tuple[str | None, str]:
 
 def export_onnx_for_run(run_dir: str | None) -> str:
     """Exports the run's model to ONNX, checked on its validation images; returns a message."""
-    from ..export import ExportError, export_onnx, validation_images
-
     if not run_dir:
         return "Choose a run first."
     try:
@@ -240,8 +236,6 @@ def export_onnx_for_run(run_dir: str | None) -> str:
 
 def push_model(run_dir: str | None, repo_id: str | None, token: str | None, private: bool) -> str:
     """Pushes the run's model (with its card) to the Hub; returns a message. Never raises."""
-    from ..report import push_to_hub
-
     if not run_dir:
         return "Choose a run first."
     try:

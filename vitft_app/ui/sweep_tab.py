@@ -29,6 +29,8 @@ from ..sweep import (
     train_best,
     trials_frame,
 )
+from .data_tab import resolve_data_path
+from .train_tab import config_from_form
 
 #: Batch sizes offered as checkboxes.
 BATCH_SIZES = [8, 16, 32, 64, 128]
@@ -78,8 +80,6 @@ def fixed_config(values: dict[str, Any], data_dir: Path, runs_dir: Path) -> Trai
     Raises:
         ValueError: an invalid value (the message names the field).
     """
-    from .train_tab import config_from_form
-
     return dataclasses.replace(config_from_form(values, data_dir), output_dir=str(runs_dir))
 
 
@@ -91,8 +91,6 @@ def start_from_form(ctx: Any, data_text: str | None, fixed: dict[str, Any], spac
         ``(message, sweep-dropdown update)``. Never raises: bad input, a busy runner, a missing
         model or an exhausted sweep become messages.
     """
-    from .data_tab import resolve_data_path
-
     try:
         data_dir = resolve_data_path(data_text, ctx.settings)
         fixed = {**fixed, "model": ctx.settings.check_model(fixed.get("model"))}

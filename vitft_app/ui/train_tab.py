@@ -13,15 +13,26 @@ import gradio as gr
 from ..checkpoint import ResumeError
 from ..config import SCRATCH_MODEL, TrainConfig, field_docs
 from ..jobs import BusyError
-from ..model_catalog import resolve_default_model
-from ..modeling import MODEL_CHOICES, ModelLoadError, summarize_model
-from ..presets import PRESETS, preset_values_for_model
+from ..model_catalog import default_model_note, describe_model, resolve_default_model
+from ..modeling import (
+    MODEL_CHOICES,
+    ModelLoadError,
+    load_model_config,
+    load_processor,
+    scratch_patch_size,
+    summarize_model,
+)
+from ..presets import PRESETS, auto_preset_values, preset_values_for_model
 from ..app_state import dataset_markdown
 from ..baseline import accuracy_with_baseline, format_accuracy, run_baseline, weak_model_warning
+from ..run_status import RunStatus, as_run_status
 from ..runs import model_dir, read_metrics, read_status
 from ..scratch import is_scratch_model, scratch_model
 from .data_tab import resolve_data_path
 from ..plots import figure_accuracy, figure_loss
+from ..augment import preview_augmentations
+from ..data import scan_dataset
+from ..runs_table import read_config
 
 #: Suggested peak learning rates: a random-init ViT needs a much larger step than fine-tuning.
 SCRATCH_LR = 1e-3
@@ -66,8 +77,6 @@ def catalog_info(model: str, image_size: int | None, data_text: str | None, sett
     """The model picker's info line: parameters, pretraining data and the estimated epoch time on
     the chosen dataset (:func:`vitft_app.model_catalog.describe_model`); the random-weights note
     for a scratch model. Never raises: a model or dataset that cannot be read gives a short line."""
-    from ..data import scan_dataset
-    from ..model_catalog import default_model_note, describe_model
 
     model = (model or "").strip()
     if not model:
@@ -210,8 +219,6 @@ def auto_preset_updates(data_text: str, settings: Any, fields: list[str]) -> tup
         ``(values in the order of fields, message markdown)``; ``gr.skip()`` everywhere and the
         reason when the folder cannot be read.
     """
-    from ..presets import auto_preset_values
-
     try:
         values, description = auto_preset_values(str(resolve_data_path(data_text, settings)))
     except (ValueError, OSError) as exc:
@@ -229,9 +236,6 @@ def augmentation_preview(values: dict[str, Any], data_text: str, settings: Any, 
     Returns:
         ``(gallery items, message markdown)``; never raises.
     """
-    from ..augment import preview_augmentations
-    from ..data import scan_dataset
-    from ..modeling import load_processor
 
     try:
         data_dir = resolve_data_path(data_text, settings)
@@ -265,8 +269,6 @@ def build_scratch_config(config: TrainConfig) -> Any:
 
 
 def _patch_size(config: TrainConfig) -> int:
-    from ..modeling import load_model_config, scratch_patch_size
-
     if is_scratch_model(config.model):
         if config.model != SCRATCH_MODEL:
             return int(getattr(build_scratch_config(config), "patch_size", 2))
@@ -287,27 +289,29 @@ STATUS_MARKS = {"running": "●", "starting": "○", "completed": "✓", "stoppe
                 "interrupted": "⚠"}
 
 
-def _accuracy_part(status: dict[str, Any]) -> str | None:
+def _accuracy_part(status: RunStatus | dict[str, Any]) -> str | None:
     """``best val accuracy 55.6% (always 'bees': 54.2%)`` (or mAP for multi-label runs)."""
-    if status.get("monitor") == "val_map" and status.get("best_metric") is not None:
-        return f"best val mAP {status['best_metric']:.4f}"
-    if status.get("best_val_accuracy") is not None:
-        return "best val accuracy " + accuracy_with_baseline(status["best_val_accuracy"], run_baseline(status))
+    status = as_run_status(status)
+    if status.monitor == "val_map" and status.best_metric is not None:
+        return f"best val mAP {status.best_metric:.4f}"
+    if status.best_val_accuracy is not None:
+        return "best val accuracy " + accuracy_with_baseline(status.best_val_accuracy, run_baseline(status))
     return None
 
 
-def status_markdown(status: dict[str, Any], run_id: str) -> str:
+def status_markdown(status: RunStatus | dict[str, Any], run_id: str) -> str:
     """The status line beside Start: state, step and epoch, ETA, images/s, learning rate, best
     accuracy with its baseline (or the error). Device and precision notes are in
     :func:`status_details`."""
+    status = as_run_status(status)
     if not status:
         return "No run yet: check the dataset above, choose a model, then press **Start**."
-    state = status.get("status", "unknown")
+    state = status.status or "unknown"
     mark = STATUS_MARKS.get(state, "•")
-    step, total = int(status.get("step") or 0), status.get("total_steps")
-    epoch, epochs = float(status.get("epoch") or 0), status.get("epochs")
+    step, total = int(status.step or 0), status.total_steps
+    epoch, epochs = float(status.epoch or 0), status.epochs
     if state == "failed":
-        return (f"{mark} **failed** · run `{run_id}`\n\n**Error:** {status.get('error', 'unknown error')}"
+        return (f"{mark} **failed** · run `{run_id}`\n\n**Error:** {(status.error or 'unknown error')}"
                 " (details in train.log)")
     if state == "stopped" and total:
         parts = [f"{mark} **stopped** after step {step} of {total}, epoch {epoch:.2f} of {epochs}", f"run `{run_id}`"]
@@ -322,60 +326,62 @@ def status_markdown(status: dict[str, Any], run_id: str) -> str:
             parts.append(f"step {step}/{total}")
             parts.append(f"epoch {epoch:.2f}/{epochs}")
     if state == "running":
-        parts.append(f"ETA {_format_seconds(status.get('eta_s'))}" if step > int(status.get("resumed_from_step") or 0)
+        parts.append(f"ETA {_format_seconds(status.eta_s)}" if step > int(status.resumed_from_step or 0)
                      else "first step running…")
-    if state == "running" and status.get("images_per_sec"):
-        parts.append(f"{status['images_per_sec']:.1f} images/s")
-    if state == "running" and status.get("lr") is not None:
-        parts.append(f"lr {status['lr']:.2e}")
+    if state == "running" and status.images_per_sec:
+        parts.append(f"{status.images_per_sec:.1f} images/s")
+    if state == "running" and status.lr is not None:
+        parts.append(f"lr {status.lr:.2e}")
     accuracy = _accuracy_part(status)
     if accuracy:
         parts.append(accuracy)
-    patience = status.get("early_stopping_patience") or 0
+    patience = status.early_stopping_patience or 0
     if patience and state == "running":
-        left = patience - int(status.get("epochs_without_improvement") or 0)
+        left = patience - int(status.epochs_without_improvement or 0)
         parts.append(f"early stopping after {left} more epoch(s) without improvement")
-    if status.get("reason"):
-        parts.append(status["reason"])
+    if status.reason:
+        parts.append(status.reason)
     text = " · ".join(parts)
     if state == "stopped":
-        saved = ("the best model so far is saved" if status.get("best_val_accuracy") is not None
+        saved = ("the best model so far is saved" if status.best_val_accuracy is not None
                  else "no epoch finished yet, so no model is saved")
         text += f"\n\n**Resume** continues from step {step}; {saved}."
-    warning = weak_model_warning(status.get("best_val_accuracy"), run_baseline(status))
-    if warning and state in ("completed", "stopped", "interrupted") and status.get("monitor") != "val_map":
+    warning = weak_model_warning(status.best_val_accuracy, run_baseline(status))
+    if warning and state in ("completed", "stopped", "interrupted") and status.monitor != "val_map":
         text += f"\n\n⚠ {warning}"
     return text
 
 
-def status_details(status: dict[str, Any]) -> str:
+def status_details(status: RunStatus | dict[str, Any]) -> str:
     """The folded run details: device and precision, parameters, model and attention notes."""
+    status = as_run_status(status)
     if not status:
         return "Device, precision and model notes appear here once a run starts."
     lines = []
-    if status.get("device"):
-        lines.append(f"- device **{status['device']}**, precision **{status.get('precision', '')}**")
-    if status.get("trainable_params"):
-        lines.append(f"- {status['trainable_params']:,} / {status.get('total_params', 0):,} parameters trainable")
-    if status.get("num_train") is not None:
-        lines.append(f"- {status['num_train']} training / {status.get('num_val', 0)} validation images")
+    if status.device:
+        lines.append(f"- device **{status.device}**, precision **{(status.precision or '')}**")
+    if status.trainable_params:
+        lines.append(f"- {status.trainable_params:,} / {(status.total_params or 0):,} parameters trainable")
+    if status.num_train is not None:
+        lines.append(f"- {status.num_train} training / {(status.num_val or 0)} validation images")
     baseline = run_baseline(status)
     if baseline is not None:
         lines.append(f"- validation baseline: always '{baseline.majority_class}' is right for"
                      f" {baseline.majority_count} of {baseline.total} ({format_accuracy(baseline.rate)}); chance"
                      f" {format_accuracy(baseline.chance)}")
-    lines += [f"- {note}" for note in status.get("notes") or [] if note]
+    lines += [f"- {note}" for note in status.notes or [] if note]
     return "\n".join(lines)
 
 
-def progress_html(status: dict[str, Any]) -> str:
+def progress_html(status: RunStatus | dict[str, Any]) -> str:
     """A progress bar of optimizer steps (empty when nothing ran yet)."""
-    total = status.get("total_steps") if status else None
+    status = as_run_status(status)
+    total = status.total_steps
     if not total:
         return ""
-    step = min(int(status.get("step") or 0), int(total))
+    step = min(int(status.step or 0), int(total))
     share = 100.0 * step / max(int(total), 1)
-    state = status.get("status", "")
+    state = (status.status or "")
     return (f'<div class="vitft-progress vitft-progress-{state}" role="progressbar" aria-valuenow="{step}"'
             f' aria-valuemax="{int(total)}"><div style="width:{share:.1f}%"></div>'
             f'<span>{step} / {int(total)} steps ({share:.0f}%)</span></div>')
@@ -429,25 +435,26 @@ def poll(ctx: Any, run_dir: str | None, last_signature: Any) -> tuple:
         return tuple(gr.skip() for _ in POLL_KEYS)
     metrics = read_metrics(run_dir)
     status = read_status(run_dir)
-    finished = status.get("status") in ("completed", "stopped", "interrupted", "failed")
+    finished = status.status in ("completed", "stopped", "interrupted", "failed")
     has_model = finished and model_dir(run_dir) is not None
     return (status_markdown(status, Path(run_dir).name), progress_html(status), status_details(status),
             figure_loss(metrics), figure_accuracy(metrics), gr.update(visible=has_model),
             banner_markdown(status, Path(run_dir).name), signature)
 
 
-def banner_markdown(status: dict[str, Any], run_id: str) -> str:
+def banner_markdown(status: RunStatus | dict[str, Any], run_id: str) -> str:
     """A one-line status under the dataset line while a run trains, or when the shown run was
     interrupted by an app restart (the form above Start is long; a reopened page shows at once
     what is going on). Empty otherwise."""
-    state = status.get("status")
+    status = as_run_status(status)
+    state = status.status
     if state == "interrupted":
-        return (f"{STATUS_MARKS[state]} The app stopped while run `{run_id}` was training (step {status.get('step', 0)}):"
+        return (f"{STATUS_MARKS[state]} The app stopped while run `{run_id}` was training (step {(status.step or 0)}):"
                 " **Resume**, below the settings, continues it from its last checkpoint.")
     if state not in ("running", "starting"):
         return ""
-    where = f"step {status.get('step', 0)}/{status['total_steps']}" if status.get("total_steps") else "starting"
-    return (f"{STATUS_MARKS[state]} **Training** run `{run_id}` · {where} · ETA {_format_seconds(status.get('eta_s'))}"
+    where = f"step {(status.step or 0)}/{status.total_steps}" if status.total_steps else "starting"
+    return (f"{STATUS_MARKS[state]} **Training** run `{run_id}` · {where} · ETA {_format_seconds(status.eta_s)}"
             " · Stop, Resume, status and curves are below the settings.")
 
 
@@ -473,8 +480,6 @@ def train_again(run_dir: str | None, fields: list[str]) -> tuple[list[Any], str 
         ``(values in the order of fields (gr.skip() for fields the config lacks), the run's dataset
         folder or None, message)``; never raises.
     """
-    from ..runs_table import read_config
-
     if not run_dir:
         return [gr.skip() for _ in fields], None, "Choose a run first."
     config = read_config(run_dir)
@@ -665,7 +670,7 @@ def build(ctx: Any, data: Any) -> TrainTab:
         values = poll(ctx, run, sig)
         # A run that has ended clears "Stopping…" and similar messages of the buttons.
         new_signature = values[-1]
-        settled = isinstance(new_signature, tuple) and read_status(new_signature[0]).get("status") in (
+        settled = isinstance(new_signature, tuple) and read_status(new_signature[0]).status in (
             "completed", "stopped", "failed", "interrupted")
         return (*values, "" if settled else gr.skip())
 
