@@ -24,12 +24,10 @@ import dataclasses
 import json
 import os
 import sys
-import types
-import typing
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence, get_args, get_origin
+from typing import Any, Callable, Sequence
 
-from .config import TrainConfig, field_docs
+from .config import SECTIONS, TrainConfig, field_specs
 
 #: Flag names that differ from ``--field-name``.
 FLAG_OVERRIDES = {"data_dir": "--data"}
@@ -38,17 +36,6 @@ FLAG_OVERRIDES = {"data_dir": "--data"}
 def flag_name(field_name: str) -> str:
     """``--data`` for ``data_dir``, else ``--`` + the field name with dashes."""
     return FLAG_OVERRIDES.get(field_name, "--" + field_name.replace("_", "-"))
-
-
-def _field_kind(annotation: Any) -> tuple[type, tuple | None]:
-    """``(python type, choices)`` for a field annotation such as ``int | None`` or ``Literal[...]``."""
-    origin = get_origin(annotation)
-    if origin is Literal:
-        return str, get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in get_args(annotation) if a is not type(None)]
-        return _field_kind(inner[0])
-    return annotation, None
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,8 +47,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """
     from .presets import AUTO_PRESET, PRESETS
 
-    hints = typing.get_type_hints(TrainConfig)
-    docs = field_docs()
     parser.add_argument("--preset", choices=(*PRESETS, AUTO_PRESET), default=None,
                         help="fill the settings from a preset (quick: linear probe; balanced: partial freeze +"
                              " basic augmentation; best: RandAugment, MixUp/CutMix, layer decay, EMA, label"
@@ -71,22 +56,25 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
                         help="continue a stopped, failed or interrupted run from its checkpoint (other flags are"
                              " ignored: the run keeps its config)")
-    for field in dataclasses.fields(TrainConfig):
-        kind, choices = _field_kind(hints[field.name])
-        default = None if field.default is dataclasses.MISSING else field.default
-        help_text = docs.get(field.name, "").replace("%", "%%")  # argparse %-formats help strings
-        if field.default is dataclasses.MISSING:
+    # One flag per field, grouped by the field's section; type, choices, bounds and help all come
+    # from the field's declaration (vitft_app.config.field_specs), as do the form's widgets.
+    groups = {key: parser.add_argument_group(title) for key, title in SECTIONS.items()}
+    for spec in field_specs().values():
+        help_text = spec.doc.replace("%", "%%")  # argparse %-formats help strings
+        if spec.name == "data_dir":
             help_text += " (required unless --resume)"
-        elif default is not None:
-            help_text += f" (default: {default})"
-        parser.add_argument(
-            flag_name(field.name),
-            dest=field.name,
-            type=kind,
-            choices=choices,
+        elif spec.default is not None:
+            help_text += f" (default: {spec.default})"
+        if spec.bounds_text():
+            help_text += f" (allowed: {spec.bounds_text()})"
+        groups.get(spec.section, parser).add_argument(
+            flag_name(spec.name),
+            dest=spec.name,
+            type=spec.kind,
+            choices=spec.choices,
             default=None,
             help=help_text,
-            metavar=None if choices else field.name.split("_")[-1].upper(),
+            metavar=None if spec.choices else spec.name.split("_")[-1].upper(),
         )
 
 

@@ -247,6 +247,44 @@ def push_model(run_dir: str | None, repo_id: str | None, token: str | None, priv
     return f"✓ Pushed to {url}"
 
 
+def render_results(items: list[dict[str, Any]], warning: str | None) -> None:
+    """Draws the predictions of the dropped images (a ``gr.render`` body): per image its thumbnail,
+    the explanation heatmap when asked, and the top classes (or "Not sure", or a weak model's guess)."""
+    if not items:
+        gr.Markdown("Drop images above to see the model's top classes.", elem_id="predict-empty")
+        return
+    if warning:
+        gr.Markdown(f"⚠ **{warning}**", elem_classes="predict-weak")
+    for item in items:
+        if "error" in item:
+            gr.Markdown(f"✗ {item['error']}", elem_classes="predict-error")
+            continue
+        with gr.Row(equal_height=True):
+            try:
+                thumb = ImageOps.contain(load_image(item["path"]), (224, 224), Image.Resampling.NEAREST)
+            except ImageLoadError:
+                thumb = None
+            gr.Image(thumb, label=item["name"], height=200, interactive=False, scale=1)
+            if item.get("explanation") is not None:
+                gr.Image(ImageOps.contain(item["explanation"], (224, 224)), label=item["method"], height=200,
+                         interactive=False, scale=1, elem_classes="predict-explanation")
+            with gr.Column(scale=2):
+                # A bold top class only when the answer stands: "Not sure" replaces it, and a
+                # weak model's guesses are listed as plain scores.
+                confident = True
+                if item.get("multi_label"):
+                    gr.Markdown(f"**Labels present:** {item['answer']}", elem_classes="predict-present")
+                elif item["answer"] == NOT_SURE:
+                    confident = False
+                    gr.Markdown("### Not sure\nThe top class is below the confidence threshold; the scores:",
+                                elem_classes="predict-not-sure")
+                elif warning:
+                    confident = False
+                    gr.Markdown(f"Guess of a weak model: {item['answer']}", elem_classes="predict-weak-guess")
+                gr.Label(item["scores"], label=f"Top classes: {item['name']}", elem_classes="predict-label",
+                         show_heading=confident)
+
+
 def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> gr.Dropdown:
     """Builds the Predict tab's components and events.
 
@@ -273,41 +311,7 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> gr.Dropdown:
     weak = gr.State(None)
     shown_images = gr.State([])  # the last dropped images: the settings above re-predict them
 
-    @gr.render(inputs=[results, weak])
-    def show(items: list[dict[str, Any]], warning: str | None) -> None:
-        if not items:
-            gr.Markdown("Drop images above to see the model's top classes.", elem_id="predict-empty")
-            return
-        if warning:
-            gr.Markdown(f"⚠ **{warning}**", elem_classes="predict-weak")
-        for item in items:
-            if "error" in item:
-                gr.Markdown(f"✗ {item['error']}", elem_classes="predict-error")
-                continue
-            with gr.Row(equal_height=True):
-                try:
-                    thumb = ImageOps.contain(load_image(item["path"]), (224, 224), Image.Resampling.NEAREST)
-                except ImageLoadError:
-                    thumb = None
-                gr.Image(thumb, label=item["name"], height=200, interactive=False, scale=1)
-                if item.get("explanation") is not None:
-                    gr.Image(ImageOps.contain(item["explanation"], (224, 224)), label=item["method"], height=200,
-                             interactive=False, scale=1, elem_classes="predict-explanation")
-                with gr.Column(scale=2):
-                    # A bold top class only when the answer stands: "Not sure" replaces it, and a
-                    # weak model's guesses are listed as plain scores.
-                    confident = True
-                    if item.get("multi_label"):
-                        gr.Markdown(f"**Labels present:** {item['answer']}", elem_classes="predict-present")
-                    elif item["answer"] == NOT_SURE:
-                        confident = False
-                        gr.Markdown("### Not sure\nThe top class is below the confidence threshold; the scores:",
-                                    elem_classes="predict-not-sure")
-                    elif warning:
-                        confident = False
-                        gr.Markdown(f"Guess of a weak model: {item['answer']}", elem_classes="predict-weak-guess")
-                    gr.Label(item["scores"], label=f"Top classes: {item['name']}", elem_classes="predict-label",
-                             show_heading=confident)
+    gr.render(inputs=[results, weak])(render_results)
 
     with gr.Accordion("Batch prediction: a folder or a zip of images", open=False):
         with gr.Row():

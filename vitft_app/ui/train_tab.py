@@ -11,7 +11,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from ..checkpoint import ResumeError
-from ..config import SCRATCH_MODEL, TrainConfig, field_docs
+from ..config import SCRATCH_MODEL, SECTIONS, TrainConfig
 from ..jobs import BusyError
 from ..model_catalog import default_model_note, describe_model, resolve_default_model
 from ..modeling import (
@@ -29,6 +29,7 @@ from ..run_status import RunStatus, as_run_status
 from ..runs import model_dir, read_metrics, read_status
 from ..scratch import is_scratch_model, scratch_model
 from .data_tab import resolve_data_path
+from .form import field_row, field_widget
 from ..plots import figure_accuracy, figure_loss
 from ..augment import preview_augmentations
 from ..data import scan_dataset
@@ -505,32 +506,29 @@ class TrainTab:
     load_outputs: list
 
 
-def build(ctx: Any, data: Any) -> TrainTab:
-    """Builds the Train tab's components and events.
+#: Where the folded settings sit in the Train tab: ``{section: rows of TrainConfig field names}``
+#: (sections and their titles: :data:`vitft_app.config.SECTIONS`; each field's own section in its
+#: metadata). The widgets themselves come from :func:`vitft_app.ui.form.field_widget`.
+FOLDED_ROWS = {
+    "augmentation": [["crop_scale_min", "color_jitter", "random_erasing", "patch_mask_ratio", "patch_dropout"],
+                     ["mixup", "cutmix", "label_smoothing", "class_weights"]],
+    "optimization": [["optimizer", "scheduler", "warmup_ratio", "weight_decay"],
+                     ["layer_decay", "grad_accum_steps", "max_grad_norm", "ema_decay"],
+                     ["gradual_unfreeze", "distill_weight", "early_stopping_patience", "early_stopping_min_delta"]],
+    "system": [["val_fraction", "seed", "log_every_steps", "num_workers", "max_nonfinite_steps"],
+               ["precision", "attention"]],
+}
 
-    The chosen dataset is shown at the top; the common settings are always visible; the rest of
-    the recipe (and precision, attention kernel, device notes) sits in folded groups. Start, Stop,
-    Resume, the status line and the progress bar sit together above the live plots. Preset
-    buttons fill the form; every control is named after its
-    :class:`~vitft_app.config.TrainConfig` field.
+
+def _build_form(ctx: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The settings: the always visible model and training columns, then the folded sections.
+
+    Returns:
+        ``(form, parts)``: ``{TrainConfig field: component}`` and the other components by name
+        (preset buttons, model notes, augmentation preview).
     """
-
-    def info(name: str, size: int | None, depth: int, classes: list[str]) -> tuple[Any, str]:
-        # A typed model folder must pass the app's confinement check (settings).
-        return model_info(name, size, depth, classes, settings=ctx.settings)
-
-    docs = field_docs()
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-
-    def number(name: str, label: str, integer: bool = False, **kwargs: Any) -> gr.Number:
-        return gr.Number(value=defaults[name], label=label, info=docs[name], precision=0 if integer else None,
-                         elem_id=name.replace("_", "-"), **kwargs)
-
-    def radio(name: str, label: str, choices: list[str]) -> gr.Radio:
-        return gr.Radio(choices, value=defaults[name], label=label, info=docs[name], elem_id=name.replace("_", "-"))
-
-    dataset_line = gr.Markdown(dataset_markdown(None), elem_id="train-dataset")
-    banner = gr.Markdown(elem_id="train-banner")
+    form: dict[str, Any] = {}
+    parts: dict[str, Any] = {}
     with gr.Row(equal_height=True):
         with gr.Column(scale=3):
             gr.Markdown("**Presets** fill the form (edit anything after): **Quick** = linear probe, no augmentation;"
@@ -539,118 +537,91 @@ def build(ctx: Any, data: Any) -> TrainTab:
                         " recipe chosen from the data.")
         with gr.Column(scale=2, min_width=320):
             with gr.Row():
-                preset_buttons = {name: gr.Button(name.capitalize(), size="sm", elem_id=f"preset-{name}",
-                                                  min_width=90) for name in PRESETS}
-                auto_button = gr.Button("Auto", size="sm", elem_id="preset-auto", min_width=90)
+                parts["presets"] = {name: gr.Button(name.capitalize(), size="sm", elem_id=f"preset-{name}",
+                                                    min_width=90) for name in PRESETS}
+                parts["auto"] = gr.Button("Auto", size="sm", elem_id="preset-auto", min_width=90)
     with gr.Row():
         with gr.Column(scale=2):
             default_model, _ = resolve_default_model(ctx.settings.device)  # pretrained when the Hub or cache has one
-            model = gr.Dropdown(
-                choices=list(MODEL_CHOICES), value=default_model, allow_custom_value=True,
-                label="Model", info="A Hub id, a local save_pretrained folder, or a *-scratch model (offline, random weights).",
-                elem_id="model-choice",
-            )
-            catalog = gr.Markdown(elem_id="model-catalog-info")
-            image_size = gr.Slider(32, 224, value=224, step=16, label="Image size (scratch models)",
-                                   info=docs["image_size"], elem_id="image-size",
-                                   visible=is_scratch_model(default_model))
-            freeze_depth = gr.Slider(0, 12, value=0, step=1, label="Freeze depth", info=docs["freeze_depth"],
-                                     elem_id="freeze-depth")
-            params = gr.Markdown(elem_id="param-count")
+            form["model"] = field_widget(
+                "model", choices=list(MODEL_CHOICES), value=default_model, allow_custom_value=True,
+                info="A Hub id, a local save_pretrained folder, or a *-scratch model (offline, random weights).",
+                elem_id="model-choice")
+            parts["catalog"] = gr.Markdown(elem_id="model-catalog-info")
+            form["image_size"] = field_widget("image_size", visible=is_scratch_model(default_model))
+            form["freeze_depth"] = field_widget("freeze_depth")
+            parts["params"] = gr.Markdown(elem_id="param-count")
         with gr.Column(scale=3):
             with gr.Row():
-                epochs = gr.Number(value=defaults["epochs"], label="Epochs", precision=0, minimum=1, elem_id="epochs")
-                batch_size = gr.Number(value=defaults["batch_size"], label="Batch size", precision=0, minimum=1,
-                                       elem_id="batch-size")
-                lr = gr.Number(value=scratch_model(default_model).lr if is_scratch_model(default_model) else FINETUNE_LR,
-                               label="Learning rate", info="5e-5 for fine-tuning, 1e-3 to 2e-3 from scratch",
-                               elem_id="lr")
-            augment = gr.Dropdown(["none", "basic", "crop", "randaugment", "trivialaugment", "autoaugment"],
-                                  value=defaults["augment"], label="Augmentation", elem_id="augment")
-            augment_note = gr.Markdown(augment_summary(defaults["augment"]), elem_id="augment-summary")
-    with gr.Accordion("Augmentation and regularization", open=False):
-        with gr.Row():
-            crop_scale_min = number("crop_scale_min", "Random crop: smallest area", minimum=0.01, maximum=1)
-            color_jitter = number("color_jitter", "Colour jitter", minimum=0, maximum=1)
-            random_erasing = number("random_erasing", "Random erasing probability", minimum=0, maximum=1)
-            patch_mask_ratio = number("patch_mask_ratio", "Patch mask ratio", minimum=0, maximum=0.99)
-            patch_dropout = number("patch_dropout", "PatchDropout (token drop rate)", minimum=0, maximum=0.99)
-        with gr.Row():
-            mixup = number("mixup", "MixUp alpha", minimum=0)
-            cutmix = number("cutmix", "CutMix alpha", minimum=0)
-            label_smoothing = number("label_smoothing", "Label smoothing", minimum=0, maximum=0.99)
-            class_weights = radio("class_weights", "Class weights", ["none", "balanced"])
-        with gr.Row():
-            preview_button = gr.Button("Preview augmentation", size="sm", elem_id="preview-button")
-            preview_message = gr.Markdown(elem_id="preview-message")
-        preview = gr.Gallery(label="Augmented training images (current settings)", columns=8, height=240,
-                             object_fit="contain", elem_id="augment-preview")
-    with gr.Accordion("Optimization", open=False):
-        with gr.Row():
-            optimizer = radio("optimizer", "Optimizer", ["adamw", "sgd"])
-            scheduler = radio("scheduler", "Schedule", ["cosine", "linear", "constant"])
-            warmup_ratio = number("warmup_ratio", "Warmup ratio", minimum=0, maximum=0.99)
-            weight_decay = number("weight_decay", "Weight decay", minimum=0)
-        with gr.Row():
-            layer_decay = number("layer_decay", "Layer decay", minimum=0.01, maximum=1)
-            grad_accum = number("grad_accum_steps", "Gradient accumulation steps", integer=True, minimum=1)
-            max_grad_norm = number("max_grad_norm", "Max gradient norm", minimum=0)
-            ema_decay = number("ema_decay", "EMA decay", minimum=0, maximum=0.99999)
-        with gr.Row():
-            gradual_unfreeze = number("gradual_unfreeze", "Gradual unfreeze (epochs per block)", integer=True,
-                                      minimum=0)
-            distill_weight = number("distill_weight", "Distillation weight", minimum=0)
-            patience = number("early_stopping_patience", "Early stopping patience", integer=True, minimum=0)
-            min_delta = number("early_stopping_min_delta", "Early stopping min improvement", minimum=0)
-    with gr.Accordion("Data, speed, precision and logging", open=False):
-        with gr.Row():
-            val_fraction = gr.Number(value=defaults["val_fraction"], label="Validation fraction",
-                                     info="used when the folder has no val/ split")
-            seed = gr.Number(value=defaults["seed"], label="Seed", precision=0)
-            log_every = gr.Number(value=defaults["log_every_steps"], label="Log every N steps", precision=0,
-                                  minimum=1)
-            num_workers = number("num_workers", "Loader workers", integer=True, minimum=0)
-            max_nonfinite = number("max_nonfinite_steps", "Non-finite steps before stopping", integer=True, minimum=1)
-        with gr.Row():
-            precision = gr.Radio(["auto", "bf16", "fp16", "fp32"], value="auto", label="Precision",
-                                 info=docs["precision"], elem_id="precision")
-            attention = radio("attention", "Attention kernel", ["auto", "sdpa", "eager"])
+                form["epochs"] = field_widget("epochs")
+                form["batch_size"] = field_widget("batch_size")
+                form["lr"] = field_widget(
+                    "lr", value=scratch_model(default_model).lr if is_scratch_model(default_model) else FINETUNE_LR)
+            form["augment"] = field_widget("augment")
+            parts["augment_note"] = gr.Markdown(augment_summary(form["augment"].value), elem_id="augment-summary")
+    for section, rows in FOLDED_ROWS.items():
+        with gr.Accordion(SECTIONS[section], open=False):
+            for row in rows:
+                field_row(row, form)
+            if section == "augmentation":
+                with gr.Row():
+                    parts["preview_button"] = gr.Button("Preview augmentation", size="sm", elem_id="preview-button")
+                    parts["preview_message"] = gr.Markdown(elem_id="preview-message")
+                parts["preview"] = gr.Gallery(label="Augmented training images (current settings)", columns=8,
+                                              height=240, object_fit="contain", elem_id="augment-preview")
+    return form, parts
+
+
+def _build_live() -> dict[str, Any]:
+    """Start, Stop, Resume, the progress bar, status and messages, the after-run buttons and the
+    live plots, by name."""
+    live: dict[str, Any] = {}
     with gr.Group(elem_id="train-live"):
         with gr.Row(equal_height=True):
-            start = gr.Button("Start", variant="primary", elem_id="start-button", scale=1, min_width=90)
-            stop = gr.Button("Stop", variant="stop", elem_id="stop-button", scale=1, min_width=90)
-            resume = gr.Button("Resume", elem_id="resume-button", scale=1, min_width=90)
-            progress_bar = gr.HTML(elem_id="train-progress", scale=5, padding=False)
-        message = gr.Markdown(elem_id="train-message")
-        status = gr.Markdown(elem_id="train-status")
-    with gr.Row(visible=False, elem_id="after-run") as after_run:
-        evaluate_button = gr.Button("Evaluate this run", elem_id="evaluate-this-run", size="sm")
-        try_button = gr.Button("Try it (Predict)", elem_id="try-this-run", size="sm")
-        again_button = gr.Button("Train again with these settings", elem_id="train-again", size="sm")
+            live["start"] = gr.Button("Start", variant="primary", elem_id="start-button", scale=1, min_width=90)
+            live["stop"] = gr.Button("Stop", variant="stop", elem_id="stop-button", scale=1, min_width=90)
+            live["resume"] = gr.Button("Resume", elem_id="resume-button", scale=1, min_width=90)
+            live["progress"] = gr.HTML(elem_id="train-progress", scale=5, padding=False)
+        live["message"] = gr.Markdown(elem_id="train-message")
+        live["status"] = gr.Markdown(elem_id="train-status")
+    with gr.Row(visible=False, elem_id="after-run") as live["after_run"]:
+        live["evaluate_button"] = gr.Button("Evaluate this run", elem_id="evaluate-this-run", size="sm")
+        live["try_button"] = gr.Button("Try it (Predict)", elem_id="try-this-run", size="sm")
+        live["again_button"] = gr.Button("Train again with these settings", elem_id="train-again", size="sm")
     with gr.Row():
-        loss_plot = gr.Plot(label="Loss", elem_id="loss-plot")
-        acc_plot = gr.Plot(label="Accuracy", elem_id="accuracy-plot")
+        live["loss"] = gr.Plot(label="Loss", elem_id="loss-plot")
+        live["accuracy"] = gr.Plot(label="Accuracy", elem_id="accuracy-plot")
     with gr.Accordion("Run details (device, precision, notes)", open=False):
-        details = gr.Markdown(status_details({}), elem_id="train-details")
+        live["details"] = gr.Markdown(status_details({}), elem_id="train-details")
+    return live
 
-    # The form, by TrainConfig field name: the one place that ties components to fields.
-    form = {
-        "model": model, "image_size": image_size, "freeze_depth": freeze_depth, "epochs": epochs,
-        "batch_size": batch_size, "lr": lr, "precision": precision, "augment": augment,
-        "crop_scale_min": crop_scale_min, "color_jitter": color_jitter, "random_erasing": random_erasing,
-        "patch_mask_ratio": patch_mask_ratio, "mixup": mixup, "cutmix": cutmix, "label_smoothing": label_smoothing,
-        "class_weights": class_weights, "optimizer": optimizer, "scheduler": scheduler,
-        "warmup_ratio": warmup_ratio, "weight_decay": weight_decay, "layer_decay": layer_decay,
-        "grad_accum_steps": grad_accum, "max_grad_norm": max_grad_norm, "ema_decay": ema_decay,
-        "gradual_unfreeze": gradual_unfreeze, "distill_weight": distill_weight,
-        "early_stopping_patience": patience, "early_stopping_min_delta": min_delta,
-        "val_fraction": val_fraction, "seed": seed, "log_every_steps": log_every, "num_workers": num_workers,
-        "max_nonfinite_steps": max_nonfinite, "attention": attention, "patch_dropout": patch_dropout,
-    }
-    fields = list(form)
+
+def build(ctx: Any, data: Any) -> TrainTab:
+    """Builds the Train tab's components and events.
+
+    The chosen dataset is shown at the top; the common settings are always visible; the rest of
+    the recipe (and precision, attention kernel, device notes) sits in folded groups. Start, Stop,
+    Resume, the status line and the progress bar sit together above the live plots. Preset
+    buttons fill the form; every control is named after its
+    :class:`~vitft_app.config.TrainConfig` field and built from its declaration (ui/form.py).
+    """
+    dataset_line = gr.Markdown(dataset_markdown(None), elem_id="train-dataset")
+    banner = gr.Markdown(elem_id="train-banner")
+    form, parts = _build_form(ctx)
+    live = _build_live()
+    live["banner"] = banner
     run_state = gr.State(None)
     signature = gr.State(None)
-    timer = gr.Timer(1.0)
+    live["signature"] = signature
+    _wire_run_events(ctx, data, form, live, run_state)
+    on_load, suggested_for = _wire_form_events(ctx, data, form, parts, live, run_state, dataset_line)
+    return TrainTab(run=run_state, evaluate_button=live["evaluate_button"], try_button=live["try_button"],
+                    signature=signature, on_load=on_load, load_outputs=[*form.values(), suggested_for])
+
+
+def _wire_run_events(ctx: Any, data: Any, form: dict[str, Any], live: dict[str, Any], run_state: gr.State) -> None:
+    """Start, Stop, Resume and the timer that polls the shown run."""
+    message, signature = live["message"], live["signature"]
 
     def on_start(values: dict, progress: gr.Progress = gr.Progress()) -> tuple:
         def report(done: int, total: int) -> None:
@@ -676,14 +647,31 @@ def build(ctx: Any, data: Any) -> TrainTab:
 
     # On Start, bring the buttons, status and plots into view: that is where things move.
     scroll = "() => document.querySelector('#train-live')?.scrollIntoView({behavior: 'smooth', block: 'start'})"
-    start.click(on_start, inputs=set(form.values()) | {data.chosen}, outputs=[message, run_state, signature])
-    start.click(None, js=scroll)
-    stop.click(lambda: stop_run(ctx), outputs=message)
-    resume.click(on_resume, inputs=run_state, outputs=[message, run_state, signature])
-    resume.click(None, js=scroll)
-    live = {"status": status, "progress": progress_bar, "details": details, "loss": loss_plot,
-            "accuracy": acc_plot, "after_run": after_run, "banner": banner, "signature": signature}
+    live["start"].click(on_start, inputs=set(form.values()) | {data.chosen}, outputs=[message, run_state, signature])
+    live["start"].click(None, js=scroll)
+    live["stop"].click(lambda: stop_run(ctx), outputs=message)
+    live["resume"].click(on_resume, inputs=run_state, outputs=[message, run_state, signature])
+    live["resume"].click(None, js=scroll)
+    timer = gr.Timer(1.0)
     timer.tick(on_poll, inputs=[run_state, signature], outputs=[*(live[k] for k in POLL_KEYS), message])
+
+
+def _wire_form_events(ctx: Any, data: Any, form: dict[str, Any], parts: dict[str, Any], live: dict[str, Any],
+                      run_state: gr.State, dataset_line: Any) -> tuple[Callable[[], list], gr.State]:
+    """The form's own events: the chosen dataset, presets, Train again, the augmentation preview,
+    the model notes.
+
+    Returns:
+        ``(on_load, suggested_for)``: the page-load handler and the state it also fills.
+    """
+    fields = list(form)
+    message = live["message"]
+    model, image_size, freeze_depth, augment = form["model"], form["image_size"], form["freeze_depth"], form["augment"]
+    params, augment_note = parts["params"], parts["augment_note"]
+
+    def info(name: str, size: int | None, depth: int, classes: list[str]) -> tuple[Any, str]:
+        # A typed model folder must pass the app's confinement check (settings).
+        return model_info(name, size, depth, classes, settings=ctx.settings)
 
     # The chosen dataset: shown at the top, its suggested augmentation in the form.
     # The dataset's suggestions (augmentation, scratch image size) are applied once per dataset, so a
@@ -708,10 +696,11 @@ def build(ctx: Any, data: Any) -> TrainTab:
         # The run's own augmentation wins over the dataset's suggestion.
         return [*values, data_dir if data_dir else gr.skip(), data_dir if data_dir else gr.skip(), text]
 
-    again_button.click(on_again, inputs=run_state, outputs=[*form.values(), data.path, suggested_for, message]).then(
+    live["again_button"].click(on_again, inputs=run_state,
+                               outputs=[*form.values(), data.path, suggested_for, message]).then(
         data.scan_handler, inputs=data.path, outputs=data.outputs)
 
-    for name, button in preset_buttons.items():
+    for name, button in parts["presets"].items():
         def apply(model_name: str, size: float, name: str = name) -> list:
             values, text = preset_updates(name, model_name, size, fields)
             return [*values, text]
@@ -720,29 +709,29 @@ def build(ctx: Any, data: Any) -> TrainTab:
         button.click(apply, inputs=[model, image_size], outputs=[*form.values(), message]).then(
             info, inputs=[model, image_size, freeze_depth, data.classes], outputs=[freeze_depth, params])
 
-    auto_button.click(lambda text: (lambda v, t: [*v, t])(*auto_preset_updates(text, ctx.settings, fields)),
-                      inputs=data.path, outputs=[*form.values(), message]).then(
+    parts["auto"].click(lambda text: (lambda v, t: [*v, t])(*auto_preset_updates(text, ctx.settings, fields)),
+                        inputs=data.path, outputs=[*form.values(), message]).then(
         info, inputs=[model, image_size, freeze_depth, data.classes], outputs=[freeze_depth, params])
 
-    preview_button.click(
+    parts["preview_button"].click(
         lambda values: augmentation_preview({n: values[c] for n, c in form.items()}, values[data.path], ctx.settings),
-        inputs=set(form.values()) | {data.path}, outputs=[preview, preview_message],
+        inputs=set(form.values()) | {data.path}, outputs=[parts["preview"], parts["preview_message"]],
     )
     data.balance_button.click(
         lambda: ("balanced", "⚖ Class weights set to **balanced** (Train tab → Augmentation and regularization)."),
-        outputs=[class_weights, message],
+        outputs=[form["class_weights"], message],
     )
 
     info_inputs = [model, image_size, freeze_depth, data.classes]
     model.change(lambda name: gr.update(visible=is_scratch_model(name)), inputs=model, outputs=image_size)
     # Only a model the user picks suggests a learning rate (a loaded run's settings keep theirs).
     model.input(lambda name: scratch_model(name).lr if is_scratch_model(name) else FINETUNE_LR, inputs=model,
-                outputs=lr)
+                outputs=form["lr"])
     for component in (model, image_size, data.classes):
         component.change(info, inputs=info_inputs, outputs=[freeze_depth, params])
     for component in (model, image_size, data.classes):
         component.change(lambda name, size, text: catalog_info(name, size, text, ctx.settings),
-                         inputs=[model, image_size, data.path], outputs=catalog)
+                         inputs=[model, image_size, data.path], outputs=parts["catalog"])
     freeze_depth.input(info, inputs=info_inputs, outputs=[freeze_depth, params], trigger_mode="always_last")
 
     def on_load() -> list:
@@ -753,6 +742,4 @@ def build(ctx: Any, data: Any) -> TrainTab:
         values, data_dir, _ = train_again(str(job.run_dir), fields)
         return [*values, data_dir if data_dir else gr.skip()]
 
-    return TrainTab(run=run_state, evaluate_button=evaluate_button, try_button=try_button, signature=signature,
-                    on_load=on_load,
-                    load_outputs=[*form.values(), suggested_for])
+    return on_load, suggested_for
