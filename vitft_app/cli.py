@@ -22,12 +22,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .config import SECTIONS, TrainConfig, field_specs
+from .log_setup import configure_logging
 
 #: Flag names that differ from ``--field-name``.
 FLAG_OVERRIDES = {"data_dir": "--data"}
@@ -718,6 +720,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "export": run_export, "report": run_report, "demo": run_demo,
                 "label-issues": run_label_issues}
     install_sigint_handler()
+    # The server logs what it decides and every unexpected error at INFO; the one-shot commands
+    # print their own progress and let only warnings through.
+    configure_logging(logging.INFO if args.command in ("app", "demo") else logging.WARNING)
     if args.command not in commands:  # "app"
         from .server import launch
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import copy
 import functools
 import os
@@ -32,6 +33,8 @@ from .scratch import (
     scratch_processor,
 )
 from .data import processor_spec
+
+logger = logging.getLogger(__name__)
 
 #: Hub checkpoints offered in the model dropdown (any other Hub id or local folder works too).
 CURATED_MODELS = (
@@ -125,6 +128,7 @@ def _call_hub(loader: Any, name: str, **kwargs: Any) -> Any:
     except (OSError, ValueError):
         pass
     if not hub_reachable():
+        logger.info("model %s: not in the local cache and the Hub is unreachable", name)
         raise ModelLoadError(offline_message(name))
     try:
         return loader.from_pretrained(target, **kwargs)

@@ -9,6 +9,7 @@ crash never leaves a half-written model.
 
 from __future__ import annotations
 
+import logging
 import csv
 import io
 import json
@@ -40,6 +41,8 @@ from .events import (
 )
 from .run_status import RunStatus
 from .checkpoint import disk_full_error
+
+logger = logging.getLogger(__name__)
 
 #: Columns of ``metrics.csv``: ``kind`` ("train": a logging step, "eval": the end of an epoch), the
 #: event fields marked as columns (:func:`vitft_app.events.metrics_columns`), ``time_s``.
@@ -110,6 +113,18 @@ def model_dir(run_dir: str | os.PathLike) -> Path | None:
         if is_model_folder(candidate):
             return candidate
     return None
+
+
+def append_run_log(run_dir: str | os.PathLike, text: str) -> None:
+    """Appends ``text`` to the run's ``train.log`` as one timestamped entry (one write, so lines of
+    the training thread and of the app do not interleave within an entry).
+
+    Raises:
+        OSError: the folder is gone or the disk is full.
+    """
+    line = f"{datetime.now().isoformat(timespec='seconds')} {text}\n"
+    with open(Path(run_dir) / "train.log", "a", encoding="utf-8") as handle:
+        handle.write(line)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -234,7 +249,8 @@ class RunStore:
             status = read_status(path)
             try:
                 config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+            except (OSError, ValueError) as exc:
+                logger.warning("run %s: config.json unreadable (%s); listed without its settings", path.name, exc)
                 config = {}
             runs.append(
                 RunInfo(
@@ -280,9 +296,8 @@ class RunRecorder:
 
     def log(self, text: str) -> None:
         """Appends a timestamped line to ``train.log``."""
-        line = f"{datetime.now().isoformat(timespec='seconds')} {text}\n"
-        with self._lock, open(self.run_dir / "train.log", "a", encoding="utf-8") as handle:
-            handle.write(line)
+        with self._lock:
+            append_run_log(self.run_dir, text)
 
     def _append_metrics(self, row: dict[str, Any]) -> None:
         path = self.run_dir / "metrics.csv"
@@ -364,8 +379,8 @@ class RunRecorder:
             finally:
                 try:
                     self.log(f"failed: {event.error}\n{event.traceback}")
-                except OSError:
-                    pass  # train.log is a copy; the status holds the error
+                except OSError as exc:  # train.log is a copy; the status holds the error
+                    logger.warning("run %s failed and its train.log cannot be written: %s", self.run_dir.name, exc)
 
 
 def read_status_raw(run_dir: Path) -> RunStatus:

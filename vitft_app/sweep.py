@@ -26,6 +26,7 @@ in :data:`SEARCHABLE` can be searched, and only those this version's TrainConfig
 
 from __future__ import annotations
 
+import logging
 import dataclasses
 import json
 import math
@@ -49,6 +50,8 @@ from .modeling import summarize_model
 from .runs import read_status
 from .tracking import check_report_to
 from .training import preflight
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # optuna is imported lazily: the engine stays importable without it
     import optuna
@@ -360,6 +363,7 @@ def fail_stale_trials(study: optuna.Study) -> list[int]:
             if "Study.stop" not in str(exc):
                 raise
         failed.append(trial.number)
+        logger.info("sweep trial %d was left running by a process that is gone: marked failed", trial.number)
     return failed
 
 
@@ -483,6 +487,8 @@ def run_sweep(
                                          output_dir=str(runs_dir))
             report = preflight(config, runner.device)
         except Exception as exc:  # noqa: BLE001 - a bad trial fails, the sweep goes on
+            logger.warning("sweep %s: trial %d fails before training: %s", name, trial.number, error_message(exc),
+                           exc_info=not isinstance(exc, ValueError))
             trial.set_user_attr("error", error_message(exc))
             _tell(study, trial, state=TrialState.FAIL)
             continue

@@ -19,6 +19,7 @@ from ..images import ImageLoadError, load_image
 from ..uploads import UnsafeArchiveError, copy_folder_upload, delete_upload, extract_zip, list_uploads
 from ..plots import figure_class_counts, figure_image_stats
 from .common import download_path
+from .errors import unexpected_error
 from ..confine import resolve_allowed
 
 logger = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ def scan_folder(text: str | None, settings: Any, progress: Callable[[int, int], 
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         return {"summary": f"✗ {exc}", **failed}
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
-        return {"summary": f"✗ Scan failed: {type(exc).__name__}: {exc}", **failed}
+        return {"summary": unexpected_error(exc, "Scan failed"), **failed}
     counts = report.counts()
     summary, problems = report_markdown(report)
     return {

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import logging
-
 import os
+import shutil
 from pathlib import Path
 from typing import Any
-import shutil
 
 import gradio as gr
 import pandas as pd
@@ -18,6 +16,7 @@ from ..baseline import format_accuracy
 from ..plots import figure_confusion_matrix, figure_precision_recall, figure_reliability, figure_roc
 from . import label_issues_panel
 from .common import download_path, thumbnail
+from .errors import unexpected_error
 from .predict_tab import refresh_runs
 from ..report import write_html_report
 
@@ -26,7 +25,6 @@ OUTPUT_KEYS = ("summary", "per_class", "per_class_csv", "matrix_table", "matrix"
                "pr", "reliability", "top_losses", "evaluation", "results", "matrix_group", "cell_images",
                "cell_caption")
 
-logger = logging.getLogger(__name__)
 
 
 def summary_markdown(metrics: dict[str, Any]) -> str:
@@ -98,7 +96,7 @@ def run_evaluation(ctx: Any, run_dir: str | None, split: str, top_k: int) -> dic
     except (EvaluationError, FileNotFoundError, ValueError, OSError) as exc:
         return empty | {"summary": f"✗ {exc}"}
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
-        return empty | {"summary": f"✗ Evaluation failed: {type(exc).__name__}: {exc}"}
+        return empty | {"summary": unexpected_error(exc, "Evaluation failed", run_dir=run_dir)}
     metrics = result.metrics
     per_class = pd.DataFrame(metrics["per_class"]).round(4)
     csv_path = result.out_dir / "per_class.csv" if result.out_dir else None
@@ -164,8 +162,7 @@ def make_report(run_dir: str | None) -> tuple[str | None, str]:
     except (EvaluationError, FileNotFoundError, ValueError, OSError) as exc:
         return None, f"✗ {exc}"
     except Exception as exc:  # noqa: BLE001 - a damaged run folder is a message, not Gradio's "Error"
-        logger.exception("report of %s", run_dir)
-        return None, f"✗ Could not write the report of {Path(run_dir).name}: {type(exc).__name__}: {exc}"
+        return None, unexpected_error(exc, f"Could not write the report of {Path(run_dir).name}", run_dir=run_dir)
     return str(copy), f"✓ Written to `{path}`; it opens in any browser, without the app."
 
 

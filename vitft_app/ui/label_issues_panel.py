@@ -27,6 +27,7 @@ from ..jobs import BusyError
 from ..label_issues import LabelIssues, LabelIssuesError, find_run_label_issues
 from ..runs_table import read_config
 from .common import thumbnail
+from .errors import unexpected_error
 
 #: Images shown in the label-issues gallery (most suspicious first).
 MAX_SHOWN = 48
@@ -93,7 +94,7 @@ def find_issues(ctx: Any, run_dir: str | None, progress: Any = None) -> tuple[li
     except (LabelIssuesError, FileNotFoundError, ValueError, OSError) as exc:
         return [], [], f"✗ {exc}"
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
-        return [], [], f"✗ Label-issue search failed: {type(exc).__name__}: {exc}"
+        return [], [], unexpected_error(exc, "Label-issue search failed", run_dir=run_dir)
     lines = [f"**{len(result.issues)}** suspected label error(s) of {result.num_images} images; out-of-sample"
              f" accuracy {result.out_of_sample_accuracy:.4f} (majority-class baseline"
              f" {result.majority_baseline:.4f}). Saved in `{result.csv_path}`",
@@ -202,7 +203,7 @@ def retrain(ctx: Any, run_dir: str | None) -> str:
     except (EditError, ValueError, FileNotFoundError, OSError) as exc:
         return f"✗ {exc}"
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
-        return f"✗ Could not start: {type(exc).__name__}: {exc}"
+        return unexpected_error(exc, "Could not start", run_dir=run_dir)
     return (f"▶ Started `{job.run_dir.name}` ({meta['name']}), same settings on the fixed data."
             " Follow it in the Train tab; the Runs tab shows both runs.")
 

@@ -17,6 +17,7 @@ from ..images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from ..runs import read_status
 from ..predict import NOT_SURE, apply_threshold, expand_image_paths
 from .common import download_path
+from .errors import unexpected_error
 from ..export import ExportError, export_model_zip, export_onnx, validation_images
 from ..report import push_to_hub
 from ..uploads import UnsafeArchiveError, extract_zip
@@ -103,7 +104,8 @@ def _load_predictor(ctx: Any, run_dir: str | None, backend: str = "torch") -> tu
             return None, "No ONNX export of this model yet: open *Export this model* and press *Export to ONNX*."
         return None, f"Cannot load the model of {Path(run_dir).name}: {exc}"
     except Exception as exc:  # noqa: BLE001 - a broken model folder is a message, not a server error
-        return None, f"Cannot load the model of {Path(run_dir).name}: {exc}"
+        return None, unexpected_error(exc, f"Cannot load the model of {Path(run_dir).name}", run_dir=run_dir,
+                                      mark="", with_type=False)
 
 
 def predict_files(
@@ -243,7 +245,7 @@ def push_model(run_dir: str | None, repo_id: str | None, token: str | None, priv
     except (ValueError, ConnectionError, FileNotFoundError) as exc:
         return f"✗ {exc}"
     except Exception as exc:  # noqa: BLE001 - the Hub client raises many types; the user needs the message
-        return f"✗ Push failed: {type(exc).__name__}: {exc}"
+        return unexpected_error(exc, "Push failed", run_dir=run_dir)
     return f"✓ Pushed to {url}"
 
 

@@ -15,6 +15,7 @@ from ..scratch import is_scratch_model
 from ..jobs import BusyError
 from ..modeling import MODEL_CHOICES, ModelLoadError
 from .form import field_widget
+from .errors import unexpected_error
 from ..sweep import (
     DEFAULT_RANGES,
     SweepError,
@@ -108,7 +109,7 @@ def start_from_form(ctx: Any, data_text: str | None, fixed: dict[str, Any], spac
     except (SweepError, ModelLoadError, ValueError, FileNotFoundError, OSError) as exc:
         return f"✗ {exc}", gr.skip()
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
-        return f"✗ Could not start the sweep: {type(exc).__name__}: {exc}", gr.skip()
+        return unexpected_error(exc, "Could not start the sweep"), gr.skip()
     sweep_name = job.name.removeprefix("sweep ")
     return (f"▶ Sweep **{sweep_name}** started: trials run one after another (follow the current one in the"
             " Train tab); Stop ends the sweep after stopping the current trial.",
@@ -185,7 +186,7 @@ def train_best_from_ui(ctx: Any, name: str | None, epochs: float | None) -> str:
     except (SweepError, ModelLoadError, ValueError, FileNotFoundError, OSError) as exc:
         return f"✗ {exc}"
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
-        return f"✗ Could not start: {type(exc).__name__}: {exc}"
+        return unexpected_error(exc, "Could not start")
     return f"▶ Training the best configuration as `{job.run_dir.name}`; follow it in the Train tab."
 
 

@@ -30,6 +30,7 @@ from ..runs import model_dir, read_metrics, read_status
 from ..scratch import is_scratch_model, scratch_model
 from .data_tab import resolve_data_path
 from .form import field_row, field_widget
+from .errors import unexpected_error
 from ..plots import figure_accuracy, figure_loss
 from ..augment import preview_augmentations
 from ..data import scan_dataset
@@ -61,7 +62,7 @@ def model_info(model: str, image_size: int | None, freeze_depth: int, classes: l
     except (ModelLoadError, ValueError, OSError) as exc:
         return gr.update(), f"✗ {exc}"
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
-        return gr.update(), f"✗ Cannot describe model '{model}': {type(exc).__name__}: {exc}"
+        return gr.update(), unexpected_error(exc, f"Cannot describe model '{model}'")
     depth = min(int(freeze_depth or 0), summary.num_blocks)
     probe = " (linear probe: only the head trains)" if depth == summary.num_blocks else ""
     offline = ""
@@ -153,7 +154,7 @@ def start_run(
     except (ModelLoadError, ValueError, FileNotFoundError) as exc:
         return f"✗ {exc}", None
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
-        return f"✗ Could not start: {type(exc).__name__}: {exc}", None
+        return unexpected_error(exc, "Could not start"), None
     return f"▶ Started run `{job.run_dir.name}`.", str(job.run_dir)
 
 
@@ -180,7 +181,7 @@ def resume_run(ctx: Any, run_dir: str | None) -> tuple[str, str | None]:
     except (ResumeError, ModelLoadError, ValueError, FileNotFoundError) as exc:
         return f"✗ {exc}", None
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
-        return f"✗ Could not resume: {type(exc).__name__}: {exc}", None
+        return unexpected_error(exc, "Could not resume", run_dir=run_dir), None
     return f"▶ Resumed run `{job.run_dir.name}` from its last checkpoint.", str(job.run_dir)
 
 
