@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 from torchvision.transforms import v2
+from PIL import Image
 from .data import build_transforms, processor_spec
 from .images import ImageLoadError, load_image
 from .modeling import encoder_parts, has_cls_token
@@ -228,8 +229,6 @@ def preview_augmentations(
     Returns:
         ``[(PIL image, caption), ...]``: ``copies`` per image, images that fail to load skipped.
     """
-    from PIL import Image
-
 
     spec = processor_spec(processor)
     transform = build_transforms(processor, True, augment, crop_scale_min, color_jitter, random_erasing)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 from importlib.metadata import PackageNotFoundError, version
+from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from . import baseline as _baseline
 from .baseline import WEAK_MARGIN
@@ -222,8 +223,6 @@ def write_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike, max_exa
     Raises:
         DemoError: not a run, no saved model, or ``out_dir`` is a non-empty folder or a file.
     """
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-
     summary = demo_summary(run_dir, max_examples)
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -30,6 +30,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from transformers import AutoConfig, AutoImageProcessor
 
 from .images import ImageLoadError, ImageSource
 from .predict import ClassifierBackend, Predictor, load_pixels
@@ -358,8 +359,6 @@ def _read_id2label(config_path: Path) -> dict[int, str]:
     Raises:
         ExportError: the file is missing or not a model config.
     """
-    from transformers import AutoConfig
-
     try:
         config = AutoConfig.from_pretrained(config_path.parent, local_files_only=True)
         return {int(k): str(v) for k, v in config.id2label.items()}
@@ -393,8 +392,6 @@ class OnnxPredictor(ClassifierBackend):
     """
 
     def __init__(self, onnx_dir: str | os.PathLike):
-        from transformers import AutoImageProcessor
-
         _, onnxruntime = require_onnx()
         self.path = _find_onnx_dir(Path(onnx_dir).expanduser())
         self.id2label = _read_id2label(self.path / "config.json")

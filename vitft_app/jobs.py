@@ -27,7 +27,8 @@ from .runs import RunRecorder, RunStore, STOP_FILE, model_dir, read_status, read
 from .distributed import env_world_size
 from .modeling import ModelLoadError
 from .model_card import write_model_card
-from .tracking import check_report_to, create_tracker
+from . import tracking  # tracking.create_tracker is looked up per run (tests replace it)
+from .tracking import check_report_to
 from .training import DatasetError, NonFiniteLossError, preflight, resume_run, train
 
 
@@ -385,7 +386,7 @@ class JobRunner:
                 listener(event)
 
         try:
-            tracker = create_tracker(report_to, run_dir, config)
+            tracker = tracking.create_tracker(report_to, run_dir, config)
             if resume:
                 resume_run(run_dir, emit, stop_event=stop_event, device=self.device, checkpoint=checkpoint)
             else:

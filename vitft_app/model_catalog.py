@@ -24,6 +24,9 @@ from typing import Any, Iterable
 import json
 
 import torch
+from huggingface_hub import try_to_load_from_cache
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoConfig, AutoModelForImageClassification, ViTConfig
 
 from . import scratch
 from .config import SCRATCH_MODEL
@@ -163,8 +166,6 @@ def is_cached(model_id: str, cache_dir: str | Path | None = None) -> bool:
         model_id: a Hub id.
         cache_dir: the hub cache folder; default ``HF_HUB_CACHE`` (``~/.cache/huggingface/hub``).
     """
-    from huggingface_hub import try_to_load_from_cache
-
     def present(filename: str) -> bool:
         try:
             return isinstance(try_to_load_from_cache(model_id, filename, cache_dir=cache_dir), str)
@@ -208,8 +209,6 @@ def model_config_for(model_id: str, image_size: int | None = None) -> Any:
     Raises:
         ModelLoadError: an unknown Hub id offline, or a missing folder.
     """
-    from transformers import ViTConfig
-
     if model_id == SCRATCH_MODEL:
         return scratch_config(image_size or SCRATCH_DEFAULT_IMAGE_SIZE, {0: "a", 1: "b"})
     if scratch.is_scratch_model(model_id):
@@ -228,8 +227,6 @@ def _config_key(config: Any) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _count_forward(config_json: str) -> tuple[float, int]:
-    from transformers import AutoConfig, AutoModelForImageClassification
-    from torch.utils.flop_counter import FlopCounterMode
 
     data = json.loads(config_json)
     config = AutoConfig.for_model(data.pop("model_type"), **data)

@@ -23,6 +23,7 @@ import contextlib
 
 import numpy as np
 from PIL import Image
+from torchvision.transforms import InterpolationMode, v2
 
 from .data import build_transforms, processor_spec
 from .device import resolve_device_plan
@@ -116,8 +117,6 @@ class EvalPreprocess:
     """
 
     def __init__(self, processor: Any):
-        from torchvision.transforms import InterpolationMode, v2
-
         spec = processor_spec(processor)
         mode = InterpolationMode[spec.interpolation]
         steps: list[Any] = [v2.Resize(spec.resize, interpolation=mode, antialias=True)]

@@ -10,7 +10,7 @@ import io
 
 import gradio as gr
 import pandas as pd
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..baseline import accuracy_with_baseline, run_baseline, weak_model_warning
 from ..images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
@@ -42,8 +42,6 @@ def check_image_header(payload: Any, max_pixels: int | None = None) -> None:
     Raises:
         gr.Error: not an image, or more than ``max_pixels`` pixels (default: the loader's limit).
     """
-
-    from PIL import Image, UnidentifiedImageError
 
     limit = max_pixels or DEFAULT_MAX_PIXELS
     url = getattr(payload, "url", None) or ""
