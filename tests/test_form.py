@@ -14,7 +14,11 @@ from vitft_app.cli import add_train_arguments
 from vitft_app.config import SECTIONS, TrainConfig, field_specs
 from vitft_app.ui.app import AppSettings, build_app
 from vitft_app.ui.form import field_widget
-from vitft_app.ui.train_tab import FOLDED_ROWS
+from types import SimpleNamespace
+
+from vitft_app.jobs import JobRunner
+from vitft_app.ui import train_tab
+from vitft_app.ui.app import AppContext
 
 #: Fields not on the Train form: the dataset comes from the Data tab; the runs folder and run name
 #: from the app's settings.
@@ -89,14 +93,21 @@ def test_widgets_follow_the_field_declarations():
     assert isinstance(epochs, gr.Number) and epochs.precision == 0 and epochs.minimum == 1 and epochs.value == 3
 
 
-def test_the_train_tab_places_every_field_once_in_its_section():
-    folded = [name for rows in FOLDED_ROWS.values() for row in rows for name in row]
-    assert len(folded) == len(set(folded))
-    for section, rows in FOLDED_ROWS.items():
-        assert {field_specs()[name].section for row in rows for name in row} == {section}
-    visible = {name for name, spec in field_specs().items() if spec.section in ("model", "training")}
-    assert visible.isdisjoint(folded)
-    assert set(folded) | visible | NOT_ON_THE_FORM == set(field_specs())
+def test_the_train_tab_places_every_field_once_in_its_section(tmp_path, digits_small):
+    settings = AppSettings(data_root=digits_small.parent, runs_dir=tmp_path / "runs",
+                           example_dir=tmp_path / "example", device="cpu")
+    ctx = AppContext(settings=settings, runner=JobRunner(settings.runs_dir, device="cpu"))
+    with gr.Blocks():
+        data = SimpleNamespace(chosen=gr.State(None), path=gr.Textbox(), classes=gr.State([]),
+                               balance_button=gr.Button(), scan_handler=lambda path: None, outputs=[])
+        tab = train_tab.build(ctx, data)
+    assert set(tab.layout) | NOT_ON_THE_FORM == set(field_specs()) and set(tab.form) == set(tab.layout)
+    for name, (section, _) in tab.layout.items():
+        assert field_specs()[name].section == section, name
+    rows = train_tab.folded_rows(tab.layout)
+    assert list(rows) == ["augmentation", "optimization", "system"]
+    assert rows["system"] == [["val_fraction", "seed", "log_every_steps", "num_workers", "max_nonfinite_steps"],
+                              ["precision", "attention"]]
 
 
 def test_train_and_sweep_tabs_build_their_fields_from_the_factory(tmp_path, digits_small):

@@ -415,8 +415,8 @@ class FieldSpec:
 
     @property
     def info(self) -> str:
-        """The form's hint: the metadata ``info`` when given, else the docstring."""
-        return self.metadata.get("info", self.doc)
+        """The form's hint: the metadata ``info`` when given, else the docstring (on one line)."""
+        return self.metadata.get("info", " ".join(self.doc.split()))
 
     @property
     def minimum(self) -> float | None:

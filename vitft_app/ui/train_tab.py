@@ -505,24 +505,27 @@ class TrainTab:
     on_load: Callable[[], list]
     """Page-load handler: the running job's settings into the form (values for ``load_outputs``)."""
     load_outputs: list
+    layout: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
+    """``{TrainConfig field: (section, row)}``: where each setting sits (see :func:`build`)."""
+    form: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """``{TrainConfig field: component}``."""
 
 
-#: Where the folded settings sit in the Train tab: ``{section: rows of TrainConfig field names}``
-#: (sections and their titles: :data:`vitft_app.config.SECTIONS`; each field's own section in its
-#: metadata). The widgets themselves come from :func:`vitft_app.ui.form.field_widget`.
-FOLDED_ROWS = {
-    "augmentation": [["crop_scale_min", "color_jitter", "random_erasing", "patch_mask_ratio", "patch_dropout"],
-                     ["mixup", "cutmix", "label_smoothing", "class_weights"]],
-    "optimization": [["optimizer", "scheduler", "warmup_ratio", "weight_decay"],
-                     ["layer_decay", "grad_accum_steps", "max_grad_norm", "ema_decay"],
-                     ["gradual_unfreeze", "distill_weight", "early_stopping_patience", "early_stopping_min_delta"]],
-    "system": [["val_fraction", "seed", "log_every_steps", "num_workers", "max_nonfinite_steps"],
-               ["precision", "attention"]],
-}
+def folded_rows(layout: dict[str, tuple[str, int]]) -> dict[str, list[list[str]]]:
+    """``{section: rows of field names}`` of the folded sections (not ``model``/``training``), in the
+    order of ``layout``."""
+    rows: dict[str, dict[int, list[str]]] = {}
+    for name, (section, row) in layout.items():
+        if section not in ("model", "training"):
+            rows.setdefault(section, {}).setdefault(row, []).append(name)
+    return {section: [by_row[row] for row in sorted(by_row)] for section, by_row in rows.items()}
 
 
-def _build_form(ctx: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+def _build_form(ctx: Any, layout: dict[str, tuple[str, int]]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The settings: the always visible model and training columns, then the folded sections.
+
+    Args:
+        layout: ``{TrainConfig field: (section, row)}`` for the folded sections, in display order.
 
     Returns:
         ``(form, parts)``: ``{TrainConfig field: component}`` and the other components by name
@@ -560,7 +563,7 @@ def _build_form(ctx: Any) -> tuple[dict[str, Any], dict[str, Any]]:
                     "lr", value=scratch_model(default_model).lr if is_scratch_model(default_model) else FINETUNE_LR)
             form["augment"] = field_widget("augment")
             parts["augment_note"] = gr.Markdown(augment_summary(form["augment"].value), elem_id="augment-summary")
-    for section, rows in FOLDED_ROWS.items():
+    for section, rows in folded_rows(layout).items():
         with gr.Accordion(SECTIONS[section], open=False):
             for row in rows:
                 field_row(row, form)
@@ -606,9 +609,30 @@ def build(ctx: Any, data: Any) -> TrainTab:
     buttons fill the form; every control is named after its
     :class:`~vitft_app.config.TrainConfig` field and built from its declaration (ui/form.py).
     """
+    # Where each TrainConfig field sits: (section, row). The model and training sections are the
+    # two visible columns; the others fold (titles: config.SECTIONS). A field left out of this
+    # table has no control; the widget itself comes from the field's declaration (ui/form.py).
+    layout = {
+        "model": ("model", 0), "image_size": ("model", 0), "freeze_depth": ("model", 0),
+        "epochs": ("training", 0), "batch_size": ("training", 0), "lr": ("training", 0), "augment": ("training", 1),
+        "crop_scale_min": ("augmentation", 0), "color_jitter": ("augmentation", 0),
+        "random_erasing": ("augmentation", 0), "patch_mask_ratio": ("augmentation", 0),
+        "patch_dropout": ("augmentation", 0),
+        "mixup": ("augmentation", 1), "cutmix": ("augmentation", 1), "label_smoothing": ("augmentation", 1),
+        "class_weights": ("augmentation", 1),
+        "optimizer": ("optimization", 0), "scheduler": ("optimization", 0), "warmup_ratio": ("optimization", 0),
+        "weight_decay": ("optimization", 0),
+        "layer_decay": ("optimization", 1), "grad_accum_steps": ("optimization", 1),
+        "max_grad_norm": ("optimization", 1), "ema_decay": ("optimization", 1),
+        "gradual_unfreeze": ("optimization", 2), "distill_weight": ("optimization", 2),
+        "early_stopping_patience": ("optimization", 2), "early_stopping_min_delta": ("optimization", 2),
+        "val_fraction": ("system", 0), "seed": ("system", 0), "log_every_steps": ("system", 0),
+        "num_workers": ("system", 0), "max_nonfinite_steps": ("system", 0),
+        "precision": ("system", 1), "attention": ("system", 1),
+    }
     dataset_line = gr.Markdown(dataset_markdown(None), elem_id="train-dataset")
     banner = gr.Markdown(elem_id="train-banner")
-    form, parts = _build_form(ctx)
+    form, parts = _build_form(ctx, layout)
     live = _build_live()
     live["banner"] = banner
     run_state = gr.State(None)
@@ -617,7 +641,8 @@ def build(ctx: Any, data: Any) -> TrainTab:
     _wire_run_events(ctx, data, form, live, run_state)
     on_load, suggested_for = _wire_form_events(ctx, data, form, parts, live, run_state, dataset_line)
     return TrainTab(run=run_state, evaluate_button=live["evaluate_button"], try_button=live["try_button"],
-                    signature=signature, on_load=on_load, load_outputs=[*form.values(), suggested_for])
+                    signature=signature, on_load=on_load, load_outputs=[*form.values(), suggested_for],
+                    layout=layout, form=form)
 
 
 def _wire_run_events(ctx: Any, data: Any, form: dict[str, Any], live: dict[str, Any], run_state: gr.State) -> None:
