@@ -7,12 +7,15 @@ exactly the dataset the Train tab shows. Engine code: no Gradio.
 
 from __future__ import annotations
 
+import logging
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from .runs import atomic_write_text
+
+logger = logging.getLogger(__name__)
 
 #: File name of the app's settings inside the runs folder (a file, so never listed as a run).
 APP_SETTINGS_FILE = "app-settings.json"
@@ -27,7 +30,10 @@ def read_app_settings(runs_dir: str | os.PathLike) -> dict[str, Any]:
     """The saved settings; an empty dict when the file is missing or unreadable."""
     try:
         data = json.loads(settings_path(runs_dir).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        logger.warning("app settings %s unreadable (%s): using the defaults", settings_path(runs_dir), exc)
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -10,6 +10,10 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 from torchvision.transforms import v2
+from PIL import Image
+from .data import build_transforms, processor_spec
+from .images import ImageLoadError, load_image
+from .modeling import encoder_parts, has_cls_token
 
 BatchMixer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -144,8 +148,6 @@ class PatchDropout:
     """
 
     def __init__(self, model: nn.Module, rate: float) -> None:
-        from .modeling import encoder_parts, has_cls_token
-
         embeddings = encoder_parts(model)[0]
         if not 0 < rate < 1:
             raise ValueError(f"patch_dropout must be in (0, 1) to install it, got {rate}")
@@ -227,10 +229,6 @@ def preview_augmentations(
     Returns:
         ``[(PIL image, caption), ...]``: ``copies`` per image, images that fail to load skipped.
     """
-    from PIL import Image
-
-    from .data import build_transforms, processor_spec
-    from .images import ImageLoadError, load_image
 
     spec = processor_spec(processor)
     transform = build_transforms(processor, True, augment, crop_scale_min, color_jitter, random_erasing)

@@ -12,6 +12,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
+from .run_status import as_run_status
+
 #: A model whose accuracy is less than this many percentage points above the majority-class rate
 #: is called near the baseline (weak).
 WEAK_MARGIN = 0.05
@@ -120,6 +122,10 @@ def headline(correct: int, total: int, baseline: Baseline | None, split: str = "
     return line
 
 
-def run_baseline(status: Mapping[str, Any]) -> Baseline | None:
-    """The validation baseline recorded in a run's ``status.json`` (None for older runs)."""
-    return Baseline.from_dict(status.get("val_baseline"))
+def run_baseline(status: Any) -> Baseline | None:
+    """The validation baseline recorded in a run's ``status.json`` (None for older runs).
+
+    Args:
+        status: a :class:`~vitft_app.run_status.RunStatus` (or the mapping of an older caller).
+    """
+    return Baseline.from_dict(as_run_status(status).val_baseline)

@@ -16,6 +16,7 @@ the resume with a message and nothing is executed.
 
 from __future__ import annotations
 
+import logging
 import errno
 import os
 import pickle
@@ -26,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_VERSION = 2
@@ -184,6 +187,7 @@ def load_checkpoint(run_dir: str | os.PathLike) -> dict[str, Any]:
             ) from None
         raise ResumeError(f"The checkpoint of {name} is damaged and cannot be read; start a new run.") from None
     except Exception as exc:  # noqa: BLE001 - any unreadable file becomes one clear message
+        logger.warning("checkpoint of %s unreadable", name, exc_info=exc)  # the details, for the server log
         raise ResumeError(
             f"The checkpoint of {name} is damaged and cannot be read ({type(exc).__name__}); start a new run."
         ) from None

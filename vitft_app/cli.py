@@ -22,14 +22,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
-import types
-import typing
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence, get_args, get_origin
+from typing import Any, Callable, Sequence
 
-from .config import TrainConfig, field_docs
+from .config import SECTIONS, TrainConfig, field_specs
+from .log_setup import configure_logging
 
 #: Flag names that differ from ``--field-name``.
 FLAG_OVERRIDES = {"data_dir": "--data"}
@@ -38,17 +38,6 @@ FLAG_OVERRIDES = {"data_dir": "--data"}
 def flag_name(field_name: str) -> str:
     """``--data`` for ``data_dir``, else ``--`` + the field name with dashes."""
     return FLAG_OVERRIDES.get(field_name, "--" + field_name.replace("_", "-"))
-
-
-def _field_kind(annotation: Any) -> tuple[type, tuple | None]:
-    """``(python type, choices)`` for a field annotation such as ``int | None`` or ``Literal[...]``."""
-    origin = get_origin(annotation)
-    if origin is Literal:
-        return str, get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in get_args(annotation) if a is not type(None)]
-        return _field_kind(inner[0])
-    return annotation, None
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,8 +49,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """
     from .presets import AUTO_PRESET, PRESETS
 
-    hints = typing.get_type_hints(TrainConfig)
-    docs = field_docs()
     parser.add_argument("--preset", choices=(*PRESETS, AUTO_PRESET), default=None,
                         help="fill the settings from a preset (quick: linear probe; balanced: partial freeze +"
                              " basic augmentation; best: RandAugment, MixUp/CutMix, layer decay, EMA, label"
@@ -71,22 +58,25 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="RUN_DIR", default=None,
                         help="continue a stopped, failed or interrupted run from its checkpoint (other flags are"
                              " ignored: the run keeps its config)")
-    for field in dataclasses.fields(TrainConfig):
-        kind, choices = _field_kind(hints[field.name])
-        default = None if field.default is dataclasses.MISSING else field.default
-        help_text = docs.get(field.name, "").replace("%", "%%")  # argparse %-formats help strings
-        if field.default is dataclasses.MISSING:
+    # One flag per field, grouped by the field's section; type, choices, bounds and help all come
+    # from the field's declaration (vitft_app.config.field_specs), as do the form's widgets.
+    groups = {key: parser.add_argument_group(title) for key, title in SECTIONS.items()}
+    for spec in field_specs().values():
+        help_text = spec.doc.replace("%", "%%")  # argparse %-formats help strings
+        if spec.name == "data_dir":
             help_text += " (required unless --resume)"
-        elif default is not None:
-            help_text += f" (default: {default})"
-        parser.add_argument(
-            flag_name(field.name),
-            dest=field.name,
-            type=kind,
-            choices=choices,
+        elif spec.default is not None:
+            help_text += f" (default: {spec.default})"
+        if spec.bounds_text():
+            help_text += f" (allowed: {spec.bounds_text()})"
+        groups.get(spec.section, parser).add_argument(
+            flag_name(spec.name),
+            dest=spec.name,
+            type=spec.kind,
+            choices=spec.choices,
             default=None,
             help=help_text,
-            metavar=None if choices else field.name.split("_")[-1].upper(),
+            metavar=None if spec.choices else spec.name.split("_")[-1].upper(),
         )
 
 
@@ -322,8 +312,6 @@ def _scan_progress_bar() -> tuple[Any, Callable[[int, int], None]]:
     return scan_bar, scan_progress
 
 
-#: Created in a run folder by the app to stop a run it launched as a separate process.
-STOP_FILE = "STOP"
 
 
 def _wait_for_job(job: Any, runner: Any, what: str, stop_file: Path | None = None) -> None:
@@ -412,6 +400,7 @@ def _run_train(args: argparse.Namespace, dist_ctx: Any) -> int:
     from .checkpoint import ResumeError
     from .jobs import JobRunner
     from .modeling import ModelLoadError
+    from .runs import STOP_FILE
 
     existing = getattr(args, "run_dir", None)
     if args.resume:
@@ -731,6 +720,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "export": run_export, "report": run_report, "demo": run_demo,
                 "label-issues": run_label_issues}
     install_sigint_handler()
+    # The server logs what it decides and every unexpected error at INFO; the one-shot commands
+    # print their own progress and let only warnings through.
+    configure_logging(logging.INFO if args.command in ("app", "demo") else logging.WARNING)
     if args.command not in commands:  # "app"
         from .server import launch
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import json
 import textwrap
-from dataclasses import dataclass
+import types
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Augment = Literal["none", "basic", "crop", "randaugment", "trivialaugment", "autoaugment"]
@@ -42,185 +44,250 @@ class TrainConfig:
             the value that was given (``"batch_size must be >= 1, got 0"``).
     """
 
-    data_dir: str
+    data_dir: str = field(metadata={"section": "model", "label": "Dataset folder"})
     """Dataset folder (one subfolder per class, or train/ and val/ holding them), or a labels CSV (image path, label)."""
 
-    model: str = SCRATCH_MODEL
+    model: str = field(default=SCRATCH_MODEL, metadata={"section": "model", "label": "Model"})
     """Hub id, local save_pretrained folder, or a model trained from scratch offline: 'pvt-v2-b0-scratch' (recommended) or 'vit-tiny-scratch' (random ViT-Tiny)."""
 
-    image_size: int | None = None
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "section": "model", "label": "Image size (scratch models)", "ge": 32, "le": 1024, "between": True,
+            "widget": "slider", "ui_max": 224, "step": 16, "form_default": 224,
+        },
+    )
     """Input size in pixels for a scratch model (32 to 224, default 224); pretrained models use their processor's size."""
 
-    freeze_depth: int = 0
+    freeze_depth: int = field(
+        default=0,
+        metadata={
+            "section": "model", "label": "Freeze depth", "ge": 0, "widget": "slider", "ui_max": 12, "step": 1,
+        },
+    )
     """Encoder blocks to freeze: 0 trains everything; N >= 1 also freezes the patch and position embeddings; all blocks = linear probe."""
 
-    epochs: int = 3
+    epochs: int = field(default=3, metadata={"section": "training", "label": "Epochs", "ge": 1})
     """Passes over the training split."""
 
-    batch_size: int = 32
+    batch_size: int = field(default=32, metadata={"section": "training", "label": "Batch size", "ge": 1})
     """Images per micro-batch (per forward pass)."""
 
-    lr: float = 5e-5
+    lr: float = field(
+        default=5e-5,
+        metadata={
+            "section": "training", "label": "Learning rate", "gt": 0,
+            "info": "5e-5 for fine-tuning, 1e-3 to 2e-3 from scratch",
+        },
+    )
     """Peak learning rate (the head's rate under layer decay), reached after warmup."""
 
-    optimizer: Optimizer = "adamw"
+    optimizer: Optimizer = field(default="adamw", metadata={"section": "optimization", "label": "Optimizer"})
     """adamw (betas 0.9/0.999) or sgd (momentum 0.9, Nesterov)."""
 
-    weight_decay: float = 0.01
+    weight_decay: float = field(default=0.01, metadata={"section": "optimization", "label": "Weight decay", "ge": 0})
     """Decoupled (AdamW) or L2 (SGD) weight decay; never applied to biases and LayerNorm weights."""
 
-    layer_decay: float = 1.0
+    layer_decay: float = field(
+        default=1.0,
+        metadata={
+            "section": "optimization", "label": "Layer decay", "gt": 0, "le": 1, "ui_min": 0.01,
+        },
+    )
     """Layer-wise lr decay: each encoder block's lr is this times the next block's, head at lr (BEiT/timm); 1 = off."""
 
-    scheduler: Scheduler = "cosine"
+    scheduler: Scheduler = field(default="cosine", metadata={"section": "optimization", "label": "Schedule"})
     """Learning-rate schedule after warmup: cosine or linear decay to 0, or constant."""
 
-    warmup_ratio: float = 0.1
+    warmup_ratio: float = field(
+        default=0.1,
+        metadata={
+            "section": "optimization", "label": "Warmup ratio", "ge": 0, "lt": 1, "ui_max": 0.99,
+        },
+    )
     """Fraction of the optimizer steps spent in linear warmup from 0 to lr."""
 
-    grad_accum_steps: int = 1
+    grad_accum_steps: int = field(
+        default=1,
+        metadata={
+            "section": "optimization", "label": "Gradient accumulation steps", "ge": 1,
+        },
+    )
     """Micro-batches accumulated per optimizer step (effective batch = batch_size x this)."""
 
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = field(
+        default=1.0,
+        metadata={
+            "section": "optimization", "label": "Max gradient norm", "ge": 0,
+        },
+    )
     """Clip the global gradient norm to this value before each optimizer step (0 disables clipping)."""
 
-    precision: Precision = "auto"
+    precision: Precision = field(default="auto", metadata={"section": "system", "label": "Precision"})
     """auto picks bf16 autocast where the device supports it, else fp32; fp16 needs CUDA. Weights stay fp32."""
 
-    attention: Attention = "auto"
+    attention: Attention = field(default="auto", metadata={"section": "system", "label": "Attention kernel"})
     """Attention kernel: auto alternates sdpa and eager over the first 8 training micro-batches and keeps eager only if at least 10% faster (speed only); or force one."""
 
-    augment: Augment = "basic"
+    augment: Augment = field(
+        default="basic",
+        metadata={
+            "section": "training", "label": "Augmentation", "widget": "dropdown", "info": "",
+        },
+    )
     """Training augmentation: none; basic (random resized crop + flip); crop (random resized crop, no flip: digits, text); or basic + a torchvision policy."""
 
-    crop_scale_min: float = 0.08
+    crop_scale_min: float = field(
+        default=0.08,
+        metadata={
+            "section": "augmentation", "label": "Random crop: smallest area", "gt": 0, "le": 1, "ui_min": 0.01,
+        },
+    )
     """Smallest crop area (fraction of the image) of the random resized crop (torchvision's default 0.08)."""
 
-    color_jitter: float = 0.0
+    color_jitter: float = field(
+        default=0.0,
+        metadata={
+            "section": "augmentation", "label": "Colour jitter", "ge": 0, "le": 1,
+        },
+    )
     """Colour jitter strength for brightness, contrast and saturation (0 = off)."""
 
-    random_erasing: float = 0.0
+    random_erasing: float = field(
+        default=0.0,
+        metadata={
+            "section": "augmentation", "label": "Random erasing probability", "ge": 0, "le": 1,
+        },
+    )
     """Probability of random erasing (a random rectangle replaced by noise) per training image; 0 = off."""
 
-    mixup: float = 0.0
+    mixup: float = field(default=0.0, metadata={"section": "augmentation", "label": "MixUp alpha", "ge": 0})
     """MixUp alpha (Beta(alpha, alpha) mixing weights); 0 = off. With cutmix on too, one is picked per batch."""
 
-    cutmix: float = 0.0
+    cutmix: float = field(default=0.0, metadata={"section": "augmentation", "label": "CutMix alpha", "ge": 0})
     """CutMix alpha; 0 = off. With mixup on too, one is picked per batch."""
 
-    patch_mask_ratio: float = 0.0
+    patch_mask_ratio: float = field(
+        default=0.0,
+        metadata={
+            "section": "augmentation", "label": "Patch mask ratio", "ge": 0, "lt": 1, "ui_max": 0.99,
+        },
+    )
     """Fraction of each training image's patches (aligned to the model's patch grid) hidden as a regularizer."""
 
-    patch_dropout: float = 0.0
+    patch_dropout: float = field(
+        default=0.0,
+        metadata={
+            "section": "augmentation", "label": "PatchDropout (token drop rate)", "ge": 0, "lt": 1,
+            "ui_max": 0.99,
+        },
+    )
     """PatchDropout: fraction of patch tokens dropped at random from each training image (fewer FLOPs per step, a regularizer); evaluation uses all. 0 = off."""
 
-    label_smoothing: float = 0.0
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={
+            "section": "augmentation", "label": "Label smoothing", "ge": 0, "lt": 1, "ui_max": 0.99,
+        },
+    )
     """Cross-entropy label smoothing epsilon (single-label datasets)."""
 
-    class_weights: ClassWeights = "none"
+    class_weights: ClassWeights = field(default="none", metadata={"section": "augmentation", "label": "Class weights"})
     """balanced weights each class's loss by n_images / (n_classes x n_class_images) (sklearn's rule)."""
 
-    distill_weight: float = 0.0
+    distill_weight: float = field(
+        default=0.0,
+        metadata={
+            "section": "optimization", "label": "Distillation weight", "ge": 0,
+        },
+    )
     """Weight of a feature-matching loss to a frozen copy of the starting model (keeps small-data fine-tunes close); 0 = off."""
 
-    ema_decay: float = 0.0
+    ema_decay: float = field(
+        default=0.0,
+        metadata={
+            "section": "optimization", "label": "EMA decay", "ge": 0, "lt": 1, "ui_max": 0.99999,
+        },
+    )
     """Exponential moving average of the weights per optimizer step (e.g. 0.999); evaluated and saved instead of the raw weights. 0 = off."""
 
-    gradual_unfreeze: int = 0
+    gradual_unfreeze: int = field(
+        default=0,
+        metadata={
+            "section": "optimization", "label": "Gradual unfreeze (epochs per block)", "ge": 0,
+        },
+    )
     """Unfreeze one more encoder block every this many epochs, starting from freeze_depth; 0 = off."""
 
-    early_stopping_patience: int = 0
+    early_stopping_patience: int = field(
+        default=0,
+        metadata={
+            "section": "optimization", "label": "Early stopping patience", "ge": 0,
+        },
+    )
     """Stop after this many epochs without a validation improvement of at least early_stopping_min_delta; 0 = off."""
 
-    early_stopping_min_delta: float = 0.0
+    early_stopping_min_delta: float = field(
+        default=0.0,
+        metadata={
+            "section": "optimization", "label": "Early stopping min improvement", "ge": 0,
+        },
+    )
     """Smallest increase of the validation metric that counts as an improvement."""
 
-    max_nonfinite_steps: int = 3
+    max_nonfinite_steps: int = field(
+        default=3,
+        metadata={
+            "section": "system", "label": "Non-finite steps before stopping", "ge": 1,
+        },
+    )
     """A non-finite loss or gradient skips its optimizer step; this many in a row stop the run."""
 
-    val_fraction: float = 0.2
+    val_fraction: float = field(
+        default=0.2,
+        metadata={
+            "section": "system", "label": "Validation fraction", "gt": 0, "lt": 1,
+            "info": "used when the folder has no val/ split",
+        },
+    )
     """Validation fraction for the seeded stratified split when the folder has no val/ split."""
 
-    seed: int = 42
+    seed: int = field(default=42, metadata={"section": "system", "label": "Seed"})
     """Seed for the split, the head initialization, augmentation and shuffling."""
 
-    output_dir: str = "runs"
+    output_dir: str = field(default="runs", metadata={"section": "system", "label": "Runs folder"})
     """Folder that receives the run folder runs/<run-id>/."""
 
-    log_every_steps: int = 10
+    log_every_steps: int = field(default=10, metadata={"section": "system", "label": "Log every N steps", "ge": 1})
     """Optimizer steps between two training-loss rows in metrics.csv (at most: a small dataset logs about
     four times per epoch, and a run's first step is always logged)."""
 
-    num_workers: int = 0
+    num_workers: int = field(default=0, metadata={"section": "system", "label": "Loader workers", "ge": 0})
     """DataLoader worker processes (0 decodes images in the training thread)."""
 
-    run_name: str | None = None
+    run_name: str | None = field(default=None, metadata={"section": "system", "label": "Run name"})
     """Optional human name, used as a prefix of the run id."""
 
     def __post_init__(self) -> None:
+        # Choices (the Literal types) and bounds (each field's metadata) are checked from the
+        # field declarations, the same ones the form and the CLI flags are built from.
         def check(condition: bool, message: str) -> None:
             if not condition:
                 raise ValueError(message)
 
         check(bool(str(self.data_dir).strip()), "data_dir must be a folder path, got an empty string")
         check(bool(str(self.model).strip()), "model must be a Hub id, a local folder or 'vit-tiny-scratch'")
-        if self.image_size is not None:
-            check(
-                32 <= self.image_size <= 1024,
-                f"image_size must be between 32 and 1024, got {self.image_size}",
-            )
-            if self.model in SCRATCH_MODEL_NAMES:
-                check(
-                    self.image_size <= 224,
-                    f"image_size for {self.model} must be between 32 and 224, got {self.image_size}",
-                )
-        check(self.freeze_depth >= 0, f"freeze_depth must be >= 0, got {self.freeze_depth}")
-        check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
-        check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        for spec in field_specs().values():
+            value = getattr(self, spec.name)
+            if value is None:
+                continue
+            if spec.choices:
+                check(value in spec.choices, f"{spec.name} must be one of {list(spec.choices)}, got {value!r}")
+            problem = spec.bounds_error(value)
+            check(problem is None, problem or "")
+        if self.image_size is not None and self.model in SCRATCH_MODEL_NAMES:
+            check(self.image_size <= 224, f"image_size for {self.model} must be between 32 and 224, got {self.image_size}")
         check(self.lr < float("inf"), f"lr must be finite, got {self.lr}")
-        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        check(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        check(self.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
-        check(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
-        check(
-            self.precision in get_args(Precision),
-            f"precision must be one of {list(get_args(Precision))}, got {self.precision!r}",
-        )
-        check(
-            self.augment in get_args(Augment),
-            f"augment must be one of {list(get_args(Augment))}, got {self.augment!r}",
-        )
-        choice_fields = (
-            ("attention", Attention), ("optimizer", Optimizer), ("scheduler", Scheduler), ("class_weights", ClassWeights)
-        )
-        for name, choices in choice_fields:
-            value = getattr(self, name)
-            check(value in get_args(choices), f"{name} must be one of {list(get_args(choices))}, got {value!r}")
-        check(0 < self.layer_decay <= 1, f"layer_decay must be in (0, 1], got {self.layer_decay}")
-        check(0 < self.crop_scale_min <= 1, f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
-        check(0 <= self.color_jitter <= 1, f"color_jitter must be in [0, 1], got {self.color_jitter}")
-        check(0 <= self.random_erasing <= 1, f"random_erasing must be in [0, 1], got {self.random_erasing}")
-        check(self.mixup >= 0, f"mixup must be >= 0, got {self.mixup}")
-        check(self.cutmix >= 0, f"cutmix must be >= 0, got {self.cutmix}")
-        check(0 <= self.patch_mask_ratio < 1, f"patch_mask_ratio must be in [0, 1), got {self.patch_mask_ratio}")
-        check(0 <= self.patch_dropout < 1, f"patch_dropout must be in [0, 1), got {self.patch_dropout}")
-        check(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        check(self.distill_weight >= 0, f"distill_weight must be >= 0, got {self.distill_weight}")
-        check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        check(self.gradual_unfreeze >= 0, f"gradual_unfreeze must be >= 0, got {self.gradual_unfreeze}")
-        check(
-            self.early_stopping_patience >= 0,
-            f"early_stopping_patience must be >= 0, got {self.early_stopping_patience}",
-        )
-        check(
-            self.early_stopping_min_delta >= 0,
-            f"early_stopping_min_delta must be >= 0, got {self.early_stopping_min_delta}",
-        )
-        check(self.max_nonfinite_steps >= 1, f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
-        check(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        check(self.log_every_steps >= 1, f"log_every_steps must be >= 1, got {self.log_every_steps}")
-        check(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
 
     def random_pixel_sources(self, stage: Literal["image", "batch", "any"] = "any") -> tuple[str, ...]:
         """What draws random numbers on a training image's pixels: the one place that answers
@@ -332,3 +399,110 @@ def field_docs(cls: type = TrainConfig) -> dict[str, str]:
         ):
             docs[node.target.id] = following.value.value.strip()
     return docs
+
+
+#: Titles of the ``section`` values in the fields' metadata: the form's groups and the CLI's
+#: ``--help`` groups, in display order.
+SECTIONS = {
+    "model": "Data and model",
+    "training": "Training",
+    "augmentation": "Augmentation and regularization",
+    "optimization": "Optimization",
+    "system": "Data, speed, precision and logging",
+}
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """What the form and the CLI need to know about one :class:`TrainConfig` field, read from its
+    declaration: type, choices (from the ``Literal``), default, docstring and the
+    ``field(metadata=...)`` keys.
+
+    Metadata keys: ``section`` (a key of :data:`SECTIONS`), ``label``, bounds ``ge``/``gt``/``le``/``lt``
+    (checked by ``__post_init__``; ``between`` words a closed range as "between a and b"),
+    ``widget`` (``slider`` or ``dropdown`` instead of the default number box or radio), ``step``,
+    ``ui_min``/``ui_max`` (a widget's limits where a bound is open or the form offers less),
+    ``form_default`` (the form's value where the field's default is None) and ``info`` (the form's
+    hint instead of the docstring; empty: none).
+    """
+
+    name: str
+    kind: type
+    """int, float or str (``X | None`` unwrapped)."""
+    choices: tuple[str, ...] | None
+    default: Any
+    doc: str
+    metadata: dict[str, Any]
+
+    @property
+    def section(self) -> str:
+        return self.metadata.get("section", "system")
+
+    @property
+    def label(self) -> str:
+        return self.metadata.get("label", self.name.replace("_", " ").capitalize())
+
+    @property
+    def info(self) -> str:
+        """The form's hint: the metadata ``info`` when given, else the docstring (on one line)."""
+        return self.metadata.get("info", " ".join(self.doc.split()))
+
+    @property
+    def minimum(self) -> float | None:
+        """The smallest value a widget offers (an open lower bound needs ``ui_min``)."""
+        return self.metadata.get("ui_min", self.metadata.get("ge"))
+
+    @property
+    def maximum(self) -> float | None:
+        """The largest value a widget offers (an open upper bound needs ``ui_max``)."""
+        return self.metadata.get("ui_max", self.metadata.get("le"))
+
+    @property
+    def form_default(self) -> Any:
+        return self.metadata.get("form_default", self.default)
+
+    def bounds_text(self) -> str:
+        """The allowed range in words: ``>= 1``, ``in [0, 1)``, ``between 32 and 1024``; empty
+        when unbounded."""
+        meta = self.metadata
+        low = ("[", meta["ge"]) if "ge" in meta else ("(", meta["gt"]) if "gt" in meta else None
+        high = ("]", meta["le"]) if "le" in meta else (")", meta["lt"]) if "lt" in meta else None
+        if low and high:
+            if meta.get("between"):
+                return f"between {low[1]} and {high[1]}"
+            return f"in {low[0]}{low[1]}, {high[1]}{high[0]}"
+        if low:
+            return f"{'>=' if low[0] == '[' else '>'} {low[1]}"
+        if high:
+            return f"{'<=' if high[0] == ']' else '<'} {high[1]}"
+        return ""
+
+    def bounds_error(self, value: Any) -> str | None:
+        """The ``ValueError`` message for a value outside the bounds, else None."""
+        meta = self.metadata
+        inside = (("ge" not in meta or value >= meta["ge"]) and ("gt" not in meta or value > meta["gt"])
+                  and ("le" not in meta or value <= meta["le"]) and ("lt" not in meta or value < meta["lt"]))
+        return None if inside else f"{self.name} must be {self.bounds_text()}, got {value}"
+
+
+def _unwrap(annotation: Any) -> tuple[type, tuple[str, ...] | None]:
+    """``(python type, Literal choices or None)`` of an annotation such as ``int | None``."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return str, get_args(annotation)
+    if origin in (Union, types.UnionType):
+        return _unwrap(next(a for a in get_args(annotation) if a is not type(None)))
+    return annotation, None
+
+
+@functools.cache
+def field_specs() -> dict[str, FieldSpec]:
+    """``{field name: FieldSpec}`` of :class:`TrainConfig`, in declaration order."""
+    hints = get_type_hints(TrainConfig)
+    docs = field_docs()
+    specs = {}
+    for f in dataclasses.fields(TrainConfig):
+        kind, choices = _unwrap(hints[f.name])
+        default = None if f.default is dataclasses.MISSING else f.default
+        specs[f.name] = FieldSpec(f.name, kind, choices, default, docs.get(f.name, ""), dict(f.metadata))
+    return specs

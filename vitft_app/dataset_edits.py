@@ -36,7 +36,9 @@ from typing import Any, Iterable, Literal, Sequence
 
 import pandas as pd
 
-from .data import EXCLUDED_DIR_NAME, VAL_DIR_NAMES, find_split_dirs
+from .data import EXCLUDED_DIR_NAME, VAL_DIR_NAMES, _IMAGE_COLUMNS, _LABEL_COLUMNS, find_split_dirs
+from .config import TrainConfig
+from .runs_table import read_meta
 
 logger = logging.getLogger(__name__)
 
@@ -209,8 +211,6 @@ def _rename_all(pairs: Sequence[tuple[Path, Path]]) -> None:
 
 def _csv_frame(csv_path: Path) -> tuple[pd.DataFrame, str, str]:
     """The CSV as strings plus its image and label column names."""
-    from .data import _IMAGE_COLUMNS, _LABEL_COLUMNS
-
     frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     lower = {c.strip().lower(): c for c in frame.columns}
     image_col = next((lower[c] for c in _IMAGE_COLUMNS if c in lower), None)
@@ -418,8 +418,6 @@ def retrain_config(run_dir: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
     Raises:
         FileNotFoundError: the run has no ``config.json``.
     """
-    from .config import TrainConfig
-    from .runs_table import read_meta
 
     run_dir = Path(run_dir)
     config = TrainConfig.from_json_file(run_dir / "config.json")

@@ -15,10 +15,15 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from . import baseline as _baseline
 from .baseline import WEAK_MARGIN
 from .runs import atomic_write_text, is_run_dir, model_dir, read_status
+from .config import SCRATCH_MODEL, TrainConfig
+from .evaluate import EvaluationError, _split_items
+from .runs_table import read_meta
 
 logger = logging.getLogger(__name__)
 
@@ -148,9 +153,6 @@ def demo_summary(run_dir: str | os.PathLike, max_examples: int = MAX_EXAMPLES) -
     Raises:
         DemoError: not a run folder, or no saved model yet.
     """
-    from .config import TrainConfig
-    from .evaluate import EvaluationError, _split_items
-    from .runs_table import read_meta
 
     run_dir = Path(run_dir).expanduser()
     if not is_run_dir(run_dir):
@@ -176,7 +178,7 @@ def demo_summary(run_dir: str | os.PathLike, max_examples: int = MAX_EXAMPLES) -
         examples = _spread_examples(labelled, max_examples)
     except (EvaluationError, OSError, ValueError) as exc:
         logger.info("demo of %s without its validation split: %s", run_dir, exc)
-    accuracy = status.get("best_val_accuracy")
+    accuracy = status.best_val_accuracy
     return DemoSummary(
         title=read_meta(run_dir).get("name") or run_dir.name,
         classes=classes,
@@ -221,8 +223,6 @@ def write_bundle(run_dir: str | os.PathLike, out_dir: str | os.PathLike, max_exa
     Raises:
         DemoError: not a run, no saved model, or ``out_dir`` is a non-empty folder or a file.
     """
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-
     summary = demo_summary(run_dir, max_examples)
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -286,8 +286,6 @@ def _bundle_readme(summary: DemoSummary) -> str:
 
 def _describe_base(model: str) -> str:
     """A Hub id as given; a local folder by its name only (the bundle must not leak local paths)."""
-    from .config import SCRATCH_MODEL
-
     if model == SCRATCH_MODEL:
         return "random weights, `vit-tiny-scratch`"
     if model.startswith(("/", "~", ".")) or Path(model).expanduser().exists():
@@ -297,8 +295,6 @@ def _describe_base(model: str) -> str:
 
 def _gradio_version() -> str | None:
     """The installed gradio's version (read from package metadata: gradio is not imported)."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("gradio")
     except PackageNotFoundError:

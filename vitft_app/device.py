@@ -7,6 +7,9 @@ import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Any, Literal
+import ctypes
+import ctypes.util
+import gc
 
 import torch
 
@@ -130,8 +133,6 @@ def cuda_device_count() -> int:
 @functools.lru_cache(maxsize=1)
 def _glibc_malloc_trim() -> Any:
     """glibc's ``malloc_trim``, looked up once (``find_library`` runs ``ldconfig``), or None."""
-    import ctypes
-    import ctypes.util
 
     libc_name = ctypes.util.find_library("c")
     try:
@@ -145,8 +146,6 @@ def release_device_memory() -> None:
     and on Linux with glibc calls ``malloc_trim(0)`` so freed heap pages (decoded images, feature
     stores, activations of the CPU run) go back to the OS instead of staying in malloc's arenas
     (without it the app's RSS grew 20-37% between identical runs; ``benchmarks/bench_memory.py``)."""
-    import gc
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

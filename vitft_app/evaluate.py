@@ -21,7 +21,10 @@ from .baseline import Baseline, format_accuracy, headline, majority_baseline, we
 from .config import TrainConfig
 from .data import ImageItem, scan_dataset
 from .metrics import MULTI_LABEL_THRESHOLD, core_metrics
+from .model_card import write_model_card
 from .runs import atomic_write_text, is_run_dir
+from . import plots
+from .predict import Predictor
 
 Split = Literal["val", "test"]
 #: Bins of the expected calibration error (Guo et al. 2017, "On Calibration of Modern Neural
@@ -284,8 +287,6 @@ def evaluate_run(
         EvaluationError: no model, no data folder, no such split, or dataset classes the model
             does not predict.
     """
-    from .predict import Predictor
-
     path = Path(run_or_model).expanduser()
     run_config = TrainConfig.from_json_file(path / "config.json") if is_run_dir(path) else None
     data = data_dir or (run_config.data_dir if run_config else None)
@@ -318,8 +319,6 @@ def evaluate_run(
         base = path if run_config else predictor.path
         write_evaluation(result, base / "eval" / split)
         if run_config and split == "val":
-            from .report import write_model_card
-
             write_model_card(path, result.metrics)  # the card shows the latest validation metrics
     return result
 
@@ -327,8 +326,6 @@ def evaluate_run(
 def write_evaluation(result: Evaluation, out_dir: Path) -> None:
     """Writes ``metrics.json``, ``predictions.csv`` and the figures (plotly HTML, with
     ``plotly.min.js`` once beside them so they open offline)."""
-    from . import plots
-
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "metrics.json", json.dumps(result.metrics, indent=2))
     atomic_write_text(out_dir / "predictions.csv", result.predictions_frame().to_csv(index=False))

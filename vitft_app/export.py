@@ -30,9 +30,14 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from transformers import AutoConfig, AutoImageProcessor
 
 from .images import ImageLoadError, ImageSource
 from .predict import ClassifierBackend, Predictor, load_pixels
+from .config import TrainConfig
+from .data import EvalTransform, build_transforms, scan_dataset
+from .modeling import is_model_folder, resolve_model_path
+from .runs import is_run_dir
 
 #: Largest accepted absolute difference between PyTorch and onnxruntime softmax probabilities.
 PARITY_TOLERANCE = 1e-4
@@ -338,8 +343,6 @@ def _find_onnx_dir(folder: Path) -> Path:
     Raises:
         FileNotFoundError: none holds ``model.onnx``.
     """
-    from .modeling import resolve_model_path
-
     model_folder = Path(resolve_model_path(str(folder)))
     for candidate in (folder, folder / ONNX_DIR_NAME, model_folder / ONNX_DIR_NAME):
         if (candidate / ONNX_FILE_NAME).is_file():
@@ -356,8 +359,6 @@ def _read_id2label(config_path: Path) -> dict[int, str]:
     Raises:
         ExportError: the file is missing or not a model config.
     """
-    from transformers import AutoConfig
-
     try:
         config = AutoConfig.from_pretrained(config_path.parent, local_files_only=True)
         return {int(k): str(v) for k, v in config.id2label.items()}
@@ -391,10 +392,6 @@ class OnnxPredictor(ClassifierBackend):
     """
 
     def __init__(self, onnx_dir: str | os.PathLike):
-        from transformers import AutoImageProcessor
-
-        from .data import EvalTransform
-
         _, onnxruntime = require_onnx()
         self.path = _find_onnx_dir(Path(onnx_dir).expanduser())
         self.id2label = _read_id2label(self.path / "config.json")
@@ -462,8 +459,6 @@ def export_model_zip(model_path: str | os.PathLike, dest_zip: str | os.PathLike)
     Raises:
         ExportError: no saved model, or no ``preprocessor_config.json`` (the pipeline needs it).
     """
-    from .modeling import is_model_folder, resolve_model_path
-
     folder = Path(resolve_model_path(str(Path(model_path).expanduser())))
     if not is_model_folder(folder):
         raise ExportError(f"No saved model in {model_path} (a run saves one after its first epoch)")
@@ -492,10 +487,6 @@ def export_model_zip(model_path: str | os.PathLike, dest_zip: str | os.PathLike)
 def validation_images(run: str, limit: int = 32) -> list[str]:
     """Up to ``limit`` of a run's validation images, spread over the split (real images for the ONNX
     parity check); ``[]`` for a folder without a run config or when the dataset is gone."""
-    from .config import TrainConfig
-    from .data import scan_dataset
-
-    from .runs import is_run_dir
 
     if not is_run_dir(run):
         return []

@@ -30,6 +30,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
+import contextlib
 
 import numpy as np
 import torch
@@ -250,6 +251,4 @@ def cache_features(
 
 
 def _null() -> Any:
-    import contextlib
-
     return contextlib.nullcontext()

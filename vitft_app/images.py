@@ -8,6 +8,7 @@ import os
 from typing import BinaryIO, Union
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+import numpy as np
 
 #: File extensions treated as images (compared lower-case, so ``.JPG`` counts).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -144,8 +145,6 @@ def _high_bit_depth_to_rgb(image: Image.Image) -> Image.Image:
     every image keeps its true brightness. ``I`` already within 0..255: kept. ``F`` within 0..1:
     times 255. Anything else: its own min..max range stretched to 0..255.
     """
-    import numpy as np
-
     array = np.asarray(image, dtype=np.float64)
     low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
     if image.mode == "F" and 0.0 <= low and high <= 1.0:

@@ -13,12 +13,23 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+import os
+import socket
+import subprocess
+import sys
+import time
 
-from .checkpoint import DiskFullError, disk_full_error
+from .checkpoint import DiskFullError, ResumeError, disk_full_error, has_checkpoint, load_checkpoint
 from .config import TrainConfig
-from .device import release_device_memory
+from .device import cuda_device_count, release_device_memory
 from .events import Event, RunFailed, RunFinished
-from .runs import RunRecorder, RunStore
+from .runs import RunRecorder, RunStore, STOP_FILE, model_dir, read_status, read_status_raw
+from .distributed import env_world_size
+from .modeling import ModelLoadError
+from .model_card import write_model_card
+from . import tracking  # tracking.create_tracker is looked up per run (tests replace it)
+from .tracking import check_report_to
+from .training import DatasetError, NonFiniteLossError, preflight, resume_run, train
 
 
 logger = logging.getLogger(__name__)
@@ -31,18 +42,14 @@ def settle_status(run_dir: Path, error: str) -> None:
     disk), ``status.json`` would keep "running" with this live process's pid, and Stop, Delete
     and Resume would all refuse. Retried once after a short pause; never raises.
     """
-    import json
-    import time
-
-    from .runs import read_status_raw
 
     for attempt in range(2):
         status = read_status_raw(run_dir)
-        if status.get("status") not in ("starting", "running"):
+        if not status.is_active:
             return
         status.update(status="failed", error=error)
         try:
-            (run_dir / "status.json").write_text(json.dumps(status, indent=2), encoding="utf-8")
+            (run_dir / "status.json").write_text(status.to_json(), encoding="utf-8")
             return
         except OSError:
             if attempt == 0:
@@ -106,11 +113,20 @@ class Job:
         if self.stop_event.is_set():
             event.set()
 
+    def unlink_stop_event(self, event: threading.Event) -> None:
+        """Undoes :meth:`link_stop_event` (no-op when ``event`` is not linked)."""
+        if event in self.linked_stop_events:
+            self.linked_stop_events.remove(event)
+
+    def follow_run(self, run_dir: Path, config: TrainConfig, stop_event: threading.Event) -> None:
+        """Points a task job at the run it is training now (a sweep's trial): the UI shows that
+        run, and Stop also sets the run's ``stop_event``."""
+        self.run_dir, self.config = run_dir, config
+        self.link_stop_event(stop_event)
+
 
 def error_message(exc: BaseException) -> str:
     """One line for people: the exception's message, with its type for unexpected errors."""
-    from .modeling import ModelLoadError
-    from .training import DatasetError, NonFiniteLossError
 
     text = str(exc).strip() or type(exc).__name__
     if isinstance(exc, (ModelLoadError, DatasetError, NonFiniteLossError, ValueError, FileNotFoundError,
@@ -213,10 +229,6 @@ class JobRunner:
                 (unloadable model, precision the device lacks, missing dataset folder); no run
                 folder is created then.
         """
-        from .device import cuda_device_count
-        from .distributed import env_world_size
-        from .tracking import check_report_to
-        from .training import preflight
 
         gpus = cuda_device_count()
         if self.launch_multi_gpu and self.device is None and gpus > 1 and env_world_size() == 1 and run_dir is None:
@@ -252,17 +264,13 @@ class JobRunner:
             ResumeError: the run is still running, or has no checkpoint (a completed run).
             ModelLoadError, ValueError, FileNotFoundError: from the preflight of the run's config.
         """
-        from .checkpoint import ResumeError, has_checkpoint, load_checkpoint
-        from .runs import read_status
-        from .tracking import check_report_to
-        from .training import preflight
 
         run_dir = Path(run_dir)
         with self._lock:
             self._refuse_if_busy()
             if not (run_dir / "config.json").is_file():
                 raise ResumeError(f"{run_dir} is not a run folder (no config.json).")
-            status = read_status(run_dir).get("status")
+            status = read_status(run_dir).status
             if status in ("starting", "running") and not self._ended_here(run_dir):
                 raise ResumeError(f"{run_dir.name} is still running; stop it before resuming.")
             if not has_checkpoint(run_dir):
@@ -365,8 +373,6 @@ class JobRunner:
             resume: continue from the run's checkpoint (:func:`~vitft_app.training.resume_run`).
             checkpoint: the checkpoint already read by :meth:`resume` (None: read it here).
         """
-        from .tracking import create_tracker
-        from .training import resume_run, train
 
         recorder = RunRecorder(run_dir)
         tracker = None
@@ -384,7 +390,7 @@ class JobRunner:
                 listener(event)
 
         try:
-            tracker = create_tracker(report_to, run_dir, config)
+            tracker = tracking.create_tracker(report_to, run_dir, config)
             if resume:
                 resume_run(run_dir, emit, stop_event=stop_event, device=self.device, checkpoint=checkpoint,
                            options=self.options)
@@ -439,15 +445,7 @@ class JobRunner:
         Raises:
             BusyError, ModelLoadError, ValueError, FileNotFoundError: as :meth:`start`.
         """
-        import os
-        import socket
-        import subprocess
-        import sys
-        import time
 
-        from .cli import STOP_FILE
-        from .runs import read_status_raw
-        from .training import preflight
 
         with self._lock:
             self._refuse_if_busy()
@@ -475,7 +473,7 @@ class JobRunner:
                         if job.stop_event.is_set() and not (run_dir / STOP_FILE).exists():
                             (run_dir / STOP_FILE).touch()  # rank 0 stops every process cleanly
                         time.sleep(0.5)
-                status = read_status_raw(run_dir).get("status")
+                status = read_status_raw(run_dir).status
                 if status not in ("completed", "stopped", "failed"):
                     tail = (run_dir / "launch.log").read_text(encoding="utf-8", errors="replace")[-1500:]
                     raise RuntimeError(f"the launched run exited with code {process.returncode}: {tail.strip()}")
@@ -513,8 +511,6 @@ class JobRunner:
         Raises:
             BusyError: a job is already running.
         """
-        import sys
-
         with self._lock:
             self._refuse_if_busy()
 
@@ -545,8 +541,6 @@ class JobRunner:
 def _write_card(run_dir: Path, log: Callable[[str], None]) -> None:
     """Writes the model card after a run that saved a model; a card problem is logged to
     ``train.log`` and never fails the run."""
-    from .report import write_model_card
-    from .runs import model_dir
 
     if model_dir(run_dir) is None:
         return

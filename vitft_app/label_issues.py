@@ -38,6 +38,9 @@ import torch
 from .config import TrainConfig
 from .data import DatasetReport, scan_dataset
 from .runs import atomic_write_text, is_run_dir
+from .dataset_edits import current_data_path
+from .modeling import num_blocks
+from .predict import Predictor, load_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +127,6 @@ def embed_images(predictor: Any, paths: list[str], batch_size: int = 64,
     Returns:
         ``(features float32 (N, D), probabilities float32 (N, C))``.
     """
-    from .predict import load_pixels
-
     model = predictor.model
     head = getattr(model, "classifier", None)
     if head is None:
@@ -247,8 +248,6 @@ def find_outliers(features: np.ndarray, k: int = OUTLIER_NEIGHBORS) -> tuple[np.
 
 
 def _is_linear_probe(predictor: Any, config: TrainConfig | None) -> bool:
-    from .modeling import num_blocks
-
     if config is None:
         return False
     try:
@@ -284,8 +283,6 @@ def find_run_label_issues(
             the model does not know, or too few images per class.
         FileNotFoundError: the dataset is gone.
     """
-    from .dataset_edits import current_data_path
-    from .predict import Predictor
 
     path = Path(run_dir).expanduser()
     if not is_run_dir(path):

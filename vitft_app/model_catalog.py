@@ -10,7 +10,7 @@ epoch should take on this machine.
   into an *estimate* of one training epoch.
 
 No network access happens here except :func:`hub_reachable` (one TCP connect, through
-:func:`vitft_app.modeling._hub_reachable`); the cache check reads the local cache only.
+:func:`vitft_app.modeling.hub_reachable`); the cache check reads the local cache only.
 """
 
 from __future__ import annotations
@@ -21,11 +21,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
+import json
 
 import torch
+from huggingface_hub import try_to_load_from_cache
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoConfig, AutoModelForImageClassification, ViTConfig
 
 from . import scratch
 from .config import SCRATCH_MODEL
+from .device import resolve_device_plan
+from .modeling import SCRATCH_DEFAULT_IMAGE_SIZE, load_model_config, scratch_config
+from .modeling import hub_reachable as _modeling_hub_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -144,9 +151,7 @@ def default_model_note(model_id: str) -> str:
 
 def hub_reachable() -> bool:
     """True when a TCP connection to the Hub opens (``HF_HUB_OFFLINE=1`` means no)."""
-    from .modeling import _hub_reachable
-
-    return _hub_reachable()
+    return _modeling_hub_reachable()
 
 
 #: Files that make a cached checkpoint usable without the network: its config and its weights.
@@ -161,8 +166,6 @@ def is_cached(model_id: str, cache_dir: str | Path | None = None) -> bool:
         model_id: a Hub id.
         cache_dir: the hub cache folder; default ``HF_HUB_CACHE`` (``~/.cache/huggingface/hub``).
     """
-    from huggingface_hub import try_to_load_from_cache
-
     def present(filename: str) -> bool:
         try:
             return isinstance(try_to_load_from_cache(model_id, filename, cache_dir=cache_dir), str)
@@ -185,8 +188,6 @@ def resolve_default_model(device: str | None = None, cache_dir: str | Path | Non
     Returns:
         ``(model id, note)``; the note is :data:`SCRATCH_NOTE` for the scratch fallback, else ''.
     """
-    from .device import resolve_device_plan
-
     device_type = resolve_device_plan("auto", device).device.type
     cached = cached_models(cache_dir)
     order = PREFERRED_DEFAULTS.get(device_type, PREFERRED_DEFAULTS["cpu"])
@@ -208,10 +209,6 @@ def model_config_for(model_id: str, image_size: int | None = None) -> Any:
     Raises:
         ModelLoadError: an unknown Hub id offline, or a missing folder.
     """
-    from transformers import ViTConfig
-
-    from .modeling import SCRATCH_DEFAULT_IMAGE_SIZE, load_model_config, scratch_config
-
     if model_id == SCRATCH_MODEL:
         return scratch_config(image_size or SCRATCH_DEFAULT_IMAGE_SIZE, {0: "a", 1: "b"})
     if scratch.is_scratch_model(model_id):
@@ -230,9 +227,6 @@ def _config_key(config: Any) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _count_forward(config_json: str) -> tuple[float, int]:
-    from transformers import AutoConfig, AutoModelForImageClassification
-    from torch.utils.flop_counter import FlopCounterMode
-    import json
 
     data = json.loads(config_json)
     config = AutoConfig.for_model(data.pop("model_type"), **data)
@@ -277,8 +271,6 @@ def matmul_flops_per_second(device: str = "cpu", size: int = 2048, repeats: int 
     Returns:
         FLOPs per second (float, > 0).
     """
-    from .device import resolve_device_plan
-
     plan = resolve_device_plan("auto", device)
     dtype = plan.autocast_dtype or torch.float32
     a = torch.randn(size, size, device=plan.device, dtype=dtype)
@@ -388,8 +380,6 @@ def describe_model(model_id: str, num_train_images: int | None, image_size: int 
     Raises:
         ModelLoadError: the model's config cannot be read (offline and not cached, or no folder).
     """
-    from .device import resolve_device_plan
-
     config = model_config_for(model_id, image_size)
     flops, counted_params = _count_forward(_config_key(config))
     entry = CATALOG.get(model_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import copy
 import functools
 import os
@@ -17,13 +18,23 @@ from transformers import (  # imported up front: transformers' lazy imports race
     AutoConfig,
     AutoImageProcessor,
     AutoModelForImageClassification,
-    ViTConfig,
     ViTForImageClassification,
-    ViTImageProcessor,
 )
 
 from .config import SCRATCH_MODEL
-from .scratch import RECOMMENDED_SCRATCH_MODEL, SCRATCH_MODELS, is_scratch_model, scratch_model
+from .runs import is_model_folder, model_dir
+from .scratch import (
+    RECOMMENDED_SCRATCH_MODEL,
+    SCRATCH_MODELS,
+    is_scratch_model,
+    scratch_config,
+    scratch_model,
+    scratch_patch_size,
+    scratch_processor,
+)
+from .data import processor_spec
+
+logger = logging.getLogger(__name__)
 
 #: Hub checkpoints offered in the model dropdown (any other Hub id or local folder works too).
 CURATED_MODELS = (
@@ -53,45 +64,6 @@ def offline_message(name: str) -> str:
     )
 
 
-def scratch_patch_size(image_size: int) -> int:
-    """Patch size of vit-tiny-scratch: 16 from 128 px (14x14 patches at 224, as ViT-Ti/16),
-    8 from 64 px, 4 below (8x8 patches at 32 px, the usual CIFAR ViT setting)."""
-    return 16 if image_size >= 128 else 8 if image_size >= 64 else 4
-
-
-def scratch_config(image_size: int, id2label: dict[int, str]) -> Any:
-    """ViT-Tiny (DeiT-Ti shape: hidden 192, 12 blocks, 3 heads, MLP 768) with the given labels.
-
-    Raises:
-        ValueError: ``image_size`` is outside 32..224 or not a multiple of its patch size.
-    """
-    if not 32 <= image_size <= 224:
-        raise ValueError(f"image_size for vit-tiny-scratch must be between 32 and 224, got {image_size}")
-    patch = scratch_patch_size(image_size)
-    if image_size % patch:
-        raise ValueError(
-            f"image_size {image_size} for vit-tiny-scratch must be a multiple of its patch size {patch}"
-        )
-    return ViTConfig(
-        hidden_size=192,
-        num_hidden_layers=12,
-        num_attention_heads=3,
-        intermediate_size=768,
-        image_size=image_size,
-        patch_size=patch,
-        num_labels=len(id2label),
-        id2label={int(k): v for k, v in id2label.items()},
-        label2id={v: int(k) for k, v in id2label.items()},
-        problem_type="single_label_classification",
-    )
-
-
-def scratch_processor(image_size: int) -> Any:
-    """The image processor saved with vit-tiny-scratch: resize to a square, mean and std 0.5
-    (the ``ViTImageProcessor`` defaults)."""
-    return ViTImageProcessor(size={"height": image_size, "width": image_size})
-
-
 @dataclass
 class LoadedModel:
     """A model ready to train, with its processor and what loading changed.
@@ -109,8 +81,9 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
 
 
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
-    """True when a TCP connection to the Hub endpoint opens (fast fail instead of retrying)."""
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """True when a TCP connection to the Hub endpoint opens within ``timeout_s`` seconds (a fast
+    fail instead of the Hub client's retries); False at once when ``HF_HUB_OFFLINE`` is set."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return False
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
@@ -122,25 +95,17 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
         return False
 
 
+#: The former private name (kept for callers outside the package).
+_hub_reachable = hub_reachable
+
+
 def is_local_model(name: str) -> bool:
     """True when ``name`` is a folder on this machine (a save_pretrained model or a run)."""
     return Path(name).expanduser().is_dir()
 
 
-def is_model_folder(path: str | os.PathLike) -> bool:
-    """True when ``path`` holds a ``save_pretrained`` model (a config and weights).
-
-    A run folder has a ``config.json`` too (the TrainConfig), so the weights decide.
-    """
-    path = Path(path)
-    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-    return (path / "config.json").is_file() and any((path / name).is_file() for name in weights)
-
-
 def resolve_model_path(name: str) -> str:
     """A run folder stands for its saved ``model/``; other names are returned as given."""
-    from .runs import model_dir
-
     path = Path(name).expanduser()
     if not path.is_dir() or is_model_folder(path):
         return str(path) if path.is_dir() else name
@@ -162,7 +127,8 @@ def _call_hub(loader: Any, name: str, **kwargs: Any) -> Any:
         return loader.from_pretrained(target, local_files_only=True, **kwargs)
     except (OSError, ValueError):
         pass
-    if not _hub_reachable():
+    if not hub_reachable():
+        logger.info("model %s: not in the local cache and the Hub is unreachable", name)
         raise ModelLoadError(offline_message(name))
     try:
         return loader.from_pretrained(target, **kwargs)
@@ -258,7 +224,6 @@ def build_model(name: str, classes: list[str], image_size: int | None = None) ->
 
     config = load_model_config(name)
     processor = _call_hub(AutoImageProcessor, name)
-    from .data import processor_spec
 
     native = processor_spec(processor).output_size
     if image_size is not None and (image_size, image_size) != native:

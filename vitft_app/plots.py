@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 
 def _layout(fig: go.Figure, title: str, y_title: str) -> go.Figure:
@@ -74,8 +75,6 @@ def figure_image_stats(files: pd.DataFrame) -> go.Figure:
         files: ``DatasetReport.file_table()`` (columns ``status``, ``width``, ``height``,
             ``aspect``, ``mode``); an empty frame gives empty axes.
     """
-    from plotly.subplots import make_subplots
-
     fig = make_subplots(rows=1, cols=3, subplot_titles=("Size (pixels)", "Aspect ratio (w/h)", "Mode"))
     if not files.empty:
         usable = files[files["status"] == "ok"]

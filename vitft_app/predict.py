@@ -24,7 +24,8 @@ import contextlib
 
 from .data import EvalTransform
 from .device import resolve_device_plan
-from .images import ImageSource, load_image
+from .images import ImageSource, is_image_file, load_image
+from .modeling import ModelLoadError, is_model_folder, resolve_model_path
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,6 @@ def expand_image_paths(paths: Sequence[str | os.PathLike], follow_symlinks: bool
         follow_symlinks: False skips symbolic links inside the folders (files and folders), as the
             dataset scan does; the app passes False so a link cannot read outside the data root.
     """
-    from .images import is_image_file
-
     found: list[str] = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -238,8 +237,6 @@ class Predictor(ClassifierBackend):
         precision: str = "fp32",
         num_threads: int | None = None,
     ):
-        from .modeling import is_model_folder, resolve_model_path
-
         path = Path(model_path).expanduser()
         folder = Path(resolve_model_path(str(path)))
         if not path.exists():
@@ -252,7 +249,6 @@ class Predictor(ClassifierBackend):
         self.path = folder
         self.plan = resolve_device_plan(precision, device)
         self.num_threads = num_threads
-        from .modeling import ModelLoadError
 
         stage = "preprocessor_config.json"
         try:

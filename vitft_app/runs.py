@@ -9,6 +9,7 @@ crash never leaves a half-written model.
 
 from __future__ import annotations
 
+import logging
 import csv
 import io
 import json
@@ -26,25 +27,29 @@ from typing import Any
 import pandas as pd
 
 from .config import TrainConfig
-from .events import EvalDone, Event, LogMessage, RunFailed, RunFinished, RunStarted, StepLogged, StepProgress
+from .events import (
+    EvalDone,
+    Event,
+    LogMessage,
+    RunFailed,
+    RunFinished,
+    RunStarted,
+    StepLogged,
+    StepProgress,
+    metrics_columns,
+    metrics_row,
+)
+from .run_status import RunStatus
+from .checkpoint import disk_full_error
 
-METRICS_COLUMNS = [
-    "kind",  # "train" (logging step) or "eval" (end of epoch)
-    "step",
-    "epoch",
-    "loss",
-    "lr",
-    "images_per_sec",
-    "train_loss",
-    "train_accuracy",
-    "val_loss",
-    "val_accuracy",
-    "val_f1_macro",
-    "val_map",
-    "time_s",
-]
-#: Statuses a run can have; ``interrupted`` is derived when the process that ran it is gone.
-STATUSES = ("starting", "running", "completed", "stopped", "failed", "interrupted")
+logger = logging.getLogger(__name__)
+
+#: Columns of ``metrics.csv``: ``kind`` ("train": a logging step, "eval": the end of an epoch), the
+#: event fields marked as columns (:func:`vitft_app.events.metrics_columns`), ``time_s``.
+METRICS_COLUMNS = metrics_columns()
+#: Created in a run folder by the app to stop a run it launched as a separate process (the
+#: ``vitft train`` process watches for it).
+STOP_FILE = "STOP"
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -69,7 +74,6 @@ def save_model_atomically(model: Any, processor: Any, dest: str | os.PathLike) -
     aside copy if a crash hit between the two renames).
     """
     dest = Path(dest)
-    from .checkpoint import disk_full_error
 
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
@@ -92,15 +96,35 @@ def save_model_atomically(model: Any, processor: Any, dest: str | os.PathLike) -
     shutil.rmtree(old, ignore_errors=True)
 
 
+def is_model_folder(path: str | os.PathLike) -> bool:
+    """True when ``path`` holds a ``save_pretrained`` model (a config and weights).
+
+    A run folder has a ``config.json`` too (the TrainConfig), so the weights decide.
+    """
+    path = Path(path)
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    return (path / "config.json").is_file() and any((path / name).is_file() for name in weights)
+
+
 def model_dir(run_dir: str | os.PathLike) -> Path | None:
     """The run's saved model folder, or None when no model was saved yet."""
-    from .modeling import is_model_folder
-
     run_dir = Path(run_dir)
     for candidate in (run_dir / "model", run_dir / ".model.old"):
         if is_model_folder(candidate):
             return candidate
     return None
+
+
+def append_run_log(run_dir: str | os.PathLike, text: str) -> None:
+    """Appends ``text`` to the run's ``train.log`` as one timestamped entry (one write, so lines of
+    the training thread and of the app do not interleave within an entry).
+
+    Raises:
+        OSError: the folder is gone or the disk is full.
+    """
+    line = f"{datetime.now().isoformat(timespec='seconds')} {text}\n"
+    with open(Path(run_dir) / "train.log", "a", encoding="utf-8") as handle:
+        handle.write(line)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -120,17 +144,18 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     return (path / "config.json").is_file() and (path / "status.json").is_file()
 
 
-def read_status(run_dir: str | os.PathLike) -> dict[str, Any]:
+def read_status(run_dir: str | os.PathLike) -> RunStatus:
     """Reads ``status.json``; a ``running`` run whose process is gone reads as ``interrupted``.
 
     Returns:
-        The status dict (empty dict when the file is missing or unreadable).
+        The :class:`~vitft_app.run_status.RunStatus` (empty, and falsy, when the file is missing
+        or unreadable).
     """
     status = read_status_raw(Path(run_dir))
-    if status.get("status") in ("starting", "running"):
-        pid = status.get("pid")
+    if status.is_active:
+        pid = status.pid
         if not isinstance(pid, int) or (pid != os.getpid() and not _pid_alive(pid)):
-            status["status"] = "interrupted"
+            status.status = "interrupted"
     return status
 
 
@@ -224,17 +249,18 @@ class RunStore:
             status = read_status(path)
             try:
                 config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+            except (OSError, ValueError) as exc:
+                logger.warning("run %s: config.json unreadable (%s); listed without its settings", path.name, exc)
                 config = {}
             runs.append(
                 RunInfo(
                     run_id=path.name,
                     path=str(path),
-                    status=status.get("status", "unknown"),
+                    status=status.status or "unknown",
                     model=str(config.get("model", "")),
                     data_dir=str(config.get("data_dir", "")),
-                    best_val_accuracy=status.get("best_val_accuracy"),
-                    started_at=status.get("started_at", ""),
+                    best_val_accuracy=status.best_val_accuracy,
+                    started_at=status.started_at or "",
                     has_model=model_dir(path) is not None,
                 )
             )
@@ -255,24 +281,23 @@ class RunRecorder:
         self.run_dir = Path(run_dir)
         self._lock = threading.Lock()
         self._t0 = time.time()
-        self.status: dict[str, Any] = read_status_raw(self.run_dir) or {
-            "run_id": self.run_dir.name,
-            "status": "starting",
-            "pid": os.getpid(),
-            "started_at": datetime.now().isoformat(timespec="seconds"),
-        }
+        self.status: RunStatus = read_status_raw(self.run_dir) or RunStatus(
+            run_id=self.run_dir.name,
+            status="starting",
+            pid=os.getpid(),
+            started_at=datetime.now().isoformat(timespec="seconds"),
+        )
 
     def write_status(self, **changes: Any) -> None:
-        """Merges ``changes`` into ``status.json`` (atomic)."""
+        """Sets :class:`~vitft_app.run_status.RunStatus` fields and rewrites ``status.json`` (atomic)."""
         with self._lock:
-            self.status.update(changes)
-            atomic_write_text(self.run_dir / "status.json", json.dumps(self.status, indent=2))
+            self.status.update(**changes)
+            atomic_write_text(self.run_dir / "status.json", self.status.to_json())
 
     def log(self, text: str) -> None:
         """Appends a timestamped line to ``train.log``."""
-        line = f"{datetime.now().isoformat(timespec='seconds')} {text}\n"
-        with self._lock, open(self.run_dir / "train.log", "a", encoding="utf-8") as handle:
-            handle.write(line)
+        with self._lock:
+            append_run_log(self.run_dir, text)
 
     def _append_metrics(self, row: dict[str, Any]) -> None:
         path = self.run_dir / "metrics.csv"
@@ -323,19 +348,12 @@ class RunRecorder:
             self.write_status(step=event.step, epoch=event.epoch, images_per_sec=event.images_per_sec,
                               eta_s=event.eta_s)
         elif isinstance(event, StepLogged):
-            self._append_metrics(
-                {"kind": "train", "step": event.step, "epoch": round(event.epoch, 4), "loss": event.loss,
-                 "lr": event.lr, "images_per_sec": round(event.images_per_sec, 2)}
-            )
+            self._append_metrics(metrics_row(event))
             self.write_status(step=event.step, epoch=event.epoch, loss=event.loss, lr=event.lr)
             self.log(f"step {event.step} epoch {event.epoch:.2f} loss {event.loss:.4f} lr {event.lr:.3g}"
                      f" {event.images_per_sec:.1f} img/s")
         elif isinstance(event, EvalDone):
-            self._append_metrics(
-                {"kind": "eval", "step": event.step, "epoch": event.epoch, "train_loss": event.train_loss,
-                 "train_accuracy": event.train_accuracy, "val_loss": event.val_loss,
-                 "val_accuracy": event.val_accuracy, "val_f1_macro": event.val_f1_macro, "val_map": event.val_map}
-            )
+            self._append_metrics(metrics_row(event))
             self.write_status(best_val_accuracy=event.best_val_accuracy, val_accuracy=event.val_accuracy,
                               val_f1_macro=event.val_f1_macro, val_map=event.val_map, monitor=event.monitor,
                               best_metric=event.best_metric, epoch=float(event.epoch), step=event.step,
@@ -361,13 +379,14 @@ class RunRecorder:
             finally:
                 try:
                     self.log(f"failed: {event.error}\n{event.traceback}")
-                except OSError:
-                    pass  # train.log is a copy; the status holds the error
+                except OSError as exc:  # train.log is a copy; the status holds the error
+                    logger.warning("run %s failed and its train.log cannot be written: %s", self.run_dir.name, exc)
 
 
-def read_status_raw(run_dir: Path) -> dict[str, Any]:
-    """``status.json`` as written (no interrupted detection); empty dict when missing."""
+def read_status_raw(run_dir: Path) -> RunStatus:
+    """``status.json`` as written (no interrupted detection); an empty status when missing or
+    unreadable."""
     try:
-        return json.loads((run_dir / "status.json").read_text(encoding="utf-8"))
+        return RunStatus.from_json((Path(run_dir) / "status.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return {}
+        return RunStatus()

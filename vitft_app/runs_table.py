@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
@@ -18,6 +19,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from .baseline import run_baseline
+from .run_status import RunStatus, as_run_status
 from .runs import atomic_write_text, is_run_dir, read_metrics, read_status
 
 META_FILE = "meta.json"
@@ -73,7 +75,6 @@ def read_macro_f1(run_dir: str | os.PathLike) -> float | None:
         return float(metrics["macro_f1"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    from .runs import read_metrics
 
     frame = read_metrics(run_dir)
     if frame.empty or "val_f1_macro" not in frame:
@@ -92,16 +93,17 @@ def _parse_time(text: Any) -> datetime | None:
         return None
 
 
-def run_duration_s(status: dict[str, Any]) -> float | None:
+def run_duration_s(status: RunStatus | Mapping[str, Any]) -> float | None:
     """Seconds a run took (``duration_s`` when it finished, else finish or now minus start)."""
-    if status.get("duration_s") is not None:
-        return float(status["duration_s"])
-    started = _parse_time(status.get("started_at"))
+    status = as_run_status(status)
+    if status.duration_s is not None:
+        return float(status.duration_s)
+    started = _parse_time(status.started_at)
     if started is None:
         return None
-    end = _parse_time(status.get("finished_at"))
+    end = _parse_time(status.finished_at)
     if end is None:
-        if status.get("status") not in ("starting", "running"):
+        if not status.is_active:
             return None  # interrupted: when it died is unknown
         end = datetime.now()
     return max((end - started).total_seconds(), 0.0)
@@ -122,12 +124,12 @@ def run_row(run_dir: str | os.PathLike) -> dict[str, Any]:
     status = read_status(run_dir)
     config = read_config(run_dir)
     meta = read_meta(run_dir)
-    started = _parse_time(status.get("started_at"))
+    started = _parse_time(status.started_at)
     data_dir = str(config.get("data_dir", ""))
     return {
         "run_id": run_dir.name,
         "name": meta.get("name") or run_dir.name,
-        "status": status.get("status", "unknown"),
+        "status": status.status or "unknown",
         "dataset": Path(data_dir).name or data_dir,
         "model": Path(str(config.get("model", ""))).name or str(config.get("model", "")),
         "freeze_depth": config.get("freeze_depth"),
@@ -135,7 +137,7 @@ def run_row(run_dir: str | os.PathLike) -> dict[str, Any]:
         "batch_size": config.get("batch_size"),
         "epochs": config.get("epochs"),
         "augment": config.get("augment"),
-        "best_val_accuracy": status.get("best_val_accuracy"),
+        "best_val_accuracy": status.best_val_accuracy,
         "val_baseline": baseline.rate if (baseline := run_baseline(status)) is not None else None,
         "baseline_class": baseline.majority_class if baseline is not None else "",
         "macro_f1": read_macro_f1(run_dir),
@@ -257,7 +259,7 @@ def delete_run(run_dir: str | os.PathLike, runs_dir: str | os.PathLike, active_r
         raise ValueError(f"{run_dir} is not inside the runs folder {runs_dir}")
     if active_run is not None and Path(active_run).resolve() == run_dir.resolve():
         raise ValueError(f"{run_dir.name} is training right now: press Stop and wait for it to end first.")
-    if read_status(run_dir).get("status") in ("starting", "running"):
+    if read_status(run_dir).is_active:
         raise ValueError(f"{run_dir.name} is being trained by another process; stop that process first.")
     shutil.rmtree(run_dir)
 

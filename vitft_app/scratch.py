@@ -88,8 +88,6 @@ class ScratchModel:
             problem_type="single_label_classification",
         )
         if self.family == "vit":
-            from .modeling import scratch_config
-
             return scratch_config(image_size, id2label)
         from transformers import PvtV2Config
 
@@ -168,3 +166,46 @@ def scratch_model(name: str) -> ScratchModel:
         KeyError: not a scratch model name.
     """
     return SCRATCH_MODELS[name]
+
+
+def scratch_patch_size(image_size: int) -> int:
+    """Patch size of vit-tiny-scratch: 16 from 128 px (14x14 patches at 224, as ViT-Ti/16),
+    8 from 64 px, 4 below (8x8 patches at 32 px, the usual CIFAR ViT setting)."""
+    return 16 if image_size >= 128 else 8 if image_size >= 64 else 4
+
+
+def scratch_config(image_size: int, id2label: dict[int, str]) -> Any:
+    """ViT-Tiny (DeiT-Ti shape: hidden 192, 12 blocks, 3 heads, MLP 768) with the given labels.
+
+    Raises:
+        ValueError: ``image_size`` is outside 32..224 or not a multiple of its patch size.
+    """
+    if not 32 <= image_size <= 224:
+        raise ValueError(f"image_size for vit-tiny-scratch must be between 32 and 224, got {image_size}")
+    patch = scratch_patch_size(image_size)
+    if image_size % patch:
+        raise ValueError(
+            f"image_size {image_size} for vit-tiny-scratch must be a multiple of its patch size {patch}"
+        )
+    from transformers import ViTConfig  # local: config (and so `vitft --help`) imports this module
+
+    return ViTConfig(
+        hidden_size=192,
+        num_hidden_layers=12,
+        num_attention_heads=3,
+        intermediate_size=768,
+        image_size=image_size,
+        patch_size=patch,
+        num_labels=len(id2label),
+        id2label={int(k): v for k, v in id2label.items()},
+        label2id={v: int(k) for k, v in id2label.items()},
+        problem_type="single_label_classification",
+    )
+
+
+def scratch_processor(image_size: int) -> Any:
+    """The image processor saved with vit-tiny-scratch: resize to a square, mean and std 0.5
+    (the ``ViTImageProcessor`` defaults)."""
+    from transformers import ViTImageProcessor
+
+    return ViTImageProcessor(size={"height": image_size, "width": image_size})

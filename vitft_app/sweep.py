@@ -26,6 +26,7 @@ in :data:`SEARCHABLE` can be searched, and only those this version's TrainConfig
 
 from __future__ import annotations
 
+import logging
 import dataclasses
 import json
 import math
@@ -37,12 +38,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, get_args
+from collections import Counter
 
 import pandas as pd
 
 from .scratch import is_scratch_model
 from .config import TrainConfig
 from .events import EvalDone, Event, RunFailed, RunFinished
+from .jobs import BusyError, error_message
+from .modeling import summarize_model
+from .runs import read_status
+from .tracking import check_report_to
+from .training import preflight
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # optuna is imported lazily: the engine stays importable without it
     import optuna
@@ -343,12 +352,10 @@ def fail_stale_trials(study: optuna.Study) -> list[int]:
     """
     from optuna.trial import TrialState
 
-    from .runs import read_status
-
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         run_dir = trial.user_attrs.get("run_dir")
-        if run_dir and read_status(run_dir).get("status") in ("starting", "running"):
+        if run_dir and read_status(run_dir).is_active:
             continue  # still training in a live process
         try:
             study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
@@ -356,6 +363,7 @@ def fail_stale_trials(study: optuna.Study) -> list[int]:
             if "Study.stop" not in str(exc):
                 raise
         failed.append(trial.number)
+        logger.info("sweep trial %d was left running by a process that is gone: marked failed", trial.number)
     return failed
 
 
@@ -455,8 +463,6 @@ def run_sweep(
     """
     from optuna.trial import TrialState
 
-    from .jobs import error_message
-    from .training import preflight
 
     space = validate_space(DEFAULT_SPACE if space is None else space)
     report_to = runner.report_to if report_to is None else report_to
@@ -481,6 +487,8 @@ def run_sweep(
                                          output_dir=str(runs_dir))
             report = preflight(config, runner.device)
         except Exception as exc:  # noqa: BLE001 - a bad trial fails, the sweep goes on
+            logger.warning("sweep %s: trial %d fails before training: %s", name, trial.number, error_message(exc),
+                           exc_info=not isinstance(exc, ValueError))
             trial.set_user_attr("error", error_message(exc))
             _tell(study, trial, state=TrialState.FAIL)
             continue
@@ -489,8 +497,7 @@ def run_sweep(
         trial.set_user_attr("run_id", run_dir.name)
         trial_stop = threading.Event()
         if job is not None:
-            job.run_dir, job.config = run_dir, config
-            job.link_stop_event(trial_stop)
+            job.follow_run(run_dir, config, trial_stop)
         outcome: dict[str, Any] = {"best": None, "pruned": False, "error": None, "status": None}
 
         def on_event(event: Event, trial: Any = trial, config: TrainConfig = config,
@@ -513,8 +520,8 @@ def run_sweep(
         try:
             runner.run_training(config, run_dir, trial_stop, listener=on_event, report=report, report_to=report_to)
         finally:
-            if job is not None and trial_stop in job.linked_stop_events:
-                job.linked_stop_events.remove(trial_stop)
+            if job is not None:
+                job.unlink_stop_event(trial_stop)
         if outcome["error"] is not None:
             trial.set_user_attr("error", outcome["error"])
             _tell(study, trial, state=TrialState.FAIL)
@@ -570,10 +577,6 @@ def start_sweep(
         TrackingUnavailable: the ``report_to`` package is missing.
         ModelLoadError, ValueError, FileNotFoundError: from the preflight.
     """
-    from .jobs import BusyError
-    from .modeling import summarize_model
-    from .tracking import check_report_to
-    from .training import preflight
 
     if runner.is_busy():
         raise BusyError(f"A job is already in progress ({runner.current.name}). Wait for it to finish or press Stop first.")
@@ -711,8 +714,6 @@ def train_best(runner: JobRunner, study: optuna.Study, epochs: int | None = None
 
 def study_summary(study: optuna.Study) -> str:
     """One Markdown line: trials by state and the best value with its run."""
-    from collections import Counter
-
     counts = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
     states = ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no trials yet"
     value, run_dir = _best(study)

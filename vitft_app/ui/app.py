@@ -6,38 +6,16 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import gradio as gr
 
 from ..jobs import JobRunner
-
-if TYPE_CHECKING:
-    from .demo_page import DemoServers
-
-
-_DOWNLOADS: Path | None = None
-_DOWNLOADS_LOCK = threading.Lock()
-
-
-def download_path(name: str) -> Path:
-    """A path for a file the browser downloads (scan report, predictions CSV, model zip, HTML report).
-
-    All such files live in one temp folder per app process, removed at exit, and a file of the
-    same name is replaced, so scans (one per page load) do not leave a folder each behind. Gradio
-    copies a returned file into its own cache at once, so replacing it later is safe.
-    """
-    import atexit
-    import re
-    import shutil
-    import tempfile
-
-    global _DOWNLOADS
-    with _DOWNLOADS_LOCK:
-        if _DOWNLOADS is None or not _DOWNLOADS.is_dir():
-            _DOWNLOADS = Path(tempfile.mkdtemp(prefix="vitft-downloads-"))
-            atexit.register(shutil.rmtree, _DOWNLOADS, True)
-    return _DOWNLOADS / (re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "download")
+from . import data_tab, evaluate_tab, predict_tab, runs_tab, sweep_tab, train_tab
+from ..confine import check_model_input
+from ..modeling import MODEL_CHOICES, resolve_model_path
+from ..predict import Predictor
+from .demo_page import DemoServers
+from .predict_tab import refresh_runs
 
 
 #: The app's stylesheet (passed to ``launch(css=...)``): hidden helpers and the training progress bar.
@@ -93,8 +71,6 @@ class AppSettings:
         Raises:
             PathNotAllowed: see there.
         """
-        from ..confine import check_model_input
-        from ..modeling import MODEL_CHOICES
 
         if (text or "").strip() in MODEL_CHOICES:
             return text.strip()
@@ -125,8 +101,6 @@ class AppContext:
             backend: ``"torch"`` (:class:`~vitft_app.predict.Predictor`) or ``"onnx"``
                 (:class:`~vitft_app.export.OnnxPredictor`, needs ``vitft export`` first).
         """
-        from ..modeling import resolve_model_path
-        from ..predict import Predictor
 
         folder = Path(resolve_model_path(model_path))
         weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("onnx/*.onnx")) or [folder / "config.json"]
@@ -155,10 +129,6 @@ def build_app(settings: AppSettings) -> gr.Blocks:
     Returns:
         The ``gr.Blocks`` app (call ``.launch()``).
     """
-    from . import data_tab, evaluate_tab, predict_tab, runs_tab, sweep_tab, train_tab
-    from .predict_tab import refresh_runs
-
-    from .demo_page import DemoServers
 
     ctx = AppContext(settings=settings, runner=JobRunner(settings.runs_dir, device=settings.device, launch_multi_gpu=True),
                      demo_servers=DemoServers(host=settings.host, auth=settings.auth, device=settings.device))

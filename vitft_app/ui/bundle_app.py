@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,6 +30,8 @@ CSS = """
 
 #: Classes shown as bars.
 TOP_K = 5
+
+logger = logging.getLogger(__name__)
 
 
 def build_page(info: dict[str, Any], classify: Callable[[Image.Image], dict[str, float]],
@@ -58,6 +61,7 @@ def build_page(info: dict[str, Any], classify: Callable[[Image.Image], dict[str,
         try:
             scores = classify(rgb)
         except Exception as exc:  # noqa: BLE001 - one line on the page instead of a server error
+            logger.exception("cannot classify an image")  # the traceback goes to the server log
             return None, gr.update(value=None, visible=False), f"Cannot classify this image: {exc}"
         overlay = explain(rgb) if (show_overlay and explain is not None) else None
         note = "Bars: the model's probability for each of its top classes."

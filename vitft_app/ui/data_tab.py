@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+import json
+import time
 
 import gradio as gr
 import pandas as pd
@@ -14,8 +16,11 @@ import pandas as pd
 from ..app_state import dataset_choice, read_app_settings, update_app_settings
 from ..data import DatasetReport, scan_dataset
 from ..images import ImageLoadError, load_image
-from ..uploads import UnsafeArchiveError, copy_folder_upload, extract_zip
+from ..uploads import UnsafeArchiveError, copy_folder_upload, delete_upload, extract_zip, list_uploads
 from ..plots import figure_class_counts, figure_image_stats
+from .common import download_path
+from .errors import unexpected_error
+from ..confine import resolve_allowed
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +38,6 @@ def resolve_data_path(text: str | None, settings: Any) -> Path:
     Raises:
         ValueError: empty, missing, not a folder, or outside the data root (``PathNotAllowed``).
     """
-    from ..confine import resolve_allowed
-
     text = (text or "").strip()
     if not text:
         raise ValueError("Enter a dataset folder, or pick one in the folder browser.")
@@ -112,8 +115,6 @@ class DataTab:
 
 def _write_csv(report: DatasetReport) -> str:
     """Writes the per-file report to a fresh temp file and returns its path (for download)."""
-    from .app import download_path
-
     path = download_path(f"{Path(report.root).name}-scan.csv")
     path.write_text(report.to_csv(), encoding="utf-8")
     return str(path)
@@ -138,7 +139,7 @@ def scan_folder(text: str | None, settings: Any, progress: Callable[[int, int], 
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         return {"summary": f"✗ {exc}", **failed}
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
-        return {"summary": f"✗ Scan failed: {type(exc).__name__}: {exc}", **failed}
+        return {"summary": unexpected_error(exc, "Scan failed"), **failed}
     counts = report.counts()
     summary, problems = report_markdown(report)
     return {
@@ -230,8 +231,6 @@ def receive_folder(files: list | None, relative_paths_json: str | None, settings
     Returns:
         ``(path box value or gr.skip(), message markdown)``; never raises.
     """
-    import json
-
     paths = [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in (files or [])]
     if not paths:
         return gr.skip(), ""
@@ -272,9 +271,6 @@ def receive_upload(file: Any, settings: Any) -> tuple[Any, str]:
 
 def upload_choices(settings: Any) -> list[tuple[str, str]]:
     """``(label, folder)`` for each upload, newest first: name, size and age."""
-    import time
-
-    from ..uploads import list_uploads
 
     choices = []
     for upload in list_uploads(Path(settings.data_root) / "uploads"):
@@ -290,8 +286,6 @@ def delete_upload_folder(ctx: Any, folder: str | None) -> tuple[Any, str]:
     Returns:
         ``(uploads dropdown update, message)``; never raises.
     """
-    from ..uploads import delete_upload
-
     settings = ctx.settings
     if not folder:
         return gr.update(choices=upload_choices(settings), value=None), "Choose an upload first."

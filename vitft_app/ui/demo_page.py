@@ -14,6 +14,9 @@ import gradio as gr
 
 from ..demo import DemoSummary, demo_summary
 from .bundle_app import build_page, launch
+from ..explain import explain_image
+from ..predict import Predictor
+from ..runs import model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +40,6 @@ def build_demo_page(run_dir: str | Path, device: str | None = None) -> tuple[gr.
     Raises:
         DemoError: not a run folder, or no saved model.
     """
-    from ..explain import explain_image
-    from ..predict import Predictor
 
     summary = demo_summary(run_dir)
     predictor = Predictor(run_dir, device=device, precision="auto")
@@ -106,8 +107,6 @@ class DemoServers:
         Raises:
             DemoError: not a run folder, or no saved model.
         """
-        from ..runs import model_dir
-
         folder = model_dir(run_dir)
         weights = sorted(folder.glob("*.safetensors")) if folder is not None else []
         # a new best model (the run kept training, or was resumed) gets a fresh page

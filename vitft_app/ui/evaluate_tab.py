@@ -2,29 +2,29 @@
 
 from __future__ import annotations
 
-import logging
-
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pandas as pd
-from PIL import Image, ImageOps
+from PIL import Image
 
 from ..evaluate import Evaluation, EvaluationError, evaluate_run, evaluation_headline
 from ..baseline import format_accuracy
-from ..images import ImageLoadError, load_image
 from ..plots import figure_confusion_matrix, figure_precision_recall, figure_reliability, figure_roc
 from . import label_issues_panel
+from .common import download_path, thumbnail
+from .errors import unexpected_error
 from .predict_tab import refresh_runs
+from ..report import write_html_report
 
 #: Keys of :func:`run_evaluation`'s result, in the order of the tab's outputs.
 OUTPUT_KEYS = ("summary", "per_class", "per_class_csv", "matrix_table", "matrix", "matrix_normalized", "roc",
                "pr", "reliability", "top_losses", "evaluation", "results", "matrix_group", "cell_images",
                "cell_caption")
 
-logger = logging.getLogger(__name__)
 
 
 def summary_markdown(metrics: dict[str, Any]) -> str:
@@ -66,18 +66,11 @@ def headline_markdown(metrics: dict[str, Any]) -> str:
     return text
 
 
-def _thumbnail(path: str) -> Image.Image | None:
-    try:
-        return ImageOps.contain(load_image(path, draft_size=(256, 256)), (160, 160), Image.Resampling.NEAREST)
-    except ImageLoadError:
-        return None
-
-
 def gallery_items(frame: pd.DataFrame) -> list[tuple[Image.Image, str]]:
     """``(thumbnail, "true → predicted (confidence)")`` for each row of a predictions frame."""
     items = []
     for _, row in frame.iterrows():
-        thumb = _thumbnail(row["path"])
+        thumb = thumbnail(row["path"])
         if thumb is not None:
             caption = f"{row['true']} → {row['predicted']} ({row['confidence']:.2f})  {os.path.basename(row['path'])}"
             items.append((thumb, caption))
@@ -103,7 +96,7 @@ def run_evaluation(ctx: Any, run_dir: str | None, split: str, top_k: int) -> dic
     except (EvaluationError, FileNotFoundError, ValueError, OSError) as exc:
         return empty | {"summary": f"✗ {exc}"}
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
-        return empty | {"summary": f"✗ Evaluation failed: {type(exc).__name__}: {exc}"}
+        return empty | {"summary": unexpected_error(exc, "Evaluation failed", run_dir=run_dir)}
     metrics = result.metrics
     per_class = pd.DataFrame(metrics["per_class"]).round(4)
     csv_path = result.out_dir / "per_class.csv" if result.out_dir else None
@@ -160,11 +153,6 @@ def cell_gallery(result: Evaluation | None, row: int, column: int) -> tuple[list
 def make_report(run_dir: str | None) -> tuple[str | None, str]:
     """Writes the run's one-page HTML report; returns ``(a copy in a temp folder to download,
     message)``. Never raises."""
-    import shutil
-
-    from ..report import write_html_report
-    from .app import download_path
-
     if not run_dir:
         return None, "Choose a run first."
     try:
@@ -174,8 +162,7 @@ def make_report(run_dir: str | None) -> tuple[str | None, str]:
     except (EvaluationError, FileNotFoundError, ValueError, OSError) as exc:
         return None, f"✗ {exc}"
     except Exception as exc:  # noqa: BLE001 - a damaged run folder is a message, not Gradio's "Error"
-        logger.exception("report of %s", run_dir)
-        return None, f"✗ Could not write the report of {Path(run_dir).name}: {type(exc).__name__}: {exc}"
+        return None, unexpected_error(exc, f"Could not write the report of {Path(run_dir).name}", run_dir=run_dir)
     return str(copy), f"✓ Written to `{path}`; it opens in any browser, without the app."
 
 

@@ -26,6 +26,8 @@ from ..evaluate import Evaluation
 from ..jobs import BusyError
 from ..label_issues import LabelIssues, LabelIssuesError, find_run_label_issues
 from ..runs_table import read_config
+from .common import thumbnail
+from .errors import unexpected_error
 
 #: Images shown in the label-issues gallery (most suspicious first).
 MAX_SHOWN = 48
@@ -66,11 +68,9 @@ def run_classes(run_dir: str | None) -> list[str]:
 
 def issue_gallery(result: LabelIssues) -> list[tuple[Any, str]]:
     """``(thumbnail, "given → suggested (self-confidence)  file")`` per flagged image, most suspicious first."""
-    from .evaluate_tab import _thumbnail
-
     items = []
     for row in result.issues.head(MAX_SHOWN).itertuples():
-        thumb = _thumbnail(row.path)
+        thumb = thumbnail(row.path)
         if thumb is not None:
             items.append((thumb, f"{row.given_label} → {row.suggested_label} ({row.score:.2f})  "
                                  f"{os.path.basename(row.path)}"))
@@ -78,9 +78,7 @@ def issue_gallery(result: LabelIssues) -> list[tuple[Any, str]]:
 
 
 def _shown_paths(result: LabelIssues) -> list[str]:
-    from .evaluate_tab import _thumbnail
-
-    return [p for p in result.issues.head(MAX_SHOWN)["path"] if _thumbnail(p) is not None]
+    return [p for p in result.issues.head(MAX_SHOWN)["path"] if thumbnail(p) is not None]
 
 
 def find_issues(ctx: Any, run_dir: str | None, progress: Any = None) -> tuple[list, list[str], str]:
@@ -96,7 +94,7 @@ def find_issues(ctx: Any, run_dir: str | None, progress: Any = None) -> tuple[li
     except (LabelIssuesError, FileNotFoundError, ValueError, OSError) as exc:
         return [], [], f"✗ {exc}"
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
-        return [], [], f"✗ Label-issue search failed: {type(exc).__name__}: {exc}"
+        return [], [], unexpected_error(exc, "Label-issue search failed", run_dir=run_dir)
     lines = [f"**{len(result.issues)}** suspected label error(s) of {result.num_images} images; out-of-sample"
              f" accuracy {result.out_of_sample_accuracy:.4f} (majority-class baseline"
              f" {result.majority_baseline:.4f}). Saved in `{result.csv_path}`",
@@ -205,7 +203,7 @@ def retrain(ctx: Any, run_dir: str | None) -> str:
     except (EditError, ValueError, FileNotFoundError, OSError) as exc:
         return f"✗ {exc}"
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
-        return f"✗ Could not start: {type(exc).__name__}: {exc}"
+        return unexpected_error(exc, "Could not start", run_dir=run_dir)
     return (f"▶ Started `{job.run_dir.name}` ({meta['name']}), same settings on the fixed data."
             " Follow it in the Train tab; the Runs tab shows both runs.")
 

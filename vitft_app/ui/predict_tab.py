@@ -5,15 +5,23 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any
+import base64
+import io
 
 import gradio as gr
 import pandas as pd
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..baseline import accuracy_with_baseline, run_baseline, weak_model_warning
-from ..images import ImageLoadError, load_image
+from ..images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from ..runs import read_status
 from ..predict import NOT_SURE, apply_threshold, expand_image_paths
+from .common import download_path
+from .errors import unexpected_error
+from ..export import ExportError, export_model_zip, export_onnx, validation_images
+from ..report import push_to_hub
+from ..uploads import UnsafeArchiveError, extract_zip
+from .data_tab import resolve_data_path
 
 
 class PixelCheckedImage(gr.Image):
@@ -34,12 +42,6 @@ def check_image_header(payload: Any, max_pixels: int | None = None) -> None:
     Raises:
         gr.Error: not an image, or more than ``max_pixels`` pixels (default: the loader's limit).
     """
-    import base64
-    import io
-
-    from PIL import Image, UnidentifiedImageError
-
-    from ..images import DEFAULT_MAX_PIXELS
 
     limit = max_pixels or DEFAULT_MAX_PIXELS
     url = getattr(payload, "url", None) or ""
@@ -76,9 +78,9 @@ def model_warning(run_dir: str | None) -> str | None:
     if not run_dir:
         return None
     status = read_status(run_dir)
-    if status.get("monitor") == "val_map":
+    if status.monitor == "val_map":
         return None
-    return weak_model_warning(status.get("best_val_accuracy"), run_baseline(status))
+    return weak_model_warning(status.best_val_accuracy, run_baseline(status))
 
 
 def refresh_runs(ctx: Any, current: str | None) -> Any:
@@ -100,7 +102,8 @@ def _load_predictor(ctx: Any, run_dir: str | None, backend: str = "torch") -> tu
             return None, "No ONNX export of this model yet: open *Export this model* and press *Export to ONNX*."
         return None, f"Cannot load the model of {Path(run_dir).name}: {exc}"
     except Exception as exc:  # noqa: BLE001 - a broken model folder is a message, not a server error
-        return None, f"Cannot load the model of {Path(run_dir).name}: {exc}"
+        return None, unexpected_error(exc, f"Cannot load the model of {Path(run_dir).name}", run_dir=run_dir,
+                                      mark="", with_type=False)
 
 
 def predict_files(
@@ -162,8 +165,6 @@ def predict_batch(
         ``(table, CSV path, message)``: one row per image (file, top1, score, answer, top_k as
         ``label:score`` pairs, error). Never raises.
     """
-    from ..uploads import UnsafeArchiveError, extract_zip
-    from .data_tab import resolve_data_path
 
     predictor, problem = _load_predictor(ctx, run_dir)
     if problem:
@@ -199,8 +200,6 @@ def predict_batch(
             "top_k": "; ".join(f"{l}:{s:.4f}" for l, s in zip(prediction.labels, prediction.scores)), "error": "",
         })
     table = pd.DataFrame(rows, columns=["file", "top1", "score", "answer", "top_k", "error"])
-    from .app import download_path
-
     out = download_path(f"{Path(folder).name}-predictions.csv")
     table.to_csv(out, index=False)
     return table, str(out), f"✓ {len(table)} images from `{shown}`."
@@ -212,12 +211,8 @@ def export_zip(run_dir: str | None) -> tuple[str | None, str]:
     Returns:
         ``(zip path or None, message markdown)``; never raises.
     """
-    from ..export import ExportError, export_model_zip
-
     if not run_dir:
         return None, "Choose a run first."
-    from .app import download_path
-
     dest = download_path(f"{Path(run_dir).name}-model.zip")
     try:
         path = export_model_zip(run_dir, dest)
@@ -228,8 +223,6 @@ def export_zip(run_dir: str | None) -> tuple[str | None, str]:
 
 def export_onnx_for_run(run_dir: str | None) -> str:
     """Exports the run's model to ONNX, checked on its validation images; returns a message."""
-    from ..export import ExportError, export_onnx, validation_images
-
     if not run_dir:
         return "Choose a run first."
     try:
@@ -243,8 +236,6 @@ def export_onnx_for_run(run_dir: str | None) -> str:
 
 def push_model(run_dir: str | None, repo_id: str | None, token: str | None, private: bool) -> str:
     """Pushes the run's model (with its card) to the Hub; returns a message. Never raises."""
-    from ..report import push_to_hub
-
     if not run_dir:
         return "Choose a run first."
     try:
@@ -252,8 +243,46 @@ def push_model(run_dir: str | None, repo_id: str | None, token: str | None, priv
     except (ValueError, ConnectionError, FileNotFoundError) as exc:
         return f"✗ {exc}"
     except Exception as exc:  # noqa: BLE001 - the Hub client raises many types; the user needs the message
-        return f"✗ Push failed: {type(exc).__name__}: {exc}"
+        return unexpected_error(exc, "Push failed", run_dir=run_dir)
     return f"✓ Pushed to {url}"
+
+
+def render_results(items: list[dict[str, Any]], warning: str | None) -> None:
+    """Draws the predictions of the dropped images (a ``gr.render`` body): per image its thumbnail,
+    the explanation heatmap when asked, and the top classes (or "Not sure", or a weak model's guess)."""
+    if not items:
+        gr.Markdown("Drop images above to see the model's top classes.", elem_id="predict-empty")
+        return
+    if warning:
+        gr.Markdown(f"⚠ **{warning}**", elem_classes="predict-weak")
+    for item in items:
+        if "error" in item:
+            gr.Markdown(f"✗ {item['error']}", elem_classes="predict-error")
+            continue
+        with gr.Row(equal_height=True):
+            try:
+                thumb = ImageOps.contain(load_image(item["path"]), (224, 224), Image.Resampling.NEAREST)
+            except ImageLoadError:
+                thumb = None
+            gr.Image(thumb, label=item["name"], height=200, interactive=False, scale=1)
+            if item.get("explanation") is not None:
+                gr.Image(ImageOps.contain(item["explanation"], (224, 224)), label=item["method"], height=200,
+                         interactive=False, scale=1, elem_classes="predict-explanation")
+            with gr.Column(scale=2):
+                # A bold top class only when the answer stands: "Not sure" replaces it, and a
+                # weak model's guesses are listed as plain scores.
+                confident = True
+                if item.get("multi_label"):
+                    gr.Markdown(f"**Labels present:** {item['answer']}", elem_classes="predict-present")
+                elif item["answer"] == NOT_SURE:
+                    confident = False
+                    gr.Markdown("### Not sure\nThe top class is below the confidence threshold; the scores:",
+                                elem_classes="predict-not-sure")
+                elif warning:
+                    confident = False
+                    gr.Markdown(f"Guess of a weak model: {item['answer']}", elem_classes="predict-weak-guess")
+                gr.Label(item["scores"], label=f"Top classes: {item['name']}", elem_classes="predict-label",
+                         show_heading=confident)
 
 
 def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> gr.Dropdown:
@@ -282,41 +311,7 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> gr.Dropdown:
     weak = gr.State(None)
     shown_images = gr.State([])  # the last dropped images: the settings above re-predict them
 
-    @gr.render(inputs=[results, weak])
-    def show(items: list[dict[str, Any]], warning: str | None) -> None:
-        if not items:
-            gr.Markdown("Drop images above to see the model's top classes.", elem_id="predict-empty")
-            return
-        if warning:
-            gr.Markdown(f"⚠ **{warning}**", elem_classes="predict-weak")
-        for item in items:
-            if "error" in item:
-                gr.Markdown(f"✗ {item['error']}", elem_classes="predict-error")
-                continue
-            with gr.Row(equal_height=True):
-                try:
-                    thumb = ImageOps.contain(load_image(item["path"]), (224, 224), Image.Resampling.NEAREST)
-                except ImageLoadError:
-                    thumb = None
-                gr.Image(thumb, label=item["name"], height=200, interactive=False, scale=1)
-                if item.get("explanation") is not None:
-                    gr.Image(ImageOps.contain(item["explanation"], (224, 224)), label=item["method"], height=200,
-                             interactive=False, scale=1, elem_classes="predict-explanation")
-                with gr.Column(scale=2):
-                    # A bold top class only when the answer stands: "Not sure" replaces it, and a
-                    # weak model's guesses are listed as plain scores.
-                    confident = True
-                    if item.get("multi_label"):
-                        gr.Markdown(f"**Labels present:** {item['answer']}", elem_classes="predict-present")
-                    elif item["answer"] == NOT_SURE:
-                        confident = False
-                        gr.Markdown("### Not sure\nThe top class is below the confidence threshold; the scores:",
-                                    elem_classes="predict-not-sure")
-                    elif warning:
-                        confident = False
-                        gr.Markdown(f"Guess of a weak model: {item['answer']}", elem_classes="predict-weak-guess")
-                    gr.Label(item["scores"], label=f"Top classes: {item['name']}", elem_classes="predict-label",
-                             show_heading=confident)
+    gr.render(inputs=[results, weak])(render_results)
 
     with gr.Accordion("Batch prediction: a folder or a zip of images", open=False):
         with gr.Row():

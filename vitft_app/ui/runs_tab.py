@@ -11,7 +11,8 @@ import pandas as pd
 
 from ..baseline import format_accuracy, is_weak_rate
 from ..plots import figure_compare
-from ..runs import STATUSES, is_run_dir, model_dir, read_status
+from ..run_status import STATUSES
+from ..runs import is_run_dir, model_dir, read_status
 from ..runs_table import (
     compare_configs,
     delete_run,
@@ -22,6 +23,9 @@ from ..runs_table import (
     style_differences,
 )
 from ..tracking import REPORT_TO_CHOICES, check_report_to
+from ..demo import DemoError
+from .predict_tab import run_choices as model_choices
+from .train_tab import resume_run
 
 #: Columns shown in the table (``path`` stays server-side).
 #: The result columns come first, so they are on screen at 1400 pixels without scrolling sideways.
@@ -97,7 +101,7 @@ def ask_delete(ctx: Any, run_dir: str | None) -> tuple[str, Any]:
     """First step of Delete: ``(message, confirmation row update)``; refuses the running job."""
     if not run_dir:
         return "Choose a run first (click its row).", gr.update(visible=False)
-    if active_run(ctx) == run_dir or read_status(run_dir).get("status") in ("starting", "running"):
+    if active_run(ctx) == run_dir or read_status(run_dir).is_active:
         return f"✗ `{Path(run_dir).name}` is training right now: press Stop and wait for it to end first.", \
             gr.update(visible=False)
     return (f"⚠ Delete `{Path(run_dir).name}` and everything in its folder (model, metrics, evaluations)?"
@@ -126,8 +130,6 @@ def open_in(ctx: Any, run_dir: str | None, target: str) -> tuple[Any, str, bool]
         ``(run dropdown update for that tab, message, whether to switch tabs)``; a run without a
         saved model is a message and no switch.
     """
-    from .predict_tab import run_choices as model_choices
-
     if not run_dir:
         return gr.skip(), "Choose a run first (click its row).", False
     if model_dir(run_dir) is None:
@@ -145,8 +147,6 @@ def open_demo(ctx: Any, run_dir: str | None, page_host: str = "127.0.0.1") -> tu
     Returns:
         ``(message markdown with a link that opens a new tab, port or None)``.
     """
-    from ..demo import DemoError
-
     if not run_dir:
         return "Choose a run first (click its row).", None
     try:
@@ -169,8 +169,6 @@ def _browser_host(request: Any) -> str:
 def resume_selected(ctx: Any, run_dir: str | None) -> str:
     """Resumes the selected stopped, interrupted or failed run from its checkpoint (the Train
     tab's Resume, :func:`vitft_app.ui.train_tab.resume_run`). Never raises."""
-    from .train_tab import resume_run
-
     if not run_dir:
         return "Choose a run first (click its row)."
     text, resumed = resume_run(ctx, run_dir)

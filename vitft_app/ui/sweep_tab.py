@@ -14,6 +14,8 @@ from ..config import SCRATCH_MODEL, TrainConfig
 from ..scratch import is_scratch_model
 from ..jobs import BusyError
 from ..modeling import MODEL_CHOICES, ModelLoadError
+from .form import field_widget
+from .errors import unexpected_error
 from ..sweep import (
     DEFAULT_RANGES,
     SweepError,
@@ -29,6 +31,8 @@ from ..sweep import (
     train_best,
     trials_frame,
 )
+from .data_tab import resolve_data_path
+from .train_tab import config_from_form
 
 #: Batch sizes offered as checkboxes.
 BATCH_SIZES = [8, 16, 32, 64, 128]
@@ -78,8 +82,6 @@ def fixed_config(values: dict[str, Any], data_dir: Path, runs_dir: Path) -> Trai
     Raises:
         ValueError: an invalid value (the message names the field).
     """
-    from .train_tab import config_from_form
-
     return dataclasses.replace(config_from_form(values, data_dir), output_dir=str(runs_dir))
 
 
@@ -91,8 +93,6 @@ def start_from_form(ctx: Any, data_text: str | None, fixed: dict[str, Any], spac
         ``(message, sweep-dropdown update)``. Never raises: bad input, a busy runner, a missing
         model or an exhausted sweep become messages.
     """
-    from .data_tab import resolve_data_path
-
     try:
         data_dir = resolve_data_path(data_text, ctx.settings)
         fixed = {**fixed, "model": ctx.settings.check_model(fixed.get("model"))}
@@ -109,7 +109,7 @@ def start_from_form(ctx: Any, data_text: str | None, fixed: dict[str, Any], spac
     except (SweepError, ModelLoadError, ValueError, FileNotFoundError, OSError) as exc:
         return f"✗ {exc}", gr.skip()
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
-        return f"✗ Could not start the sweep: {type(exc).__name__}: {exc}", gr.skip()
+        return unexpected_error(exc, "Could not start the sweep"), gr.skip()
     sweep_name = job.name.removeprefix("sweep ")
     return (f"▶ Sweep **{sweep_name}** started: trials run one after another (follow the current one in the"
             " Train tab); Stop ends the sweep after stopping the current trial.",
@@ -186,7 +186,7 @@ def train_best_from_ui(ctx: Any, name: str | None, epochs: float | None) -> str:
     except (SweepError, ModelLoadError, ValueError, FileNotFoundError, OSError) as exc:
         return f"✗ {exc}"
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
-        return f"✗ Could not start: {type(exc).__name__}: {exc}"
+        return unexpected_error(exc, "Could not start")
     return f"▶ Training the best configuration as `{job.run_dir.name}`; follow it in the Train tab."
 
 
@@ -205,7 +205,6 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab, data: Any) -> None:
     Args:
         data: the Data tab's handles (``data.path``: the dataset folder box).
     """
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     gr.Markdown("Search hyperparameters with Optuna on the dataset chosen in the **Data** tab. Each trial is a"
                 " normal run (see the **Runs** tab); hopeless trials are stopped early by the median pruner."
                 " The sweep is saved in the runs folder: start it again with the same name to continue it."
@@ -218,23 +217,22 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab, data: Any) -> None:
         sampler = gr.Radio(["tpe", "grid"], value="tpe", label="Sampler", scale=1,
                            info="grid: every combination; a range becomes 3 points")
         pruning = gr.Checkbox(True, label="Prune hopeless trials (median pruner)", scale=1)
+    # The same TrainConfig fields as the Train tab, from the same factory, in compact widgets; a
+    # sweep starts from a scratch model and its learning rate.
+    fixed: dict[str, Any] = {}
     with gr.Accordion("Fixed settings (every trial)", open=True):
         with gr.Row():
-            model = gr.Dropdown(list(MODEL_CHOICES), value=SCRATCH_MODEL, allow_custom_value=True, label="Model",
-                                scale=2, elem_id="sweep-model")
-            image_size = gr.Number(value=224, precision=0, label="Image size (scratch models)", scale=1)
-            epochs = gr.Number(value=defaults["epochs"], precision=0, minimum=1, label="Epochs", scale=1)
-            seed = gr.Number(value=defaults["seed"], precision=0, label="Seed (split and sampler)", scale=1)
+            fixed["model"] = field_widget("model", compact=True, elem_prefix="sweep-", choices=list(MODEL_CHOICES),
+                                          value=SCRATCH_MODEL, allow_custom_value=True, scale=2)
+            fixed["image_size"] = field_widget("image_size", compact=True, elem_prefix="sweep-", scale=1)
+            fixed["epochs"] = field_widget("epochs", compact=True, elem_prefix="sweep-", scale=1)
+            fixed["seed"] = field_widget("seed", compact=True, elem_prefix="sweep-", label="Seed (split and sampler)",
+                                         scale=1)
         with gr.Row():
-            batch_size = gr.Number(value=defaults["batch_size"], precision=0, minimum=1, label="Batch size")
-            lr = gr.Number(value=1e-3, label="Learning rate")
-            weight_decay = gr.Number(value=defaults["weight_decay"], label="Weight decay")
-            freeze_depth = gr.Number(value=0, precision=0, minimum=0, label="Freeze depth")
-            augment = gr.Dropdown(augment_choices(), value=defaults["augment"], label="Augmentation")
-            precision = gr.Dropdown(["auto", "bf16", "fp16", "fp32"], value="auto", label="Precision")
-    fixed = {"model": model, "image_size": image_size, "epochs": epochs, "seed": seed, "batch_size": batch_size,
-             "lr": lr, "weight_decay": weight_decay, "freeze_depth": freeze_depth, "augment": augment,
-             "precision": precision}
+            for field_name in ("batch_size", "lr", "weight_decay", "freeze_depth", "augment", "precision"):
+                fixed[field_name] = field_widget(field_name, compact=True, elem_prefix="sweep-",
+                                                 **({"value": 1e-3} if field_name == "lr" else {}))
+    model, image_size = fixed["model"], fixed["image_size"]
     space: dict[str, Any] = {}
     with gr.Accordion("Search space (checked parameters replace the fixed value)", open=True):
         for param in available_parameters():

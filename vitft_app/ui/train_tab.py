@@ -11,17 +11,30 @@ from typing import Any, Callable
 import gradio as gr
 
 from ..checkpoint import ResumeError
-from ..config import SCRATCH_MODEL, TrainConfig, field_docs
+from ..config import SCRATCH_MODEL, SECTIONS, TrainConfig
 from ..jobs import BusyError
-from ..model_catalog import resolve_default_model
-from ..modeling import MODEL_CHOICES, ModelLoadError, summarize_model
-from ..presets import PRESETS, preset_values_for_model
+from ..model_catalog import default_model_note, describe_model, resolve_default_model
+from ..modeling import (
+    MODEL_CHOICES,
+    ModelLoadError,
+    load_model_config,
+    load_processor,
+    scratch_patch_size,
+    summarize_model,
+)
+from ..presets import PRESETS, auto_preset_values, preset_values_for_model
 from ..app_state import dataset_markdown
 from ..baseline import accuracy_with_baseline, format_accuracy, run_baseline, weak_model_warning
+from ..run_status import RunStatus, as_run_status
 from ..runs import model_dir, read_metrics, read_status
 from ..scratch import is_scratch_model, scratch_model
 from .data_tab import resolve_data_path
+from .form import field_row, field_widget
+from .errors import unexpected_error
 from ..plots import figure_accuracy, figure_loss
+from ..augment import preview_augmentations
+from ..data import scan_dataset
+from ..runs_table import read_config
 
 #: Suggested peak learning rates: a random-init ViT needs a much larger step than fine-tuning.
 SCRATCH_LR = 1e-3
@@ -49,7 +62,7 @@ def model_info(model: str, image_size: int | None, freeze_depth: int, classes: l
     except (ModelLoadError, ValueError, OSError) as exc:
         return gr.update(), f"✗ {exc}"
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
-        return gr.update(), f"✗ Cannot describe model '{model}': {type(exc).__name__}: {exc}"
+        return gr.update(), unexpected_error(exc, f"Cannot describe model '{model}'")
     depth = min(int(freeze_depth or 0), summary.num_blocks)
     probe = " (linear probe: only the head trains)" if depth == summary.num_blocks else ""
     offline = ""
@@ -66,8 +79,6 @@ def catalog_info(model: str, image_size: int | None, data_text: str | None, sett
     """The model picker's info line: parameters, pretraining data and the estimated epoch time on
     the chosen dataset (:func:`vitft_app.model_catalog.describe_model`); the random-weights note
     for a scratch model. Never raises: a model or dataset that cannot be read gives a short line."""
-    from ..data import scan_dataset
-    from ..model_catalog import default_model_note, describe_model
 
     model = (model or "").strip()
     if not model:
@@ -143,7 +154,7 @@ def start_run(
     except (ModelLoadError, ValueError, FileNotFoundError) as exc:
         return f"✗ {exc}", None
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
-        return f"✗ Could not start: {type(exc).__name__}: {exc}", None
+        return unexpected_error(exc, "Could not start"), None
     return f"▶ Started run `{job.run_dir.name}`.", str(job.run_dir)
 
 
@@ -170,7 +181,7 @@ def resume_run(ctx: Any, run_dir: str | None) -> tuple[str, str | None]:
     except (ResumeError, ModelLoadError, ValueError, FileNotFoundError) as exc:
         return f"✗ {exc}", None
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
-        return f"✗ Could not resume: {type(exc).__name__}: {exc}", None
+        return unexpected_error(exc, "Could not resume", run_dir=run_dir), None
     return f"▶ Resumed run `{job.run_dir.name}` from its last checkpoint.", str(job.run_dir)
 
 
@@ -210,8 +221,6 @@ def auto_preset_updates(data_text: str, settings: Any, fields: list[str]) -> tup
         ``(values in the order of fields, message markdown)``; ``gr.skip()`` everywhere and the
         reason when the folder cannot be read.
     """
-    from ..presets import auto_preset_values
-
     try:
         values, description = auto_preset_values(str(resolve_data_path(data_text, settings)))
     except (ValueError, OSError) as exc:
@@ -229,9 +238,6 @@ def augmentation_preview(values: dict[str, Any], data_text: str, settings: Any, 
     Returns:
         ``(gallery items, message markdown)``; never raises.
     """
-    from ..augment import preview_augmentations
-    from ..data import scan_dataset
-    from ..modeling import load_processor
 
     try:
         data_dir = resolve_data_path(data_text, settings)
@@ -266,8 +272,6 @@ def build_scratch_config(config: TrainConfig) -> Any:
 
 
 def _patch_size(config: TrainConfig) -> int:
-    from ..modeling import load_model_config, scratch_patch_size
-
     if is_scratch_model(config.model):
         if config.model != SCRATCH_MODEL:
             return int(getattr(build_scratch_config(config), "patch_size", 2))
@@ -288,27 +292,29 @@ STATUS_MARKS = {"running": "●", "starting": "○", "completed": "✓", "stoppe
                 "interrupted": "⚠"}
 
 
-def _accuracy_part(status: dict[str, Any]) -> str | None:
+def _accuracy_part(status: RunStatus | dict[str, Any]) -> str | None:
     """``best val accuracy 55.6% (always 'bees': 54.2%)`` (or mAP for multi-label runs)."""
-    if status.get("monitor") == "val_map" and status.get("best_metric") is not None:
-        return f"best val mAP {status['best_metric']:.4f}"
-    if status.get("best_val_accuracy") is not None:
-        return "best val accuracy " + accuracy_with_baseline(status["best_val_accuracy"], run_baseline(status))
+    status = as_run_status(status)
+    if status.monitor == "val_map" and status.best_metric is not None:
+        return f"best val mAP {status.best_metric:.4f}"
+    if status.best_val_accuracy is not None:
+        return "best val accuracy " + accuracy_with_baseline(status.best_val_accuracy, run_baseline(status))
     return None
 
 
-def status_markdown(status: dict[str, Any], run_id: str) -> str:
+def status_markdown(status: RunStatus | dict[str, Any], run_id: str) -> str:
     """The status line beside Start: state, step and epoch, ETA, images/s, learning rate, best
     accuracy with its baseline (or the error). Device and precision notes are in
     :func:`status_details`."""
+    status = as_run_status(status)
     if not status:
         return "No run yet: check the dataset above, choose a model, then press **Start**."
-    state = status.get("status", "unknown")
+    state = status.status or "unknown"
     mark = STATUS_MARKS.get(state, "•")
-    step, total = int(status.get("step") or 0), status.get("total_steps")
-    epoch, epochs = float(status.get("epoch") or 0), status.get("epochs")
+    step, total = int(status.step or 0), status.total_steps
+    epoch, epochs = float(status.epoch or 0), status.epochs
     if state == "failed":
-        return (f"{mark} **failed** · run `{run_id}`\n\n**Error:** {status.get('error', 'unknown error')}"
+        return (f"{mark} **failed** · run `{run_id}`\n\n**Error:** {(status.error or 'unknown error')}"
                 " (details in train.log)")
     if state == "stopped" and total:
         parts = [f"{mark} **stopped** after step {step} of {total}, epoch {epoch:.2f} of {epochs}", f"run `{run_id}`"]
@@ -323,60 +329,62 @@ def status_markdown(status: dict[str, Any], run_id: str) -> str:
             parts.append(f"step {step}/{total}")
             parts.append(f"epoch {epoch:.2f}/{epochs}")
     if state == "running":
-        parts.append(f"ETA {_format_seconds(status.get('eta_s'))}" if step > int(status.get("resumed_from_step") or 0)
+        parts.append(f"ETA {_format_seconds(status.eta_s)}" if step > int(status.resumed_from_step or 0)
                      else "first step running…")
-    if state == "running" and status.get("images_per_sec"):
-        parts.append(f"{status['images_per_sec']:.1f} images/s")
-    if state == "running" and status.get("lr") is not None:
-        parts.append(f"lr {status['lr']:.2e}")
+    if state == "running" and status.images_per_sec:
+        parts.append(f"{status.images_per_sec:.1f} images/s")
+    if state == "running" and status.lr is not None:
+        parts.append(f"lr {status.lr:.2e}")
     accuracy = _accuracy_part(status)
     if accuracy:
         parts.append(accuracy)
-    patience = status.get("early_stopping_patience") or 0
+    patience = status.early_stopping_patience or 0
     if patience and state == "running":
-        left = patience - int(status.get("epochs_without_improvement") or 0)
+        left = patience - int(status.epochs_without_improvement or 0)
         parts.append(f"early stopping after {left} more epoch(s) without improvement")
-    if status.get("reason"):
-        parts.append(status["reason"])
+    if status.reason:
+        parts.append(status.reason)
     text = " · ".join(parts)
     if state == "stopped":
-        saved = ("the best model so far is saved" if status.get("best_val_accuracy") is not None
+        saved = ("the best model so far is saved" if status.best_val_accuracy is not None
                  else "no epoch finished yet, so no model is saved")
         text += f"\n\n**Resume** continues from step {step}; {saved}."
-    warning = weak_model_warning(status.get("best_val_accuracy"), run_baseline(status))
-    if warning and state in ("completed", "stopped", "interrupted") and status.get("monitor") != "val_map":
+    warning = weak_model_warning(status.best_val_accuracy, run_baseline(status))
+    if warning and state in ("completed", "stopped", "interrupted") and status.monitor != "val_map":
         text += f"\n\n⚠ {warning}"
     return text
 
 
-def status_details(status: dict[str, Any]) -> str:
+def status_details(status: RunStatus | dict[str, Any]) -> str:
     """The folded run details: device and precision, parameters, model and attention notes."""
+    status = as_run_status(status)
     if not status:
         return "Device, precision and model notes appear here once a run starts."
     lines = []
-    if status.get("device"):
-        lines.append(f"- device **{status['device']}**, precision **{status.get('precision', '')}**")
-    if status.get("trainable_params"):
-        lines.append(f"- {status['trainable_params']:,} / {status.get('total_params', 0):,} parameters trainable")
-    if status.get("num_train") is not None:
-        lines.append(f"- {status['num_train']} training / {status.get('num_val', 0)} validation images")
+    if status.device:
+        lines.append(f"- device **{status.device}**, precision **{(status.precision or '')}**")
+    if status.trainable_params:
+        lines.append(f"- {status.trainable_params:,} / {(status.total_params or 0):,} parameters trainable")
+    if status.num_train is not None:
+        lines.append(f"- {status.num_train} training / {(status.num_val or 0)} validation images")
     baseline = run_baseline(status)
     if baseline is not None:
         lines.append(f"- validation baseline: always '{baseline.majority_class}' is right for"
                      f" {baseline.majority_count} of {baseline.total} ({format_accuracy(baseline.rate)}); chance"
                      f" {format_accuracy(baseline.chance)}")
-    lines += [f"- {note}" for note in status.get("notes") or [] if note]
+    lines += [f"- {note}" for note in status.notes or [] if note]
     return "\n".join(lines)
 
 
-def progress_html(status: dict[str, Any]) -> str:
+def progress_html(status: RunStatus | dict[str, Any]) -> str:
     """A progress bar of optimizer steps (empty when nothing ran yet)."""
-    total = status.get("total_steps") if status else None
+    status = as_run_status(status)
+    total = status.total_steps
     if not total:
         return ""
-    step = min(int(status.get("step") or 0), int(total))
+    step = min(int(status.step or 0), int(total))
     share = 100.0 * step / max(int(total), 1)
-    state = status.get("status", "")
+    state = (status.status or "")
     return (f'<div class="vitft-progress vitft-progress-{state}" role="progressbar" aria-valuenow="{step}"'
             f' aria-valuemax="{int(total)}"><div style="width:{share:.1f}%"></div>'
             f'<span>{step} / {int(total)} steps ({share:.0f}%)</span></div>')
@@ -430,25 +438,26 @@ def poll(ctx: Any, run_dir: str | None, last_signature: Any) -> tuple:
         return tuple(gr.skip() for _ in POLL_KEYS)
     metrics = read_metrics(run_dir)
     status = read_status(run_dir)
-    finished = status.get("status") in ("completed", "stopped", "interrupted", "failed")
+    finished = status.status in ("completed", "stopped", "interrupted", "failed")
     has_model = finished and model_dir(run_dir) is not None
     return (status_markdown(status, Path(run_dir).name), progress_html(status), status_details(status),
             figure_loss(metrics), figure_accuracy(metrics), gr.update(visible=has_model),
             banner_markdown(status, Path(run_dir).name), signature)
 
 
-def banner_markdown(status: dict[str, Any], run_id: str) -> str:
+def banner_markdown(status: RunStatus | dict[str, Any], run_id: str) -> str:
     """A one-line status under the dataset line while a run trains, or when the shown run was
     interrupted by an app restart (the form above Start is long; a reopened page shows at once
     what is going on). Empty otherwise."""
-    state = status.get("status")
+    status = as_run_status(status)
+    state = status.status
     if state == "interrupted":
-        return (f"{STATUS_MARKS[state]} The app stopped while run `{run_id}` was training (step {status.get('step', 0)}):"
+        return (f"{STATUS_MARKS[state]} The app stopped while run `{run_id}` was training (step {(status.step or 0)}):"
                 " **Resume**, below the settings, continues it from its last checkpoint.")
     if state not in ("running", "starting"):
         return ""
-    where = f"step {status.get('step', 0)}/{status['total_steps']}" if status.get("total_steps") else "starting"
-    return (f"{STATUS_MARKS[state]} **Training** run `{run_id}` · {where} · ETA {_format_seconds(status.get('eta_s'))}"
+    where = f"step {(status.step or 0)}/{status.total_steps}" if status.total_steps else "starting"
+    return (f"{STATUS_MARKS[state]} **Training** run `{run_id}` · {where} · ETA {_format_seconds(status.eta_s)}"
             " · Stop, Resume, status and curves are below the settings.")
 
 
@@ -474,8 +483,6 @@ def train_again(run_dir: str | None, fields: list[str]) -> tuple[list[Any], str 
         ``(values in the order of fields (gr.skip() for fields the config lacks), the run's dataset
         folder or None, message)``; never raises.
     """
-    from ..runs_table import read_config
-
     if not run_dir:
         return [gr.skip() for _ in fields], None, "Choose a run first."
     config = read_config(run_dir)
@@ -499,6 +506,99 @@ class TrainTab:
     on_load: Callable[[], list]
     """Page-load handler: the running job's settings into the form (values for ``load_outputs``)."""
     load_outputs: list
+    layout: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
+    """``{TrainConfig field: (section, row)}``: where each setting sits (see :func:`build`)."""
+    form: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """``{TrainConfig field: component}``."""
+
+
+def folded_rows(layout: dict[str, tuple[str, int]]) -> dict[str, list[list[str]]]:
+    """``{section: rows of field names}`` of the folded sections (not ``model``/``training``), in the
+    order of ``layout``."""
+    rows: dict[str, dict[int, list[str]]] = {}
+    for name, (section, row) in layout.items():
+        if section not in ("model", "training"):
+            rows.setdefault(section, {}).setdefault(row, []).append(name)
+    return {section: [by_row[row] for row in sorted(by_row)] for section, by_row in rows.items()}
+
+
+def _build_form(ctx: Any, layout: dict[str, tuple[str, int]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The settings: the always visible model and training columns, then the folded sections.
+
+    Args:
+        layout: ``{TrainConfig field: (section, row)}`` for the folded sections, in display order.
+
+    Returns:
+        ``(form, parts)``: ``{TrainConfig field: component}`` and the other components by name
+        (preset buttons, model notes, augmentation preview).
+    """
+    form: dict[str, Any] = {}
+    parts: dict[str, Any] = {}
+    with gr.Row(equal_height=True):
+        with gr.Column(scale=3):
+            gr.Markdown("**Presets** fill the form (edit anything after): **Quick** = linear probe, no augmentation;"
+                        " **Balanced** = partial freeze + basic augmentation; **Best** = RandAugment, MixUp/CutMix,"
+                        " label smoothing, layer decay, EMA; **Auto** = a from-scratch"
+                        " recipe chosen from the data.")
+        with gr.Column(scale=2, min_width=320):
+            with gr.Row():
+                parts["presets"] = {name: gr.Button(name.capitalize(), size="sm", elem_id=f"preset-{name}",
+                                                    min_width=90) for name in PRESETS}
+                parts["auto"] = gr.Button("Auto", size="sm", elem_id="preset-auto", min_width=90)
+    with gr.Row():
+        with gr.Column(scale=2):
+            default_model, _ = resolve_default_model(ctx.settings.device)  # pretrained when the Hub or cache has one
+            form["model"] = field_widget(
+                "model", choices=list(MODEL_CHOICES), value=default_model, allow_custom_value=True,
+                info="A Hub id, a local save_pretrained folder, or a *-scratch model (offline, random weights).",
+                elem_id="model-choice")
+            parts["catalog"] = gr.Markdown(elem_id="model-catalog-info")
+            form["image_size"] = field_widget("image_size", visible=is_scratch_model(default_model))
+            form["freeze_depth"] = field_widget("freeze_depth")
+            parts["params"] = gr.Markdown(elem_id="param-count")
+        with gr.Column(scale=3):
+            with gr.Row():
+                form["epochs"] = field_widget("epochs")
+                form["batch_size"] = field_widget("batch_size")
+                form["lr"] = field_widget(
+                    "lr", value=scratch_model(default_model).lr if is_scratch_model(default_model) else FINETUNE_LR)
+            form["augment"] = field_widget("augment")
+            parts["augment_note"] = gr.Markdown(augment_summary(form["augment"].value), elem_id="augment-summary")
+    for section, rows in folded_rows(layout).items():
+        with gr.Accordion(SECTIONS[section], open=False):
+            for row in rows:
+                field_row(row, form)
+            if section == "augmentation":
+                with gr.Row():
+                    parts["preview_button"] = gr.Button("Preview augmentation", size="sm", elem_id="preview-button")
+                    parts["preview_message"] = gr.Markdown(elem_id="preview-message")
+                parts["preview"] = gr.Gallery(label="Augmented training images (current settings)", columns=8,
+                                              height=240, object_fit="contain", elem_id="augment-preview")
+    return form, parts
+
+
+def _build_live() -> dict[str, Any]:
+    """Start, Stop, Resume, the progress bar, status and messages, the after-run buttons and the
+    live plots, by name."""
+    live: dict[str, Any] = {}
+    with gr.Group(elem_id="train-live"):
+        with gr.Row(equal_height=True):
+            live["start"] = gr.Button("Start", variant="primary", elem_id="start-button", scale=1, min_width=90)
+            live["stop"] = gr.Button("Stop", variant="stop", elem_id="stop-button", scale=1, min_width=90)
+            live["resume"] = gr.Button("Resume", elem_id="resume-button", scale=1, min_width=90)
+            live["progress"] = gr.HTML(elem_id="train-progress", scale=5, padding=False)
+        live["message"] = gr.Markdown(elem_id="train-message")
+        live["status"] = gr.Markdown(elem_id="train-status")
+    with gr.Row(visible=False, elem_id="after-run") as live["after_run"]:
+        live["evaluate_button"] = gr.Button("Evaluate this run", elem_id="evaluate-this-run", size="sm")
+        live["try_button"] = gr.Button("Try it (Predict)", elem_id="try-this-run", size="sm")
+        live["again_button"] = gr.Button("Train again with these settings", elem_id="train-again", size="sm")
+    with gr.Row():
+        live["loss"] = gr.Plot(label="Loss", elem_id="loss-plot")
+        live["accuracy"] = gr.Plot(label="Accuracy", elem_id="accuracy-plot")
+    with gr.Accordion("Run details (device, precision, notes)", open=False):
+        live["details"] = gr.Markdown(status_details({}), elem_id="train-details")
+    return live
 
 
 def build(ctx: Any, data: Any) -> TrainTab:
@@ -508,145 +608,47 @@ def build(ctx: Any, data: Any) -> TrainTab:
     the recipe (and precision, attention kernel, device notes) sits in folded groups. Start, Stop,
     Resume, the status line and the progress bar sit together above the live plots. Preset
     buttons fill the form; every control is named after its
-    :class:`~vitft_app.config.TrainConfig` field.
+    :class:`~vitft_app.config.TrainConfig` field and built from its declaration (ui/form.py).
     """
-
-    def info(name: str, size: int | None, depth: int, classes: list[str]) -> tuple[Any, str]:
-        # A typed model folder must pass the app's confinement check (settings).
-        return model_info(name, size, depth, classes, settings=ctx.settings)
-
-    docs = field_docs()
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-
-    def number(name: str, label: str, integer: bool = False, **kwargs: Any) -> gr.Number:
-        return gr.Number(value=defaults[name], label=label, info=docs[name], precision=0 if integer else None,
-                         elem_id=name.replace("_", "-"), **kwargs)
-
-    def radio(name: str, label: str, choices: list[str]) -> gr.Radio:
-        return gr.Radio(choices, value=defaults[name], label=label, info=docs[name], elem_id=name.replace("_", "-"))
-
+    # Where each TrainConfig field sits: (section, row). The model and training sections are the
+    # two visible columns; the others fold (titles: config.SECTIONS). A field left out of this
+    # table has no control; the widget itself comes from the field's declaration (ui/form.py).
+    layout = {
+        "model": ("model", 0), "image_size": ("model", 0), "freeze_depth": ("model", 0),
+        "epochs": ("training", 0), "batch_size": ("training", 0), "lr": ("training", 0), "augment": ("training", 1),
+        "crop_scale_min": ("augmentation", 0), "color_jitter": ("augmentation", 0),
+        "random_erasing": ("augmentation", 0), "patch_mask_ratio": ("augmentation", 0),
+        "patch_dropout": ("augmentation", 0),
+        "mixup": ("augmentation", 1), "cutmix": ("augmentation", 1), "label_smoothing": ("augmentation", 1),
+        "class_weights": ("augmentation", 1),
+        "optimizer": ("optimization", 0), "scheduler": ("optimization", 0), "warmup_ratio": ("optimization", 0),
+        "weight_decay": ("optimization", 0),
+        "layer_decay": ("optimization", 1), "grad_accum_steps": ("optimization", 1),
+        "max_grad_norm": ("optimization", 1), "ema_decay": ("optimization", 1),
+        "gradual_unfreeze": ("optimization", 2), "distill_weight": ("optimization", 2),
+        "early_stopping_patience": ("optimization", 2), "early_stopping_min_delta": ("optimization", 2),
+        "val_fraction": ("system", 0), "seed": ("system", 0), "log_every_steps": ("system", 0),
+        "num_workers": ("system", 0), "max_nonfinite_steps": ("system", 0),
+        "precision": ("system", 1), "attention": ("system", 1),
+    }
     dataset_line = gr.Markdown(dataset_markdown(None), elem_id="train-dataset")
     banner = gr.Markdown(elem_id="train-banner")
-    with gr.Row(equal_height=True):
-        with gr.Column(scale=3):
-            gr.Markdown("**Presets** fill the form (edit anything after): **Quick** = linear probe, no augmentation;"
-                        " **Balanced** = partial freeze + basic augmentation; **Best** = RandAugment, MixUp/CutMix,"
-                        " label smoothing, layer decay, EMA; **Auto** = a from-scratch"
-                        " recipe chosen from the data.")
-        with gr.Column(scale=2, min_width=320):
-            with gr.Row():
-                preset_buttons = {name: gr.Button(name.capitalize(), size="sm", elem_id=f"preset-{name}",
-                                                  min_width=90) for name in PRESETS}
-                auto_button = gr.Button("Auto", size="sm", elem_id="preset-auto", min_width=90)
-    with gr.Row():
-        with gr.Column(scale=2):
-            default_model, _ = resolve_default_model(ctx.settings.device)  # pretrained when the Hub or cache has one
-            model = gr.Dropdown(
-                choices=list(MODEL_CHOICES), value=default_model, allow_custom_value=True,
-                label="Model", info="A Hub id, a local save_pretrained folder, or a *-scratch model (offline, random weights).",
-                elem_id="model-choice",
-            )
-            catalog = gr.Markdown(elem_id="model-catalog-info")
-            image_size = gr.Slider(32, 224, value=224, step=16, label="Image size (scratch models)",
-                                   info=docs["image_size"], elem_id="image-size",
-                                   visible=is_scratch_model(default_model))
-            freeze_depth = gr.Slider(0, 12, value=0, step=1, label="Freeze depth", info=docs["freeze_depth"],
-                                     elem_id="freeze-depth")
-            params = gr.Markdown(elem_id="param-count")
-        with gr.Column(scale=3):
-            with gr.Row():
-                epochs = gr.Number(value=defaults["epochs"], label="Epochs", precision=0, minimum=1, elem_id="epochs")
-                batch_size = gr.Number(value=defaults["batch_size"], label="Batch size", precision=0, minimum=1,
-                                       elem_id="batch-size")
-                lr = gr.Number(value=scratch_model(default_model).lr if is_scratch_model(default_model) else FINETUNE_LR,
-                               label="Learning rate", info="5e-5 for fine-tuning, 1e-3 to 2e-3 from scratch",
-                               elem_id="lr")
-            augment = gr.Dropdown(["none", "basic", "crop", "randaugment", "trivialaugment", "autoaugment"],
-                                  value=defaults["augment"], label="Augmentation", elem_id="augment")
-            augment_note = gr.Markdown(augment_summary(defaults["augment"]), elem_id="augment-summary")
-    with gr.Accordion("Augmentation and regularization", open=False):
-        with gr.Row():
-            crop_scale_min = number("crop_scale_min", "Random crop: smallest area", minimum=0.01, maximum=1)
-            color_jitter = number("color_jitter", "Colour jitter", minimum=0, maximum=1)
-            random_erasing = number("random_erasing", "Random erasing probability", minimum=0, maximum=1)
-            patch_mask_ratio = number("patch_mask_ratio", "Patch mask ratio", minimum=0, maximum=0.99)
-            patch_dropout = number("patch_dropout", "PatchDropout (token drop rate)", minimum=0, maximum=0.99)
-        with gr.Row():
-            mixup = number("mixup", "MixUp alpha", minimum=0)
-            cutmix = number("cutmix", "CutMix alpha", minimum=0)
-            label_smoothing = number("label_smoothing", "Label smoothing", minimum=0, maximum=0.99)
-            class_weights = radio("class_weights", "Class weights", ["none", "balanced"])
-        with gr.Row():
-            preview_button = gr.Button("Preview augmentation", size="sm", elem_id="preview-button")
-            preview_message = gr.Markdown(elem_id="preview-message")
-        preview = gr.Gallery(label="Augmented training images (current settings)", columns=8, height=240,
-                             object_fit="contain", elem_id="augment-preview")
-    with gr.Accordion("Optimization", open=False):
-        with gr.Row():
-            optimizer = radio("optimizer", "Optimizer", ["adamw", "sgd"])
-            scheduler = radio("scheduler", "Schedule", ["cosine", "linear", "constant"])
-            warmup_ratio = number("warmup_ratio", "Warmup ratio", minimum=0, maximum=0.99)
-            weight_decay = number("weight_decay", "Weight decay", minimum=0)
-        with gr.Row():
-            layer_decay = number("layer_decay", "Layer decay", minimum=0.01, maximum=1)
-            grad_accum = number("grad_accum_steps", "Gradient accumulation steps", integer=True, minimum=1)
-            max_grad_norm = number("max_grad_norm", "Max gradient norm", minimum=0)
-            ema_decay = number("ema_decay", "EMA decay", minimum=0, maximum=0.99999)
-        with gr.Row():
-            gradual_unfreeze = number("gradual_unfreeze", "Gradual unfreeze (epochs per block)", integer=True,
-                                      minimum=0)
-            distill_weight = number("distill_weight", "Distillation weight", minimum=0)
-            patience = number("early_stopping_patience", "Early stopping patience", integer=True, minimum=0)
-            min_delta = number("early_stopping_min_delta", "Early stopping min improvement", minimum=0)
-    with gr.Accordion("Data, speed, precision and logging", open=False):
-        with gr.Row():
-            val_fraction = gr.Number(value=defaults["val_fraction"], label="Validation fraction",
-                                     info="used when the folder has no val/ split")
-            seed = gr.Number(value=defaults["seed"], label="Seed", precision=0)
-            log_every = gr.Number(value=defaults["log_every_steps"], label="Log every N steps", precision=0,
-                                  minimum=1)
-            num_workers = number("num_workers", "Loader workers", integer=True, minimum=0)
-            max_nonfinite = number("max_nonfinite_steps", "Non-finite steps before stopping", integer=True, minimum=1)
-        with gr.Row():
-            precision = gr.Radio(["auto", "bf16", "fp16", "fp32"], value="auto", label="Precision",
-                                 info=docs["precision"], elem_id="precision")
-            attention = radio("attention", "Attention kernel", ["auto", "sdpa", "eager"])
-    with gr.Group(elem_id="train-live"):
-        with gr.Row(equal_height=True):
-            start = gr.Button("Start", variant="primary", elem_id="start-button", scale=1, min_width=90)
-            stop = gr.Button("Stop", variant="stop", elem_id="stop-button", scale=1, min_width=90)
-            resume = gr.Button("Resume", elem_id="resume-button", scale=1, min_width=90)
-            progress_bar = gr.HTML(elem_id="train-progress", scale=5, padding=False)
-        message = gr.Markdown(elem_id="train-message")
-        status = gr.Markdown(elem_id="train-status")
-    with gr.Row(visible=False, elem_id="after-run") as after_run:
-        evaluate_button = gr.Button("Evaluate this run", elem_id="evaluate-this-run", size="sm")
-        try_button = gr.Button("Try it (Predict)", elem_id="try-this-run", size="sm")
-        again_button = gr.Button("Train again with these settings", elem_id="train-again", size="sm")
-    with gr.Row():
-        loss_plot = gr.Plot(label="Loss", elem_id="loss-plot")
-        acc_plot = gr.Plot(label="Accuracy", elem_id="accuracy-plot")
-    with gr.Accordion("Run details (device, precision, notes)", open=False):
-        details = gr.Markdown(status_details({}), elem_id="train-details")
-
-    # The form, by TrainConfig field name: the one place that ties components to fields.
-    form = {
-        "model": model, "image_size": image_size, "freeze_depth": freeze_depth, "epochs": epochs,
-        "batch_size": batch_size, "lr": lr, "precision": precision, "augment": augment,
-        "crop_scale_min": crop_scale_min, "color_jitter": color_jitter, "random_erasing": random_erasing,
-        "patch_mask_ratio": patch_mask_ratio, "mixup": mixup, "cutmix": cutmix, "label_smoothing": label_smoothing,
-        "class_weights": class_weights, "optimizer": optimizer, "scheduler": scheduler,
-        "warmup_ratio": warmup_ratio, "weight_decay": weight_decay, "layer_decay": layer_decay,
-        "grad_accum_steps": grad_accum, "max_grad_norm": max_grad_norm, "ema_decay": ema_decay,
-        "gradual_unfreeze": gradual_unfreeze, "distill_weight": distill_weight,
-        "early_stopping_patience": patience, "early_stopping_min_delta": min_delta,
-        "val_fraction": val_fraction, "seed": seed, "log_every_steps": log_every, "num_workers": num_workers,
-        "max_nonfinite_steps": max_nonfinite, "attention": attention, "patch_dropout": patch_dropout,
-    }
-    fields = list(form)
+    form, parts = _build_form(ctx, layout)
+    live = _build_live()
+    live["banner"] = banner
     run_state = gr.State(None)
     signature = gr.State(None)
-    timer = gr.Timer(1.0)
+    live["signature"] = signature
+    _wire_run_events(ctx, data, form, live, run_state)
+    on_load, suggested_for = _wire_form_events(ctx, data, form, parts, live, run_state, dataset_line)
+    return TrainTab(run=run_state, evaluate_button=live["evaluate_button"], try_button=live["try_button"],
+                    signature=signature, on_load=on_load, load_outputs=[*form.values(), suggested_for],
+                    layout=layout, form=form)
+
+
+def _wire_run_events(ctx: Any, data: Any, form: dict[str, Any], live: dict[str, Any], run_state: gr.State) -> None:
+    """Start, Stop, Resume and the timer that polls the shown run."""
+    message, signature = live["message"], live["signature"]
 
     def on_start(values: dict, progress: gr.Progress = gr.Progress()) -> tuple:
         def report(done: int, total: int) -> None:
@@ -666,20 +668,37 @@ def build(ctx: Any, data: Any) -> TrainTab:
         values = poll(ctx, run, sig)
         # A run that has ended clears "Stopping…" and similar messages of the buttons.
         new_signature = values[-1]
-        settled = isinstance(new_signature, tuple) and read_status(new_signature[0]).get("status") in (
+        settled = isinstance(new_signature, tuple) and read_status(new_signature[0]).status in (
             "completed", "stopped", "failed", "interrupted")
         return (*values, "" if settled else gr.skip())
 
     # On Start, bring the buttons, status and plots into view: that is where things move.
     scroll = "() => document.querySelector('#train-live')?.scrollIntoView({behavior: 'smooth', block: 'start'})"
-    start.click(on_start, inputs=set(form.values()) | {data.chosen}, outputs=[message, run_state, signature])
-    start.click(None, js=scroll)
-    stop.click(lambda: stop_run(ctx), outputs=message)
-    resume.click(on_resume, inputs=run_state, outputs=[message, run_state, signature])
-    resume.click(None, js=scroll)
-    live = {"status": status, "progress": progress_bar, "details": details, "loss": loss_plot,
-            "accuracy": acc_plot, "after_run": after_run, "banner": banner, "signature": signature}
+    live["start"].click(on_start, inputs=set(form.values()) | {data.chosen}, outputs=[message, run_state, signature])
+    live["start"].click(None, js=scroll)
+    live["stop"].click(lambda: stop_run(ctx), outputs=message)
+    live["resume"].click(on_resume, inputs=run_state, outputs=[message, run_state, signature])
+    live["resume"].click(None, js=scroll)
+    timer = gr.Timer(1.0)
     timer.tick(on_poll, inputs=[run_state, signature], outputs=[*(live[k] for k in POLL_KEYS), message])
+
+
+def _wire_form_events(ctx: Any, data: Any, form: dict[str, Any], parts: dict[str, Any], live: dict[str, Any],
+                      run_state: gr.State, dataset_line: Any) -> tuple[Callable[[], list], gr.State]:
+    """The form's own events: the chosen dataset, presets, Train again, the augmentation preview,
+    the model notes.
+
+    Returns:
+        ``(on_load, suggested_for)``: the page-load handler and the state it also fills.
+    """
+    fields = list(form)
+    message = live["message"]
+    model, image_size, freeze_depth, augment = form["model"], form["image_size"], form["freeze_depth"], form["augment"]
+    params, augment_note = parts["params"], parts["augment_note"]
+
+    def info(name: str, size: int | None, depth: int, classes: list[str]) -> tuple[Any, str]:
+        # A typed model folder must pass the app's confinement check (settings).
+        return model_info(name, size, depth, classes, settings=ctx.settings)
 
     # The chosen dataset: shown at the top, its suggested augmentation in the form.
     # The dataset's suggestions (augmentation, scratch image size) are applied once per dataset, so a
@@ -704,10 +723,11 @@ def build(ctx: Any, data: Any) -> TrainTab:
         # The run's own augmentation wins over the dataset's suggestion.
         return [*values, data_dir if data_dir else gr.skip(), data_dir if data_dir else gr.skip(), text]
 
-    again_button.click(on_again, inputs=run_state, outputs=[*form.values(), data.path, suggested_for, message]).then(
+    live["again_button"].click(on_again, inputs=run_state,
+                               outputs=[*form.values(), data.path, suggested_for, message]).then(
         data.scan_handler, inputs=data.path, outputs=data.outputs)
 
-    for name, button in preset_buttons.items():
+    for name, button in parts["presets"].items():
         def apply(model_name: str, size: float, name: str = name) -> list:
             values, text = preset_updates(name, model_name, size, fields)
             return [*values, text]
@@ -716,29 +736,29 @@ def build(ctx: Any, data: Any) -> TrainTab:
         button.click(apply, inputs=[model, image_size], outputs=[*form.values(), message]).then(
             info, inputs=[model, image_size, freeze_depth, data.classes], outputs=[freeze_depth, params])
 
-    auto_button.click(lambda text: (lambda v, t: [*v, t])(*auto_preset_updates(text, ctx.settings, fields)),
-                      inputs=data.path, outputs=[*form.values(), message]).then(
+    parts["auto"].click(lambda text: (lambda v, t: [*v, t])(*auto_preset_updates(text, ctx.settings, fields)),
+                        inputs=data.path, outputs=[*form.values(), message]).then(
         info, inputs=[model, image_size, freeze_depth, data.classes], outputs=[freeze_depth, params])
 
-    preview_button.click(
+    parts["preview_button"].click(
         lambda values: augmentation_preview({n: values[c] for n, c in form.items()}, values[data.path], ctx.settings),
-        inputs=set(form.values()) | {data.path}, outputs=[preview, preview_message],
+        inputs=set(form.values()) | {data.path}, outputs=[parts["preview"], parts["preview_message"]],
     )
     data.balance_button.click(
         lambda: ("balanced", "⚖ Class weights set to **balanced** (Train tab → Augmentation and regularization)."),
-        outputs=[class_weights, message],
+        outputs=[form["class_weights"], message],
     )
 
     info_inputs = [model, image_size, freeze_depth, data.classes]
     model.change(lambda name: gr.update(visible=is_scratch_model(name)), inputs=model, outputs=image_size)
     # Only a model the user picks suggests a learning rate (a loaded run's settings keep theirs).
     model.input(lambda name: scratch_model(name).lr if is_scratch_model(name) else FINETUNE_LR, inputs=model,
-                outputs=lr)
+                outputs=form["lr"])
     for component in (model, image_size, data.classes):
         component.change(info, inputs=info_inputs, outputs=[freeze_depth, params])
     for component in (model, image_size, data.classes):
         component.change(lambda name, size, text: catalog_info(name, size, text, ctx.settings),
-                         inputs=[model, image_size, data.path], outputs=catalog)
+                         inputs=[model, image_size, data.path], outputs=parts["catalog"])
     freeze_depth.input(info, inputs=info_inputs, outputs=[freeze_depth, params], trigger_mode="always_last")
 
     def on_load() -> list:
@@ -749,6 +769,4 @@ def build(ctx: Any, data: Any) -> TrainTab:
         values, data_dir, _ = train_again(str(job.run_dir), fields)
         return [*values, data_dir if data_dir else gr.skip()]
 
-    return TrainTab(run=run_state, evaluate_button=evaluate_button, try_button=try_button, signature=signature,
-                    on_load=on_load,
-                    load_outputs=[*form.values(), suggested_for])
+    return on_load, suggested_for
