@@ -35,7 +35,7 @@ from transformers import AutoConfig, AutoImageProcessor
 from .images import ImageLoadError, ImageSource
 from .predict import ClassifierBackend, Predictor, load_pixels
 from .config import TrainConfig
-from .data import EvalTransform, build_transforms, scan_dataset
+from .data import EvalTransform, scan_dataset
 from .modeling import is_model_folder, resolve_model_path
 from .runs import is_run_dir
 
