@@ -112,7 +112,8 @@ def build_train_data(config: TrainConfig, report: DatasetReport, processor: Any,
     def eval_dataset(items: Sequence[Any]) -> torch.utils.data.Dataset:
         """Images through the one eval transform (from the decode cache when it is on)."""
         if decode_cache is not None:
-            return CachedImageDataset(items, decode_cache, recipe_from_spec(spec), tensor_transform(spec), target_classes)
+            return CachedImageDataset(items, decode_cache, recipe_from_spec(spec), tensor_transform(spec),
+                                      target_classes)
         return ImageDataset(items, build_transforms(processor, False), (out_w, out_h), target_classes)
 
     if plan.train_transform_random:
@@ -129,7 +130,8 @@ def build_train_data(config: TrainConfig, report: DatasetReport, processor: Any,
     # The loader's own generator seeds its workers, so creating an iterator (at every epoch and
     # on resume) never draws from the global RNG that augmentation uses.
     loader_gen = torch.Generator().manual_seed(config.seed + 1 + dist_ctx.rank)
-    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=batch_sampler, generator=loader_gen, **loader_args)
+    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=batch_sampler, generator=loader_gen,
+                                               **loader_args)
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=config.batch_size, shuffle=False, **loader_args)
     # A micro-batch is batch_size images per process: batch_size x world_size in all.
     global_batch = config.batch_size * dist_ctx.world_size

@@ -191,7 +191,8 @@ def _report_step(loop: LoopContext, epoch_progress: float, window_size: int, sum
     if seen_total > 0:
         now = time.perf_counter()
         loop.emit(StepLogged(step=state.step, epoch=epoch_progress, loss=loss_total / seen_total,
-                             lr=loop.scheduler.get_last_lr()[-1], images_per_sec=seen_total / max(now - sums.log_t0, 1e-9),
+                             lr=loop.scheduler.get_last_lr()[-1],
+                             images_per_sec=seen_total / max(now - sums.log_t0, 1e-9),
                              eta_s=(now - loop.t_train) / max(state.step - loop.start_step, 1) * (total - state.step)))
         sums.log_loss.zero_()
         sums.log_seen.zero_()

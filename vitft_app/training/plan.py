@@ -101,7 +101,8 @@ def _attention_decision(config: TrainConfig, model: nn.Module, resumed_attention
                              " runs in training, nothing to time)")
     if can_switch_attention(model):
         rounds = len(AttentionTrial(model, device.device).schedule)  # nothing runs: reads the schedule
-        return None, True, f"attention: auto (the first {rounds} micro-batches alternate sdpa and eager; the faster is kept)"
+        return None, True, (f"attention: auto (the first {rounds} micro-batches alternate sdpa and eager; the faster"
+                            " is kept)")
     return None, False, f"attention: {current_attention(model)} (this model's kernel cannot be switched)"
 
 
@@ -135,11 +136,13 @@ def resolve_train_plan(
     if not options.decode_cache:
         decode_reason = "decode cache: off (the engine option is off)"
     elif image_random:
-        decode_reason = f"decode cache: validation only (training transforms each image at random: {', '.join(image_random)})"
+        decode_reason = ("decode cache: validation only (training transforms each image at random:"
+                         f" {', '.join(image_random)})")
     else:
         decode_reason = "decode cache: validation and training (no per-image randomness)"
     linear_probe_cached = train_cached and config.freeze_depth == num_blocks(model)
-    attention, trial, attention_reason = _attention_decision(config, model, resumed_attention, linear_probe_cached, device)
+    attention, trial, attention_reason = _attention_decision(config, model, resumed_attention, linear_probe_cached,
+                                                             device)
     return TrainPlan(
         device=device,
         multi_label=report.multi_label,

@@ -111,6 +111,7 @@ class LoopContext:
 
     @property
     def device(self) -> torch.device:
+        """Where the run computes (from the plan)."""
         return self.plan.device.device
 
     @property
