@@ -18,6 +18,7 @@ report. Symbolic links are never followed out of the dataset folder: a linked fi
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections import Counter, defaultdict
@@ -592,6 +593,7 @@ class ProcessorSpec:
         crop: ``(height, width)`` of the center crop, or None.
         mean, std: per-channel normalization (after rescaling to [0, 1]).
         interpolation: torchvision ``InterpolationMode`` name.
+        flip_channels: RGB -> BGR after normalization (MobileViT's ``do_flip_channel_order``).
     """
 
     resize: tuple[int, int] | int
@@ -599,6 +601,7 @@ class ProcessorSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str
+    flip_channels: bool = False
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -616,6 +619,9 @@ def processor_spec(processor: Any) -> ProcessorSpec:
     Raises:
         ValueError: the processor describes no size.
     """
+    data_config = getattr(processor, "data_config", None)
+    if isinstance(data_config, dict) and "input_size" in data_config:
+        return _timm_processor_spec(data_config)
     size = dict(getattr(processor, "size", None) or {})
     if "height" in size and "width" in size:
         resize: tuple[int, int] | int = (int(size["height"]), int(size["width"]))
@@ -634,7 +640,28 @@ def processor_spec(processor: Any) -> ProcessorSpec:
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     resample = getattr(processor, "resample", 2)
     interpolation = _PIL_TO_INTERPOLATION.get(int(resample), "BILINEAR")
-    return ProcessorSpec(resize, crop, mean, std, interpolation)  # type: ignore[arg-type]
+    flip = bool(getattr(processor, "do_flip_channel_order", False))
+    return ProcessorSpec(resize, crop, mean, std, interpolation, flip)  # type: ignore[arg-type]
+
+
+def _timm_processor_spec(data_config: dict) -> ProcessorSpec:
+    """A timm ``data_config`` (``TimmWrapperImageProcessor.data_config``) in torchvision terms: the
+    evaluation transform of ``timm.data.create_transform`` with ``crop_mode="center"``: resize the
+    shorter side to ``floor(size / crop_pct)``, center crop ``size``, normalize."""
+    _, height, width = (int(v) for v in data_config["input_size"])
+    crop_pct = float(data_config.get("crop_pct") or 1.0)
+    resize = (int(math.floor(height / crop_pct)) if height == width
+              else (int(math.floor(height / crop_pct)), int(math.floor(width / crop_pct))))
+    interpolation = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "NEAREST"}.get(
+        str(data_config.get("interpolation", "bilinear")), "BILINEAR")
+    mean = tuple(float(x) for x in data_config.get("mean", (0.485, 0.456, 0.406)))
+    std = tuple(float(x) for x in data_config.get("std", (0.229, 0.224, 0.225)))
+    return ProcessorSpec(resize, (height, width), mean, std, interpolation)  # type: ignore[arg-type]
+
+
+def _flip_channels(pixels: torch.Tensor) -> torch.Tensor:
+    """RGB -> BGR on a ``(3, H, W)`` tensor (MobileViT checkpoints expect BGR)."""
+    return pixels.flip(0)
 
 
 def build_transforms(
@@ -676,6 +703,8 @@ def build_transforms(
     spec = processor_spec(processor)
     mode = InterpolationMode[spec.interpolation]
     tail: list = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
+    if spec.flip_channels:
+        tail.append(v2.Lambda(_flip_channels))
     if not train or augment == "none":
         head: list = [v2.Resize(spec.resize, interpolation=mode, antialias=True)]
         if spec.crop is not None:

@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
-from .data import ImageDataset
+from .data import ImageDataset, _flip_channels
 from .images import ImageLoadError, load_image
 
 #: Default in-memory budget: 2 GiB (about 14,000 images at 224 px).
@@ -289,6 +289,8 @@ def tensor_transform(spec: Any, train: bool = False, augment: str = "none") -> C
         ``uint8 (3, H, W)`` -> ``float32 (3, out_h, out_w)``.
     """
     tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
+    if spec.flip_channels:  # MobileViT: RGB -> BGR, as build_transforms
+        tail.append(v2.Lambda(_flip_channels))
     if train and augment == "basic":
         mode = InterpolationMode[spec.interpolation]
         head = [v2.RandomResizedCrop(spec.output_size, interpolation=mode, antialias=True), v2.RandomHorizontalFlip()]

@@ -127,6 +127,7 @@ class EvalPreprocess:
         self.resize = v2.Compose(steps)
         self.mean = np.asarray(spec.mean, dtype=np.float32).reshape(3, 1, 1)
         self.std = np.asarray(spec.std, dtype=np.float32).reshape(3, 1, 1)
+        self.flip_channels = spec.flip_channels
         out_h, out_w = spec.output_size
         self.draft_size = (out_w, out_h)
 
@@ -136,6 +137,8 @@ class EvalPreprocess:
         array /= np.float32(255.0)
         array -= self.mean
         array /= self.std
+        if self.flip_channels:  # MobileViT checkpoints expect BGR (do_flip_channel_order)
+            array = np.ascontiguousarray(array[::-1])
         return torch.from_numpy(array)
 
 
@@ -295,7 +298,7 @@ class Predictor(ClassifierBackend):
         stage = "preprocessor_config.json"
         try:
             self.processor = AutoImageProcessor.from_pretrained(folder)
-            if not hasattr(self.processor, "image_mean") and not hasattr(self.processor, "size"):
+            if not any(hasattr(self.processor, a) for a in ("image_mean", "size", "data_config")):  # timm: data_config
                 raise ValueError("not an image processor")
             stage = "config.json / model.safetensors"
             self.model = AutoModelForImageClassification.from_pretrained(folder)  # SDPA attention: the default

@@ -30,7 +30,7 @@ from .distributed import DistContext, current_context, process_device
 from .baseline import majority_baseline
 from .events import Emit, EvalDone, LogMessage, RunFinished, RunStarted, StepLogged, StepProgress
 from .filecheck import Progress
-from .modeling import build_model, count_parameters, freeze_layers, has_cls_token, num_blocks
+from .modeling import build_model, count_parameters, freeze_layers, num_blocks
 from .optim import create_ema, create_optimizer, create_scheduler
 from .runs import save_model_atomically
 
@@ -302,9 +302,11 @@ def evaluate(
 
 
 def supports_feature_cache(model: torch.nn.Module) -> bool:
-    """True for ViT-style models (CLS token + transformer blocks), whose frozen prefix
-    :mod:`vitft_app.feature_cache` can split off; hierarchical models (PVTv2, MobileViT) cannot be."""
-    return has_cls_token(model)
+    """True when the frozen prefix of the model, as frozen now, can be cached exactly: the
+    per-family rule :func:`vitft_app.families.feature_cache_blocker` finds no blocker."""
+    from .families import feature_cache_blocker
+
+    return feature_cache_blocker(model) is None
 
 
 def preflight(config: TrainConfig, device: str | None = None, progress: Progress | None = None) -> DatasetReport:
@@ -616,6 +618,10 @@ def train(
         and config.mixup == 0 and config.cutmix == 0 and config.patch_mask_ratio == 0 and config.random_erasing == 0 \
         and config.patch_dropout == 0
     val_cache = train_cache = prefix = suffix = None
+    if USE_FEATURE_CACHE and config.freeze_depth >= 1 and config.gradual_unfreeze == 0 and not cache_val:
+        from .families import feature_cache_blocker
+
+        emit(LogMessage(f"feature cache off: {feature_cache_blocker(model)}"))
     if cache_val:
         from .feature_cache import cache_features, split_frozen_model
 
