@@ -52,7 +52,7 @@ class TrainConfig:
     """Input size in pixels for a scratch model (32 to 224, default 224); pretrained models use their processor's size."""
 
     freeze_depth: int = 0
-    """Encoder blocks to freeze: 0 trains everything; N >= 1 also freezes the patch and position embeddings; all blocks = linear probe."""
+    """Encoder blocks (stages for Swin, MobileViT, PVTv2) to freeze: 0 trains everything; N >= 1 also freezes the patch and position embeddings; all blocks = linear probe."""
 
     epochs: int = 3
     """Passes over the training split."""

@@ -80,6 +80,9 @@ class ModelFamily:
     pooling: Pooling | None
     cache_note: str = ""
     export_note: str = "ONNX (opset 17, TorchScript exporter), checked against PyTorch"
+    token_dropping: bool = False
+    """PatchDropout can drop its patch tokens: a CLS token the head reads and no position bias tied
+    to the full token grid (ViT, DeiT, DINOv2; not BEiT, whose relative position bias is)."""
 
     @property
     def unit_plural(self) -> str:
@@ -93,14 +96,14 @@ _HIERARCHICAL = "hierarchical stages change the token grid between stages; the c
 FAMILIES: dict[str, ModelFamily] = {
     f.name: f
     for f in (
-        ModelFamily("vit", "ViT", ("vit",), "block", "attention rollout", "cls"),
+        ModelFamily("vit", "ViT", ("vit",), "block", "attention rollout", "cls", token_dropping=True),
         ModelFamily("deit", "DeiT", ("deit",), "block", "attention rollout", "cls",
-                    export_note="ONNX; distilled checkpoints export the single fine-tuned head"),
+                    export_note="ONNX; distilled checkpoints export the single fine-tuned head", token_dropping=True),
         ModelFamily("beit", "BEiT", ("beit", "data2vec-vision"), "block", "attention rollout", None,
                     cache_note="BEiT blocks take a relative position bias computed for the image size, which the cache"
                     " does not pass"),
         ModelFamily("dinov2", "DINOv2", ("dinov2", "dinov2_with_registers"), "block", "attention rollout",
-                    "cls+mean"),
+                    "cls+mean", token_dropping=True),
         ModelFamily("swin", "Swin / Swinv2", ("swin", "swinv2"), "stage", "input gradient", None,
                     cache_note=_HIERARCHICAL,
                     export_note="ONNX; shifted-window attention, checked against PyTorch like the others"),

@@ -31,6 +31,15 @@ CURATED_MODELS = (
     "google/vit-base-patch16-224",
     "facebook/deit-tiny-patch16-224",
     "facebook/deit-small-patch16-224",
+    # Other families (vitft_app.families; README "Models"): the strongest small and base checkpoints.
+    "facebook/deit-small-distilled-patch16-224",
+    "timm/vit_small_patch16_224.augreg_in21k_ft_in1k",
+    "timm/vit_base_patch16_224.augreg_in21k_ft_in1k",
+    "facebook/dinov2-small",
+    "facebook/dinov2-base",
+    "microsoft/beit-base-patch16-224",
+    "microsoft/swinv2-tiny-patch4-window8-256",
+    "apple/mobilevit-small",
 )
 #: Every choice of the model dropdown, the offline ones first (see vitft_app.scratch.SCRATCH_MODELS).
 MODEL_CHOICES = tuple(SCRATCH_MODELS) + CURATED_MODELS
@@ -352,11 +361,13 @@ def encoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module
 
 def has_cls_token(model: nn.Module) -> bool:
     """True when the model's embeddings prepend a CLS token (``embeddings.cls_token``), the token a
-    ViT-style head classifies from (False for timm checkpoints: vitft's token hooks do not reach
-    inside timm's forward)."""
-    from .families import family_of
+    ViT-style head classifies from and PatchDropout may keep while dropping patch tokens. False
+    for families where dropping tokens is not possible (:attr:`vitft_app.families.ModelFamily.token_dropping`:
+    BEiT's relative position bias is tied to the full grid; timm runs its own forward)."""
+    from .families import GENERIC, family_of
 
-    if family_of(model).name == "timm":
+    family = family_of(model)
+    if family is not GENERIC and not family.token_dropping:
         return False
     return getattr(encoder_parts(model)[0], "cls_token", None) is not None
 
