@@ -96,7 +96,7 @@ _HIERARCHICAL = "hierarchical stages change the token grid between stages; the c
 FAMILIES: dict[str, ModelFamily] = {
     f.name: f
     for f in (
-        ModelFamily("vit", "ViT", ("vit",), "block", "attention rollout", "cls", token_dropping=True),
+        ModelFamily("vit", "ViT", ("vit", "vit_msn"), "block", "attention rollout", "cls", token_dropping=True),
         ModelFamily("deit", "DeiT", ("deit",), "block", "attention rollout", "cls",
                     export_note="ONNX; distilled checkpoints export the single fine-tuned head", token_dropping=True),
         ModelFamily("beit", "BEiT", ("beit", "data2vec-vision"), "block", "attention rollout", None,
