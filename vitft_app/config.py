@@ -65,7 +65,7 @@ class TrainConfig:
             "section": "model", "label": "Freeze depth", "ge": 0, "widget": "slider", "ui_max": 12, "step": 1,
         },
     )
-    """Encoder blocks to freeze: 0 trains everything; N >= 1 also freezes the patch and position embeddings; all blocks = linear probe."""
+    """Encoder blocks (stages for Swin, MobileViT, PVTv2) to freeze: 0 trains everything; N >= 1 also freezes the patch and position embeddings; all blocks = linear probe."""
 
     epochs: int = field(default=3, metadata={"section": "training", "label": "Epochs", "ge": 1})
     """Passes over the training split."""

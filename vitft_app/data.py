@@ -18,6 +18,7 @@ report. Symbolic links are never followed out of the dataset folder: a linked fi
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections import Counter, defaultdict
@@ -594,6 +595,7 @@ class ProcessorSpec:
         crop: ``(height, width)`` of the center crop, or None.
         mean, std: per-channel normalization (after rescaling to [0, 1]).
         interpolation: torchvision ``InterpolationMode`` name.
+        flip_channels: RGB -> BGR after normalization (MobileViT's ``do_flip_channel_order``).
     """
 
     resize: tuple[int, int] | int
@@ -601,6 +603,7 @@ class ProcessorSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str
+    flip_channels: bool = False
 
     @property
     def output_size(self) -> tuple[int, int]:
@@ -618,6 +621,9 @@ def processor_spec(processor: Any) -> ProcessorSpec:
     Raises:
         ValueError: the processor describes no size.
     """
+    data_config = getattr(processor, "data_config", None)
+    if isinstance(data_config, dict) and "input_size" in data_config:
+        return _timm_processor_spec(data_config)
     size = dict(getattr(processor, "size", None) or {})
     if "height" in size and "width" in size:
         resize: tuple[int, int] | int = (int(size["height"]), int(size["width"]))
@@ -636,7 +642,28 @@ def processor_spec(processor: Any) -> ProcessorSpec:
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     resample = getattr(processor, "resample", 2)
     interpolation = _PIL_TO_INTERPOLATION.get(int(resample), "BILINEAR")
-    return ProcessorSpec(resize, crop, mean, std, interpolation)  # type: ignore[arg-type]
+    flip = bool(getattr(processor, "do_flip_channel_order", False))
+    return ProcessorSpec(resize, crop, mean, std, interpolation, flip)  # type: ignore[arg-type]
+
+
+def _timm_processor_spec(data_config: dict) -> ProcessorSpec:
+    """A timm ``data_config`` (``TimmWrapperImageProcessor.data_config``) in torchvision terms: the
+    evaluation transform of ``timm.data.create_transform`` with ``crop_mode="center"``: resize the
+    shorter side to ``floor(size / crop_pct)``, center crop ``size``, normalize."""
+    _, height, width = (int(v) for v in data_config["input_size"])
+    crop_pct = float(data_config.get("crop_pct") or 1.0)
+    resize = (int(math.floor(height / crop_pct)) if height == width
+              else (int(math.floor(height / crop_pct)), int(math.floor(width / crop_pct))))
+    interpolation = {"bicubic": "BICUBIC", "bilinear": "BILINEAR", "nearest": "NEAREST"}.get(
+        str(data_config.get("interpolation", "bilinear")), "BILINEAR")
+    mean = tuple(float(x) for x in data_config.get("mean", (0.485, 0.456, 0.406)))
+    std = tuple(float(x) for x in data_config.get("std", (0.229, 0.224, 0.225)))
+    return ProcessorSpec(resize, (height, width), mean, std, interpolation)  # type: ignore[arg-type]
+
+
+def _flip_channels(pixels: torch.Tensor) -> torch.Tensor:
+    """RGB -> BGR on a ``(3, H, W)`` tensor (MobileViT checkpoints expect BGR)."""
+    return pixels.flip(0)
 
 
 def resize_transform(resize: tuple[int, int] | int, crop: tuple[int, int] | None, interpolation: str) -> Callable:
@@ -692,6 +719,8 @@ class EvalTransform:
         array *= np.float32(1 / 255)
         array -= self.mean
         array /= self.std
+        if self.spec.flip_channels:  # MobileViT checkpoints expect BGR (do_flip_channel_order)
+            array = np.ascontiguousarray(array[::-1])
         return torch.from_numpy(array)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
@@ -742,6 +771,8 @@ def build_transforms(
             return v2.Compose([EvalTransform(spec), v2.RandomErasing(p=random_erasing, value="random")])
         return EvalTransform(spec)
     tail: list = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
+    if spec.flip_channels:  # MobileViT: RGB -> BGR, as the eval transform
+        tail.append(v2.Lambda(_flip_channels))
     policies = {
         "basic": None,
         "crop": None,

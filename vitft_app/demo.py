@@ -161,7 +161,9 @@ def demo_summary(run_dir: str | os.PathLike, max_examples: int = MAX_EXAMPLES) -
     if folder is None:
         raise DemoError(f"No saved model in {run_dir} yet (a run saves one after its first epoch).")
     model_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    id2label = {int(k): v for k, v in (model_config.get("id2label") or {}).items()}
+    # timm checkpoints (TimmWrapperConfig) save their class names as label_names, not id2label.
+    id2label = {int(k): v for k, v in (model_config.get("id2label")
+                                       or dict(enumerate(model_config.get("label_names") or []))).items()}
     classes = [id2label[i] for i in sorted(id2label)]
     multi_label = model_config.get("problem_type") == "multi_label_classification"
     status = read_status(run_dir)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .families import explain_method
 from .images import ImageSource, load_image
 
 
@@ -88,9 +89,10 @@ def _has_patch_tokens(model: torch.nn.Module) -> bool:
 def explain_image(predictor, image: ImageSource) -> Explanation:
     """Explains the top-1 prediction of a PyTorch :class:`~vitft_app.predict.Predictor`.
 
-    ViT-style models (patch embeddings + attentions): attention rollout on the patch grid, with the
+    Families with a CLS token and one token per patch (ViT, DeiT, BEiT, DINOv2; see
+    :func:`vitft_app.families.explain_method`): attention rollout on the patch grid, with the
     model switched to eager attention for this forward pass (SDPA returns no attention weights).
-    Other models (PVTv2, MobileViT, ...): the absolute input gradient of the top logit, max over colour channels,
+    Other models (Swin, PVTv2, MobileViT, timm checkpoints, ...): the absolute input gradient of the top logit, max over colour channels,
     normalized to sum 1 (Simonyan et al. 2014).
 
     Args:
@@ -106,7 +108,7 @@ def explain_image(predictor, image: ImageSource) -> Explanation:
     rgb = load_image(image)
     pixels = predictor.transform(rgb).unsqueeze(0).to(predictor.plan.device)
     model = predictor.model
-    patch = _patch_size(model) if _has_patch_tokens(model) else None
+    patch = _patch_size(model) if explain_method(model) == "attention rollout" and _has_patch_tokens(model) else None
     if patch and hasattr(model, "set_attn_implementation"):
         previous = model.config._attn_implementation
         try:
@@ -126,7 +128,9 @@ def explain_image(predictor, image: ImageSource) -> Explanation:
         logits = model(pixel_values=pixels).logits
         top = int(logits.argmax(-1))
         logits[0, top].backward()
-    saliency = pixels.grad.abs().amax(dim=1)[0]
-    grid = (saliency / saliency.sum()).cpu().numpy()
+    saliency = pixels.grad.abs().amax(dim=1)[0].float()
+    total = saliency.sum()
+    # An all-zero gradient (a saturated or dead network) gives a uniform map, not NaN.
+    grid = (saliency / total if total > 0 else torch.full_like(saliency, 1.0 / saliency.numel())).cpu().numpy()
     height, width = pixels.shape[-2:]
     return Explanation("input gradient", grid, _overlay(rgb.resize((width, height)), grid), predictor.id2label[top])

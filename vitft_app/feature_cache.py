@@ -5,9 +5,13 @@ With ``freeze_depth = N`` (see :func:`vitft_app.modeling.freeze_layers`) the emb
 states after block ``N-1``) is the same every epoch. This module splits a model into
 
 - a **prefix** ``pixels (B, 3, H, W) -> hidden (B, T, D)``: embeddings + blocks ``0 .. N-1``; for a
-  linear probe (``N`` = all blocks) also the final LayerNorm and the CLS token, ``-> (B, D)``;
-- a **suffix** ``hidden -> logits (B, C)``: blocks ``N ..`` + final LayerNorm + CLS pooling +
+  linear probe (``N`` = all blocks) also the final LayerNorm and the pooling, ``-> (B, D)``;
+- a **suffix** ``hidden -> logits (B, C)``: blocks ``N ..`` + final LayerNorm + pooling +
   classifier (only the classifier for a linear probe),
+
+where the pooling is the family's (:func:`vitft_app.families.pooler`: the CLS token, or DINOv2's
+CLS token and mean of the patch tokens); which models qualify is
+:func:`vitft_app.families.feature_cache_blocker`'s rule,
 
 computes the prefix once per dataset (:func:`cache_features`) and then trains/evaluates only
 the suffix on the stored features. ``suffix(prefix(x)) == model(x).logits`` in eval mode (the
@@ -36,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .families import pooler
 from .modeling import encoder_parts
 
 #: Default budget of the in-memory feature store: 4 GiB.
@@ -57,6 +62,7 @@ class FrozenPrefix(nn.Module):
         self.blocks = nn.ModuleList(list(blocks[:depth]))
         self.probe = depth == len(blocks)
         self.final_norm = final_norm if self.probe else None
+        self.pool = pooler(model)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``float (B, 3, H, W)`` -> hidden ``(B, T, D)``, or CLS feature ``(B, D)`` for a probe."""
@@ -69,7 +75,7 @@ class FrozenPrefix(nn.Module):
         if self.probe:
             if self.final_norm is not None:
                 hidden = self.final_norm(hidden)
-            hidden = hidden[:, 0, :]
+            hidden = self.pool(hidden)
         return hidden
 
 
@@ -90,6 +96,7 @@ class TrainableSuffix(nn.Module):
         if not isinstance(classifier, nn.Module):
             raise ValueError(f"Feature caching needs a model with a `classifier` head; got {type(model).__name__}")
         self.classifier = classifier
+        self.pool = pooler(model)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden ``(B, T, D)`` (or ``(B, D)`` for a probe) -> logits ``(B, C)``."""
@@ -99,7 +106,7 @@ class TrainableSuffix(nn.Module):
             hidden = _run_block(block, hidden)
         if self.final_norm is not None:
             hidden = self.final_norm(hidden)
-        return self.classifier(hidden[:, 0, :])
+        return self.classifier(self.pool(hidden))
 
 
 def _run_block(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -67,19 +67,24 @@ class CatalogEntry:
             shape (from the checkpoint's ``config.json``), used to count FLOPs offline.
         devices: device types the model suits as a default (``"cpu"``, ``"cuda"``, ``"mps"``).
         source: where the numbers come from.
+        config: for a model that is not a plain ViT, its ``config.json`` shape instead:
+            ``{"model_type": ..., **fields}`` (``"timm_wrapper"`` takes ``architecture``).
+        family: the :mod:`vitft_app.families` name.
     """
 
     model_id: str
     params_millions: float
     pretrained_on: str
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
+    hidden_size: int = 0
+    num_layers: int = 0
+    num_heads: int = 0
+    intermediate_size: int = 0
     patch_size: int = 16
     image_size: int = 224
     devices: tuple[str, ...] = ()
     source: str = ""
+    config: dict[str, Any] | None = None
+    family: str = "vit"
 
 
 #: The curated choices, smallest pretrained first. Parameter counts and pretraining data from the
@@ -98,6 +103,38 @@ CATALOG: dict[str, CatalogEntry] = {
                      768, 12, 12, 3072, devices=("cuda",), source="ViT paper table 1; model card"),
         CatalogEntry("google/vit-base-patch16-224-in21k", 86.0, "ImageNet-21k (14M images, 21,843 classes)",
                      768, 12, 12, 3072, devices=("cuda",), source="ViT paper table 1; model card"),
+        # Newer and stronger checkpoints of the other families (vitft_app.families), small then base.
+        CatalogEntry("facebook/deit-small-distilled-patch16-224", 22.4,
+                     "ImageNet-1k (1.3M images), distilled from a RegNetY-16GF teacher",
+                     384, 12, 6, 1536, family="deit", source="DeiT paper table 1 (DeiT-S⚗); model card"),
+        CatalogEntry("timm/vit_small_patch16_224.augreg_in21k_ft_in1k", 22.1,
+                     "ImageNet-21k, then fine-tuned on ImageNet-1k (AugReg recipe)",
+                     config={"model_type": "timm_wrapper", "architecture": "vit_small_patch16_224"}, family="timm",
+                     source="timm model card; Steiner et al. 2021, 'How to train your ViT?'"),
+        CatalogEntry("timm/vit_base_patch16_224.augreg_in21k_ft_in1k", 86.6,
+                     "ImageNet-21k, then fine-tuned on ImageNet-1k (AugReg recipe)",
+                     config={"model_type": "timm_wrapper", "architecture": "vit_base_patch16_224"}, family="timm",
+                     source="timm model card; Steiner et al. 2021"),
+        CatalogEntry("facebook/dinov2-small", 22.1, "LVD-142M (142M curated images, self-supervised, no labels)",
+                     config={"model_type": "dinov2", "hidden_size": 384, "num_hidden_layers": 12,
+                             "num_attention_heads": 6, "patch_size": 14, "image_size": 224}, family="dinov2",
+                     source="DINOv2 paper (Oquab et al. 2023) table 1; model card"),
+        CatalogEntry("facebook/dinov2-base", 86.6, "LVD-142M (142M curated images, self-supervised, no labels)",
+                     config={"model_type": "dinov2", "hidden_size": 768, "num_hidden_layers": 12,
+                             "num_attention_heads": 12, "patch_size": 14, "image_size": 224}, family="dinov2",
+                     source="DINOv2 paper table 1; model card"),
+        CatalogEntry("microsoft/beit-base-patch16-224", 86.5,
+                     "ImageNet-21k self-supervised (BEiT), fine-tuned on ImageNet-22k, then ImageNet-1k",
+                     config={"model_type": "beit", "use_relative_position_bias": True, "use_mean_pooling": True,
+                             "layer_scale_init_value": 0.1}, family="beit",
+                     source="BEiT paper (Bao et al. 2021); model card"),
+        CatalogEntry("microsoft/swinv2-tiny-patch4-window8-256", 28.3, "ImageNet-1k (1.3M images, 1,000 classes)",
+                     config={"model_type": "swinv2", "image_size": 256, "window_size": 8, "embed_dim": 96,
+                             "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24]}, family="swin",
+                     source="Swin V2 paper (Liu et al. 2022); model card"),
+        CatalogEntry("apple/mobilevit-small", 5.6, "ImageNet-1k (1.3M images, 1,000 classes)",
+                     config={"model_type": "mobilevit", "image_size": 256}, family="mobilevit",
+                     source="MobileViT paper (Mehta & Rastegari 2022) table 1; model card"),
     )
 }
 
@@ -214,6 +251,11 @@ def model_config_for(model_id: str, image_size: int | None = None) -> Any:
     if scratch.is_scratch_model(model_id):
         return scratch.scratch_model(model_id).config(image_size or SCRATCH_DEFAULT_IMAGE_SIZE, {0: "a", 1: "b"})
     entry = CATALOG.get(model_id)
+    if entry is not None and entry.config is not None:
+        from transformers import AutoConfig
+
+        values = dict(entry.config)
+        return AutoConfig.for_model(values.pop("model_type"), num_labels=2, **values)
     if entry is not None:
         return ViTConfig(hidden_size=entry.hidden_size, num_hidden_layers=entry.num_layers,
                          num_attention_heads=entry.num_heads, intermediate_size=entry.intermediate_size,
@@ -233,8 +275,12 @@ def _count_forward(config_json: str) -> tuple[float, int]:
     size = getattr(config, "image_size", 224)
     size = size if isinstance(size, int) else int(size[0])
     channels = int(getattr(config, "num_channels", 3))
+    from .families import model_class_for
+
+    model_class = model_class_for(config)
     with torch.device("meta"):
-        model = AutoModelForImageClassification.from_config(config)
+        model = (AutoModelForImageClassification.from_config(config) if model_class is AutoModelForImageClassification
+                 else model_class(config))
         pixels = torch.empty(1, channels, size, size)
     params = sum(p.numel() for p in model.parameters())
     with FlopCounterMode(display=False) as counter, torch.no_grad():

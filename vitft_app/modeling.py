@@ -42,6 +42,15 @@ CURATED_MODELS = (
     "google/vit-base-patch16-224",
     "facebook/deit-tiny-patch16-224",
     "facebook/deit-small-patch16-224",
+    # Other families (vitft_app.families; README "Models"): the strongest small and base checkpoints.
+    "facebook/deit-small-distilled-patch16-224",
+    "timm/vit_small_patch16_224.augreg_in21k_ft_in1k",
+    "timm/vit_base_patch16_224.augreg_in21k_ft_in1k",
+    "facebook/dinov2-small",
+    "facebook/dinov2-base",
+    "microsoft/beit-base-patch16-224",
+    "microsoft/swinv2-tiny-patch4-window8-256",
+    "apple/mobilevit-small",
 )
 #: Every choice of the model dropdown, the offline ones first (see vitft_app.scratch.SCRATCH_MODELS).
 MODEL_CHOICES = tuple(SCRATCH_MODELS) + CURATED_MODELS
@@ -232,9 +241,13 @@ def build_model(name: str, classes: list[str], image_size: int | None = None) ->
             "only adjustable for vit-tiny-scratch and the other models trained from scratch. Leave image size"
             " empty for pretrained models."
         )
-    keep_head = head_matches(config, classes)
+    from .families import is_distilled_deit, model_class_for, sync_label_names
+
+    # A distilled DeiT loads with one head (see vitft_app.families.model_class_for): its old heads
+    # are not kept even when their classes match.
+    keep_head = head_matches(config, classes) and not is_distilled_deit(config)
     model = _call_hub(
-        AutoModelForImageClassification,
+        model_class_for(config),
         name,
         num_labels=len(classes),
         id2label=id2label,
@@ -242,7 +255,11 @@ def build_model(name: str, classes: list[str], image_size: int | None = None) ->
         problem_type="single_label_classification",
         ignore_mismatched_sizes=True,
     )
+    sync_label_names(model)
     notes = [f"Loaded pretrained weights from '{name}'"]
+    if is_distilled_deit(config):
+        notes.append("Distilled DeiT: the backbone and its distillation token are kept; one new head reads the CLS"
+                     " token and the distillation head is dropped (no teacher in fine-tuning)")
     if not keep_head:
         reset_classifier(model)
         old = checkpoint_labels(config)
@@ -309,42 +326,45 @@ def encoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module
 
 def has_cls_token(model: nn.Module) -> bool:
     """True when the model's embeddings prepend a CLS token (``embeddings.cls_token``), the token a
-    ViT-style head classifies from."""
+    ViT-style head classifies from and PatchDropout may keep while dropping patch tokens. False
+    for families where dropping tokens is not possible (:attr:`vitft_app.families.ModelFamily.token_dropping`:
+    BEiT's relative position bias is tied to the full grid; timm runs its own forward)."""
+    from .families import GENERIC, family_of
+
+    family = family_of(model)
+    if family is not GENERIC and not family.token_dropping:
+        return False
     return getattr(encoder_parts(model)[0], "cls_token", None) is not None
 
 
 def num_blocks(model: nn.Module) -> int:
-    """Number of encoder blocks."""
-    return len(encoder_parts(model)[1])
+    """Number of freeze units: encoder blocks, or stages of a hierarchical model (the largest
+    freeze depth; see :mod:`vitft_app.families`)."""
+    from .families import num_freeze_units
+
+    return num_freeze_units(model)
 
 
 def freeze_layers(model: nn.Module, depth: int) -> None:
-    """Freezes the first ``depth`` encoder blocks (``requires_grad=False``).
+    """Freezes the first ``depth`` encoder blocks, or stages of a hierarchical model
+    (``requires_grad=False``; the units of each family: :mod:`vitft_app.families`).
 
     ``depth = 0`` trains everything. ``depth >= 1`` also freezes the patch and position
     embeddings (they feed block 0). ``depth = number of blocks`` is a linear probe: the final
     LayerNorm is frozen as well, so only the classification head trains. For MobileViT the blocks
     are its 5 stages, the embeddings its convolutional stem and the final norm its 1x1 expansion
-    convolution; for PVTv2 the blocks are its 4 stages. BatchNorm layers in frozen parts keep
-    their running statistics.
+    convolution; for PVTv2 and Swin the blocks are its stages; for a timm checkpoint timm's
+    parameter groups. BatchNorm layers in frozen parts keep their running statistics.
 
     Raises:
         ValueError: ``depth`` is negative or larger than the number of blocks.
     """
-    embeddings, blocks, final_norm = encoder_parts(model)
-    if not 0 <= depth <= len(blocks):
-        raise ValueError(f"freeze_depth must be between 0 and {len(blocks)} for this model, got {depth}")
-    for parameter in model.parameters():
-        parameter.requires_grad_(True)
-    frozen: list[nn.Module] = []
-    if depth >= 1:
-        frozen = [embeddings, *blocks[:depth]]
-        if depth == len(blocks) and final_norm is not None:
-            frozen.append(final_norm)
-    for module in frozen:
-        for parameter in module.parameters():
-            parameter.requires_grad_(False)
-    _freeze_batchnorm(model, frozen)
+    from .families import apply_freeze_depth
+
+    frozen = set(map(id, apply_freeze_depth(model, depth)))
+    batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                  and any(True for _ in m.parameters()) and all(id(p) in frozen for p in m.parameters())]
+    _freeze_batchnorm(model, batchnorms)
 
 
 def _keep_eval(module: nn.Module, _args: Any) -> None:
@@ -385,13 +405,15 @@ class ModelSummary:
     head_note: str
     has_cls_token: bool = True
     """Whether the embeddings prepend a CLS token (PatchDropout needs one)."""
+    freeze_unit: str = "encoder blocks"
+    """What one step of freeze depth freezes, plural: ``"encoder blocks"``, ``"stages"``, ``"timm groups"``."""
 
     def describe(self) -> str:
         """Markdown line for the UI."""
         share = 100.0 * self.trainable_params / max(self.total_params, 1)
         return (
             f"**{self.trainable_params:,} / {self.total_params:,}** parameters trainable ({share:.1f}%)"
-            f" · {self.num_blocks} encoder blocks · {self.head_note}"
+            f" · {self.num_blocks} {self.freeze_unit} · {self.head_note}"
         )
 
 
@@ -415,9 +437,15 @@ def summarize_model(name: str, classes: list[str], freeze_depth: int, image_size
         keep = head_matches(config, classes)
         config.num_labels = n
         head_note = "head kept" if keep else f"head re-initialized for {n} classes"
+    from .families import freeze_unit_name, model_class_for
+
+    model_class = model_class_for(config)
     with torch.device("meta"):
-        model = AutoModelForImageClassification.from_config(config)
+        if model_class is AutoModelForImageClassification:
+            model = model_class.from_config(config)
+        else:
+            model = model_class(config)
     blocks = num_blocks(model)
     freeze_layers(model, min(freeze_depth, blocks))
     trainable, total = count_parameters(model)
-    return ModelSummary(blocks, trainable, total, head_note, has_cls_token(model))
+    return ModelSummary(blocks, trainable, total, head_note, has_cls_token(model), freeze_unit_name(model))

@@ -21,29 +21,21 @@ from transformers import (
 from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
 from transformers.trainer_pt_utils import get_parameter_names
 
-from .modeling import encoder_parts
+from .families import layer_ids as family_layer_ids
 
 
 def layer_ids(model: nn.Module) -> dict[str, int]:
     """Layer index of every parameter for layer-wise lr decay, as in BEiT and timm.
 
-    The patch and position embeddings (and CLS token) are layer 0, encoder block ``i`` is layer
-    ``i + 1``, and everything after the blocks (final LayerNorm, pooler, classifier head) is
-    layer ``L + 1`` where ``L`` is the number of blocks.
+    The stem (patch and position embeddings, CLS token, a convolutional stem) is layer 0, freeze
+    unit ``i`` (an encoder block, or a stage of a hierarchical model: see
+    :mod:`vitft_app.families`) is layer ``i + 1``, and everything after the units (final norm,
+    pooler, classifier head) is layer ``L + 1`` where ``L`` is the number of units.
 
     Returns:
         ``{parameter name: layer id}`` for every named parameter.
     """
-    embeddings, blocks, _ = encoder_parts(model)
-    ids: dict[str, int] = {}
-    embedding_params = {id(p) for p in embeddings.parameters()}
-    block_of = {id(p): i + 1 for i, block in enumerate(blocks) for p in block.parameters()}
-    for name, parameter in model.named_parameters():
-        if id(parameter) in embedding_params:
-            ids[name] = 0
-        else:
-            ids[name] = block_of.get(id(parameter), len(blocks) + 1)
-    return ids
+    return family_layer_ids(model)
 
 
 def create_optimizer(
@@ -68,7 +60,7 @@ def create_optimizer(
     loop zeroes gradients with ``set_to_none=True``.
 
     Args:
-        model: a ViT-style model (see :func:`~vitft_app.modeling.encoder_parts`).
+        model: a model of a known family (see :mod:`vitft_app.families`).
         lr: base (head) learning rate.
         weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
         optimizer: ``"adamw"`` or ``"sgd"``.

@@ -253,7 +253,7 @@ class Predictor(ClassifierBackend):
         stage = "preprocessor_config.json"
         try:
             self.processor = AutoImageProcessor.from_pretrained(folder)
-            if not hasattr(self.processor, "image_mean") and not hasattr(self.processor, "size"):
+            if not any(hasattr(self.processor, a) for a in ("image_mean", "size", "data_config")):  # timm: data_config
                 raise ValueError("not an image processor")
             stage = "config.json / model.safetensors"
             self.model = AutoModelForImageClassification.from_pretrained(folder)  # SDPA attention: the default

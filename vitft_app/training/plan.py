@@ -13,14 +13,15 @@ from ..config import TrainConfig
 from ..data import DatasetReport
 from ..device import DevicePlan
 from ..distributed import DistContext
-from ..modeling import has_cls_token, num_blocks
+from ..families import feature_cache_blocker
+from ..modeling import num_blocks
 from .options import EngineOptions
 
 
 def supports_feature_cache(model: nn.Module) -> bool:
-    """True for ViT-style models (CLS token + transformer blocks), whose frozen prefix
-    :mod:`vitft_app.feature_cache` can split off; hierarchical models (PVTv2, MobileViT) cannot be."""
-    return has_cls_token(model)
+    """True when the frozen prefix of the model, as frozen now, can be cached exactly: the
+    per-family rule :func:`vitft_app.families.feature_cache_blocker` finds no blocker."""
+    return feature_cache_blocker(model) is None
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,11 @@ def _feature_cache_decision(config: TrainConfig, model: nn.Module, options: Engi
         "the engine option is off" if not options.feature_cache
         else "freeze depth 0: no frozen block" if config.freeze_depth < 1
         else "gradual unfreezing changes the frozen blocks" if config.gradual_unfreeze > 0
-        else "this model has no CLS token to split at" if not supports_feature_cache(model)
         else ""
     )
+    blocker = None if why_not else feature_cache_blocker(model)
+    if blocker:
+        why_not = blocker
     if why_not:
         return False, False, f"frozen-feature cache: off ({why_not})"
     sources = config.random_pixel_sources()

@@ -62,7 +62,7 @@ def run_classes(run_dir: str | None) -> list[str]:
         config = json.loads((Path(run_dir) / "model" / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
-    labels = config.get("id2label") or {}
+    labels = config.get("id2label") or dict(enumerate(config.get("label_names") or []))  # timm: label_names
     return [labels[k] for k in sorted(labels, key=int)]
 
 
