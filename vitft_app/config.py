@@ -49,7 +49,7 @@ class TrainConfig:
     """Hub id, local save_pretrained folder, or a model trained from scratch offline: 'pvt-v2-b0-scratch' (recommended) or 'vit-tiny-scratch' (random ViT-Tiny)."""
 
     image_size: int | None = None
-    """Input size in pixels for a scratch model (32 to 224, default 224); pretrained models use their processor's size."""
+    """Input size in pixels (default: the model's own). Scratch models: 32 to 224 (default 224). A pretrained ViT/DeiT is fine-tuned at this size with its position embeddings interpolated (bicubic) once at load; the saved model and processor keep the new size."""
 
     freeze_depth: int = 0
     """Encoder blocks to freeze: 0 trains everything; N >= 1 also freezes the patch and position embeddings; all blocks = linear probe."""
@@ -122,6 +122,15 @@ class TrainConfig:
 
     distill_weight: float = 0.0
     """Weight of a feature-matching loss to a frozen copy of the starting model (keeps small-data fine-tunes close); 0 = off."""
+
+    lora_rank: int = 0
+    """LoRA rank r: train low-rank adapters (peft) on the attention projections plus the full classifier head instead of every weight; model/ is the merged model, lora_adapter/ the adapter. 0 = off (full fine-tuning)."""
+
+    lora_alpha: float = 16.0
+    """LoRA scaling alpha: the adapter's update is multiplied by alpha / rank (peft's lora_alpha)."""
+
+    lora_targets: str | None = None
+    """Comma-separated names of the linear layers that get LoRA adapters (e.g. query,value); default: the model's attention query and value projections (q_proj,v_proj in ViT/DeiT, qkv for fused ones)."""
 
     ema_decay: float = 0.0
     """Exponential moving average of the weights per optimizer step (e.g. 0.999); evaluated and saved instead of the raw weights. 0 = off."""
@@ -207,6 +216,18 @@ class TrainConfig:
         check(0 <= self.patch_dropout < 1, f"patch_dropout must be in [0, 1), got {self.patch_dropout}")
         check(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         check(self.distill_weight >= 0, f"distill_weight must be >= 0, got {self.distill_weight}")
+        check(self.lora_rank >= 0, f"lora_rank must be >= 0 (0 = off), got {self.lora_rank}")
+        check(0 < self.lora_alpha < float("inf"), f"lora_alpha must be > 0, got {self.lora_alpha}")
+        if self.lora_targets is not None and not str(self.lora_targets).strip():
+            object.__setattr__(self, "lora_targets", None)  # a blank form field means the default
+        if self.lora_targets is not None:
+            names = [name.strip() for name in str(self.lora_targets).split(",")]
+            check(all(name.replace("_", "").replace(".", "").isalnum() for name in names),
+                  f"lora_targets must be comma-separated layer names such as 'query,value', got {self.lora_targets!r}")
+        if self.lora_rank > 0:
+            check(self.gradual_unfreeze == 0,
+                  "gradual_unfreeze does not combine with LoRA (the adapters train in every unfrozen block from"
+                  f" the start); set gradual_unfreeze to 0 or lora_rank to 0, got gradual_unfreeze {self.gradual_unfreeze}")
         check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         check(self.gradual_unfreeze >= 0, f"gradual_unfreeze must be >= 0, got {self.gradual_unfreeze}")
         check(

@@ -32,7 +32,7 @@ from .events import Emit, EvalDone, LogMessage, RunFinished, RunStarted, StepLog
 from .filecheck import Progress
 from .modeling import build_model, count_parameters, freeze_layers, has_cls_token, num_blocks
 from .optim import create_ema, create_optimizer, create_scheduler
-from .runs import save_model_atomically
+from .lora import apply_lora, check_lora, save_best_model
 
 __all__ = [
     "DatasetError",
@@ -347,6 +347,8 @@ def preflight(config: TrainConfig, device: str | None = None, progress: Progress
         raise ValueError(
             "patch_dropout needs a model that classifies from a CLS token; this model has none. Set patch_dropout to 0."
         )
+    if config.lora_rank > 0:
+        check_lora(config, report.classes)
     return report
 
 
@@ -553,6 +555,8 @@ def train(
         return max(0, config.freeze_depth - epoch // config.gradual_unfreeze)
 
     freeze_layers(model, config.freeze_depth)
+    lora = apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.freeze_depth) \
+        if config.lora_rank > 0 else None  # adapters in place: `model` stays the module the loop trains
     model.to(plan.device)
     trainable, total = count_parameters(model)
 
@@ -655,7 +659,8 @@ def train(
     if checkpoint is not None:
         try:  # a checkpoint that does not fit this model and config: one line, not a state_dict dump
             state = _LoopState(**checkpoint["loop"])
-            freeze_layers(model, depth_at(state.epoch))
+            if lora is None:  # LoRA's trainable set is fixed by apply_lora (no gradual unfreezing)
+                freeze_layers(model, depth_at(state.epoch))
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["scheduler"])
@@ -731,7 +736,7 @@ def train(
             },
         )
 
-    notes = loaded.notes + [plan.reason, attention_reason]
+    notes = loaded.notes + [plan.reason, attention_reason] + ([lora.describe()] if lora is not None else [])
     if patch_dropout is not None:
         notes.append(f"PatchDropout: training keeps {1 - config.patch_dropout:.0%} of the patch tokens of each image")
     if config.distill_weight > 0:
@@ -985,7 +990,7 @@ def train(
                 )
             state.best_metric, state.best_accuracy = value, result["accuracy"]
             if dist_ctx.is_main:
-                save_model_atomically(scored, processor, run_dir / "model")
+                save_best_model(scored, processor, run_dir, lora)  # with LoRA: merged model + adapter
         # ---- early stopping: an improvement must beat the reference by min_delta -----------------
         if state.patience_ref is None or value > state.patience_ref + config.early_stopping_min_delta:
             state.patience_ref, state.epochs_without_improvement = value, 0
