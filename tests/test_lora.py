@@ -237,3 +237,24 @@ def test_cli_lists_the_lora_and_image_size_flags():
     assert out.returncode == 0
     for flag in ("--lora-rank", "--lora-alpha", "--lora-targets", "--image-size"):
         assert flag in out.stdout
+
+
+# ---- Train tab ------------------------------------------------------------------------------------
+
+
+def test_train_tab_note_counts_lora_parameters(start_vit):
+    from vitft_app.ui.lora_panel import lora_note
+
+    note = lora_note(str(start_vit), ["0", "1", "7"], 0, 4, 8, "")
+    assert f"{4 * 2 * 4 * 64 + 99:,} / " in note and "LoRA rank 4" in note
+    assert "LoRA off" in lora_note(str(start_vit), ["0", "1", "7"], 0, 0, 8, "")
+    assert lora_note(str(start_vit), ["0", "1", "7"], 0, 4, 8, "nope").startswith("✗ lora_targets nope is not")
+    assert lora_note(str(start_vit), ["0", "1", "7"], 4, 4, 8, "").startswith("✗ LoRA needs at least one unfrozen")
+
+
+def test_train_tab_form_builds_a_lora_config(tmp_path):
+    from vitft_app.ui.train_tab import config_from_form
+
+    config = config_from_form({"model": "vit-tiny-scratch", "lora_rank": 8.0, "lora_alpha": 16, "lora_targets": ""},
+                              tmp_path)
+    assert (config.lora_rank, config.lora_alpha, config.lora_targets) == (8, 16.0, None)

@@ -15,6 +15,7 @@ from ..config import SCRATCH_MODEL, TrainConfig, field_docs
 from ..jobs import BusyError
 from ..model_catalog import resolve_default_model
 from ..modeling import MODEL_CHOICES, ModelLoadError, summarize_model
+from .lora_panel import build_lora_controls, wire_lora_note
 from ..presets import PRESETS, preset_values_for_model
 from ..app_state import dataset_markdown
 from ..baseline import accuracy_with_baseline, format_accuracy, run_baseline, weak_model_warning
@@ -597,6 +598,7 @@ def build(ctx: Any, data: Any) -> TrainTab:
             distill_weight = number("distill_weight", "Distillation weight", minimum=0)
             patience = number("early_stopping_patience", "Early stopping patience", integer=True, minimum=0)
             min_delta = number("early_stopping_min_delta", "Early stopping min improvement", minimum=0)
+        lora_rank, lora_alpha, lora_targets, lora_note = build_lora_controls(docs, defaults)
     with gr.Accordion("Data, speed, precision and logging", open=False):
         with gr.Row():
             val_fraction = gr.Number(value=defaults["val_fraction"], label="Validation fraction",
@@ -641,6 +643,7 @@ def build(ctx: Any, data: Any) -> TrainTab:
         "early_stopping_patience": patience, "early_stopping_min_delta": min_delta,
         "val_fraction": val_fraction, "seed": seed, "log_every_steps": log_every, "num_workers": num_workers,
         "max_nonfinite_steps": max_nonfinite, "attention": attention, "patch_dropout": patch_dropout,
+        "lora_rank": lora_rank, "lora_alpha": lora_alpha, "lora_targets": lora_targets,
     }
     fields = list(form)
     run_state = gr.State(None)
@@ -739,6 +742,8 @@ def build(ctx: Any, data: Any) -> TrainTab:
         component.change(lambda name, size, text: catalog_info(name, size, text, ctx.settings),
                          inputs=[model, image_size, data.path], outputs=catalog)
     freeze_depth.input(info, inputs=info_inputs, outputs=[freeze_depth, params], trigger_mode="always_last")
+    wire_lora_note([model, data.classes, freeze_depth, lora_rank, lora_alpha, lora_targets, image_size], lora_note,
+                   ctx.settings)
 
     def on_load() -> list:
         # A reopened page shows the running job's settings in the form, not the defaults.
