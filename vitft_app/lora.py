@@ -112,7 +112,8 @@ def head_modules(model: nn.Module) -> list[str]:
 def count_lora_parameters(model: nn.Module, rank: int, targets: str | None, freeze_depth: int = 0) -> tuple[int, int]:
     """``(trainable, total)`` parameters of a LoRA fine-tune, computed without applying it (the
     model may live on the ``meta`` device): ``rank x (in + out)`` per targeted layer plus the
-    head(s); the total adds the adapters to the model's own parameters.
+    head(s); the total adds the adapters and the trained copy of the head(s) to the model's own
+    parameters (peft keeps the original head beside its trained copy), as the run log counts.
 
     Raises:
         ValueError: as :func:`resolve_lora_targets`.
@@ -121,7 +122,7 @@ def count_lora_parameters(model: nn.Module, rank: int, targets: str | None, free
     adapters = sum(rank * (modules[name].in_features + modules[name].out_features)
                    for name in resolve_lora_targets(model, targets, freeze_depth))
     heads = sum(p.numel() for name in head_modules(model) for p in getattr(model, name).parameters())
-    return adapters + heads, sum(p.numel() for p in model.parameters()) + adapters
+    return adapters + heads, sum(p.numel() for p in model.parameters()) + adapters + heads
 
 
 @dataclass
