@@ -250,6 +250,8 @@ def test_train_tab_note_counts_lora_parameters(start_vit):
     assert "LoRA off" in lora_note(str(start_vit), ["0", "1", "7"], 0, 0, 8, "")
     assert lora_note(str(start_vit), ["0", "1", "7"], 0, 4, 8, "nope").startswith("✗ lora_targets nope is not")
     assert lora_note(str(start_vit), ["0", "1", "7"], 4, 4, 8, "").startswith("✗ LoRA needs at least one unfrozen")
+    assert "random weights" not in note
+    assert "random weights: LoRA adapts" in lora_note("vit-tiny-scratch", ["0", "1"], 0, 4, 8, "", image_size=32)
 
 
 def test_train_tab_form_builds_a_lora_config(tmp_path):

@@ -52,9 +52,13 @@ def lora_note(model: str, classes: list[str] | None, freeze_depth: float | None,
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
         return f"✗ Cannot count LoRA parameters: {type(exc).__name__}: {exc}"
     share = 100.0 * trainable / max(total, 1)
+    scratch = ("\n\n⚠ This model has random weights: LoRA adapts what a pretrained model already knows, so from"
+               " scratch it learns little. Set LoRA rank 0 to train every weight." if is_scratch_model(model or
+                                                                                                  TrainConfig.model) else "")
     return (f"**LoRA rank {rank}: {trainable:,} / {total:,} parameters train ({share:.2f}%)**: adapters on"
             f" {targets or 'the attention query and value projections'} plus the full classification head."
-            " The run saves the merged model (predicts and exports as usual) and the adapter in `lora_adapter/`.")
+            " The run saves the merged model (predicts and exports as usual) and the adapter in `lora_adapter/`."
+            + scratch)
 
 
 def build_lora_controls(docs: dict[str, str], defaults: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
