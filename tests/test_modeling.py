@@ -57,9 +57,10 @@ def test_scratch_model_is_vit_tiny():
     assert scratch_patch_size(224) == 16 and scratch_patch_size(96) == 8
 
 
-def test_image_size_is_refused_for_a_pretrained_checkpoint(tiny_vit):
-    with pytest.raises(ModelLoadError, match="only adjustable for vit-tiny-scratch"):
-        build_model(str(tiny_vit), CLASSES, image_size=64)
+def test_image_size_off_the_patch_grid_is_refused_for_a_pretrained_checkpoint(tiny_vit):
+    # Another size is allowed for a ViT checkpoint (tests/test_resolution.py), but not between patches.
+    with pytest.raises(ValueError, match="multiple of the model's patch size 8, got 60"):
+        build_model(str(tiny_vit), CLASSES, image_size=60)
 
 
 def test_offline_hub_model_gives_clear_message_quickly(monkeypatch, tmp_path):

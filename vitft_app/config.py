@@ -53,11 +53,11 @@ class TrainConfig:
     image_size: int | None = field(
         default=None,
         metadata={
-            "section": "model", "label": "Image size (scratch models)", "ge": 32, "le": 1024, "between": True,
+            "section": "model", "label": "Image size", "ge": 32, "le": 1024, "between": True,
             "widget": "slider", "ui_max": 224, "step": 16, "form_default": 224,
         },
     )
-    """Input size in pixels for a scratch model (32 to 224, default 224); pretrained models use their processor's size."""
+    """Input size in pixels (default: the model's own). Scratch models: 32 to 224 (default 224). A pretrained ViT/DeiT is fine-tuned at this size with its position embeddings interpolated (bicubic) once at load; the saved model and processor keep the new size."""
 
     freeze_depth: int = field(
         default=0,
@@ -203,6 +203,15 @@ class TrainConfig:
     )
     """Weight of a feature-matching loss to a frozen copy of the starting model (keeps small-data fine-tunes close); 0 = off."""
 
+    lora_rank: int = field(default=0, metadata={"section": "model", "label": "LoRA rank (0 = off)", "ge": 0})
+    """LoRA rank r: train low-rank adapters (peft) on the attention projections plus the full classifier head instead of every weight; model/ is the merged model, lora_adapter/ the adapter. 0 = off (full fine-tuning)."""
+
+    lora_alpha: float = field(default=16.0, metadata={"section": "model", "label": "LoRA alpha", "gt": 0})
+    """LoRA scaling alpha: the adapter's update is multiplied by alpha / rank (peft's lora_alpha)."""
+
+    lora_targets: str | None = field(default=None, metadata={"section": "model", "label": "LoRA target layers"})
+    """Comma-separated names of the linear layers that get LoRA adapters (e.g. query,value); default: the model's attention query and value projections (q_proj,v_proj in ViT/DeiT, qkv for fused ones)."""
+
     ema_decay: float = field(
         default=0.0,
         metadata={
@@ -288,6 +297,17 @@ class TrainConfig:
         if self.image_size is not None and self.model in SCRATCH_MODEL_NAMES:
             check(self.image_size <= 224, f"image_size for {self.model} must be between 32 and 224, got {self.image_size}")
         check(self.lr < float("inf"), f"lr must be finite, got {self.lr}")
+        check(0 < self.lora_alpha < float("inf"), f"lora_alpha must be > 0, got {self.lora_alpha}")
+        if self.lora_targets is not None and not str(self.lora_targets).strip():
+            object.__setattr__(self, "lora_targets", None)  # a blank form field means the default
+        if self.lora_targets is not None:
+            names = [name.strip() for name in str(self.lora_targets).split(",")]
+            check(all(name.replace("_", "").replace(".", "").isalnum() for name in names),
+                  f"lora_targets must be comma-separated layer names such as 'query,value', got {self.lora_targets!r}")
+        if self.lora_rank > 0:
+            check(self.gradual_unfreeze == 0,
+                  "gradual_unfreeze does not combine with LoRA (the adapters train in every unfrozen block from"
+                  f" the start); set gradual_unfreeze to 0 or lora_rank to 0, got gradual_unfreeze {self.gradual_unfreeze}")
 
     def random_pixel_sources(self, stage: Literal["image", "batch", "any"] = "any") -> tuple[str, ...]:
         """What draws random numbers on a training image's pixels: the one place that answers

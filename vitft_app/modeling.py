@@ -202,16 +202,17 @@ def build_model(name: str, classes: list[str], image_size: int | None = None) ->
     Args:
         name: model name or path.
         classes: class names in index order.
-        image_size: input size for a scratch model (default 224). For a checkpoint it must be None
-            or equal to the processor's size.
+        image_size: input size for a scratch model (default 224). For a ViT/DeiT checkpoint, None
+            keeps its size; another size interpolates its position embeddings (see
+            :mod:`vitft_app.resolution`) and returns a processor for that size.
 
     Returns:
         A :class:`LoadedModel` on the CPU in fp32.
 
     Raises:
-        ModelLoadError: offline and not cached, unknown id, unreadable folder, or a size the
-            checkpoint was not trained for.
-        ValueError: invalid image size for vit-tiny-scratch.
+        ModelLoadError: offline and not cached, unknown id, unreadable folder.
+        ValueError: invalid image size for vit-tiny-scratch, or a size the checkpoint's family
+            cannot be fine-tuned at (not ViT/DeiT, not a multiple of the patch size).
     """
     if len(classes) < 2:
         raise ValueError(f"A classifier needs at least 2 classes, got {len(classes)}")
@@ -235,12 +236,11 @@ def build_model(name: str, classes: list[str], image_size: int | None = None) ->
     processor = _call_hub(AutoImageProcessor, name)
 
     native = processor_spec(processor).output_size
-    if image_size is not None and (image_size, image_size) != native:
-        raise ModelLoadError(
-            f"Model '{name}' was trained at {native[0]}x{native[1]} px; image size {image_size} is "
-            "only adjustable for vit-tiny-scratch and the other models trained from scratch. Leave image size"
-            " empty for pretrained models."
-        )
+    resize = image_size is not None and (image_size, image_size) != native
+    if resize:
+        from .resolution import check_image_size
+
+        check_image_size(config, image_size)  # before reading the weights
     from .families import is_distilled_deit, model_class_for, sync_label_names
 
     # A distilled DeiT loads with one head (see vitft_app.families.model_class_for): its old heads
@@ -272,6 +272,11 @@ def build_model(name: str, classes: list[str], image_size: int | None = None) ->
             )
     else:
         notes.append("Classification head kept: the checkpoint already predicts these classes")
+    if resize:  # another resolution: position embeddings interpolated once (vitft_app.resolution)
+        from .resolution import adapt_resolution
+
+        processor, note = adapt_resolution(model, processor, image_size)
+        notes.append(note)
     return LoadedModel(model, processor, head_reinitialized=not keep_head, notes=notes)
 
 

@@ -10,6 +10,7 @@ from ..data import DatasetReport, scan_dataset
 from ..device import resolve_device_plan
 from ..events import Emit, LogMessage
 from ..filecheck import Progress
+from ..lora import check_lora
 
 
 class DatasetError(ValueError):
@@ -36,7 +37,8 @@ def preflight(config: TrainConfig, device: str | None = None, progress: Progress
         ValueError: precision not supported on the device, bad image size, freeze depth too large.
         ModelLoadError: the model cannot be loaded (offline and not cached, unknown id, missing folder).
     """
-    from ..modeling import summarize_model
+    from ..modeling import load_model_config, summarize_model
+    from ..resolution import check_image_size
     from ..scratch import is_scratch_model
 
     data = Path(config.data_dir).expanduser()
@@ -56,6 +58,10 @@ def preflight(config: TrainConfig, device: str | None = None, progress: Progress
         raise ValueError(
             "patch_dropout needs a model that classifies from a CLS token; this model has none. Set patch_dropout to 0."
         )
+    if config.lora_rank > 0:
+        check_lora(config, report.classes)
+    if config.image_size is not None and not scratch:  # a pretrained model at another size
+        check_image_size(load_model_config(config.model), config.image_size)
     return report
 
 

@@ -24,7 +24,7 @@ from ..data import DatasetReport
 from ..distributed import current_context, process_device
 from ..events import Emit, EvalDone, LogMessage, RunFinished, RunStarted, StepLogged, StepProgress
 from ..modeling import count_parameters
-from ..runs import save_model_atomically
+from ..lora import save_best_model
 from .evaluation import evaluate
 from .losses import compute_loss
 from .options import DECODE_CACHE_DIR, EngineOptions
@@ -283,7 +283,7 @@ def _keep_best(loop: LoopContext, result: dict[str, Any], epoch: int) -> None:
             )
         state.best_metric, state.best_accuracy = value, result["accuracy"]
         if loop.dist.is_main:
-            save_model_atomically(scored, loop.loaded.processor, loop.run_dir / "model")
+            save_best_model(scored, loop.loaded.processor, loop.run_dir, loop.lora)  # LoRA: merged model + adapter
     if state.patience_ref is None or value > state.patience_ref + config.early_stopping_min_delta:
         state.patience_ref, state.epochs_without_improvement = value, 0
     else:
@@ -310,6 +310,8 @@ def _announce(loop: LoopContext) -> None:
     config, report, plan, state = loop.config, loop.report, loop.plan, loop.state
     trainable, total = count_parameters(loop.model)
     notes = loop.loaded.notes + [plan.device.reason, plan.attention_reason]
+    if loop.lora is not None:
+        notes.append(loop.lora.describe())
     if config.patch_dropout > 0:
         notes.append(f"PatchDropout: training keeps {1 - config.patch_dropout:.0%} of the patch tokens of each image")
     if config.distill_weight > 0:

@@ -24,6 +24,7 @@ from ..device import resolve_device_plan
 from ..distributed import DistContext
 from ..events import Emit, LogMessage
 from ..feature_cache import CachedFeatures, cache_features, split_frozen_model
+from ..lora import LoraSetup, apply_lora
 from ..modeling import LoadedModel, build_model, freeze_layers
 from ..optim import create_optimizer, create_scheduler
 from .checks import check_recipe, check_trainable, prepare_data
@@ -92,6 +93,7 @@ class LoopContext:
     total_steps: int
     log_every: int
     resumed: bool
+    lora: LoraSetup | None = None
     forward_model: nn.Module = field(init=False)
     needs_hidden_states: bool = field(init=False)
     # clock: the step the run (or resume) started at, when, the last StepProgress, images since
@@ -267,6 +269,8 @@ def setup_run(config: TrainConfig, run_dir: Path, emit: Emit, stop_event: thread
     plan = resolve_train_plan(config, report, device_plan, model, options, dist_ctx, state.attention)
     teacher = Distillation(model, config.distill_weight, device_plan.device) if config.distill_weight > 0 else None
     freeze_layers(model, config.freeze_depth)
+    lora = apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.freeze_depth) \
+        if config.lora_rank > 0 else None  # adapters in place: `model` stays the module the loop trains
     model.to(device_plan.device)
     data = build_train_data(config, report, loaded.processor, plan, run_dir, options, dist_ctx)
     features = FrozenFeatures(model, config.freeze_depth) if plan.feature_cache_val else None
@@ -278,7 +282,7 @@ def setup_run(config: TrainConfig, run_dir: Path, emit: Emit, stop_event: thread
     optimizer, scheduler = _build_optimizer(config, model, steps_per_epoch * config.epochs)
     scaler = torch.amp.GradScaler(device_plan.device.type) if device_plan.use_grad_scaler else None
     # ---- optional parts, then resume (module states, RNG states) ---------------------------------
-    if checkpoint is not None and config.gradual_unfreeze > 0:
+    if checkpoint is not None and config.gradual_unfreeze > 0 and lora is None:  # LoRA: apply_lora fixed the set
         freeze_layers(model, GradualUnfreeze(config.freeze_depth, config.gradual_unfreeze, 0).depth_at(state.epoch))
     parts, ema = _build_parts(config, model, plan, teacher, state)
     loop = LoopContext(
@@ -288,7 +292,7 @@ def setup_run(config: TrainConfig, run_dir: Path, emit: Emit, stop_event: thread
         class_weights=None if class_weights is None else class_weights.to(device_plan.device), mixer=mixer,
         patch_size=int(getattr(model.config, "patch_size", 16)), steps_per_epoch=steps_per_epoch,
         total_steps=steps_per_epoch * config.epochs, log_every=log_interval(config.log_every_steps, steps_per_epoch),
-        resumed=checkpoint is not None,
+        resumed=checkpoint is not None, lora=lora,
     )
     if checkpoint is not None:
         _restore(loop, checkpoint)

@@ -30,6 +30,7 @@ from ..runs import model_dir, read_metrics, read_status
 from ..scratch import is_scratch_model, scratch_model
 from .data_tab import resolve_data_path
 from .form import field_row, field_widget
+from .lora_panel import lora_note, wire_lora_note
 from .errors import unexpected_error
 from ..plots import figure_accuracy, figure_loss
 from ..augment import preview_augmentations
@@ -568,6 +569,8 @@ def _build_form(ctx: Any, layout: dict[str, tuple[str, int]]) -> tuple[dict[str,
         with gr.Accordion(SECTIONS[section], open=False):
             for row in rows:
                 field_row(row, form)
+            if section == "optimization":
+                parts["lora_note"] = gr.Markdown(lora_note("", None, 0, 0, None, None), elem_id="lora-note")
             if section == "augmentation":
                 with gr.Row():
                     parts["preview_button"] = gr.Button("Preview augmentation", size="sm", elem_id="preview-button")
@@ -627,6 +630,7 @@ def build(ctx: Any, data: Any) -> TrainTab:
         "max_grad_norm": ("optimization", 1), "ema_decay": ("optimization", 1),
         "gradual_unfreeze": ("optimization", 2), "distill_weight": ("optimization", 2),
         "early_stopping_patience": ("optimization", 2), "early_stopping_min_delta": ("optimization", 2),
+        "lora_rank": ("optimization", 3), "lora_alpha": ("optimization", 3), "lora_targets": ("optimization", 3),
         "val_fraction": ("system", 0), "seed": ("system", 0), "log_every_steps": ("system", 0),
         "num_workers": ("system", 0), "max_nonfinite_steps": ("system", 0),
         "precision": ("system", 1), "attention": ("system", 1),
@@ -760,6 +764,8 @@ def _wire_form_events(ctx: Any, data: Any, form: dict[str, Any], parts: dict[str
         component.change(lambda name, size, text: catalog_info(name, size, text, ctx.settings),
                          inputs=[model, image_size, data.path], outputs=parts["catalog"])
     freeze_depth.input(info, inputs=info_inputs, outputs=[freeze_depth, params], trigger_mode="always_last")
+    wire_lora_note([model, data.classes, freeze_depth, form["lora_rank"], form["lora_alpha"], form["lora_targets"],
+                    image_size], parts["lora_note"], ctx.settings)
 
     def on_load() -> list:
         # A reopened page shows the running job's settings in the form, not the defaults.
