@@ -72,7 +72,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue a stopped, failed or interrupted run from its checkpoint (other flags are"
                              " ignored: the run keeps its config)")
     for field in dataclasses.fields(TrainConfig):
+        if field.name == "auto_batch_size":
+            continue  # set by --batch-size auto
         kind, choices = _field_kind(hints[field.name])
+        if field.name == "batch_size":
+            kind = _batch_size_arg
         default = None if field.default is dataclasses.MISSING else field.default
         help_text = docs.get(field.name, "").replace("%", "%%")  # argparse %-formats help strings
         if field.default is dataclasses.MISSING:
@@ -90,9 +94,24 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def _batch_size_arg(text: str) -> int | str:
+    """``--batch-size``: a whole number, or ``auto`` (find the size that fits, see vitft_app.auto_batch)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
+
+
 def _given_train_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``TrainConfig`` fields whose flags were given (every train flag defaults to None)."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    """The ``TrainConfig`` fields whose flags were given (every train flag defaults to None);
+    ``--batch-size auto`` gives ``auto_batch_size=True`` and leaves ``batch_size`` as the start."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    if given.get("batch_size") == "auto":
+        del given["batch_size"]
+        given["auto_batch_size"] = True
+    return given
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

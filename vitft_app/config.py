@@ -58,7 +58,10 @@ class TrainConfig:
     """Passes over the training split."""
 
     batch_size: int = 32
-    """Images per micro-batch (per forward pass)."""
+    """Images per micro-batch (per forward pass); 'auto' (CLI) starts here and halves on out-of-memory."""
+
+    auto_batch_size: bool = False
+    """Find the micro-batch that fits in memory: start at batch_size, halve on out-of-memory, and accumulate more micro-batches so batch_size x grad_accum_steps stays the same (the CLI's --batch-size auto)."""
 
     lr: float = 5e-5
     """Peak learning rate (the head's rate under layer decay), reached after warmup."""

@@ -557,6 +557,13 @@ def train(
     trainable, total = count_parameters(model)
 
     out_h, out_w = processor_spec(processor).output_size
+    auto_batch_notes: list[str] = []
+    if config.auto_batch_size:  # --batch-size auto: the largest micro-batch that fits (vitft_app/auto_batch.py)
+        from .auto_batch import resolve_auto_batch_size, training_step_probe
+
+        config, note = resolve_auto_batch_size(config, training_step_probe(model, (3, out_h, out_w), plan.device,
+                                                                           plan.autocast))
+        auto_batch_notes.append(note)
     train_draft = (2 * out_w, 2 * out_h) if config.augment != "none" else (out_w, out_h)
     loader_args = dict(
         batch_size=config.batch_size,
@@ -731,7 +738,7 @@ def train(
             },
         )
 
-    notes = loaded.notes + [plan.reason, attention_reason]
+    notes = loaded.notes + [plan.reason, attention_reason] + auto_batch_notes
     if patch_dropout is not None:
         notes.append(f"PatchDropout: training keeps {1 - config.patch_dropout:.0%} of the patch tokens of each image")
     if config.distill_weight > 0:
