@@ -22,6 +22,7 @@ from ..runs_table import (
     style_differences,
 )
 from ..tracking import REPORT_TO_CHOICES, check_report_to
+from ..zero_shot import ZERO_SHOT_KIND, zero_shot_refusal
 
 #: Columns shown in the table (``path`` stays server-side).
 #: The result columns come first, so they are on screen at 1400 pixels without scrolling sideways.
@@ -54,6 +55,8 @@ def table_view(ctx: Any, text: str | None = None, status: str | None = "all", so
                                                    frame["baseline_class"])]
     shown["macro_f1"] = pd.to_numeric(shown["macro_f1"], errors="coerce").round(4)
     shown["lr"] = pd.to_numeric(shown["lr"], errors="coerce").map(lambda v: float(f"{v:.3g}"), na_action="ignore")
+    zero_shot = frame["kind"] == ZERO_SHOT_KIND  # a baseline row: "zero-shot" where a run has its epochs
+    shown["epochs"] = [ZERO_SHOT_KIND if z else ("" if pd.isna(e) else int(e)) for z, e in zip(zero_shot, shown["epochs"])]
     return shown
 
 
@@ -130,6 +133,8 @@ def open_in(ctx: Any, run_dir: str | None, target: str) -> tuple[Any, str, bool]
 
     if not run_dir:
         return gr.skip(), "Choose a run first (click its row).", False
+    if refusal := zero_shot_refusal(run_dir, target):
+        return gr.skip(), f"✗ {refusal}", False
     if model_dir(run_dir) is None:
         return gr.skip(), f"✗ `{Path(run_dir).name}` has no saved model yet (no epoch finished).", False
     return gr.update(choices=model_choices(ctx), value=run_dir), f"Opened `{Path(run_dir).name}` in {target.title()}.", True
@@ -149,6 +154,8 @@ def open_demo(ctx: Any, run_dir: str | None, page_host: str = "127.0.0.1") -> tu
 
     if not run_dir:
         return "Choose a run first (click its row).", None
+    if refusal := zero_shot_refusal(run_dir, "show in a demo page"):
+        return f"✗ {refusal}", None
     try:
         port = ctx.demo_servers.open(run_dir)
     except (DemoError, FileNotFoundError, OSError, ValueError) as exc:
@@ -173,6 +180,8 @@ def resume_selected(ctx: Any, run_dir: str | None) -> str:
 
     if not run_dir:
         return "Choose a run first (click its row)."
+    if refusal := zero_shot_refusal(run_dir, "resume"):
+        return f"✗ {refusal}"
     text, resumed = resume_run(ctx, run_dir)
     return text + (" Follow it in the Train tab." if resumed else "")
 
