@@ -77,7 +77,7 @@ def test_cli_zero_shot_saves_a_row_of_its_own(tmp_path, digits_small, tiny_clip,
                       "template": "a digit {}", "val_fraction": 0.2, "seed": 42}
     assert "zero-shot" in err and "always '0': 33.3%" in err
     if status["best_val_accuracy"] < 0.333 + 0.05:  # a random CLIP is near chance: called weak
-        assert "Weak model" in err
+        assert "Weak baseline" in err
 
     table = runs_table(runs)
     row = table.iloc[0]

@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .baseline import Baseline, accuracy_with_baseline, majority_baseline, weak_model_warning
+from .baseline import Baseline, accuracy_with_baseline, format_accuracy, is_weak, majority_baseline
 from .images import ImageLoadError, load_image
 
 logger = logging.getLogger(__name__)
@@ -94,8 +94,15 @@ class ZeroShotResult:
 
     @property
     def weak_warning(self) -> str | None:
-        """The weak-model warning when the accuracy is near the majority-class rate, else None."""
-        return weak_model_warning(self.accuracy, self.baseline)
+        """A warning when the accuracy is near the majority-class rate (:func:`~vitft_app.baseline.is_weak`), else None."""
+        if not is_weak(self.accuracy, self.baseline):
+            return None
+        assert self.baseline is not None
+        how = "worse than" if self.accuracy < self.baseline.rate - 1e-9 else "about what"
+        return (f"Weak baseline: {format_accuracy(self.accuracy)} is {how} always answering"
+                f" '{self.baseline.majority_class}' gives ({format_accuracy(self.baseline.rate)}; chance is"
+                f" {format_accuracy(self.baseline.chance)}). The class names alone do not tell these images apart for"
+                " this model: try another prompt template or model, or train one.")
 
     def summary(self) -> str:
         """One line: ``zero-shot openai/clip-vit-base-patch32: 91.0% (always 'bees': 54.2%) on 153 validation images``."""

@@ -16,6 +16,7 @@ from ..data import DatasetReport, scan_dataset
 from ..images import ImageLoadError, load_image
 from ..uploads import UnsafeArchiveError, copy_folder_upload, extract_zip
 from ..plots import figure_class_counts, figure_image_stats
+from . import zero_shot_panel
 
 logger = logging.getLogger(__name__)
 
@@ -375,6 +376,7 @@ def build(ctx: Any) -> DataTab:
     classes = gr.State([])
     suggested_size = gr.State(None)
     chosen = gr.State(None)
+    zero_shot_panel.build(ctx, chosen)  # a CLIP/SigLIP baseline of the chosen dataset (ui/zero_shot_panel.py)
     by_key = {"summary": summary, "problems": problems, "counts": counts, "figure": figure,
               "sizes_figure": sizes_figure, "samples": samples, "csv": csv, "classes": classes,
               "suggested_image_size": suggested_size, "balance_button": balance_button, "dataset": chosen}

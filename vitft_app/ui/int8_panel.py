@@ -1,5 +1,5 @@
 """The Predict tab's int8 pieces: the "Export int8 ONNX" button (checked against fp32 on the run's
-validation split) and the backend choice that offers "ONNX int8" once the run has one."""
+validation split) and the backend choice that offers "onnx int8" once the run has one."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import gradio as gr
 
 #: Backend radio choices ``(label, value)``; the int8 one only when the run has ``model_int8.onnx``.
 BASE_BACKENDS = [("torch", "torch"), ("onnx", "onnx")]
-INT8_BACKEND = ("ONNX int8", "onnx-int8")
+INT8_BACKEND = ("onnx int8", "onnx-int8")
 
 
 def backend_choices(run_dir: str | None) -> list[tuple[str, str]]:
-    """The backends a run can predict with: torch, onnx, and ONNX int8 when it was exported."""
+    """The backends a run can predict with: torch, onnx, and onnx int8 when it was exported."""
     from ..quantize import has_int8
 
     return BASE_BACKENDS + ([INT8_BACKEND] if run_dir and has_int8(run_dir) else [])
@@ -41,7 +41,7 @@ def export_int8_for_run(run_dir: str | None, force: bool) -> str:
         return f"✗ {exc}"
     kept = "  \n**Kept despite the accuracy drop** (you ticked the box)." if result.check.forced else ""
     return (f"✓ `{result.path}`  \n" + result.check.summary().replace("\n", "  \n") + kept
-            + "  \nChoose **ONNX int8** as the backend above to predict with it.")
+            + "  \nChoose **onnx int8** as the backend above to predict with it.")
 
 
 def build_export_controls() -> tuple[gr.Button, gr.Checkbox]:

@@ -274,7 +274,7 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> gr.Dropdown:
                               info="below it the answer is 'not sure'", scale=2, elem_id="predict-threshold")
         tta = gr.Checkbox(False, label="Test-time augmentation (image + flip)", scale=1)
         backend = gr.Radio(int8_panel.BASE_BACKENDS, value="torch", label="Backend",
-                           info="onnx runs the model's ONNX export with onnxruntime", scale=1)
+                           info="onnx runs the model's ONNX export with onnxruntime; onnx int8 its int8 export", scale=1)
         explain = gr.Checkbox(False, label="Explain (attention rollout heatmap)", scale=1, elem_id="predict-explain")
     with gr.Row():
         files = gr.File(label="Drop one or more images here", file_count="multiple", file_types=["image"],
