@@ -59,8 +59,11 @@ def main() -> None:
         check = json.loads((run / "model" / "onnx" / "int8_check.json").read_text())
         base = check.get("baseline") or {}
         rate = base.get("majority_count", 0) / base["total"] if base.get("total") else float("nan")
+        from vitft_app.baseline import is_weak_rate
+
+        weak = " (weak)" if is_weak_rate(check["fp32_accuracy"], rate) else ""
         print(f"| {Path(config['model']).name}, {Path(config['data_dir']).name} | {check['num_images']}"
-              f" | {100 * check['fp32_accuracy']:.1f}% | {100 * check['int8_accuracy']:.1f}%"
+              f" | {100 * check['fp32_accuracy']:.1f}%{weak} | {100 * check['int8_accuracy']:.1f}%"
               f" | {100 * (check['fp32_accuracy'] - check['int8_accuracy']):+.1f} | {100 * check['agreement']:.1f}%"
               f" | {check['fp32_latency_ms']:.2f} / {check['int8_latency_ms']:.2f}"
               f" | {check['fp32_bytes'] / 1e6:.2f} / {check['int8_bytes'] / 1e6:.2f} | {100 * rate:.1f}% |")

@@ -96,7 +96,7 @@ def test_runs_tab_row_and_actions(tmp_path, digits_small, tiny_clip):
     run_dir = save_zero_shot_run(evaluate_zero_shot(digits_small, str(tiny_clip)), runs)
     ctx = SimpleNamespace(settings=SimpleNamespace(runs_dir=str(runs)), runner=SimpleNamespace(current=None))
     shown = runs_tab.table_view(ctx)
-    assert shown.iloc[0]["epochs"] == "zero-shot" and shown.iloc[0]["model"] == tiny_clip.name
+    assert shown.iloc[0]["epochs"] == "zero-shot" and shown.iloc[0]["model"] == f"{tiny_clip.name} (zero-shot)"
     assert shown.iloc[0]["best_val_accuracy"].endswith("%") or "(weak)" in shown.iloc[0]["best_val_accuracy"]
     assert shown.iloc[0]["val_baseline"] == "33.3% ('0')"
     assert runs_tab.table_view(ctx, sort_by="epochs").iloc[0]["epochs"] == "zero-shot"  # sorting does not break

@@ -57,6 +57,7 @@ def table_view(ctx: Any, text: str | None = None, status: str | None = "all", so
     shown["lr"] = pd.to_numeric(shown["lr"], errors="coerce").map(lambda v: float(f"{v:.3g}"), na_action="ignore")
     zero_shot = frame["kind"] == ZERO_SHOT_KIND  # a baseline row: "zero-shot" where a run has its epochs
     shown["epochs"] = [ZERO_SHOT_KIND if z else ("" if pd.isna(e) else int(e)) for z, e in zip(zero_shot, shown["epochs"])]
+    shown["model"] = [f"{m} ({ZERO_SHOT_KIND})" if z else m for z, m in zip(zero_shot, shown["model"])]  # on screen at 1400 px
     return shown
 
 
