@@ -7,8 +7,9 @@
     vitft predict --model DIR IMAGE... [--top-k K]
     vitft scan DIR [--json]
     vitft evaluate RUN_DIR [--data DIR] [--split val|test]
-    vitft export RUN_DIR [--format onnx|zip]
+    vitft export RUN_DIR [--format onnx|onnx-int8|zip] [--force]
     vitft report RUN_DIR
+    vitft zero-shot --data DIR --model CLIP_OR_SIGLIP_ID_OR_DIR [--template "a photo of a {}."]
     vitft demo RUN_DIR [--host 127.0.0.1] [--port 7870] [--no-browser] | vitft demo RUN_DIR --bundle DIR
     vitft app [--host 127.0.0.1] [--port 7860] ...   (same as ``python app.py``)
 
@@ -62,6 +63,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     # from the field's declaration (vitft_app.config.field_specs), as do the form's widgets.
     groups = {key: parser.add_argument_group(title) for key, title in SECTIONS.items()}
     for spec in field_specs().values():
+        if spec.name == "auto_batch_size":
+            continue  # set by --batch-size auto
         help_text = spec.doc.replace("%", "%%")  # argparse %-formats help strings
         if spec.name == "data_dir":
             help_text += " (required unless --resume)"
@@ -72,7 +75,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         groups.get(spec.section, parser).add_argument(
             flag_name(spec.name),
             dest=spec.name,
-            type=spec.kind,
+            type=_batch_size_arg if spec.name == "batch_size" else spec.kind,
             choices=spec.choices,
             default=None,
             help=help_text,
@@ -80,9 +83,24 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def _batch_size_arg(text: str) -> int | str:
+    """``--batch-size``: a whole number, or ``auto`` (find the size that fits, see vitft_app.auto_batch)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}") from None
+
+
 def _given_train_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``TrainConfig`` fields whose flags were given (every train flag defaults to None)."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    """The ``TrainConfig`` fields whose flags were given (every train flag defaults to None);
+    ``--batch-size auto`` gives ``auto_batch_size=True`` and leaves ``batch_size`` as the start."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    if given.get("batch_size") == "auto":
+        del given["batch_size"]
+        given["auto_batch_size"] = True
+    return given
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -169,8 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--precision", choices=["auto", "fp32"], default="auto",
                          help="torch backend: auto uses bf16 autocast where the hardware has it (faster,"
                               " probabilities within about 0.01 of fp32), fp32 for exact scores (default: auto)")
-    predict.add_argument("--backend", choices=["torch", "onnx"], default="torch",
-                         help="onnx runs MODEL/onnx/model.onnx with onnxruntime (make it with vitft export)")
+    predict.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"], default="torch",
+                         help="onnx runs MODEL/onnx/model.onnx with onnxruntime (make it with vitft export);"
+                              " onnx-int8 runs MODEL/onnx/model_int8.onnx (vitft export --format onnx-int8)")
 
     scan = commands.add_parser("scan", help="check a dataset folder (the dataset doctor)",
                                description="Decode every image, report classes, counts, skipped and ignored"
@@ -196,9 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="export a trained model (ONNX, or a zip for transformers.pipeline)",
                                  description="onnx: write MODEL/onnx/model.onnx, checked against PyTorch on the"
-                                             " run's validation images; zip: the save_pretrained folder as a zip.")
+                                             " run's validation images; onnx-int8: also MODEL/onnx/model_int8.onnx"
+                                             " (onnxruntime dynamic quantization), checked against the fp32 ONNX model"
+                                             " on the run's validation split (accuracy of both, top-1 agreement,"
+                                             " single-image latency) and refused when it loses more than 1 accuracy"
+                                             " point unless --force; zip: the save_pretrained folder as a zip.")
     export.add_argument("run", metavar="RUN_DIR", help="a run folder or a save_pretrained folder")
-    export.add_argument("--format", choices=["onnx", "zip"], default="onnx", help="(default: onnx)")
+    export.add_argument("--format", choices=["onnx", "onnx-int8", "zip"], default="onnx", help="(default: onnx)")
+    export.add_argument("--force", action="store_true",
+                        help="onnx-int8: keep the int8 model even when it loses more than 1 accuracy point")
     export.add_argument("--output", default=None,
                         help="onnx: output folder (default MODEL/onnx); zip: file (default RUN_DIR/model.zip)")
 
@@ -235,6 +260,25 @@ def build_parser() -> argparse.ArgumentParser:
     issues.add_argument("--data", default=None, help="dataset folder or labels CSV (default: the run's)")
     issues.add_argument("--folds", type=int, default=5, help="k of the cross-validated linear head (default: 5)")
     issues.add_argument("--show", type=int, default=10, help="flagged images to print (default: 10)")
+
+    zero_shot = commands.add_parser(
+        "zero-shot", help="zero-shot baseline: validation accuracy of a CLIP or SigLIP model from the class names",
+        description="Classify the dataset's validation split (split as vitft train splits it) with an image-text"
+                    " model, each class name put into a prompt template; print the accuracy beside the"
+                    " majority-class baseline and save it as a run of kind zero-shot in the runs folder (a row of"
+                    " the Runs table). Real weights come from the Hugging Face Hub (openai/clip-vit-base-patch32,"
+                    " google/siglip-base-patch16-224, ...); a local save_pretrained folder works offline.")
+    zero_shot.add_argument("--data", required=True, help="dataset folder (one subfolder per class) or labels CSV")
+    zero_shot.add_argument("--model", required=True, help="CLIP or SigLIP Hub id or local folder")
+    zero_shot.add_argument("--template", default="a photo of a {}.",
+                           help="prompt template, {} is the class name (underscores read as spaces)"
+                                " (default: 'a photo of a {}.')")
+    zero_shot.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
+                           help=f"validation share of the automatic split, as in train (default: {TrainConfig.val_fraction})")
+    zero_shot.add_argument("--seed", type=int, default=TrainConfig.seed,
+                           help=f"seed of the automatic split, as in train (default: {TrainConfig.seed})")
+    zero_shot.add_argument("--output-dir", default=TrainConfig.output_dir,
+                           help=f"runs folder the result is saved in (default: {TrainConfig.output_dir})")
 
     app = commands.add_parser("app", help="start the web app (same as python app.py)")
     add_server_arguments(app)
@@ -405,6 +449,9 @@ def _run_train(args: argparse.Namespace, dist_ctx: Any) -> int:
     existing = getattr(args, "run_dir", None)
     if args.resume:
         run_dir = Path(args.resume).expanduser()
+        if refusal := _zero_shot_refusal(run_dir, "resume"):
+            print(f"vitft train: error: {refusal}", file=sys.stderr)
+            return 2
         output_dir = str(run_dir.resolve().parent)
         ignored = [flag_name(name) for name in _given_train_fields(args)] + (
             ["--preset"] if getattr(args, "preset", None) else [])
@@ -550,6 +597,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """Evaluates, writes ``eval/<split>/`` and prints the summary and the output folder."""
     from .evaluate import EvaluationError, evaluate_run, summary_text
 
+    if refusal := _zero_shot_refusal(args.run, "evaluate"):
+        print(f"vitft evaluate: error: {refusal}", file=sys.stderr)
+        return 2
     try:
         result = evaluate_run(args.run, data_dir=args.data, split=args.split, top_k=args.top_k)
     except (EvaluationError, FileNotFoundError, ValueError) as exc:
@@ -589,14 +639,47 @@ def run_export(args: argparse.Namespace) -> int:
             dest = args.output or str(Path(args.run) / "model.zip")
             print(export_model_zip(args.run, dest))
             return 0
+        if args.format == "onnx-int8":
+            from .quantize import export_onnx_int8
+
+            if args.output:
+                raise ExportError("--output is not used with onnx-int8: the int8 model lies beside MODEL/onnx/model.onnx")
+            int8 = export_onnx_int8(args.run, force=args.force)
+            print(int8.check.summary() + ("\nkept despite the drop (--force)" if int8.check.forced else ""),
+                  file=sys.stderr)
+            print(int8.path)
+            return 0
         images = validation_images(args.run)
         result = export_onnx(args.run, output_dir=args.output, images=images or None)
-    except (ExportError, FileNotFoundError, OSError) as exc:
+    except (ExportError, FileNotFoundError, OSError, ValueError) as exc:
         print(f"vitft export: error: {exc}", file=sys.stderr)
         return 2
     print(f"ONNX opset {result.opset}; largest |p_onnx - p_torch| = {result.max_abs_prob_diff:.3g}"
           f" over {result.num_images} images", file=sys.stderr)
     print(result.path)
+    return 0
+
+
+def _zero_shot_refusal(run_dir: Any, action: str) -> str | None:
+    """The message for a zero-shot run given to a command that needs a trained model, else None."""
+    from .zero_shot import zero_shot_refusal
+
+    return zero_shot_refusal(run_dir, action)
+
+
+def run_zero_shot(args: argparse.Namespace) -> int:
+    """Evaluates the zero-shot baseline, prints the summary (stderr) and the saved run folder (stdout)."""
+    from .zero_shot import ZeroShotError, evaluate_zero_shot, save_zero_shot_run
+
+    try:
+        result = evaluate_zero_shot(args.data, args.model, args.template, val_fraction=args.val_fraction,
+                                    seed=args.seed)
+        run_dir = save_zero_shot_run(result, args.output_dir)
+    except (ZeroShotError, OSError) as exc:
+        print(f"vitft zero-shot: error: {exc}", file=sys.stderr)
+        return 2
+    print(result.summary(), file=sys.stderr)
+    print(run_dir)
     return 0
 
 
@@ -626,11 +709,12 @@ def run_predict(args: argparse.Namespace) -> int:
         print("vitft predict: error: --top-k must be >= 1", file=sys.stderr)
         return 2
     try:
-        if args.backend == "onnx":
+        if args.backend in ("onnx", "onnx-int8"):
             from .export import ExportError, OnnxPredictor
+            from .quantize import INT8_FILE_NAME
 
             try:
-                predictor = OnnxPredictor(args.model)
+                predictor = OnnxPredictor(args.model, **({"file_name": INT8_FILE_NAME} if args.backend == "onnx-int8" else {}))
             except ExportError as exc:
                 raise ValueError(str(exc)) from exc
         else:
@@ -718,7 +802,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"train": run_train, "sweep": run_sweep, "predict": run_predict, "scan": run_scan, "evaluate": run_evaluate,
                 "export": run_export, "report": run_report, "demo": run_demo,
-                "label-issues": run_label_issues}
+                "label-issues": run_label_issues, "zero-shot": run_zero_shot}
     install_sigint_handler()
     # The server logs what it decides and every unexpected error at INFO; the one-shot commands
     # print their own progress and let only warnings through.

@@ -71,7 +71,10 @@ class TrainConfig:
     """Passes over the training split."""
 
     batch_size: int = field(default=32, metadata={"section": "training", "label": "Batch size", "ge": 1})
-    """Images per micro-batch (per forward pass)."""
+    """Images per micro-batch (per forward pass); 'auto' (CLI) starts here and halves on out-of-memory."""
+
+    auto_batch_size: bool = field(default=False, metadata={"section": "training", "label": "Automatic batch size"})
+    """Find the micro-batch that fits in memory: start at batch_size, halve on out-of-memory, and accumulate more micro-batches so batch_size x grad_accum_steps stays the same (the CLI's --batch-size auto)."""
 
     lr: float = field(
         default=5e-5,

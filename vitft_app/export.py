@@ -377,6 +377,8 @@ class OnnxPredictor(ClassifierBackend):
     Args:
         onnx_dir: the folder written by :func:`export_onnx` (``model.onnx``, ``config.json``,
             ``preprocessor_config.json``), or a model folder holding it as ``onnx/``.
+        file_name: the graph in that folder: ``model.onnx`` (fp32) or ``model_int8.onnx``
+            (:func:`vitft_app.quantize.export_onnx_int8`).
 
     Attributes:
         path: the ONNX folder.
@@ -385,15 +387,19 @@ class OnnxPredictor(ClassifierBackend):
         id2label: ``{index: class name}`` from ``config.json``.
         session: the ``onnxruntime.InferenceSession``.
         input_name: name of the graph's input (``pixel_values``).
+        file_name: the graph's file name in :attr:`path`.
 
     Raises:
-        FileNotFoundError: no ``model.onnx`` in the folder.
+        FileNotFoundError: no ``model.onnx`` (or ``file_name``) in the folder.
         ExportError: onnxruntime missing, or the folder's config, processor or graph unreadable.
     """
 
-    def __init__(self, onnx_dir: str | os.PathLike):
+    def __init__(self, onnx_dir: str | os.PathLike, file_name: str = ONNX_FILE_NAME):
         _, onnxruntime = require_onnx()
         self.path = _find_onnx_dir(Path(onnx_dir).expanduser())
+        self.file_name = file_name
+        if not (self.path / file_name).is_file():
+            raise FileNotFoundError(f"No {file_name} in {self.path}: create it with `vitft export {onnx_dir} --format onnx-int8`")
         self.id2label = _read_id2label(self.path / "config.json")
         try:
             import json
@@ -410,10 +416,10 @@ class OnnxPredictor(ClassifierBackend):
             raise ExportError(f"Cannot read the image processor in {self.path}: {exc}") from exc
         try:
             self.session = onnxruntime.InferenceSession(
-                str(self.path / ONNX_FILE_NAME), providers=["CPUExecutionProvider"]
+                str(self.path / file_name), providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise ExportError(f"Cannot load {self.path / ONNX_FILE_NAME}: {exc}") from exc
+            raise ExportError(f"Cannot load {self.path / file_name}: {exc}") from exc
         self.input_name = self.session.get_inputs()[0].name
 
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:

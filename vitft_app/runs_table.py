@@ -27,7 +27,8 @@ META_FILE = "meta.json"
 #: Columns of :func:`runs_table`, in order (``path`` is last; the UI may hide it).
 RUN_COLUMNS = [
     "run_id", "name", "status", "dataset", "model", "freeze_depth", "lr", "batch_size", "epochs", "augment",
-    "best_val_accuracy", "val_baseline", "baseline_class", "macro_f1", "duration", "date", "sweep", "retrained_from", "path",
+    "best_val_accuracy", "val_baseline", "baseline_class", "macro_f1", "duration", "date", "sweep", "retrained_from", "kind",
+    "path",
 ]
 
 
@@ -145,6 +146,7 @@ def run_row(run_dir: str | os.PathLike) -> dict[str, Any]:
         "date": started.strftime("%Y-%m-%d %H:%M") if started else "",
         "sweep": meta.get("sweep") or "",
         "retrained_from": meta.get("retrained_from") or "",
+        "kind": config.get("kind") or "train",  # "zero-shot": a baseline of vitft_app.zero_shot, no epochs
         "path": str(run_dir),
     }
 
@@ -168,7 +170,8 @@ def runs_table(runs_dir: str | os.PathLike) -> pd.DataFrame:
         ``failed`` or ``interrupted`` (a running run whose process is gone, see
         :func:`~vitft_app.runs.read_status`); ``best_val_accuracy`` in 0..1 and ``val_baseline`` (the majority-class rate
         of the validation split, class ``baseline_class``; NaN for older runs); ``macro_f1`` from the
-        run's validation evaluation (NaN when never evaluated); ``duration`` as ``m:ss``.
+        run's validation evaluation (NaN when never evaluated); ``duration`` as ``m:ss``; ``kind``
+        ``"train"``, or ``"zero-shot"`` for a :mod:`~vitft_app.zero_shot` baseline (no epochs, lr, model).
     """
     rows = [run_row(path) for path in reversed(list_run_dirs(runs_dir))]
     return pd.DataFrame(rows, columns=RUN_COLUMNS)

@@ -19,11 +19,12 @@ from ..attention import AttentionTrial
 from ..augment import create_batch_mixer
 from ..checkpoint import ResumeError, estimate_checkpoint_bytes, low_space_warning, restore_rng, save_checkpoint
 from ..config import TrainConfig
-from ..data import DatasetReport
+from ..data import DatasetReport, processor_spec
 from ..device import resolve_device_plan
 from ..distributed import DistContext
 from ..events import Emit, LogMessage
 from ..feature_cache import CachedFeatures, cache_features, split_frozen_model
+from ..auto_batch import resolve_auto_batch_size, training_step_probe
 from ..lora import LoraSetup, apply_lora
 from ..modeling import LoadedModel, build_model, freeze_layers
 from ..optim import create_optimizer, create_scheduler
@@ -272,6 +273,11 @@ def setup_run(config: TrainConfig, run_dir: Path, emit: Emit, stop_event: thread
     lora = apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.freeze_depth) \
         if config.lora_rank > 0 else None  # adapters in place: `model` stays the module the loop trains
     model.to(device_plan.device)
+    if config.auto_batch_size:  # --batch-size auto: the largest micro-batch that fits (vitft_app/auto_batch.py)
+        out_h, out_w = processor_spec(loaded.processor).output_size
+        config, note = resolve_auto_batch_size(config, training_step_probe(model, (3, out_h, out_w), device_plan.device,
+                                                                           device_plan.autocast))
+        loaded.notes.append(note)
     data = build_train_data(config, report, loaded.processor, plan, run_dir, options, dist_ctx)
     features = FrozenFeatures(model, config.freeze_depth) if plan.feature_cache_val else None
     # ---- losses and batch-level regularizers ------------------------------------------------------

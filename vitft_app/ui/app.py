@@ -98,8 +98,9 @@ class AppContext:
 
         Args:
             model_path: a run folder or a ``save_pretrained`` folder.
-            backend: ``"torch"`` (:class:`~vitft_app.predict.Predictor`) or ``"onnx"``
-                (:class:`~vitft_app.export.OnnxPredictor`, needs ``vitft export`` first).
+            backend: ``"torch"`` (:class:`~vitft_app.predict.Predictor`), ``"onnx"`` or ``"onnx-int8"``
+                (:class:`~vitft_app.export.OnnxPredictor` on ``model.onnx`` / ``model_int8.onnx``, needs
+                ``vitft export`` first).
         """
 
         folder = Path(resolve_model_path(model_path))
@@ -107,10 +108,12 @@ class AppContext:
         key = (str(folder), backend, tuple(p.stat().st_mtime_ns for p in weights if p.exists()))
         with self._predictor_lock:
             if key not in self._predictors:
-                if backend == "onnx":
-                    from ..export import OnnxPredictor
+                if backend in ("onnx", "onnx-int8"):
+                    from ..export import ONNX_FILE_NAME, OnnxPredictor
+                    from ..quantize import INT8_FILE_NAME
 
-                    self._predictors[key] = OnnxPredictor(folder)
+                    name = INT8_FILE_NAME if backend == "onnx-int8" else ONNX_FILE_NAME
+                    self._predictors[key] = OnnxPredictor(folder, file_name=name)
                 else:
                     # auto: bf16 autocast where the hardware has it (about 4x faster on an AVX512-BF16
                     # CPU, same top-1 as fp32 in benchmarks/bench_predict.py), else fp32.

@@ -21,6 +21,7 @@ from ..plots import figure_class_counts, figure_image_stats
 from .common import download_path
 from .errors import unexpected_error
 from ..confine import resolve_allowed
+from . import zero_shot_panel
 
 logger = logging.getLogger(__name__)
 
@@ -369,6 +370,7 @@ def build(ctx: Any) -> DataTab:
     classes = gr.State([])
     suggested_size = gr.State(None)
     chosen = gr.State(None)
+    zero_shot_panel.build(ctx, chosen)  # a CLIP/SigLIP baseline of the chosen dataset (ui/zero_shot_panel.py)
     by_key = {"summary": summary, "problems": problems, "counts": counts, "figure": figure,
               "sizes_figure": sizes_figure, "samples": samples, "csv": csv, "classes": classes,
               "suggested_image_size": suggested_size, "balance_button": balance_button, "dataset": chosen}

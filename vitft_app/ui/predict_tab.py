@@ -22,6 +22,7 @@ from ..export import ExportError, export_model_zip, export_onnx, validation_imag
 from ..report import push_to_hub
 from ..uploads import UnsafeArchiveError, extract_zip
 from .data_tab import resolve_data_path
+from . import int8_panel
 
 
 class PixelCheckedImage(gr.Image):
@@ -100,6 +101,8 @@ def _load_predictor(ctx: Any, run_dir: str | None, backend: str = "torch") -> tu
     except FileNotFoundError as exc:
         if backend == "onnx":
             return None, "No ONNX export of this model yet: open *Export this model* and press *Export to ONNX*."
+        if backend == "onnx-int8":
+            return None, "No int8 export of this model yet: open *Export this model* and press *Export int8 ONNX*."
         return None, f"Cannot load the model of {Path(run_dir).name}: {exc}"
     except Exception as exc:  # noqa: BLE001 - a broken model folder is a message, not a server error
         return None, unexpected_error(exc, f"Cannot load the model of {Path(run_dir).name}", run_dir=run_dir,
@@ -299,8 +302,8 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> gr.Dropdown:
         threshold = gr.Slider(0, 1, value=0, step=0.05, label="Confidence threshold",
                               info="below it the answer is 'not sure'", scale=2, elem_id="predict-threshold")
         tta = gr.Checkbox(False, label="Test-time augmentation (image + flip)", scale=1)
-        backend = gr.Radio(["torch", "onnx"], value="torch", label="Backend",
-                           info="onnx runs the model's ONNX export with onnxruntime", scale=1)
+        backend = gr.Radio(int8_panel.BASE_BACKENDS, value="torch", label="Backend",
+                           info="onnx runs the model's ONNX export with onnxruntime; onnx int8 its int8 export", scale=1)
         explain = gr.Checkbox(False, label="Explain (attention rollout heatmap)", scale=1, elem_id="predict-explain")
     with gr.Row():
         files = gr.File(label="Drop one or more images here", file_count="multiple", file_types=["image"],
@@ -325,6 +328,7 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> gr.Dropdown:
         with gr.Row():
             zip_button = gr.Button("Make a model zip (for transformers.pipeline)", elem_id="export-zip")
             onnx_button = gr.Button("Export to ONNX (checked against PyTorch)", elem_id="export-onnx")
+        int8_button, int8_force = int8_panel.build_export_controls()
         export_file = gr.File(label="Model zip", interactive=False, elem_id="export-file")
         export_message = gr.Markdown(elem_id="export-message")
         with gr.Row():
@@ -369,6 +373,7 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> gr.Dropdown:
     zip_button.click(export_zip, inputs=run, outputs=[export_file, export_message])
     push_button.click(push_model, inputs=[run, repo_id, token, private], outputs=push_message)
     onnx_button.click(export_onnx_for_run, inputs=run, outputs=export_message)
+    int8_panel.wire(run, backend, int8_button, int8_force, export_message)
     refresh.click(lambda current: refresh_runs(ctx, current), inputs=run, outputs=run)
     demo.load(lambda: refresh_runs(ctx, None), outputs=run)
     tab.select(lambda current: refresh_runs(ctx, current), inputs=run, outputs=run)

@@ -26,6 +26,7 @@ from ..tracking import REPORT_TO_CHOICES, check_report_to
 from ..demo import DemoError
 from .predict_tab import run_choices as model_choices
 from .train_tab import resume_run
+from ..zero_shot import ZERO_SHOT_KIND, zero_shot_refusal
 
 #: Columns shown in the table (``path`` stays server-side).
 #: The result columns come first, so they are on screen at 1400 pixels without scrolling sideways.
@@ -58,6 +59,9 @@ def table_view(ctx: Any, text: str | None = None, status: str | None = "all", so
                                                    frame["baseline_class"])]
     shown["macro_f1"] = pd.to_numeric(shown["macro_f1"], errors="coerce").round(4)
     shown["lr"] = pd.to_numeric(shown["lr"], errors="coerce").map(lambda v: float(f"{v:.3g}"), na_action="ignore")
+    zero_shot = frame["kind"] == ZERO_SHOT_KIND  # a baseline row: "zero-shot" where a run has its epochs
+    shown["epochs"] = [ZERO_SHOT_KIND if z else ("" if pd.isna(e) else int(e)) for z, e in zip(zero_shot, shown["epochs"])]
+    shown["model"] = [f"{m} ({ZERO_SHOT_KIND})" if z else m for z, m in zip(zero_shot, shown["model"])]  # on screen at 1400 px
     return shown
 
 
@@ -132,6 +136,8 @@ def open_in(ctx: Any, run_dir: str | None, target: str) -> tuple[Any, str, bool]
     """
     if not run_dir:
         return gr.skip(), "Choose a run first (click its row).", False
+    if refusal := zero_shot_refusal(run_dir, target):
+        return gr.skip(), f"✗ {refusal}", False
     if model_dir(run_dir) is None:
         return gr.skip(), f"✗ `{Path(run_dir).name}` has no saved model yet (no epoch finished).", False
     return gr.update(choices=model_choices(ctx), value=run_dir), f"Opened `{Path(run_dir).name}` in {target.title()}.", True
@@ -149,6 +155,8 @@ def open_demo(ctx: Any, run_dir: str | None, page_host: str = "127.0.0.1") -> tu
     """
     if not run_dir:
         return "Choose a run first (click its row).", None
+    if refusal := zero_shot_refusal(run_dir, "show in a demo page"):
+        return f"✗ {refusal}", None
     try:
         port = ctx.demo_servers.open(run_dir)
     except (DemoError, FileNotFoundError, OSError, ValueError) as exc:
@@ -171,6 +179,8 @@ def resume_selected(ctx: Any, run_dir: str | None) -> str:
     tab's Resume, :func:`vitft_app.ui.train_tab.resume_run`). Never raises."""
     if not run_dir:
         return "Choose a run first (click its row)."
+    if refusal := zero_shot_refusal(run_dir, "resume"):
+        return f"✗ {refusal}"
     text, resumed = resume_run(ctx, run_dir)
     return text + (" Follow it in the Train tab." if resumed else "")
 
