@@ -188,3 +188,34 @@ def test_an_epochs_short_last_micro_batch_is_not_compared(tmp_path, digits_small
     run_dir = RunStore(config.output_dir).create_run(config)
     assert train(config, run_dir, lambda e: None, device="cpu").status == "completed"
     assert recorded[:3] == [True, True, False]  # the schedule advances past the short batch, untimed
+
+
+
+def test_validation_runs_sdpa_and_training_goes_back_to_its_kernel(tmp_path, digits_small, tiny_vit, monkeypatch):
+    from vitft_app import training
+    from vitft_app.attention import evaluation_attention
+
+    model = _tiny(tiny_vit)
+    set_attention(model, "eager")
+    with pytest.raises(RuntimeError, match="boom"), evaluation_attention(model):
+        assert current_attention(model) == "sdpa"
+        raise RuntimeError("boom")
+    assert current_attention(model) == "eager"  # restored on every exit path
+
+    # a run that trains with eager: each validation sees SDPA, and the model is eager again after it
+    seen: list[tuple[str, torch.nn.Module]] = []
+    original_evaluate = training.evaluate
+
+    def recording_evaluate(model, *args, **kwargs):
+        seen.append((current_attention(model), model))
+        return original_evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate", recording_evaluate)
+    config = TrainConfig(data_dir=str(digits_small), model=str(tiny_vit), epochs=2, batch_size=8, precision="fp32",
+                         attention="eager", augment="none", output_dir=str(tmp_path / "runs"))
+    run_dir = RunStore(config.output_dir).create_run(config)
+    events = []
+    assert train(config, run_dir, events.append, device="cpu").status == "completed"
+    assert [kernel for kernel, _ in seen] == ["sdpa", "sdpa"]
+    assert current_attention(seen[-1][1]) == "eager"
+    assert "attention: eager (as requested)" in next(e for e in events if isinstance(e, RunStarted)).notes

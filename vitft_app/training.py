@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionTrial, can_switch_attention, current_attention, set_attention
+from .attention import (AttentionTrial, can_switch_attention, current_attention, evaluation_attention,
+                        set_attention)
 from .augment import PatchDropout, create_batch_mixer, mask_patches
 from .checkpoint import (ResumeError, capture_rng, estimate_checkpoint_bytes, load_checkpoint, low_space_warning,
                          remove_checkpoint, restore_rng, save_checkpoint)
@@ -33,6 +34,7 @@ from .filecheck import Progress
 from .modeling import build_model, count_parameters, freeze_layers, has_cls_token, num_blocks
 from .optim import create_ema, create_optimizer, create_scheduler
 from .runs import save_model_atomically
+from .run_timing import PhaseClock
 
 __all__ = [
     "DatasetError",
@@ -517,6 +519,7 @@ def train(
             saved so far (never a NaN one) and the last epoch's checkpoint stay on disk.
     """
     t_start = time.perf_counter()
+    clock = PhaseClock(t_start)  # the "time:" line of train.log (vitft_app.run_timing)
     stop_event = stop_event or threading.Event()
     run_dir = Path(run_dir)
     dist_ctx = current_context()
@@ -764,6 +767,7 @@ def train(
     monitor = "val_map" if multi_label else "val_accuracy"
     stopped, reason = False, ""
     start_step, t_train = state.step, time.perf_counter()
+    clock.mark("set-up")
     progress_t, images_done = 0.0, 0  # last StepProgress time; images trained since start_step
     for epoch in range(state.epoch, config.epochs):
         state.epoch = epoch
@@ -944,6 +948,7 @@ def train(
                 )
                 log_loss.zero_()
                 log_seen, log_t0 = 0, time.perf_counter()
+        clock.mark_training()
         if failed:
             emit(LogMessage(f"epoch {epoch + 1}: {failed} image(s) failed to load and were skipped"))
         if not stopped and attention_trial is not None and not attention_trial.done:
@@ -970,7 +975,9 @@ def train(
                                            spill_dir=run_dir)
             evaluated = (split_frozen_model(scored, config.freeze_depth)[1] if ema is not None else suffix,
                          val_cache, config.batch_size)
-        result = evaluate(scored, val_loader, plan, stop_event, multi_label, dist_ctx, evaluated)
+        with evaluation_attention(scored):  # forward only: SDPA (vitft_app.attention)
+            result = evaluate(scored, val_loader, plan, stop_event, multi_label, dist_ctx, evaluated)
+        clock.mark("validation")
         if result is None:
             stopped = True
             save_state(capture_rng(shuffle_gen))  # trained, not evaluated: resume evaluates first
@@ -986,6 +993,7 @@ def train(
             state.best_metric, state.best_accuracy = value, result["accuracy"]
             if dist_ctx.is_main:
                 save_model_atomically(scored, processor, run_dir / "model")
+                clock.mark("saving best model")
         # ---- early stopping: an improvement must beat the reference by min_delta -----------------
         if state.patience_ref is None or value > state.patience_ref + config.early_stopping_min_delta:
             state.patience_ref, state.epochs_without_improvement = value, 0
@@ -1013,7 +1021,9 @@ def train(
         # ---- checkpoint: the next epoch starts from here ------------------------------------------
         state.epoch, state.position, state.order = epoch + 1, 0, None
         state.epoch_sums = [0.0, 0.0, 0.0]
+        clock.mark("other")
         save_state(capture_rng(shuffle_gen))
+        clock.mark("checkpoints")
         if 0 < config.early_stopping_patience <= state.epochs_without_improvement and epoch + 1 < config.epochs:
             reason = (
                 f"early stopping at epoch {epoch + 1}: no {monitor} improvement > {config.early_stopping_min_delta:g}"
@@ -1032,6 +1042,8 @@ def train(
         decode_cache.clear()
         shutil.rmtree(run_dir / DECODE_CACHE_DIR, ignore_errors=True)
     dist_ctx.barrier()
+    clock.mark("other")
+    emit(LogMessage(clock.describe()))
     duration = time.perf_counter() - t_start
     emit(RunFinished(status=status, best_val_accuracy=state.best_accuracy, duration_s=duration, reason=reason,
                      step=state.step, monitor=monitor, best_metric=state.best_metric))
