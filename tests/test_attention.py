@@ -139,6 +139,12 @@ def test_forced_kernel_is_used_from_the_first_step(tmp_path, digits_small, tiny_
     events = []
     assert train(config, run_dir, events.append, device="cpu").status == "completed"
     assert "attention: eager (as requested)" in next(e for e in events if isinstance(e, RunStarted)).notes
+    # the run's time line (vitft_app.run_timing) names every phase it went through, before RunFinished
+    timing = [e.text for e in events if isinstance(e, LogMessage) and e.text.startswith("time: ")]
+    assert len(timing) == 1 and type(events[-1]).__name__ == "RunFinished", timing
+    for phase in ("set-up", "training first epoch", "training later epochs", "validation", "saving best model",
+                  "checkpoints"):
+        assert f"{phase} " in timing[0], timing
     assert not any(isinstance(e, LogMessage) and e.text.startswith("attention:") for e in events)
 
 
@@ -219,3 +225,9 @@ def test_validation_runs_sdpa_and_training_goes_back_to_its_kernel(tmp_path, dig
     assert [kernel for kernel, _ in seen] == ["sdpa", "sdpa"]
     assert current_attention(seen[-1][1]) == "eager"
     assert "attention: eager (as requested)" in next(e for e in events if isinstance(e, RunStarted)).notes
+    # the run's time line (vitft_app.run_timing) names every phase it went through, before RunFinished
+    timing = [e.text for e in events if isinstance(e, LogMessage) and e.text.startswith("time: ")]
+    assert len(timing) == 1 and type(events[-1]).__name__ == "RunFinished", timing
+    for phase in ("set-up", "training first epoch", "training later epochs", "validation", "saving best model",
+                  "checkpoints"):
+        assert f"{phase} " in timing[0], timing
