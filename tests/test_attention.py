@@ -217,14 +217,20 @@ def test_validation_runs_sdpa_and_training_goes_back_to_its_kernel(tmp_path, dig
         return original_evaluate(model, *args, **kwargs)
 
     monkeypatch.setattr(training, "evaluate", recording_evaluate)
+    monkeypatch.setattr(AttentionTrial, "faster_is_eager", lambda self: True)  # the trial keeps eager
     config = TrainConfig(data_dir=str(digits_small), model=str(tiny_vit), epochs=2, batch_size=8, precision="fp32",
-                         attention="eager", augment="none", output_dir=str(tmp_path / "runs"))
+                         augment="none", output_dir=str(tmp_path / "runs"))
     run_dir = RunStore(config.output_dir).create_run(config)
     events = []
     assert train(config, run_dir, events.append, device="cpu").status == "completed"
+    assert any(isinstance(e, LogMessage) and e.text.startswith("attention: eager kept") for e in events)
     assert [kernel for kernel, _ in seen] == ["sdpa", "sdpa"]
     assert current_attention(seen[-1][1]) == "eager"
-    assert "attention: eager (as requested)" in next(e for e in events if isinstance(e, RunStarted)).notes
+    # a forced kernel is what the user asked for: validation uses it too
+    seen.clear()
+    forced = TrainConfig(**{**config.to_dict(), "attention": "eager", "epochs": 1})
+    assert train(forced, RunStore(config.output_dir).create_run(forced), lambda e: None, device="cpu").status == "completed"
+    assert [kernel for kernel, _ in seen] == ["eager"]
     # the run's time line (vitft_app.run_timing) names every phase it went through, before RunFinished
     timing = [e.text for e in events if isinstance(e, LogMessage) and e.text.startswith("time: ")]
     assert len(timing) == 1 and type(events[-1]).__name__ == "RunFinished", timing

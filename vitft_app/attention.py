@@ -87,6 +87,8 @@ def evaluation_attention(model: nn.Module) -> Iterator[None]:
     28.5 vs 36.8 s per batch in two runs). It is also the kernel the saved model loads with, so
     the validation accuracy is computed the way :class:`~vitft_app.predict.Predictor` will
     compute predictions. A model that cannot switch, or already runs SDPA, is left alone.
+    :func:`~vitft_app.training.train` uses it with ``attention="auto"`` only (a forced kernel
+    is what the user asked for, validation included).
 
     Args:
         model: the evaluated model (its copies, such as the EMA module, are switched separately).

@@ -975,7 +975,8 @@ def train(
                                            spill_dir=run_dir)
             evaluated = (split_frozen_model(scored, config.freeze_depth)[1] if ema is not None else suffix,
                          val_cache, config.batch_size)
-        with evaluation_attention(scored):  # forward only: SDPA (vitft_app.attention)
+        # forward only: with attention=auto, SDPA (vitft_app.attention.evaluation_attention)
+        with evaluation_attention(scored) if config.attention == "auto" else contextlib.nullcontext():
             result = evaluate(scored, val_loader, plan, stop_event, multi_label, dist_ctx, evaluated)
         clock.mark("validation")
         if result is None:
