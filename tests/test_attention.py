@@ -139,6 +139,12 @@ def test_forced_kernel_is_used_from_the_first_step(tmp_path, digits_small, tiny_
     events = []
     assert train(config, run_dir, events.append, device="cpu").status == "completed"
     assert "attention: eager (as requested)" in next(e for e in events if isinstance(e, RunStarted)).notes
+    # the run's time line (vitft_app.run_timing) names every phase it went through, before RunFinished
+    timing = [e.text for e in events if isinstance(e, LogMessage) and e.text.startswith("time: ")]
+    assert len(timing) == 1 and type(events[-1]).__name__ == "RunFinished", timing
+    for phase in ("set-up", "training first epoch", "training later epochs", "validation", "saving best model",
+                  "checkpoints"):
+        assert f"{phase} " in timing[0], timing
     assert not any(isinstance(e, LogMessage) and e.text.startswith("attention:") for e in events)
 
 
@@ -188,3 +194,46 @@ def test_an_epochs_short_last_micro_batch_is_not_compared(tmp_path, digits_small
     run_dir = RunStore(config.output_dir).create_run(config)
     assert train(config, run_dir, lambda e: None, device="cpu").status == "completed"
     assert recorded[:3] == [True, True, False]  # the schedule advances past the short batch, untimed
+
+
+
+def test_validation_runs_sdpa_and_training_goes_back_to_its_kernel(tmp_path, digits_small, tiny_vit, monkeypatch):
+    from vitft_app import training
+    from vitft_app.attention import evaluation_attention
+
+    model = _tiny(tiny_vit)
+    set_attention(model, "eager")
+    with pytest.raises(RuntimeError, match="boom"), evaluation_attention(model):
+        assert current_attention(model) == "sdpa"
+        raise RuntimeError("boom")
+    assert current_attention(model) == "eager"  # restored on every exit path
+
+    # a run that trains with eager: each validation sees SDPA, and the model is eager again after it
+    seen: list[tuple[str, torch.nn.Module]] = []
+    original_evaluate = training.evaluate
+
+    def recording_evaluate(model, *args, **kwargs):
+        seen.append((current_attention(model), model))
+        return original_evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate", recording_evaluate)
+    monkeypatch.setattr(AttentionTrial, "faster_is_eager", lambda self: True)  # the trial keeps eager
+    config = TrainConfig(data_dir=str(digits_small), model=str(tiny_vit), epochs=2, batch_size=8, precision="fp32",
+                         augment="none", output_dir=str(tmp_path / "runs"))
+    run_dir = RunStore(config.output_dir).create_run(config)
+    events = []
+    assert train(config, run_dir, events.append, device="cpu").status == "completed"
+    assert any(isinstance(e, LogMessage) and e.text.startswith("attention: eager kept") for e in events)
+    assert [kernel for kernel, _ in seen] == ["sdpa", "sdpa"]
+    assert current_attention(seen[-1][1]) == "eager"
+    # a forced kernel is what the user asked for: validation uses it too
+    seen.clear()
+    forced = TrainConfig(**{**config.to_dict(), "attention": "eager", "epochs": 1})
+    assert train(forced, RunStore(config.output_dir).create_run(forced), lambda e: None, device="cpu").status == "completed"
+    assert [kernel for kernel, _ in seen] == ["eager"]
+    # the run's time line (vitft_app.run_timing) names every phase it went through, before RunFinished
+    timing = [e.text for e in events if isinstance(e, LogMessage) and e.text.startswith("time: ")]
+    assert len(timing) == 1 and type(events[-1]).__name__ == "RunFinished", timing
+    for phase in ("set-up", "training first epoch", "training later epochs", "validation", "saving best model",
+                  "checkpoints"):
+        assert f"{phase} " in timing[0], timing

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -545,6 +546,8 @@ def _write_card(run_dir: Path, log: Callable[[str], None]) -> None:
     if model_dir(run_dir) is None:
         return
     try:
-        log(f"model card written: {write_model_card(run_dir)}")
+        t0 = time.perf_counter()
+        card = write_model_card(run_dir)
+        log(f"model card written: {card} ({time.perf_counter() - t0:.1f} s)")
     except (OSError, ValueError, KeyError) as exc:
         log(f"model card not written: {exc}")

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 import torch
 
+from ..attention import evaluation_attention
 from ..augment import mask_patches
 from ..baseline import majority_baseline
 from ..checkpoint import capture_rng, estimate_checkpoint_bytes, load_checkpoint, low_space_warning, remove_checkpoint
@@ -25,6 +26,7 @@ from ..distributed import current_context, process_device
 from ..events import Emit, EvalDone, LogMessage, RunFinished, RunStarted, StepLogged, StepProgress
 from ..modeling import count_parameters
 from ..lora import save_best_model
+from ..run_timing import PhaseClock
 from .evaluation import evaluate
 from .losses import compute_loss
 from .options import DECODE_CACHE_DIR, EngineOptions
@@ -372,6 +374,7 @@ def train(
             saved so far (never a NaN one) and the last epoch's checkpoint stay on disk.
     """
     t_start = time.perf_counter()
+    clock = PhaseClock(t_start)  # the "time:" line of train.log (vitft_app.run_timing)
     run_dir = Path(run_dir)
     dist_ctx = current_context()
     emit = emit if dist_ctx.is_main else _silent  # only rank 0 reports and writes files
@@ -382,27 +385,34 @@ def train(
     _announce(loop)
     stopped, reason = False, ""
     loop.start_step, loop.t_train = state.step, time.perf_counter()
+    clock.mark("set-up")
     for epoch in range(state.epoch, config.epochs):
         state.epoch = epoch
         for part in loop.parts:
             part.on_epoch_start(loop, epoch)  # gradual unfreezing
         # ---- train one epoch (Stop: checkpoint at the unfinished window's start) ------------------
-        if train_one_epoch(loop, epoch):
-            stopped = True
+        stopped = train_one_epoch(loop, epoch)
+        clock.mark_training()
+        if stopped:
             break
         # ---- evaluate (the EMA weights when on) ----------------------------------------------------
-        result = evaluate(loop.scored_model, loop.data.val_loader, loop.plan.device, loop.stop_event,
-                          loop.plan.multi_label, dist_ctx, loop.val_features())
+        # forward only: with attention=auto, SDPA (vitft_app.attention.evaluation_attention)
+        with evaluation_attention(loop.scored_model) if config.attention == "auto" else contextlib.nullcontext():
+            result = evaluate(loop.scored_model, loop.data.val_loader, loop.plan.device, loop.stop_event,
+                              loop.plan.multi_label, dist_ctx, loop.val_features())
+        clock.mark("validation")
         if result is None:
             stopped = True
             loop.save_checkpoint(capture_rng(loop.data.shuffle_gen))  # trained, not evaluated: resume evaluates first
             break
         # ---- keep the best model, count epochs without improvement -----------------------------------
         _keep_best(loop, result, epoch)
+        clock.mark("saving best model")
         # ---- checkpoint: the next epoch starts from here ------------------------------------------
         state.epoch, state.position, state.order = epoch + 1, 0, None
         state.epoch_sums = [0.0, 0.0, 0.0]
         loop.save_checkpoint(capture_rng(loop.data.shuffle_gen))
+        clock.mark("checkpoints")
         # ---- early stopping, Stop between epochs --------------------------------------------------
         if 0 < config.early_stopping_patience <= state.epochs_without_improvement and epoch + 1 < config.epochs:
             reason = (f"early stopping at epoch {epoch + 1}: no {_monitor(loop)} improvement >"
@@ -420,6 +430,8 @@ def train(
         loop.data.decode_cache.clear()
         shutil.rmtree(run_dir / DECODE_CACHE_DIR, ignore_errors=True)
     dist_ctx.barrier()
+    clock.mark("other")
+    emit(LogMessage(clock.describe()))
     duration = time.perf_counter() - t_start
     emit(RunFinished(status=status, best_val_accuracy=state.best_accuracy, duration_s=duration, reason=reason,
                      step=state.step, monitor=_monitor(loop), best_metric=state.best_metric))
