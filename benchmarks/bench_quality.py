@@ -51,7 +51,7 @@ TARGETS = {"digits": (0.97, 120), "cifar10": (0.55, 600), "hymenoptera": (0.70, 
 #: Freeze depth of the transfer row (the first PVTv2 stage: its low-level filters transfer best).
 TRANSFER_FREEZE_DEPTH = 1
 #: Peak lr of the transfer row: at the scratch rate (5e-4) the fine-tuned cifar10-subset model
-#: collapsed to one class from epoch 8 (0.549 best; benchmarks/README.md); 1e-4 did not.
+#: predicted one class from epoch 8 on (0.549 best; benchmarks/README.md).
 TRANSFER_LR = 1e-4
 ROWS = ("digits", "cifar10", "hymenoptera", "transfer")
 

@@ -111,7 +111,7 @@ def suggest_scratch_recipe(report: Any) -> ScratchRecipe:
     batch = 16 if n_train < 1000 else 32
     views = TARGET_IMAGE_VIEWS if gray > GRAYSCALE_SHARE else COLOUR_IMAGE_VIEWS
     epochs = int(min(MAX_EPOCHS, max(3, math.ceil(views / n_train))))
-    reasons.append(f"{epochs} epochs of {n_train} training images (about {min(views, MAX_EPOCHS * n_train):,} images seen), batch {batch}.")
+    reasons.append(f"{epochs} epochs of {n_train} training images (about {epochs * n_train:,} images seen), batch {batch}.")
     values = {
         "model": RECOMMENDED_SCRATCH_MODEL, "image_size": int(size), "epochs": epochs, "batch_size": batch,
         "lr": SMALL_PHOTO_LR if (not tiny and gray <= GRAYSCALE_SHARE and per_class < 200)
