@@ -15,7 +15,7 @@ target" is the best validation accuracy among the epochs that ended within the t
 
 Usage (from the repository root)::
 
-    python benchmarks/bench_quality.py                      # all rows (about 35 min on a quiet 2-core CPU)
+    python benchmarks/bench_quality.py                      # all rows (about 25 min on a quiet 2-core CPU)
     python benchmarks/bench_quality.py --rows digits        # one row; rows: digits, cifar10, hymenoptera, transfer
     python benchmarks/bench_quality.py --quick              # 2 epochs per row: a smoke test of the script
     python benchmarks/bench_quality.py --rows transfer --pretrained RUN_OR_MODEL_DIR
