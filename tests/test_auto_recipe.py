@@ -3,6 +3,7 @@ size and flips; ``vitft train --preset auto`` and the Train tab's Auto button us
 
 from __future__ import annotations
 
+import math
 import types
 
 import numpy as np
@@ -89,3 +90,24 @@ def test_tiny_colour_images_get_flips_and_mild_crops(tmp_path):
             Image.fromarray(pixels).save(tmp_path / "tiny" / name / f"{i}.png")
     v = suggest_scratch_recipe(scan_dataset(tmp_path / "tiny")).values
     assert v["image_size"] == 32 and v["augment"] == "basic" and v["crop_scale_min"] == 0.6
+
+
+def _fake_report(n_train: int, mode: str, side: int, classes: int = 10):
+    """A scan report with ``n_train`` training images of one PIL mode and median side (the rule reads
+    only these fields)."""
+    check = types.SimpleNamespace(reason=None, mode=mode)
+    return types.SimpleNamespace(train=[None] * n_train, classes=[str(i) for i in range(classes)],
+                                 files=[types.SimpleNamespace(check=check)] * 50,
+                                 suggested_image_size=lambda: side)
+
+
+def test_colour_images_get_more_passes_than_digits():
+    from vitft_app.auto_recipe import COLOUR_IMAGE_VIEWS, MAX_EPOCHS, TARGET_IMAGE_VIEWS
+
+    digits = suggest_scratch_recipe(_fake_report(4000, "L", 32)).values  # the built-in example
+    cifar = suggest_scratch_recipe(_fake_report(5000, "RGB", 32)).values  # cifar10-subset
+    assert digits["epochs"] == math.ceil(TARGET_IMAGE_VIEWS / 4000) == 8
+    assert cifar["epochs"] == math.ceil(COLOUR_IMAGE_VIEWS / 5000) == 30
+    assert cifar["augment"] == "basic" and cifar["batch_size"] == 32 and cifar["lr"] == 2e-3
+    small = suggest_scratch_recipe(_fake_report(245, "RGB", 200, classes=2)).values  # hymenoptera
+    assert small["epochs"] == MAX_EPOCHS and small["batch_size"] == 16 and small["image_size"] == PHOTO_SIZE_CAP

@@ -142,8 +142,9 @@ SCRATCH_MODELS: dict[str, ScratchModel] = {
             params="3.0 M",
             use_for="the offline default: digits, icons, small photo sets trained from scratch",
             expected="built-in digits 0.972 in 2 minutes (majority 0.10); weak on small photo sets: "
-                     "cifar10-subset 0.39 in 2.3 min (majority 0.10), hymenoptera 0.60 (majority 0.54); a "
-                     "pretrained checkpoint does far better on photos (benchmarks/README.md)",
+                     "cifar10-subset 0.39 after 7 epochs (majority 0.10; the recipe now runs 30, not yet "
+                     "measured), hymenoptera 0.71 (majority 0.54); a pretrained checkpoint does far better "
+                     "on photos (benchmarks/README.md)",
             blocks=4,
             explanation="input gradient",
             lr=2e-3,
