@@ -94,6 +94,22 @@ def flipped_files(data: Path) -> set[str]:
     return {str(p.resolve()) for p in (data / "train").glob("*/*.png") if original.get(p.name) != p.parent.name}
 
 
+def compare_filters(result, flipped: set[str], used: str) -> None:
+    """Prints precision and recall of every cleanlab filter of :data:`vitft_app.label_issues.FILTERS`
+    on the same out-of-sample probabilities (flagged training images against the flips)."""
+    from vitft_app.label_issues import FILTERS, rank_label_issues
+
+    train_mask = result.splits == "train"
+    is_flip = np.array([str(Path(p).resolve()) in flipped for p in result.paths])
+    print("cleanlab filters on the same out-of-sample probabilities (training images):")
+    for name in FILTERS:
+        idx, _ = rank_label_issues(result.labels, result.pred_probs, name)
+        chosen = idx[train_mask[idx]]
+        found = int(is_flip[chosen].sum())
+        print(f"  {name:24s} flagged {len(chosen):4d}  precision {found / max(1, len(chosen)):.3f}"
+              f"  recall {found / max(1, len(flipped)):.3f}{'  (used)' if name == used else ''}", flush=True)
+
+
 def score_run(run_dir: Path, folds: int) -> None:
     """``--score-run``: label issues of an existing (even running) benchmark run against its flips."""
     from vitft_app.label_issues import find_run_label_issues
@@ -111,6 +127,7 @@ def score_run(run_dir: Path, folds: int) -> None:
           f" {len(flagged)} training images flagged (+{len(issues) - len(flagged)} val), {hits} of {len(flipped)}"
           f" flips found: precision {hits / max(1, len(flagged)):.3f}, recall {hits / max(1, len(flipped)):.3f}"
           f" ({time.perf_counter() - start:.0f} s)")
+    compare_filters(result, flipped, "low_self_confidence")
 
 
 def save_small_vit(folder: Path, image_size: int = 28, patch_size: int = 7) -> Path:
@@ -170,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = recipe or default_recipe()
 
     from vitft_app.dataset_edits import exclude
-    from vitft_app.label_issues import FILTERS, find_run_label_issues, rank_label_issues
+    from vitft_app.label_issues import FILTERS, find_run_label_issues
 
     filter_by = args.filter_by or FILTERS[0]
     if filter_by not in FILTERS:
@@ -191,15 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         result = find_run_label_issues(run_dir, folds=args.folds, filter_by=filter_by)
         issues_s = time.perf_counter() - start
-        train_mask = result.splits == "train"
-        is_flip = np.array([str(Path(p).resolve()) in flipped for p in result.paths])
-        print("cleanlab filters on the same out-of-sample probabilities (training images):")
-        for name in FILTERS:
-            idx, _ = rank_label_issues(result.labels, result.pred_probs, name)
-            chosen = idx[train_mask[idx]]
-            found = int(is_flip[chosen].sum())
-            print(f"  {name:24s} flagged {len(chosen):4d}  precision {found / max(1, len(chosen)):.3f}"
-                  f"  recall {found / max(1, len(flipped)):.3f}{'  (used)' if name == filter_by else ''}", flush=True)
+        compare_filters(result, flipped, filter_by)
         issues = result.issues
         flagged_train = {str(Path(p).resolve()) for p in issues[issues["split"] == "train"]["path"]}
         hits = len(flagged_train & flipped)
