@@ -5,17 +5,20 @@
    changes the validation images.
 2. Move a seeded random ``--flip-fraction`` (default 5%) of the training images to another,
    randomly chosen class folder: these are the known label errors.
-3. Train with the recipe given after ``--`` (any ``vitft train`` flags; ``--preset auto`` when it
-   exists and nothing is given), run :func:`vitft_app.label_issues.find_run_label_issues`.
+3. Train with the recipe given after ``--`` (any ``vitft train`` flags; ``--preset auto``, the
+   suggested from-scratch recipe, when nothing is given), run
+   :func:`vitft_app.label_issues.find_run_label_issues` (``--filter-by``, default vitft's).
 4. Precision and recall of the flagged *training* images against the flipped files (only
-   training labels were flipped; flagged validation images are counted apart).
+   training labels were flipped; flagged validation images are counted apart), and the same for
+   every cleanlab filter of :data:`vitft_app.label_issues.FILTERS` on the same probabilities.
 5. Exclude the flagged training images with :func:`vitft_app.dataset_edits.exclude` (into
    ``_excluded/``), train again with the same recipe, and compare the validation accuracy with
    the first run's (same validation images). The majority-class baseline is printed beside them.
 
 Usage (from the repository root)::
 
-    python benchmarks/bench_label_issues.py                       # the default recipe (see below)
+    python benchmarks/bench_label_issues.py                       # --preset auto, seed 0
+    OMP_NUM_THREADS=1 python benchmarks/bench_label_issues.py --seed 1   # on a busy CPU: one thread
     python benchmarks/bench_label_issues.py --per-class 200 -- --epochs 8 --image-size 32 --augment none --lr 1e-3
     python benchmarks/bench_label_issues.py --small-vit --per-class 200 -- --epochs 8 --augment none --lr 1e-3
 
