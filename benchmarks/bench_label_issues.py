@@ -5,17 +5,20 @@
    changes the validation images.
 2. Move a seeded random ``--flip-fraction`` (default 5%) of the training images to another,
    randomly chosen class folder: these are the known label errors.
-3. Train with the recipe given after ``--`` (any ``vitft train`` flags; ``--preset auto`` when it
-   exists and nothing is given), run :func:`vitft_app.label_issues.find_run_label_issues`.
+3. Train with the recipe given after ``--`` (any ``vitft train`` flags; ``--preset auto``, the
+   suggested from-scratch recipe, when nothing is given), run
+   :func:`vitft_app.label_issues.find_run_label_issues` (``--filter-by``, default vitft's).
 4. Precision and recall of the flagged *training* images against the flipped files (only
-   training labels were flipped; flagged validation images are counted apart).
+   training labels were flipped; flagged validation images are counted apart), and the same for
+   every cleanlab filter of :data:`vitft_app.label_issues.FILTERS` on the same probabilities.
 5. Exclude the flagged training images with :func:`vitft_app.dataset_edits.exclude` (into
    ``_excluded/``), train again with the same recipe, and compare the validation accuracy with
    the first run's (same validation images). The majority-class baseline is printed beside them.
 
 Usage (from the repository root)::
 
-    python benchmarks/bench_label_issues.py                       # the default recipe (see below)
+    python benchmarks/bench_label_issues.py                       # --preset auto, seed 0
+    OMP_NUM_THREADS=1 python benchmarks/bench_label_issues.py --seed 1   # on a busy CPU: one thread
     python benchmarks/bench_label_issues.py --per-class 200 -- --epochs 8 --image-size 32 --augment none --lr 1e-3
     python benchmarks/bench_label_issues.py --small-vit --per-class 200 -- --epochs 8 --augment none --lr 1e-3
 
@@ -35,6 +38,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 #: Used when no recipe is given after ``--`` and ``--preset auto`` does not exist (yet).
@@ -42,10 +47,11 @@ FALLBACK_RECIPE = ["--image-size", "32", "--augment", "none", "--epochs", "6", "
 
 
 def default_recipe() -> list[str]:
-    """``--preset auto`` when this vitft has it, else :data:`FALLBACK_RECIPE`."""
-    from vitft_app.presets import PRESETS
+    """``--preset auto`` (the suggested from-scratch recipe) when this vitft has it, else
+    :data:`FALLBACK_RECIPE`."""
+    from vitft_app import presets
 
-    return ["--preset", "auto"] if "auto" in PRESETS else list(FALLBACK_RECIPE)
+    return ["--preset", "auto"] if getattr(presets, "AUTO_PRESET", None) == "auto" else list(FALLBACK_RECIPE)
 
 
 def make_noisy_dataset(target: Path, per_class: int | None, flip_fraction: float, seed: int,
@@ -91,6 +97,22 @@ def flipped_files(data: Path) -> set[str]:
     return {str(p.resolve()) for p in (data / "train").glob("*/*.png") if original.get(p.name) != p.parent.name}
 
 
+def compare_filters(result, flipped: set[str], used: str) -> None:
+    """Prints precision and recall of every cleanlab filter of :data:`vitft_app.label_issues.FILTERS`
+    on the same out-of-sample probabilities (flagged training images against the flips)."""
+    from vitft_app.label_issues import FILTERS, rank_label_issues
+
+    train_mask = result.splits == "train"
+    is_flip = np.array([str(Path(p).resolve()) in flipped for p in result.paths])
+    print("cleanlab filters on the same out-of-sample probabilities (training images):")
+    for name in FILTERS:
+        idx, _ = rank_label_issues(result.labels, result.pred_probs, name)
+        chosen = idx[train_mask[idx]]
+        found = int(is_flip[chosen].sum())
+        print(f"  {name:24s} flagged {len(chosen):4d}  precision {found / max(1, len(chosen)):.3f}"
+              f"  recall {found / max(1, len(flipped)):.3f}{'  (used)' if name == used else ''}", flush=True)
+
+
 def score_run(run_dir: Path, folds: int) -> None:
     """``--score-run``: label issues of an existing (even running) benchmark run against its flips."""
     from vitft_app.label_issues import find_run_label_issues
@@ -108,6 +130,7 @@ def score_run(run_dir: Path, folds: int) -> None:
           f" {len(flagged)} training images flagged (+{len(issues) - len(flagged)} val), {hits} of {len(flipped)}"
           f" flips found: precision {hits / max(1, len(flagged)):.3f}, recall {hits / max(1, len(flipped)):.3f}"
           f" ({time.perf_counter() - start:.0f} s)")
+    compare_filters(result, flipped, "low_self_confidence")
 
 
 def save_small_vit(folder: Path, image_size: int = 28, patch_size: int = 7) -> Path:
@@ -150,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flip-fraction", type=float, default=0.05, help="training labels flipped (default 0.05)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and the flips (default 0)")
     parser.add_argument("--folds", type=int, default=5, help="k of the cross-validated linear head (default 5)")
+    parser.add_argument("--filter-by", default=None,
+                        help="cleanlab filter for the flags (default: vitft's, low_self_confidence); the others are"
+                             " scored on the same probabilities and printed apart")
     parser.add_argument("--no-retrain", action="store_true", help="skip the run on the cleaned data")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (printed)")
     parser.add_argument("--small-vit", action="store_true",
@@ -164,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     recipe = recipe or default_recipe()
 
     from vitft_app.dataset_edits import exclude
-    from vitft_app.label_issues import find_run_label_issues
+    from vitft_app.label_issues import FILTERS, find_run_label_issues
+
+    filter_by = args.filter_by or FILTERS[0]
+    if filter_by not in FILTERS:
+        parser.error(f"--filter-by must be one of {', '.join(FILTERS)}")
 
     tmp = Path(tempfile.mkdtemp(prefix="vitft-bench-issues-"))
     try:
@@ -179,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         run_dir, acc_before, train_s = train_run(recipe, data, tmp / "runs")
         print(f"trained in {train_s:.0f} s: val accuracy {acc_before:.4f}", flush=True)
         start = time.perf_counter()
-        result = find_run_label_issues(run_dir, folds=args.folds)
+        result = find_run_label_issues(run_dir, folds=args.folds, filter_by=filter_by)
         issues_s = time.perf_counter() - start
+        compare_filters(result, flipped, filter_by)
         issues = result.issues
         flagged_train = {str(Path(p).resolve()) for p in issues[issues["split"] == "train"]["path"]}
         hits = len(flagged_train & flipped)
@@ -194,15 +225,16 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_retrain and flagged_train:
             exclude(data, sorted(flagged_train))
             _, acc_after, _ = train_run(recipe, data, tmp / "runs")
-            print(f"after excluding {len(flagged_train)} flagged training images: val accuracy {acc_after:.4f}")
+            print(f"after excluding {len(flagged_train)} flagged training images: val accuracy {acc_after:.4f}", flush=True)
         after = "-" if acc_after is None else f"{acc_after:.4f}"
-        print("\n| recipe | train imgs | flipped | method | OOS acc | flagged (train) | precision | recall |"
+        print("\n| recipe | seed | train imgs | flipped | method | OOS acc | flagged (train) | precision | recall |"
               " val acc before | val acc after exclude | majority baseline | train s | issues s |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        method = "linear probe k-fold" if result.method.startswith("frozen") else "val: model; train: k-fold head"
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        method = ("linear probe k-fold" if result.method.startswith("frozen") else "val: model; train: k-fold head") \
+            + f", {filter_by}"
         shown = ["--small-vit" if a == str(tmp / "small-vit") else a for a in recipe if a != "--model"] \
             if args.small_vit else recipe
-        print(f"| `{' '.join(shown)}` | {n_train} | {len(flipped)} | {method} | {result.out_of_sample_accuracy:.4f}"
+        print(f"| `{' '.join(shown)}` | {args.seed} | {n_train} | {len(flipped)} | {method} | {result.out_of_sample_accuracy:.4f}"
               f" | {len(flagged_train)} | {precision:.3f} | {recall:.3f} | {acc_before:.4f} | {after} |"
               f" {majority:.4f} | {train_s:.0f} | {issues_s:.0f} |")
     finally:

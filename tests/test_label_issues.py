@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from vitft_app.label_issues import (
-    LabelIssuesError, cross_validated_probs, find_outliers, find_run_label_issues, rank_label_issues,
+    FILTERS, LabelIssuesError, cross_validated_probs, find_outliers, find_run_label_issues, rank_label_issues,
 )
 
 
@@ -27,14 +27,15 @@ def _clusters(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return features, labels
 
 
-def test_a_flipped_label_is_flagged_first_with_the_right_suggestion():
+@pytest.mark.parametrize("filter_by", FILTERS)
+def test_a_flipped_label_is_flagged_first_with_the_right_suggestion(filter_by):
     features, labels = _clusters()
     labels = labels.copy()
     features[5] = np.eye(3, 8)[0] * 10  # the centre of cluster 0...
     labels[5] = 2  # ...labelled 2
     probs = cross_validated_probs(features, labels, num_classes=3, folds=5, seed=0)
     assert probs.shape == (90, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
-    flagged, self_confidence = rank_label_issues(labels, probs)
+    flagged, self_confidence = rank_label_issues(labels, probs, filter_by)
     assert flagged.tolist() == [5]
     assert probs[5].argmax() == 0 and self_confidence[5] < 0.5
     assert self_confidence[5] == pytest.approx(probs[5, 2])
@@ -51,6 +52,18 @@ def test_ranking_is_by_self_confidence_and_clean_data_has_no_issues():
     flagged, confidence = rank_label_issues(labels, probs)
     assert sorted(flagged.tolist()) == [3, 40, 70]
     assert list(confidence[flagged]) == sorted(confidence[flagged])  # most suspicious first
+
+
+def test_unknown_filter_is_refused_and_the_cli_offers_the_engine_filters():
+    from vitft_app.cli import build_parser
+
+    features, labels = _clusters()
+    with pytest.raises(LabelIssuesError, match="Unknown filter 'nope'"):
+        rank_label_issues(labels, cross_validated_probs(features, labels, 3), "nope")
+    assert FILTERS[0] == "low_self_confidence"
+    action = next(a for a in build_parser()._subparsers._group_actions[0].choices["label-issues"]._actions
+                  if a.dest == "filter_by")
+    assert tuple(action.choices) == FILTERS and action.default == FILTERS[0]
 
 
 def test_cross_validation_needs_two_images_per_class():
@@ -104,7 +117,8 @@ def test_run_label_issues_writes_the_csv(noisy_run):
     assert len(frame) == len(result.issues) and frame["score"].is_monotonic_increasing
     assert (frame["given_label"] != frame["suggested_label"]).all()
     assert set(frame["split"]) <= {"train", "val"}
-    assert (run_dir / "label_issues.json").is_file()
+    summary = json.loads((run_dir / "label_issues.json").read_text())
+    assert summary["filter_by"] == "low_self_confidence" and "filter_by=low_self_confidence" in summary["method"]
     assert "Out-of-sample probabilities: fine-tuned model" in result.summary()
 
 
@@ -117,7 +131,8 @@ def test_cli_label_issues(noisy_run, tmp_path):
     assert "suspected label error(s)" in done.stdout and "label_issues.csv" in done.stdout
     for args, message in ((["label-issues", str(tmp_path)], "not a run folder"),
                           (["label-issues", str(run_dir), "--folds", "1"], "--folds must be >= 2"),
-                          (["label-issues", str(run_dir), "--data", str(tmp_path / "nope")], "not found")):
+                          (["label-issues", str(run_dir), "--data", str(tmp_path / "nope")], "not found"),
+                          (["label-issues", str(run_dir), "--filter-by", "nope"], "invalid choice")):
         bad = subprocess.run([sys.executable, "-m", "vitft_app.cli", *args], capture_output=True, text=True,
                              timeout=300, env=env)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr

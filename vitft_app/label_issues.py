@@ -14,8 +14,12 @@ trained on. They come from:
   training images.
 
 ``cleanlab.filter.find_label_issues`` then flags the images whose given label disagrees with
-those probabilities (``prune_by_noise_rate``), ranked by self-confidence (the probability of the
-given label; lowest first). Outliers are images far from every other image in feature space:
+those probabilities: by default (``filter_by="low_self_confidence"``) the N images with the lowest
+self-confidence (the probability of the given label), N being cleanlab's estimate of the number of
+label errors (``cleanlab.count.num_label_issues``: the off-diagonal count of the confident joint);
+most suspicious first. Measured on the digits with 5% of the training labels flipped
+(benchmarks/README.md, "Label issues"), this flags fewer of the model's own mistakes than
+cleanlab's default ``prune_by_noise_rate`` at about the same recall. Outliers are images far from every other image in feature space:
 the mean cosine distance to their 10 nearest neighbours above ``Q3 + 1.7 x IQR`` of all such
 distances (the rule and defaults of cleanlab's Datalab outlier check,
 ``OutlierIssueManager``, threshold 0.37037). Exact duplicates are the scan's decoded-pixel groups.
@@ -46,6 +50,12 @@ logger = logging.getLogger(__name__)
 
 #: Folds of the cross-validated linear head (cleanlab's examples use 5).
 DEFAULT_FOLDS = 5
+#: Inverse L2 strength of the logistic-regression head on standardized features (scikit-learn's
+#: ``C``; its default is 1.0). 0.1 measured slightly better precision and recall on the digits
+#: benchmark (benchmarks/README.md, "Label issues") and fits faster.
+HEAD_C = 0.1
+#: cleanlab ``find_label_issues`` filters vitft offers; the first is the default (see the module docstring).
+FILTERS = ("low_self_confidence", "prune_by_noise_rate", "both", "confident_learning", "low_normalized_margin")
 #: Neighbours for the outlier distance (cleanlab Datalab's default k).
 OUTLIER_NEIGHBORS = 10
 #: Datalab's feature-outlier threshold: flagged above Q3 + (1 / 0.37037 - 1) x IQR = Q3 + 1.7 x IQR.
@@ -79,6 +89,11 @@ class LabelIssues:
         out_of_sample_accuracy: accuracy of the out-of-sample probabilities against the given labels.
         majority_baseline: share of the most common given label (the accuracy of always guessing it).
         csv_path: the written CSV, when written.
+        paths: every examined image, ``(N,)`` (train first, then val).
+        splits: ``"train"`` or ``"val"`` per image, ``(N,)``.
+        labels: int ``(N,)`` given class indices.
+        pred_probs: float32 ``(N, C)`` out-of-sample probabilities the flags came from (benchmarks
+            compare cleanlab's filters on them with :func:`rank_label_issues`).
     """
 
     method: str
@@ -90,6 +105,10 @@ class LabelIssues:
     out_of_sample_accuracy: float = 0.0
     majority_baseline: float = 0.0
     csv_path: Path | None = None
+    paths: list[str] = field(default_factory=list)
+    splits: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    pred_probs: np.ndarray | None = None
 
     @property
     def weak(self) -> bool:
@@ -160,7 +179,8 @@ def cross_validated_probs(features: np.ndarray, labels: np.ndarray, num_classes:
     """Out-of-sample probabilities from k-fold cross-validation of a linear head.
 
     Each image's probabilities come from a ``StandardScaler`` + ``LogisticRegression`` (L2,
-    C=1, lbfgs, at most 300 iterations) fitted on the other folds (stratified, shuffled with ``seed``).
+    ``C`` = :data:`HEAD_C`, lbfgs, at most 300 iterations) fitted on the other folds (stratified,
+    shuffled with ``seed``).
 
     Args:
         features: float32 ``(N, D)``.
@@ -186,7 +206,7 @@ def cross_validated_probs(features: np.ndarray, labels: np.ndarray, num_classes:
         raise LabelIssuesError("Each class needs at least 2 images (and at least 2 classes) for cross-validation.")
     k = folds_used(labels, folds)
     # 300 lbfgs iterations: enough on separable features, bounded on a weak model's (a busy CPU)
-    head = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300))
+    head = make_pipeline(StandardScaler(), LogisticRegression(C=HEAD_C, max_iter=300))
     cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # the iteration cap is deliberate
@@ -203,21 +223,31 @@ def folds_used(labels: np.ndarray, folds: int) -> int:
     return int(max(2, min(folds, counts.min()))) if len(counts) else 2
 
 
-def rank_label_issues(labels: np.ndarray, pred_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """cleanlab's ``find_label_issues`` (prune by noise rate), ranked by self-confidence.
+def rank_label_issues(labels: np.ndarray, pred_probs: np.ndarray,
+                      filter_by: str = FILTERS[0]) -> tuple[np.ndarray, np.ndarray]:
+    """cleanlab's ``find_label_issues``, ranked by self-confidence.
 
     Args:
         labels: int ``(N,)`` given class indices.
         pred_probs: float ``(N, C)`` out-of-sample probabilities (rows sum to 1).
+        filter_by: cleanlab's ``filter_by``, one of :data:`FILTERS` (default
+            ``low_self_confidence``: the ``num_label_issues`` lowest self-confidences).
 
     Returns:
         ``(indices of flagged images, most suspicious first, self-confidence (N,) of every image)``.
+
+    Raises:
+        LabelIssuesError: an unknown ``filter_by``.
     """
     from cleanlab.filter import find_label_issues
 
+    if filter_by not in FILTERS:
+        raise LabelIssuesError(f"Unknown filter {filter_by!r}; choose one of {', '.join(FILTERS)}.")
     pred_probs = np.asarray(pred_probs, dtype=np.float64)
     pred_probs = pred_probs / np.clip(pred_probs.sum(1, keepdims=True), 1e-12, None)
-    indices = find_label_issues(labels, pred_probs, return_indices_ranked_by="self_confidence")
+    # n_jobs=1: no worker processes forked from the app's server process (10s of classes: fast anyway)
+    indices = find_label_issues(labels, pred_probs, filter_by=filter_by, return_indices_ranked_by="self_confidence",
+                                n_jobs=1)
     self_confidence = pred_probs[np.arange(len(labels)), labels]
     return np.asarray(indices, dtype=np.int64), self_confidence
 
@@ -260,6 +290,7 @@ def find_run_label_issues(
     run_dir: str | os.PathLike,
     data_dir: str | None = None,
     folds: int = DEFAULT_FOLDS,
+    filter_by: str = FILTERS[0],
     write: bool = True,
     device: str | None = None,
     progress: Progress | None = None,
@@ -271,6 +302,7 @@ def find_run_label_issues(
         data_dir: the dataset; default the run's (a CSV dataset edited with
             :mod:`vitft_app.dataset_edits` is followed to its current CSV).
         folds: k of the cross-validated linear head.
+        filter_by: cleanlab's ``filter_by`` (:data:`FILTERS`; default ``low_self_confidence``).
         write: write ``RUN_DIR/label_issues.csv`` and ``RUN_DIR/label_issues.json``.
         device: force a device; default from the device policy.
         progress: ``progress(done, total)`` while images are embedded.
@@ -322,7 +354,8 @@ def find_run_label_issues(
                   f" {folds_used(labels[train_mask], folds)}-fold cross-validated linear head (logistic"
                   " regression) on the model's features"
                   " for the training images")
-    flagged, self_confidence = rank_label_issues(labels, pred_probs)
+    flagged, self_confidence = rank_label_issues(labels, pred_probs, filter_by)
+    method += f"; cleanlab find_label_issues, filter_by={filter_by}, ranked by self-confidence"
     suggested = pred_probs.argmax(1)
     issues = pd.DataFrame({
         "path": [paths[i] for i in flagged],
@@ -340,12 +373,13 @@ def find_run_label_issues(
     }, columns=["path", "split", "label", "distance"])
     duplicates = [{"paths": list(g.paths), "kinds": list(g.kinds)} for g in report.duplicates]
     result = LabelIssues(method, classes, issues, outliers, duplicates, len(paths),
-                         float((suggested == labels).mean()), float(np.bincount(labels).max() / len(labels)))
+                         float((suggested == labels).mean()), float(np.bincount(labels).max() / len(labels)),
+                         paths=paths, splits=splits, labels=labels, pred_probs=pred_probs)
     if write:
         result.csv_path = path / ISSUES_CSV
         atomic_write_text(result.csv_path, issues.to_csv(index=False))
         atomic_write_text(path / SUMMARY_JSON, json.dumps({
-            "method": method, "data_dir": str(data), "num_images": result.num_images,
+            "method": method, "filter_by": filter_by, "data_dir": str(data), "num_images": result.num_images,
             "out_of_sample_accuracy": result.out_of_sample_accuracy, "majority_baseline": result.majority_baseline,
             "num_issues": len(issues),
             "outliers": outliers.to_dict(orient="records"), "duplicates": duplicates,

@@ -18,6 +18,37 @@ DEFAULT_MAX_UPLOAD_MB = 4096
 DEFAULT_UPLOADS_QUOTA_MB = 20480
 
 
+def patient_localhost_check(wait_s: float = 60.0) -> None:
+    """Lets gradio's launch wait up to ``wait_s`` seconds for the started server to answer.
+
+    gradio's ``launch`` asks the new server once (``gradio.networking.url_ok``: HEAD, 3 s timeout)
+    and aborts with "When localhost is not accessible, a shareable link must be created" when no
+    answer comes; on a heavily loaded machine the first answer can take longer (seen at load
+    average 20+ on 2 cores). This wraps that check to retry until ``wait_s`` has passed.
+
+    Args:
+        wait_s: seconds to keep retrying.
+    """
+    import time
+
+    from gradio import networking
+
+    check = networking.url_ok
+    if getattr(check, "vitft_patient", False):
+        return
+
+    def patient(url: str) -> bool:
+        deadline = time.monotonic() + wait_s
+        while not check(url):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(1.0)
+        return True
+
+    patient.vitft_patient = True  # type: ignore[attr-defined]
+    networking.url_ok = patient
+
+
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds ``--host --port --auth --data-root --runs-dir --max-upload-mb --uploads-quota-mb
     --no-browser``."""
@@ -84,6 +115,7 @@ def launch(args: argparse.Namespace) -> None:
     rule = (f"paths must lie under {data_root}" if confined
             else "any folder you can read (local app; --data-root confines it)")
     print(f"vitft: data root {data_root} ({rule}), runs in {settings.runs_dir}", flush=True)
+    patient_localhost_check()
     demo.queue(default_concurrency_limit=4).launch(
         server_name=args.host,
         server_port=args.port,
