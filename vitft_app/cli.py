@@ -137,6 +137,64 @@ def add_report_to_argument(parser: argparse.ArgumentParser) -> None:
                              " or MLFLOW_TRACKING_URI); needs pip install -e '.[tracking]' (default: none)")
 
 
+def _add_demo_and_data_commands(commands: Any) -> None:
+    """The ``demo``, ``label-issues`` and ``zero-shot`` commands (part of :func:`build_parser`)."""
+    demo = commands.add_parser(
+        "demo", help="serve a clean demo page for one trained run, or write it as a standalone folder",
+        description="Serve one page for a run's model: its classes and validation accuracy beside the"
+                    " majority-class baseline, a drop zone and webcam, top-k bars, an optional attention"
+                    " overlay and example images from the validation split. No training controls. With"
+                    " --bundle DIR, write a folder that runs without vitft (pip install -r requirements.txt"
+                    " && python app.py) and can be pushed as a Hugging Face Space, then exit.")
+    demo.add_argument("run", metavar="RUN_DIR", help="a run folder with a saved model")
+    demo.add_argument("--bundle", metavar="DIR", default=None,
+                      help="write app.py, requirements.txt, README.md (Space header), model/ (safetensors) and"
+                           " examples/ into DIR (new or empty) instead of serving")
+    demo.add_argument("--host", default="127.0.0.1",
+                      help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes the page)")
+    demo.add_argument("--port", type=int, default=7870, help="port (default: 7870)")
+    demo.add_argument("--auth", metavar="USER:PASS", default=None, help="require this login")
+    demo.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
+    issues = commands.add_parser(
+        "label-issues", help="find suspected label errors, outliers and exact duplicates (confident learning)",
+        description="Out-of-sample probabilities for every training and validation image (k-fold linear head on"
+                    " the model's features; the run's model on validation images of a fine-tune), then"
+                    " cleanlab's find_label_issues (default filter: the images with the lowest self-confidence,"
+                    " as many as cleanlab estimates are mislabeled), ranked by self-confidence. Writes"
+                    " RUN_DIR/label_issues.csv"
+                    " (path, split, given_label, suggested_label, score; flagged images only, most suspicious"
+                    " first) and RUN_DIR/label_issues.json (method, outliers, duplicates). Nothing in the"
+                    " dataset is changed.")
+    issues.add_argument("run", metavar="RUN_DIR", help="a run folder with a saved model")
+    issues.add_argument("--data", default=None, help="dataset folder or labels CSV (default: the run's)")
+    issues.add_argument("--folds", type=int, default=5, help="k of the cross-validated linear head (default: 5)")
+    issues.add_argument("--filter-by", default="low_self_confidence",
+                        choices=("low_self_confidence", "prune_by_noise_rate", "both", "confident_learning",
+                                 "low_normalized_margin"),
+                        help="cleanlab's find_label_issues filter (default: low_self_confidence, the most precise on"
+                             " the digits benchmark; prune_by_noise_rate is cleanlab's own default)")
+    issues.add_argument("--show", type=int, default=10, help="flagged images to print (default: 10)")
+
+    zero_shot = commands.add_parser(
+        "zero-shot", help="zero-shot baseline: validation accuracy of a CLIP or SigLIP model from the class names",
+        description="Classify the dataset's validation split (split as vitft train splits it) with an image-text"
+                    " model, each class name put into a prompt template; print the accuracy beside the"
+                    " majority-class baseline and save it as a run of kind zero-shot in the runs folder (a row of"
+                    " the Runs table). Real weights come from the Hugging Face Hub (openai/clip-vit-base-patch32,"
+                    " google/siglip-base-patch16-224, ...); a local save_pretrained folder works offline.")
+    zero_shot.add_argument("--data", required=True, help="dataset folder (one subfolder per class) or labels CSV")
+    zero_shot.add_argument("--model", required=True, help="CLIP or SigLIP Hub id or local folder")
+    zero_shot.add_argument("--template", default="a photo of a {}.",
+                           help="prompt template, {} is the class name (underscores read as spaces)"
+                                " (default: 'a photo of a {}.')")
+    zero_shot.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
+                           help=f"validation share of the automatic split, as in train (default: {TrainConfig.val_fraction})")
+    zero_shot.add_argument("--seed", type=int, default=TrainConfig.seed,
+                           help=f"seed of the automatic split, as in train (default: {TrainConfig.seed})")
+    zero_shot.add_argument("--output-dir", default=TrainConfig.output_dir,
+                           help=f"runs folder the result is saved in (default: {TrainConfig.output_dir})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``vitft`` argument parser with its ``train``, ``predict`` and ``app`` commands."""
     from .server import add_server_arguments
@@ -232,60 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run", metavar="RUN_DIR", help="a run folder")
     report.add_argument("--output", default=None, help="HTML file (default: RUN_DIR/report.html)")
 
-    demo = commands.add_parser(
-        "demo", help="serve a clean demo page for one trained run, or write it as a standalone folder",
-        description="Serve one page for a run's model: its classes and validation accuracy beside the"
-                    " majority-class baseline, a drop zone and webcam, top-k bars, an optional attention"
-                    " overlay and example images from the validation split. No training controls. With"
-                    " --bundle DIR, write a folder that runs without vitft (pip install -r requirements.txt"
-                    " && python app.py) and can be pushed as a Hugging Face Space, then exit.")
-    demo.add_argument("run", metavar="RUN_DIR", help="a run folder with a saved model")
-    demo.add_argument("--bundle", metavar="DIR", default=None,
-                      help="write app.py, requirements.txt, README.md (Space header), model/ (safetensors) and"
-                           " examples/ into DIR (new or empty) instead of serving")
-    demo.add_argument("--host", default="127.0.0.1",
-                      help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes the page)")
-    demo.add_argument("--port", type=int, default=7870, help="port (default: 7870)")
-    demo.add_argument("--auth", metavar="USER:PASS", default=None, help="require this login")
-    demo.add_argument("--no-browser", action="store_true", help="do not open a browser tab")
-    issues = commands.add_parser(
-        "label-issues", help="find suspected label errors, outliers and exact duplicates (confident learning)",
-        description="Out-of-sample probabilities for every training and validation image (k-fold linear head on"
-                    " the model's features; the run's model on validation images of a fine-tune), then"
-                    " cleanlab's find_label_issues (default filter: the images with the lowest self-confidence,"
-                    " as many as cleanlab estimates are mislabeled), ranked by self-confidence. Writes"
-                    " RUN_DIR/label_issues.csv"
-                    " (path, split, given_label, suggested_label, score; flagged images only, most suspicious"
-                    " first) and RUN_DIR/label_issues.json (method, outliers, duplicates). Nothing in the"
-                    " dataset is changed.")
-    issues.add_argument("run", metavar="RUN_DIR", help="a run folder with a saved model")
-    issues.add_argument("--data", default=None, help="dataset folder or labels CSV (default: the run's)")
-    issues.add_argument("--folds", type=int, default=5, help="k of the cross-validated linear head (default: 5)")
-    issues.add_argument("--filter-by", default="low_self_confidence",
-                        choices=("low_self_confidence", "prune_by_noise_rate", "both", "confident_learning",
-                                 "low_normalized_margin"),
-                        help="cleanlab's find_label_issues filter (default: low_self_confidence, the most precise on"
-                             " the digits benchmark; prune_by_noise_rate is cleanlab's own default)")
-    issues.add_argument("--show", type=int, default=10, help="flagged images to print (default: 10)")
-
-    zero_shot = commands.add_parser(
-        "zero-shot", help="zero-shot baseline: validation accuracy of a CLIP or SigLIP model from the class names",
-        description="Classify the dataset's validation split (split as vitft train splits it) with an image-text"
-                    " model, each class name put into a prompt template; print the accuracy beside the"
-                    " majority-class baseline and save it as a run of kind zero-shot in the runs folder (a row of"
-                    " the Runs table). Real weights come from the Hugging Face Hub (openai/clip-vit-base-patch32,"
-                    " google/siglip-base-patch16-224, ...); a local save_pretrained folder works offline.")
-    zero_shot.add_argument("--data", required=True, help="dataset folder (one subfolder per class) or labels CSV")
-    zero_shot.add_argument("--model", required=True, help="CLIP or SigLIP Hub id or local folder")
-    zero_shot.add_argument("--template", default="a photo of a {}.",
-                           help="prompt template, {} is the class name (underscores read as spaces)"
-                                " (default: 'a photo of a {}.')")
-    zero_shot.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
-                           help=f"validation share of the automatic split, as in train (default: {TrainConfig.val_fraction})")
-    zero_shot.add_argument("--seed", type=int, default=TrainConfig.seed,
-                           help=f"seed of the automatic split, as in train (default: {TrainConfig.seed})")
-    zero_shot.add_argument("--output-dir", default=TrainConfig.output_dir,
-                           help=f"runs folder the result is saved in (default: {TrainConfig.output_dir})")
+    _add_demo_and_data_commands(commands)
 
     app = commands.add_parser("app", help="start the web app (same as python app.py)")
     add_server_arguments(app)

@@ -121,6 +121,38 @@ GENERIC = ModelFamily("other", "other (ViT-like)", (), "block", "input gradient"
                       cache_note="vitft does not know this architecture's pooling")
 
 
+def encoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module | None]:
+    """Returns ``(embeddings, encoder blocks, final norm)`` of a ViT-style model.
+
+    For MobileViT (``base.conv_stem``, ``encoder.layer``, ``conv_1x1_exp``) the parts are the
+    convolutional stem, the 5 stages and the final 1x1 expansion convolution. For PVTv2 they are
+    the first stage's patch embedding, the 4 stages (each with its own patch embedding, blocks and
+    LayerNorm) and None.
+
+    Raises:
+        ValueError: the model has no ``embeddings`` and ``encoder.layer`` (not ViT-like).
+    """
+    base = getattr(model, "base_model", model)
+    if getattr(base, "embeddings", None) is None and isinstance(getattr(base, "conv_stem", None), nn.Module):
+        blocks = getattr(getattr(base, "encoder", None), "layer", None)
+        if isinstance(blocks, nn.ModuleList):
+            return base.conv_stem, blocks, getattr(base, "conv_1x1_exp", None)
+    stages = getattr(getattr(base, "encoder", None), "layers", None)
+    if getattr(base, "embeddings", None) is None and isinstance(stages, nn.ModuleList) and stages \
+            and hasattr(stages[0], "patch_embedding"):
+        return stages[0].patch_embedding, stages, None  # PVTv2: each stage embeds its own patches
+    embeddings = getattr(base, "embeddings", None)
+    # transformers < 5 keeps blocks in `encoder.layer`; 5.x moved ViT's to `layers`.
+    encoder = getattr(base, "encoder", None)
+    candidates = (getattr(encoder, "layer", None), getattr(encoder, "layers", None), getattr(base, "layers", None))
+    blocks = next((c for c in candidates if isinstance(c, nn.ModuleList)), None)
+    if embeddings is None or blocks is None:
+        raise ValueError(
+            f"Freezing needs a ViT-style model (embeddings + encoder blocks); got {type(model).__name__}"
+        )
+    return embeddings, blocks, getattr(base, "layernorm", None)
+
+
 def family_for_type(model_type: str | None) -> ModelFamily:
     """The family of a ``config.model_type`` (:data:`GENERIC` when unknown)."""
     for family in FAMILIES.values():
@@ -242,8 +274,6 @@ def freeze_groups(model: nn.Module) -> FreezeGroups:
     """
     if family_of(model).name == "timm":
         return _timm_groups(model)
-    from .modeling import encoder_parts
-
     embeddings, blocks, final_norm = encoder_parts(model)
     base = getattr(model, "base_model", model)
     stem_modules = [embeddings]
@@ -381,8 +411,6 @@ def feature_cache_blocker(model: nn.Module, depth: int | None = None) -> str | N
     depth = frozen_depth(model) if depth is None else depth
     if depth < 1:
         return "nothing is frozen"
-    from .modeling import encoder_parts
-
     embeddings, blocks, _ = encoder_parts(model)
     random_parts = _random_modules([embeddings, *blocks[:depth]])
     if random_parts:

@@ -33,6 +33,8 @@ from .scratch import (
     scratch_processor,
 )
 from .data import processor_spec
+from .families import (GENERIC, apply_freeze_depth, encoder_parts, family_of, freeze_unit_name,  # noqa: F401 (encoder_parts: re-exported)
+                       is_distilled_deit, model_class_for, num_freeze_units, sync_label_names)
 
 logger = logging.getLogger(__name__)
 
@@ -241,8 +243,6 @@ def build_model(name: str, classes: list[str], image_size: int | None = None) ->
         from .resolution import check_image_size
 
         check_image_size(config, image_size)  # before reading the weights
-    from .families import is_distilled_deit, model_class_for, sync_label_names
-
     # A distilled DeiT loads with one head (see vitft_app.families.model_class_for): its old heads
     # are not kept even when their classes match.
     keep_head = head_matches(config, classes) and not is_distilled_deit(config)
@@ -297,45 +297,11 @@ def reset_classifier(model: nn.Module) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def encoder_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module | None]:
-    """Returns ``(embeddings, encoder blocks, final norm)`` of a ViT-style model.
-
-    For MobileViT (``base.conv_stem``, ``encoder.layer``, ``conv_1x1_exp``) the parts are the
-    convolutional stem, the 5 stages and the final 1x1 expansion convolution. For PVTv2 they are
-    the first stage's patch embedding, the 4 stages (each with its own patch embedding, blocks and
-    LayerNorm) and None.
-
-    Raises:
-        ValueError: the model has no ``embeddings`` and ``encoder.layer`` (not ViT-like).
-    """
-    base = getattr(model, "base_model", model)
-    if getattr(base, "embeddings", None) is None and isinstance(getattr(base, "conv_stem", None), nn.Module):
-        blocks = getattr(getattr(base, "encoder", None), "layer", None)
-        if isinstance(blocks, nn.ModuleList):
-            return base.conv_stem, blocks, getattr(base, "conv_1x1_exp", None)
-    stages = getattr(getattr(base, "encoder", None), "layers", None)
-    if getattr(base, "embeddings", None) is None and isinstance(stages, nn.ModuleList) and stages \
-            and hasattr(stages[0], "patch_embedding"):
-        return stages[0].patch_embedding, stages, None  # PVTv2: each stage embeds its own patches
-    embeddings = getattr(base, "embeddings", None)
-    # transformers < 5 keeps blocks in `encoder.layer`; 5.x moved ViT's to `layers`.
-    encoder = getattr(base, "encoder", None)
-    candidates = (getattr(encoder, "layer", None), getattr(encoder, "layers", None), getattr(base, "layers", None))
-    blocks = next((c for c in candidates if isinstance(c, nn.ModuleList)), None)
-    if embeddings is None or blocks is None:
-        raise ValueError(
-            f"Freezing needs a ViT-style model (embeddings + encoder blocks); got {type(model).__name__}"
-        )
-    return embeddings, blocks, getattr(base, "layernorm", None)
-
-
 def has_cls_token(model: nn.Module) -> bool:
     """True when the model's embeddings prepend a CLS token (``embeddings.cls_token``), the token a
     ViT-style head classifies from and PatchDropout may keep while dropping patch tokens. False
     for families where dropping tokens is not possible (:attr:`vitft_app.families.ModelFamily.token_dropping`:
     BEiT's relative position bias is tied to the full grid; timm runs its own forward)."""
-    from .families import GENERIC, family_of
-
     family = family_of(model)
     if family is not GENERIC and not family.token_dropping:
         return False
@@ -345,8 +311,6 @@ def has_cls_token(model: nn.Module) -> bool:
 def num_blocks(model: nn.Module) -> int:
     """Number of freeze units: encoder blocks, or stages of a hierarchical model (the largest
     freeze depth; see :mod:`vitft_app.families`)."""
-    from .families import num_freeze_units
-
     return num_freeze_units(model)
 
 
@@ -364,8 +328,6 @@ def freeze_layers(model: nn.Module, depth: int) -> None:
     Raises:
         ValueError: ``depth`` is negative or larger than the number of blocks.
     """
-    from .families import apply_freeze_depth
-
     frozen = set(map(id, apply_freeze_depth(model, depth)))
     batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                   and any(True for _ in m.parameters()) and all(id(p) in frozen for p in m.parameters())]
@@ -442,8 +404,6 @@ def summarize_model(name: str, classes: list[str], freeze_depth: int, image_size
         keep = head_matches(config, classes)
         config.num_labels = n
         head_note = "head kept" if keep else f"head re-initialized for {n} classes"
-    from .families import freeze_unit_name, model_class_for
-
     model_class = model_class_for(config)
     with torch.device("meta"):
         if model_class is AutoModelForImageClassification:
