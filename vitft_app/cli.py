@@ -73,8 +73,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue a stopped, failed or interrupted run from its checkpoint (other flags are"
                              " ignored: the run keeps its config)")
     for field in dataclasses.fields(TrainConfig):
-        if field.name == "auto_batch_size":
-            continue  # set by --batch-size auto
+        if field.name == "auto_batch_size":  # also spelled --batch-size auto
+            parser.add_argument(flag_name(field.name), dest=field.name, action="store_const", const=True, default=None,
+                                help="same as --batch-size auto: " + docs.get(field.name, "").replace("%", "%%"))
+            continue
         kind, choices = _field_kind(hints[field.name])
         if field.name == "batch_size":
             kind = _batch_size_arg

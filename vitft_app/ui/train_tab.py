@@ -591,6 +591,8 @@ def build(ctx: Any, data: Any) -> TrainTab:
             grad_accum = number("grad_accum_steps", "Gradient accumulation steps", integer=True, minimum=1)
             max_grad_norm = number("max_grad_norm", "Max gradient norm", minimum=0)
             ema_decay = number("ema_decay", "EMA decay", minimum=0, maximum=0.99999)
+            auto_batch = gr.Checkbox(defaults["auto_batch_size"], label="Auto batch size", elem_id="auto-batch-size",
+                                     info="halve the batch on out-of-memory; more accumulation keeps the effective batch")
         with gr.Row():
             gradual_unfreeze = number("gradual_unfreeze", "Gradual unfreeze (epochs per block)", integer=True,
                                       minimum=0)
@@ -636,7 +638,7 @@ def build(ctx: Any, data: Any) -> TrainTab:
         "patch_mask_ratio": patch_mask_ratio, "mixup": mixup, "cutmix": cutmix, "label_smoothing": label_smoothing,
         "class_weights": class_weights, "optimizer": optimizer, "scheduler": scheduler,
         "warmup_ratio": warmup_ratio, "weight_decay": weight_decay, "layer_decay": layer_decay,
-        "grad_accum_steps": grad_accum, "max_grad_norm": max_grad_norm, "ema_decay": ema_decay,
+        "grad_accum_steps": grad_accum, "auto_batch_size": auto_batch, "max_grad_norm": max_grad_norm, "ema_decay": ema_decay,
         "gradual_unfreeze": gradual_unfreeze, "distill_weight": distill_weight,
         "early_stopping_patience": patience, "early_stopping_min_delta": min_delta,
         "val_fraction": val_fraction, "seed": seed, "log_every_steps": log_every, "num_workers": num_workers,
