@@ -63,8 +63,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     # from the field's declaration (vitft_app.config.field_specs), as do the form's widgets.
     groups = {key: parser.add_argument_group(title) for key, title in SECTIONS.items()}
     for spec in field_specs().values():
-        if spec.name == "auto_batch_size":
-            continue  # set by --batch-size auto
+        if spec.name == "auto_batch_size":  # also spelled --batch-size auto
+            groups.get(spec.section, parser).add_argument(
+                flag_name(spec.name), dest=spec.name, action="store_const", const=True, default=None,
+                help="same as --batch-size auto: " + spec.doc.replace("%", "%%"))
+            continue
         help_text = spec.doc.replace("%", "%%")  # argparse %-formats help strings
         if spec.name == "data_dir":
             help_text += " (required unless --resume)"

@@ -73,7 +73,11 @@ class TrainConfig:
     batch_size: int = field(default=32, metadata={"section": "training", "label": "Batch size", "ge": 1})
     """Images per micro-batch (per forward pass); 'auto' (CLI) starts here and halves on out-of-memory."""
 
-    auto_batch_size: bool = field(default=False, metadata={"section": "training", "label": "Automatic batch size"})
+    auto_batch_size: bool = field(
+        default=False,
+        metadata={"section": "optimization", "label": "Auto batch size",
+                  "info": "halve the batch on out-of-memory; more accumulation keeps the effective batch"},
+    )
     """Find the micro-batch that fits in memory: start at batch_size, halve on out-of-memory, and accumulate more micro-batches so batch_size x grad_accum_steps stays the same (the CLI's --batch-size auto)."""
 
     lr: float = field(

@@ -35,7 +35,7 @@ def field_widget(name: str, *, compact: bool = False, elem_prefix: str = "", **o
     Returns:
         A ``gr.Radio`` or ``gr.Dropdown`` (choices; a dropdown also for ``choices=`` given to a
         text field), ``gr.Slider`` (metadata ``widget="slider"``),
-        ``gr.Number`` (int: ``precision=0``) or ``gr.Textbox``.
+        ``gr.Number`` (int: ``precision=0``), ``gr.Checkbox`` (bool) or ``gr.Textbox``.
     """
     spec = field_specs()[name]
     kwargs: dict[str, Any] = {"label": spec.label, "value": spec.form_default,
@@ -43,6 +43,9 @@ def field_widget(name: str, *, compact: bool = False, elem_prefix: str = "", **o
     if spec.info and not compact:
         kwargs["info"] = spec.info
     widget = spec.metadata.get("widget")
+    if spec.kind is bool:
+        kwargs.update(overrides)
+        return gr.Checkbox(**kwargs)
     if spec.choices or widget == "dropdown" or "choices" in overrides:  # a str field offered with choices: model
         if spec.choices:
             kwargs["choices"] = list(spec.choices)

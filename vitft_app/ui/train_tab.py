@@ -627,7 +627,7 @@ def build(ctx: Any, data: Any) -> TrainTab:
         "optimizer": ("optimization", 0), "scheduler": ("optimization", 0), "warmup_ratio": ("optimization", 0),
         "weight_decay": ("optimization", 0),
         "layer_decay": ("optimization", 1), "grad_accum_steps": ("optimization", 1),
-        "max_grad_norm": ("optimization", 1), "ema_decay": ("optimization", 1),
+        "max_grad_norm": ("optimization", 1), "ema_decay": ("optimization", 1), "auto_batch_size": ("optimization", 1),
         "gradual_unfreeze": ("optimization", 2), "distill_weight": ("optimization", 2),
         "early_stopping_patience": ("optimization", 2), "early_stopping_min_delta": ("optimization", 2),
         "lora_rank": ("optimization", 3), "lora_alpha": ("optimization", 3), "lora_targets": ("optimization", 3),
