@@ -73,7 +73,7 @@ def _feature_cache_decision(config: TrainConfig, model: nn.Module, options: Engi
         else "gradual unfreezing changes the frozen blocks" if config.gradual_unfreeze > 0
         else ""
     )
-    blocker = None if why_not else feature_cache_blocker(model)
+    blocker = None if why_not else feature_cache_blocker(model, config.freeze_depth)
     if blocker:
         why_not = blocker
     if why_not:
