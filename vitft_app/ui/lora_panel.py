@@ -61,23 +61,6 @@ def lora_note(model: str, classes: list[str] | None, freeze_depth: float | None,
             + scratch)
 
 
-def build_lora_controls(docs: dict[str, str], defaults: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
-    """Places the LoRA row (rank, alpha, targets) and its note; call inside a ``gr.Blocks`` context.
-
-    Returns:
-        ``(rank number, alpha number, targets textbox, note markdown)``.
-    """
-    with gr.Row():
-        rank = gr.Number(value=defaults["lora_rank"], label="LoRA rank (0 = off)", info=docs["lora_rank"],
-                         precision=0, minimum=0, elem_id="lora-rank")
-        alpha = gr.Number(value=defaults["lora_alpha"], label="LoRA alpha", info=docs["lora_alpha"], minimum=0,
-                          elem_id="lora-alpha")
-        targets = gr.Textbox(value="", label="LoRA target layers", info=docs["lora_targets"],
-                             placeholder="default: attention query and value", elem_id="lora-targets")
-    note = gr.Markdown(lora_note("", None, 0, 0, None, None), elem_id="lora-note")
-    return rank, alpha, targets, note
-
-
 def wire_lora_note(controls: list[Any], note: Any, settings: Any) -> None:
     """Refreshes the note when any of ``controls`` changes.
 
