@@ -90,3 +90,17 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture(autouse=True)
+def _restore_package_logger():
+    """A test that runs ``vitft_app.cli.main`` in-process configures the package logger (a stderr
+    handler, no propagation); put it back so later tests' ``caplog`` sees the records."""
+    import logging
+
+    package = logging.getLogger("vitft_app")
+    handlers, level, propagate = list(package.handlers), package.level, package.propagate
+    yield
+    package.handlers[:] = handlers
+    package.setLevel(level)
+    package.propagate = propagate

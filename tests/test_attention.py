@@ -133,7 +133,7 @@ def test_train_times_the_first_micro_batches_keeps_the_kernel_on_resume_and_save
 
 
 def test_forced_kernel_is_used_from_the_first_step(tmp_path, digits_small, tiny_vit):
-    config = TrainConfig(data_dir=str(digits_small), model=str(tiny_vit), epochs=1, batch_size=8, precision="fp32",
+    config = TrainConfig(data_dir=str(digits_small), model=str(tiny_vit), epochs=2, batch_size=8, precision="fp32",
                          attention="eager", output_dir=str(tmp_path / "runs"))
     run_dir = RunStore(config.output_dir).create_run(config)
     events = []
@@ -210,13 +210,13 @@ def test_validation_runs_sdpa_and_training_goes_back_to_its_kernel(tmp_path, dig
 
     # a run that trains with eager: each validation sees SDPA, and the model is eager again after it
     seen: list[tuple[str, torch.nn.Module]] = []
-    original_evaluate = training.evaluate
+    original_evaluate = training.loop.evaluate  # the loop's validation (vitft_app/training/loop.py)
 
     def recording_evaluate(model, *args, **kwargs):
         seen.append((current_attention(model), model))
         return original_evaluate(model, *args, **kwargs)
 
-    monkeypatch.setattr(training, "evaluate", recording_evaluate)
+    monkeypatch.setattr(training.loop, "evaluate", recording_evaluate)
     monkeypatch.setattr(AttentionTrial, "faster_is_eager", lambda self: True)  # the trial keeps eager
     config = TrainConfig(data_dir=str(digits_small), model=str(tiny_vit), epochs=2, batch_size=8, precision="fp32",
                          augment="none", output_dir=str(tmp_path / "runs"))

@@ -123,7 +123,7 @@ def test_train_on_the_example_then_predict(app_url, page):
 
     # Train tab: a tiny model for one epoch.
     page.get_by_role("tab", name="Train").click()
-    expect(page.locator("#param-count")).to_contain_text("4 encoder blocks", timeout=30_000)  # pvt-v2-b0-scratch, the offline default
+    expect(page.locator("#param-count")).to_contain_text("4 stages", timeout=30_000)  # pvt-v2-b0-scratch, the offline default (a hierarchical model)
     choose_model(page, "google/vit-base-patch16-224")  # not cached, Hub unreachable
     expect(page.locator("#param-count")).to_contain_text("cannot be reached", timeout=30_000)
     expect(page.locator("#param-count")).to_contain_text("vit-tiny-scratch")
@@ -176,7 +176,7 @@ def test_presets_and_augmentation_preview_in_the_browser(app_url, page):
     url, _, _ = app_url
     open_app(page, url)
     page.get_by_role("tab", name="Train").click()
-    expect(page.locator("#param-count")).to_contain_text("4 encoder blocks", timeout=30_000)
+    expect(page.locator("#param-count")).to_contain_text("4 stages", timeout=30_000)  # pvt-v2-b0-scratch
     page.locator("#preset-best").click()
     expect(page.locator("#train-message")).to_contain_text("Preset best", timeout=30_000)
     expect(page.locator("#augment input")).to_have_value("randaugment")

@@ -14,7 +14,7 @@ import torch
 from family_checkpoints import CASES, PRETRAIN_LABELS, save_family_checkpoint
 from vitft_app import families
 from vitft_app.config import TrainConfig
-from vitft_app.events import LogMessage
+from vitft_app.events import LogMessage, RunStarted
 from vitft_app.families import family_of, feature_cache_blocker, freeze_groups, layer_ids
 from vitft_app.modeling import build_model, count_parameters, freeze_layers, num_blocks, summarize_model
 from vitft_app.optim import create_optimizer
@@ -175,10 +175,11 @@ def test_one_epoch_then_explain_export_and_pipeline(case, checkpoints, digits_sm
     result = train(config, run_dir, events.append, device="cpu")
     assert result.status == "completed"
     logs = " | ".join(e.text for e in events if isinstance(e, LogMessage))
+    plan = " | ".join(next(e for e in events if isinstance(e, RunStarted)).notes)  # the run plan's reasons
     if family.pooling is None:  # the cache rule says why it is off
-        assert f"feature cache off: {family.title}" in logs
+        assert f"frozen-feature cache: off ({family.title}: " in plan
     else:  # frozen stem and block 0 computed once, the rest trains on the stored features
-        assert "feature cache off" not in logs and "frozen blocks cached" in logs
+        assert "frozen-feature cache: off" not in plan and "frozen blocks cached" in logs
     model_dir = run_dir / "model"
 
     predictor = Predictor(model_dir, device="cpu")

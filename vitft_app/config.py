@@ -210,13 +210,13 @@ class TrainConfig:
     )
     """Weight of a feature-matching loss to a frozen copy of the starting model (keeps small-data fine-tunes close); 0 = off."""
 
-    lora_rank: int = field(default=0, metadata={"section": "model", "label": "LoRA rank (0 = off)", "ge": 0})
+    lora_rank: int = field(default=0, metadata={"section": "optimization", "label": "LoRA rank (0 = off)", "ge": 0})
     """LoRA rank r: train low-rank adapters (peft) on the attention projections plus the full classifier head instead of every weight; model/ is the merged model, lora_adapter/ the adapter. 0 = off (full fine-tuning)."""
 
-    lora_alpha: float = field(default=16.0, metadata={"section": "model", "label": "LoRA alpha", "gt": 0})
+    lora_alpha: float = field(default=16.0, metadata={"section": "optimization", "label": "LoRA alpha", "gt": 0})
     """LoRA scaling alpha: the adapter's update is multiplied by alpha / rank (peft's lora_alpha)."""
 
-    lora_targets: str | None = field(default=None, metadata={"section": "model", "label": "LoRA target layers"})
+    lora_targets: str | None = field(default=None, metadata={"section": "optimization", "label": "LoRA target layers"})
     """Comma-separated names of the linear layers that get LoRA adapters (e.g. query,value); default: the model's attention query and value projections (q_proj,v_proj in ViT/DeiT, qkv for fused ones)."""
 
     ema_decay: float = field(

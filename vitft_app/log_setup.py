@@ -16,6 +16,19 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _HANDLER_NAME = "vitft-stderr"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler that writes to whatever ``sys.stderr`` is at the time of each record (a
+    front end, a test harness or a daemon may replace it after the handler was made)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property ignores it
+        pass
+
+
 def configure_logging(level: int = logging.INFO) -> logging.Logger:
     """Sends the ``vitft_app`` loggers' records at ``level`` and above to stderr (idempotent: a
     second call only changes the level).
@@ -30,7 +43,7 @@ def configure_logging(level: int = logging.INFO) -> logging.Logger:
     package = logging.getLogger("vitft_app")
     package.setLevel(level)
     if not any(handler.get_name() == _HANDLER_NAME for handler in package.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.set_name(_HANDLER_NAME)
         handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
         package.addHandler(handler)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import gradio as gr
 
 from ..config import TrainConfig
 from ..modeling import ModelLoadError

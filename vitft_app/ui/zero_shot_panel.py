@@ -48,7 +48,7 @@ def run_zero_shot(ctx: Any, chosen: dict[str, Any] | None, model: str | None, te
         return f"✗ {exc}"
     baseline = result.baseline
     lines = [f"**Zero-shot {format_accuracy(result.accuracy)}** on {result.num_images} validation images of"
-             f" *{chosen.get('name', '')}* with `{model.strip()}` and the prompt *“{result.template}”*"]
+             f" *{chosen.get('name', '')}* with `{model.strip()}` and the prompt `{result.template}`"]
     if baseline is not None:
         lines.append(f"Always answering '{baseline.majority_class}' gets {format_accuracy(baseline.rate)};"
                      f" chance is {format_accuracy(baseline.chance)}.")
