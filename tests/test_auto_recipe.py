@@ -108,6 +108,6 @@ def test_colour_images_get_more_passes_than_digits():
     cifar = suggest_scratch_recipe(_fake_report(5000, "RGB", 32)).values  # cifar10-subset
     assert digits["epochs"] == math.ceil(TARGET_IMAGE_VIEWS / 4000) == 8
     assert cifar["epochs"] == math.ceil(COLOUR_IMAGE_VIEWS / 5000) == 30
-    assert cifar["augment"] == "basic" and cifar["batch_size"] == 32 and cifar["lr"] == 2e-3
+    assert cifar["augment"] == "basic" and cifar["batch_size"] == 32 and cifar["lr"] == 5e-4
     small = suggest_scratch_recipe(_fake_report(245, "RGB", 200, classes=2)).values  # hymenoptera
     assert small["epochs"] == MAX_EPOCHS and small["batch_size"] == 16 and small["image_size"] == PHOTO_SIZE_CAP
