@@ -141,10 +141,9 @@ SCRATCH_MODELS: dict[str, ScratchModel] = {
                         "spatial-reduction attention, depthwise-conv MLP), strides adapted to small images",
             params="3.0 M",
             use_for="the offline default: digits, icons, small photo sets trained from scratch",
-            expected="built-in digits 0.972 in 2 minutes (majority 0.10); weak on small photo sets: "
-                     "cifar10-subset 0.39 after 7 epochs (majority 0.10; the recipe now runs 30, not yet "
-                     "measured), hymenoptera 0.71 (majority 0.54); a pretrained checkpoint does far better "
-                     "on photos (benchmarks/README.md)",
+            expected="built-in digits 0.972 in 2 minutes (majority 0.10); cifar10-subset 0.645 after 30 "
+                     "epochs, about 15 minutes (majority 0.10); hymenoptera 0.71 (majority 0.54): weak on small "
+                     "photo sets, where a pretrained checkpoint does far better (benchmarks/README.md)",
             blocks=4,
             explanation="input gradient",
             lr=2e-3,
