@@ -144,10 +144,24 @@ def load_zero_shot_model(model: str) -> tuple[Any, Any, str]:
     """
     from transformers import AutoModel, AutoProcessor
 
-    source = str(Path(model).expanduser()) if Path(model).expanduser().exists() else model
+    from .modeling import hub_reachable
+
+    local = Path(model).expanduser().exists()
+    source = str(Path(model).expanduser()) if local else model
     try:
-        loaded = AutoModel.from_pretrained(source)
-        processor = AutoProcessor.from_pretrained(source)
+        if local:
+            loaded, processor = AutoModel.from_pretrained(source), AutoProcessor.from_pretrained(source)
+        else:
+            try:  # in the local Hugging Face cache already? No network needed then. (transformers
+                # 5.x's AutoModel does not pass local_files_only on to its PEFT-adapter lookup,
+                # which then retries the Hub for about 23 s: adapter_kwargs says it again.)
+                loaded = AutoModel.from_pretrained(source, local_files_only=True,
+                                                   adapter_kwargs={"local_files_only": True})
+                processor = AutoProcessor.from_pretrained(source, local_files_only=True)
+            except (OSError, ValueError, KeyError):
+                if not hub_reachable():  # one TCP connect instead of the Hub client's retries (~45 s)
+                    raise OSError("not in the local cache and the Hugging Face Hub is unreachable") from None
+                loaded, processor = AutoModel.from_pretrained(source), AutoProcessor.from_pretrained(source)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ZeroShotError(
