@@ -408,6 +408,38 @@ def initial_run(ctx: Any) -> str | None:
     return None
 
 
+def button_outputs(text: str, run_dir: str | None, resumed: bool = False) -> tuple:
+    """Start's and Resume's outputs ``(message, run state, signature)`` from their message and run.
+
+    A started run becomes the shown run and is drawn at the next poll (its new folder says
+    "starting"). A resumed run's folder still says "stopped" until its thread writes, so its
+    signature is taken as it is now: the poll redraws at that write, which says "running"
+    (redrawing at once would find the run ended and clear the fresh "Resumed" message). A
+    refusal keeps the shown run and its signature: nothing to redraw, and the message stays.
+
+    Args:
+        text: the message markdown; run_dir: the started or resumed run, or None (refused);
+        resumed: True for Resume.
+    """
+    if not run_dir:
+        return text, gr.skip(), gr.skip()
+    return text, run_dir, (_signature(run_dir) if resumed else None)
+
+
+def poll_live(ctx: Any, run_dir: str | None, last_signature: Any) -> tuple:
+    """:func:`poll` plus the message line: a redraw that finds the run ended (completed,
+    stopped, failed, interrupted) clears "Stopping…" and the other messages of the buttons.
+
+    Returns:
+        :func:`poll`'s values, then the message (``""`` or ``gr.skip()``).
+    """
+    values = poll(ctx, run_dir, last_signature)
+    new_signature = values[-1]
+    settled = isinstance(new_signature, tuple) and read_status(new_signature[0]).status in (
+        "completed", "stopped", "failed", "interrupted")
+    return (*values, "" if settled else gr.skip())
+
+
 def _signature(run_dir: str) -> tuple:
     sig = []
     for name in ("status.json", "metrics.csv"):
@@ -662,19 +694,13 @@ def _wire_run_events(ctx: Any, data: Any, form: dict[str, Any], live: dict[str, 
         if not chosen or not chosen.get("path"):
             return "✗ No dataset chosen: pick a folder in the Data tab and press Scan.", gr.skip(), gr.skip()
         text, run_dir = start_run(ctx, {name: values[comp] for name, comp in form.items()}, chosen["path"], report)
-        return text, (run_dir if run_dir else gr.skip()), None
+        return button_outputs(text, run_dir)
 
     def on_resume(run_dir: str | None) -> tuple:
-        text, resumed = resume_run(ctx, run_dir)
-        return text, (resumed if resumed else gr.skip()), None
+        return button_outputs(*resume_run(ctx, run_dir), resumed=True)
 
     def on_poll(run: str | None, sig: Any) -> tuple:
-        values = poll(ctx, run, sig)
-        # A run that has ended clears "Stopping…" and similar messages of the buttons.
-        new_signature = values[-1]
-        settled = isinstance(new_signature, tuple) and read_status(new_signature[0]).status in (
-            "completed", "stopped", "failed", "interrupted")
-        return (*values, "" if settled else gr.skip())
+        return poll_live(ctx, run, sig)
 
     # On Start, bring the buttons, status and plots into view: that is where things move.
     scroll = "() => document.querySelector('#train-live')?.scrollIntoView({behavior: 'smooth', block: 'start'})"
