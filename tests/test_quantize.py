@@ -44,7 +44,7 @@ def test_int8_export_checked_on_the_validation_split(trained_run, capsys):
     assert check.num_images == status["num_val"] == 200
     assert check.fp32_accuracy > 0.25  # a trained model, well above the 10% majority rate
     assert check.fp32_accuracy == pytest.approx(status["best_val_accuracy"], abs=0.011)
-    assert abs(check.drop) <= 0.01 and check.agreement >= 0.95 and not check.forced
+    assert abs(check.drop) <= 0.01 + 1e-9 and check.agreement >= 0.95 and not check.forced  # 2 of 200 images: 0.0100...09
     assert check.int8_bytes < check.fp32_bytes and check.fp32_latency_ms > 0 and check.int8_latency_ms > 0
     assert check.baseline["total"] == 200
     assert "top-1 agreement" in err and "fp32" in err and "int8" in err and "always '" in err
