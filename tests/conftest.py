@@ -12,6 +12,11 @@ import pytest
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Under pytest-xdist (README's test command runs 3 workers, pyproject's addopts) each worker and
+# the processes its tests start use one intra-op thread: three workers x two OpenMP threads on two
+# cores would oversubscribe them. Set before anything imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The app folder (example dataset, scan cache) of this test session, never the user's ~/.vitft.
 os.environ["VITFT_HOME"] = tempfile.mkdtemp(prefix="vitft-test-home-")
 
