@@ -287,21 +287,25 @@ def test_resume_button_continues_a_stopped_run(ctx, digits_small, tiny_vit):
     train_tab.stop_run(ctx)
     wait_for(run_dir, states=("stopped",))
     assert ctx.runner.current.wait(30)
-    # The Resume button's message survives the next poll: the folder still says "stopped" until
-    # the resumed thread writes, and that poll must not clear "Resumed" as if the run had ended.
-    message, state, signature = train_tab.button_outputs(*train_tab.resume_run(ctx, run_dir), resumed=True)
+    # Stop's "Stopping…" is cleared by a poll that finds the run ended; other messages are not.
+    stopping = train_tab.STOPPING + " after the current step…"
+    assert train_tab.poll_live(ctx, run_dir, None, stopping)[-1] == ""
+    assert train_tab.poll_live(ctx, run_dir, None, "✗ some refusal")[-1] != ""
+    # The Resume button's message survives the next poll, though the folder still says "stopped"
+    # until the resumed thread writes.
+    message, state, signature = train_tab.button_outputs(*train_tab.resume_run(ctx, run_dir))
     assert state == run_dir and "Resumed" in message, message
-    assert train_tab.poll_live(ctx, run_dir, signature)[-1] != ""
+    assert train_tab.poll_live(ctx, run_dir, signature, message)[-1] != ""
     assert train_tab.resume_run(ctx, run_dir)[0].startswith("⚠ Busy")
     train_tab.stop_run(ctx)
     assert ctx.runner.current.wait(60)
     status = read_status(run_dir)
     assert status["status"] == "stopped" and status.get("resumed_from_step") is not None
-    # A refused Resume on an ended run: its message stays (the poll has nothing new to draw).
-    page_signature = train_tab.poll_live(ctx, run_dir, None)[len(train_tab.POLL_KEYS) - 1]
-    message, state, signature = train_tab.button_outputs(*train_tab.resume_run(ctx, str(digits_small)), resumed=True)
+    # A refused Resume on an ended run keeps the page's run and signature, and its message stays.
+    message, state, signature = train_tab.button_outputs(*train_tab.resume_run(ctx, str(digits_small)))
     assert message.startswith("✗") and "not a run folder" in message
-    assert train_tab.poll_live(ctx, run_dir, page_signature if signature == gr.skip() else signature)[-1] != ""
+    assert state == gr.skip() and signature == gr.skip()
+    assert train_tab.poll_live(ctx, run_dir, None, message)[-1] != ""
     steps = read_metrics(run_dir).query("kind == 'train'")["step"].tolist()
     assert steps == sorted(set(steps))
 

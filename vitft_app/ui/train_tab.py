@@ -162,7 +162,7 @@ def start_run(
 def stop_run(ctx: Any) -> str:
     """Signals Stop; the loop exits before its next step and keeps the best model saved."""
     if ctx.runner.stop():
-        return "■ Stopping after the current step… the best model so far stays saved."
+        return f"{STOPPING} after the current step… the best model so far stays saved."
     return "Nothing is running."
 
 
@@ -408,34 +408,42 @@ def initial_run(ctx: Any) -> str | None:
     return None
 
 
-def button_outputs(text: str, run_dir: str | None, resumed: bool = False) -> tuple:
+def button_outputs(text: str, run_dir: str | None) -> tuple:
     """Start's and Resume's outputs ``(message, run state, signature)`` from their message and run.
 
-    A started run becomes the shown run and is drawn at the next poll (its new folder says
-    "starting"). A resumed run's folder still says "stopped" until its thread writes, so its
-    signature is taken as it is now: the poll redraws at that write, which says "running"
-    (redrawing at once would find the run ended and clear the fresh "Resumed" message). A
-    refusal keeps the shown run and its signature: nothing to redraw, and the message stays.
+    A started or resumed run becomes the shown run and is redrawn at the next poll; a refusal
+    keeps the shown run and its signature (nothing to redraw).
 
     Args:
-        text: the message markdown; run_dir: the started or resumed run, or None (refused);
-        resumed: True for Resume.
+        text: the message markdown; run_dir: the started or resumed run, or None (refused).
     """
     if not run_dir:
         return text, gr.skip(), gr.skip()
-    return text, run_dir, (_signature(run_dir) if resumed else None)
+    return text, run_dir, None
 
 
-def poll_live(ctx: Any, run_dir: str | None, last_signature: Any) -> tuple:
-    """:func:`poll` plus the message line: a redraw that finds the run ended (completed,
-    stopped, failed, interrupted) clears "Stopping…" and the other messages of the buttons.
+#: The start of Stop's message, which the poll clears once the run has ended.
+STOPPING = "■ Stopping"
+
+
+def poll_live(ctx: Any, run_dir: str | None, last_signature: Any, message: str | None = None) -> tuple:
+    """:func:`poll` plus the message line: "Stopping…" is cleared by a redraw that finds the run
+    ended (completed, stopped, failed, interrupted); every other message stays until the next
+    button. The rule looks at the message the poll was sent with, never at the run alone: a poll
+    computed while the page still showed an ended run could otherwise land after a newer Start or
+    Resume and wipe its message (it did, under load).
+
+    Args:
+        ctx, run_dir, last_signature: as :func:`poll`.
+        message: the message line as the page showed it when the poll was sent.
 
     Returns:
         :func:`poll`'s values, then the message (``""`` or ``gr.skip()``).
     """
     values = poll(ctx, run_dir, last_signature)
     new_signature = values[-1]
-    settled = isinstance(new_signature, tuple) and read_status(new_signature[0]).status in (
+    stopping = (message or "").lstrip().startswith(STOPPING)
+    settled = stopping and isinstance(new_signature, tuple) and read_status(new_signature[0]).status in (
         "completed", "stopped", "failed", "interrupted")
     return (*values, "" if settled else gr.skip())
 
@@ -697,10 +705,10 @@ def _wire_run_events(ctx: Any, data: Any, form: dict[str, Any], live: dict[str, 
         return button_outputs(text, run_dir)
 
     def on_resume(run_dir: str | None) -> tuple:
-        return button_outputs(*resume_run(ctx, run_dir), resumed=True)
+        return button_outputs(*resume_run(ctx, run_dir))
 
-    def on_poll(run: str | None, sig: Any) -> tuple:
-        return poll_live(ctx, run, sig)
+    def on_poll(run: str | None, sig: Any, shown: str | None) -> tuple:
+        return poll_live(ctx, run, sig, shown)
 
     # On Start, bring the buttons, status and plots into view: that is where things move.
     scroll = "() => document.querySelector('#train-live')?.scrollIntoView({behavior: 'smooth', block: 'start'})"
@@ -710,7 +718,7 @@ def _wire_run_events(ctx: Any, data: Any, form: dict[str, Any], live: dict[str, 
     live["resume"].click(on_resume, inputs=run_state, outputs=[message, run_state, signature])
     live["resume"].click(None, js=scroll)
     timer = gr.Timer(1.0)
-    timer.tick(on_poll, inputs=[run_state, signature], outputs=[*(live[k] for k in POLL_KEYS), message])
+    timer.tick(on_poll, inputs=[run_state, signature, message], outputs=[*(live[k] for k in POLL_KEYS), message])
 
 
 def _wire_form_events(ctx: Any, data: Any, form: dict[str, Any], parts: dict[str, Any], live: dict[str, Any],
