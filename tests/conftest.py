@@ -109,3 +109,27 @@ def _restore_package_logger():
     package.handlers[:] = handlers
     package.setLevel(level)
     package.propagate = propagate
+
+
+@pytest.fixture
+def vitft_here(monkeypatch, capsys):
+    """``vitft ARGS`` through ``cli.main`` in this process, as ``run(*args, cwd=DIR)``: returns what
+    a subprocess run returns (``returncode``, ``stdout``, ``stderr``) without a new Python importing
+    torch and transformers (about 6 s of CPU each). For the tests of messages and answers; the
+    end-to-end tests start real ``python -m vitft_app.cli`` processes."""
+    import subprocess
+
+    from vitft_app.cli import main
+
+    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(cwd)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        capsys.readouterr()
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse
+            code = exc.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["vitft", *args], code, out, err)
+
+    return run

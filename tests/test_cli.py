@@ -40,6 +40,7 @@ def test_invalid_choice_is_rejected_by_argparse(capsys):
 
 
 def _vitft(*args, cwd):
+    """``python -m vitft_app.cli ARGS`` in a new process (the real entry point, imports and exit code)."""
     return subprocess.run([sys.executable, "-m", "vitft_app.cli", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
@@ -64,16 +65,16 @@ def test_train_then_predict_from_the_command_line(tmp_path, digits_small, tiny_v
         assert 0 <= record["predictions"][1]["score"] <= record["predictions"][0]["score"] <= 1
 
 
-def test_predict_reports_a_bad_image_without_crashing(tmp_path, tiny_vit):
+def test_predict_reports_a_bad_image_without_crashing(tmp_path, tiny_vit, vitft_here):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nope")
-    result = _vitft("predict", "--model", str(tiny_vit), str(bad), cwd=tmp_path)
+    result = vitft_here("predict", "--model", str(tiny_vit), str(bad), cwd=tmp_path)
     assert result.returncode == 1
     assert json.loads(result.stdout) == {"image": str(bad), "error": "not an image"}
 
 
-def test_train_with_a_bad_setting_prints_the_reason(tmp_path, digits_small):
-    result = _vitft("train", "--data", str(digits_small), "--batch-size", "0", cwd=tmp_path)
+def test_train_with_a_bad_setting_prints_the_reason(tmp_path, digits_small, vitft_here):
+    result = vitft_here("train", "--data", str(digits_small), "--batch-size", "0", cwd=tmp_path)
     assert result.returncode == 2
     assert "batch_size must be >= 1, got 0" in result.stderr
 
@@ -114,22 +115,23 @@ def test_ctrl_c_stops_cleanly_and_keeps_the_run(tmp_path, digits_small, tiny_vit
     assert "stopping after the current step" in err
 
 
-def test_unusable_output_dir_is_a_message(tmp_path, digits_small):
+def test_unusable_output_dir_is_a_message(tmp_path, digits_small, vitft_here):
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
-    result = _vitft("train", "--data", str(digits_small), "--output-dir", str(blocker / "runs"), cwd=tmp_path)
+    result = vitft_here("train", "--data", str(digits_small), "--output-dir", str(blocker / "runs"), cwd=tmp_path)
     assert result.returncode == 2
     assert "cannot use --output-dir" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_predict_explains_what_model_it_needs(tmp_path):
-    result = _vitft("predict", "--model", "google/vit-base-patch16-224", str(tmp_path / "x.png"), cwd=tmp_path)
+def test_predict_explains_what_model_it_needs(tmp_path, vitft_here):
+    here = dict(cwd=tmp_path)
+    result = vitft_here("predict", "--model", "google/vit-base-patch16-224", str(tmp_path / "x.png"), **here)
     assert result.returncode == 2 and "Hub ids are used for training" in result.stderr
-    zero = _vitft("predict", "--model", str(tmp_path), "--top-k", "0", str(tmp_path / "x.png"), cwd=tmp_path)
+    zero = vitft_here("predict", "--model", str(tmp_path), "--top-k", "0", str(tmp_path / "x.png"), **here)
     assert zero.returncode == 2 and "--top-k must be >= 1" in zero.stderr
 
 
-def test_export_onnx_zip_and_onnx_prediction(tmp_path, digits_small, tiny_vit):
+def test_export_onnx_zip_and_onnx_prediction(tmp_path, digits_small, tiny_vit, vitft_here):
     trained = _vitft("train", "--data", str(digits_small), "--model", str(tiny_vit), "--epochs", "1",
                      "--batch-size", "16", "--precision", "fp32", "--output-dir", str(tmp_path / "runs"), cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr[-2000:]
@@ -144,19 +146,20 @@ def test_export_onnx_zip_and_onnx_prediction(tmp_path, digits_small, tiny_vit):
 
     image = str(sorted((digits_small / "1").iterdir())[0])
     # --precision fp32: exact parity with ONNX (the default, auto, may run bf16 autocast)
-    torch_out = json.loads(_vitft("predict", "--model", str(run_dir), "--precision", "fp32", image, cwd=tmp_path).stdout)
-    onnx_out = json.loads(_vitft("predict", "--model", str(run_dir), "--backend", "onnx", image, cwd=tmp_path).stdout)
+    here = dict(cwd=tmp_path)
+    torch_out = json.loads(vitft_here("predict", "--model", str(run_dir), "--precision", "fp32", image, **here).stdout)
+    onnx_out = json.loads(vitft_here("predict", "--model", str(run_dir), "--backend", "onnx", image, **here).stdout)
     assert [p["label"] for p in onnx_out["predictions"]] == [p["label"] for p in torch_out["predictions"]]
     for a, b in zip(onnx_out["predictions"], torch_out["predictions"]):
         assert abs(a["score"] - b["score"]) < 1e-4
 
-    zipped = _vitft("export", str(run_dir), "--format", "zip", cwd=tmp_path)
+    zipped = vitft_here("export", str(run_dir), "--format", "zip", **here)
     assert zipped.returncode == 0 and Path(zipped.stdout.strip()) == run_dir / "model.zip"
 
 
-def test_predict_a_folder_with_a_threshold(tmp_path, digits_small, tiny_vit):
-    result = _vitft("predict", "--model", str(tiny_vit), str(digits_small / "7"), "--threshold", "0.99",
-                    "--tta", cwd=tmp_path)
+def test_predict_a_folder_with_a_threshold(tmp_path, digits_small, tiny_vit, vitft_here):
+    result = vitft_here("predict", "--model", str(tiny_vit), str(digits_small / "7"), "--threshold", "0.99",
+                         "--tta", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in result.stdout.strip().splitlines()]
     assert len(records) == 20 and all(r["image"].startswith(str(digits_small / "7")) for r in records)

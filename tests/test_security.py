@@ -501,34 +501,29 @@ def finished_run(tmp_path, digits_small, tiny_vit):
     return job.run_dir
 
 
-def _vitft(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "vitft_app.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-
-def test_damaged_config_json_is_one_line_in_resume_and_evaluate(tmp_path, finished_run):
+def test_damaged_config_json_is_one_line_in_resume_and_evaluate(tmp_path, finished_run, vitft_here):
     from vitft_app.checkpoint import save_checkpoint
 
     config = json.loads((finished_run / "config.json").read_text())
     (finished_run / "config.json").write_text(json.dumps({**config, "epochs": "three"}))
     save_checkpoint(finished_run, {"loop": {}, "model": {}, "optimizer": {}, "scheduler": {}, "rng": {}})
     for args in (("train", "--resume", str(finished_run)), ("evaluate", str(finished_run))):
-        result = _vitft(*args, cwd=tmp_path)
+        result = vitft_here(*args, cwd=tmp_path)
         assert result.returncode == 2, (args, result.stderr[-2000:])
         assert "Traceback" not in result.stderr and "config.json is damaged (epochs must be a whole number, got 'three')" \
             in result.stderr, (args, result.stderr[-2000:])
 
 
-def test_damaged_model_files_are_one_line_in_predict_and_evaluate(tmp_path, finished_run, digits_small):
+def test_damaged_model_files_are_one_line_in_predict_and_evaluate(tmp_path, finished_run, digits_small, vitft_here):
     image = str(sorted((digits_small / "0").iterdir())[0])
     weights = finished_run / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     for args in (("predict", "--model", str(finished_run), image), ("evaluate", str(finished_run))):
-        result = _vitft(*args, cwd=tmp_path)
+        result = vitft_here(*args, cwd=tmp_path)
         assert result.returncode == 2 and "Traceback" not in result.stderr, (args, result.stderr[-2000:])
         assert "is damaged (config.json / model.safetensors" in result.stderr, result.stderr[-2000:]
     (finished_run / "model" / "preprocessor_config.json").write_text("[]")
-    result = _vitft("predict", "--model", str(finished_run), image, cwd=tmp_path)
+    result = vitft_here("predict", "--model", str(finished_run), image, cwd=tmp_path)
     assert result.returncode == 2 and "is damaged (preprocessor_config.json" in result.stderr, result.stderr[-2000:]
 
 
@@ -617,16 +612,16 @@ def test_sigint_stops_a_cli_run_started_with_sigint_ignored(tmp_path, digits_sma
 # ---- 9. the smaller ones ---------------------------------------------------------------------------
 
 
-def test_scan_refuses_a_val_fraction_train_would_refuse(tmp_path, digits_small):
+def test_scan_refuses_a_val_fraction_train_would_refuse(tmp_path, digits_small, vitft_here):
     for value in ("2", "-1", "0"):
-        result = _vitft("scan", str(digits_small), "--val-fraction", value, cwd=tmp_path)
+        result = vitft_here("scan", str(digits_small), "--val-fraction", value, cwd=tmp_path)
         assert result.returncode == 2 and "--val-fraction must be in (0, 1)" in result.stderr
 
 
-def test_predict_on_a_folder_without_images_says_so(tmp_path, tiny_vit):
+def test_predict_on_a_folder_without_images_says_so(tmp_path, tiny_vit, vitft_here):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
-    result = _vitft("predict", "--model", str(tiny_vit), str(tmp_path / "empty"), cwd=tmp_path)
+    result = vitft_here("predict", "--model", str(tiny_vit), str(tmp_path / "empty"), cwd=tmp_path)
     assert result.returncode == 1 and "no image files in" in result.stderr and result.stdout == ""
 
 
