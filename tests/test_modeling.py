@@ -88,6 +88,29 @@ def test_unreachable_hub_is_detected_without_offline_flag(monkeypatch, tmp_path)
     assert modeling._hub_reachable(timeout_s=1.0) is False
 
 
+def test_a_cached_hub_checkpoint_loads_offline_without_asking_the_hub(tmp_path):
+    """A checkpoint in the local Hugging Face cache loads with the Hub unreachable and without one
+    request: transformers 5's AutoModel* ignored local_files_only in its PEFT-adapter lookup and
+    retried the Hub 5 times (23 s) before loading (``modeling.cache_only_kwargs``)."""
+    import os
+    import subprocess
+    import sys
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-vit"
+    save_tiny_vit(repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    env.pop("HF_HUB_OFFLINE", None)  # the cache alone must keep the loader off the network
+    script = ("from vitft_app.modeling import build_model; "
+              "print(type(build_model('acme/tiny-vit', ['a', 'b']).model).__name__)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "ViTForImageClassification"
+    assert "Retrying" not in result.stderr and "127.0.0.1:9" not in result.stderr, result.stderr[-2000:]
+
+
 @pytest.mark.parametrize("depth", [0, 1, 2])
 def test_trainable_counts_per_freeze_depth(tiny_vit, depth):
     model = build_model(str(tiny_vit), CLASSES).model

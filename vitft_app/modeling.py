@@ -124,6 +124,22 @@ def resolve_model_path(name: str) -> str:
     return str(saved) if saved is not None else str(path)
 
 
+def cache_only_kwargs(loader: Any) -> dict[str, Any]:
+    """Keyword arguments for a ``loader.from_pretrained`` that reads the local Hugging Face cache
+    and never the network: ``local_files_only``, and for transformers' ``AutoModel*`` classes the
+    same again for their PEFT-adapter lookup, which transformers 5.x does not pass it on to (it
+    then retried the Hub 5 times: a cached checkpoint took 23 s longer to load offline).
+
+    Args:
+        loader: a transformers class with ``from_pretrained`` (``AutoConfig``, an image
+            processor, a model class or an ``AutoModel*`` class).
+    """
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if getattr(loader, "_model_mapping", None) is not None:  # the AutoModel* factories
+        kwargs["adapter_kwargs"] = {"local_files_only": True}
+    return kwargs
+
+
 def _call_hub(loader: Any, name: str, **kwargs: Any) -> Any:
     """``loader.from_pretrained(name)`` with a fast, clear failure when offline and uncached."""
     target = resolve_model_path(name)
@@ -135,7 +151,7 @@ def _call_hub(loader: Any, name: str, **kwargs: Any) -> Any:
     if name.startswith(("/", "./", "../", "~")) or (len(name) > 1 and name[1] == ":"):  # a path, not a Hub id
         raise ModelLoadError(f"Model folder not found: {Path(name).expanduser()}")
     try:  # cached already? No network needed then.
-        return loader.from_pretrained(target, local_files_only=True, **kwargs)
+        return loader.from_pretrained(target, **cache_only_kwargs(loader), **kwargs)
     except (OSError, ValueError):
         pass
     if not hub_reachable():

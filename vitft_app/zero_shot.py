@@ -144,7 +144,7 @@ def load_zero_shot_model(model: str) -> tuple[Any, Any, str]:
     """
     from transformers import AutoModel, AutoProcessor
 
-    from .modeling import hub_reachable
+    from .modeling import cache_only_kwargs, hub_reachable
 
     local = Path(model).expanduser().exists()
     source = str(Path(model).expanduser()) if local else model
@@ -152,12 +152,9 @@ def load_zero_shot_model(model: str) -> tuple[Any, Any, str]:
         if local:
             loaded, processor = AutoModel.from_pretrained(source), AutoProcessor.from_pretrained(source)
         else:
-            try:  # in the local Hugging Face cache already? No network needed then. (transformers
-                # 5.x's AutoModel does not pass local_files_only on to its PEFT-adapter lookup,
-                # which then retries the Hub for about 23 s: adapter_kwargs says it again.)
-                loaded = AutoModel.from_pretrained(source, local_files_only=True,
-                                                   adapter_kwargs={"local_files_only": True})
-                processor = AutoProcessor.from_pretrained(source, local_files_only=True)
+            try:  # in the local Hugging Face cache already? No network needed then.
+                loaded = AutoModel.from_pretrained(source, **cache_only_kwargs(AutoModel))
+                processor = AutoProcessor.from_pretrained(source, **cache_only_kwargs(AutoProcessor))
             except (OSError, ValueError, KeyError):
                 if not hub_reachable():  # one TCP connect instead of the Hub client's retries (~45 s)
                     raise OSError("not in the local cache and the Hugging Face Hub is unreachable") from None
