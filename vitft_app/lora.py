@@ -30,8 +30,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,23 +177,6 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: str | None, f
     return LoraSetup(peft_model, names, rank, alpha)
 
 
-def _save_atomically(write: Any, dest: Path) -> None:
-    """``write(tmp_folder)``, then swap the folder into ``dest`` (as ``runs.save_model_atomically``)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    os.chmod(tmp, 0o755)
-    old = dest.with_name(f".{dest.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def lora_copy(setup: LoraSetup, scored: nn.Module | None = None) -> Any:
     """A CPU copy of the ``PeftModel`` holding ``scored``'s weights (the live model is untouched,
     so training continues while the copy is saved or merged).
@@ -225,14 +206,15 @@ def save_best_model(scored: nn.Module, processor: Any, run_dir: str | os.PathLik
         run_dir: the run folder.
         lora: the :class:`LoraSetup`, or None for full fine-tuning.
     """
-    from .runs import save_model_atomically
+    from .runs import save_folder_atomically, save_model_atomically
 
     run_dir = Path(run_dir)
     if lora is None:
         save_model_atomically(scored, processor, run_dir / "model")
         return
     clone = lora_copy(lora, scored)
-    _save_atomically(clone.save_pretrained, run_dir / ADAPTER_DIR)  # before merging: merging removes the adapters
+    # before merging: merging removes the adapters
+    save_folder_atomically(clone.save_pretrained, run_dir / ADAPTER_DIR, "the LoRA adapter")
     save_model_atomically(clone.merge_and_unload(), processor, run_dir / "model")
 
 

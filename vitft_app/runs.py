@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 
@@ -66,26 +66,33 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-def save_model_atomically(model: Any, processor: Any, dest: str | os.PathLike) -> None:
-    """``save_pretrained`` the model and processor into a temp folder, then swap it into ``dest``.
+def save_folder_atomically(write: Callable[[Path], Any], dest: str | os.PathLike, what: str = "the best model") -> None:
+    """``write(tmp_folder)`` into a temp folder beside ``dest``, then swap it into ``dest``.
 
     The previous ``dest`` is renamed aside and deleted only after the new folder is in place, so
-    at every moment either the old or the new complete model exists (:func:`model_dir` finds the
+    at every moment either the old or the new complete folder exists (:func:`model_dir` finds the
     aside copy if a crash hit between the two renames).
+
+    Args:
+        write: fills the folder it is given (e.g. a ``save_pretrained``).
+        dest: the folder to replace.
+        what: names the folder in a disk-full message.
+
+    Raises:
+        OSError: as :func:`disk_full_error` when the disk is full; other errors of ``write``.
     """
     dest = Path(dest)
 
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     except OSError as exc:
-        raise disk_full_error(exc, "the best model", dest.parent) from exc
+        raise disk_full_error(exc, what, dest.parent) from exc
     try:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+        write(tmp)
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)  # the previous best model is untouched
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous folder is untouched
         if isinstance(exc, OSError):
-            raise disk_full_error(exc, "the best model", dest.parent) from exc
+            raise disk_full_error(exc, what, dest.parent) from exc
         raise
     os.chmod(tmp, 0o755)  # mkdtemp creates 0700
     old = dest.with_name(f".{dest.name}.old")
@@ -94,6 +101,17 @@ def save_model_atomically(model: Any, processor: Any, dest: str | os.PathLike) -
         os.replace(dest, old)
     os.replace(tmp, dest)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_model_atomically(model: Any, processor: Any, dest: str | os.PathLike) -> None:
+    """``save_pretrained`` the model and processor, swapped into ``dest`` by
+    :func:`save_folder_atomically` (the old or the new complete model exists at every moment)."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+
+    save_folder_atomically(write, dest)
 
 
 def is_model_folder(path: str | os.PathLike) -> bool:
