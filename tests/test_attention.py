@@ -36,6 +36,65 @@ def test_switching_changes_every_layer_and_computes_the_same_logits(tiny_vit):
     torch.testing.assert_close(out.logits, sdpa_logits, atol=1e-5, rtol=1e-5)
 
 
+def _grads(model, x, autocast: bool):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(pixel_values=x, output_attentions=True)
+    out.logits.float().sum().backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_vitft_eager_computes_transformers_eager_attention_and_its_gradients(tiny_vit):
+    # the kernel `auto` may pick must compute what the library's eager kernel computes: exactly
+    # (to float32 rounding) in fp32, and to bf16 rounding under autocast
+    model = build_model(str(tiny_vit), ["a", "b"]).model.train()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    results = {}
+    for kernel in ("eager", "vitft_eager"):
+        set_attention(model, kernel)
+        results[kernel] = (_grads(model, x, autocast=False), _grads(model, x, autocast=True))
+    (eager32, eager_grads32), (eager16, eager_grads16) = results["eager"]
+    (ours32, ours_grads32), (ours16, ours_grads16) = results["vitft_eager"]
+    torch.testing.assert_close(ours32.logits, eager32.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours32.attentions[0], eager32.attentions[0], atol=1e-6, rtol=1e-5)
+    for name, grad in eager_grads32.items():
+        torch.testing.assert_close(ours_grads32[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    # bf16: the probabilities come out in bf16 from both kernels; logits and gradients agree to
+    # bf16 precision (8 bits of mantissa)
+    assert ours16.attentions[0].dtype == eager16.attentions[0].dtype == torch.bfloat16
+    torch.testing.assert_close(ours16.logits.float(), eager16.logits.float(), atol=3e-2, rtol=3e-2)
+    # (over all weights at once: some, such as the key bias, have a gradient of zero in exact
+    # arithmetic, so their own relative error is rounding noise over noise)
+    ours_flat = torch.cat([ours_grads16[name].flatten() for name in eager_grads16])
+    eager_flat = torch.cat([grad.flatten() for grad in eager_grads16.values()])
+    assert (ours_flat - eager_flat).norm() / eager_flat.norm() < 0.02
+
+
+def test_vitft_eager_masks_and_hands_what_it_does_not_implement_to_sdpa():
+    from vitft_app.attention import vitft_eager_attention
+
+    class Layer(torch.nn.Module):
+        is_causal = False
+
+    layer = Layer().eval()
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 5, 8, generator=g) for _ in range(3))
+    keep = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    keep[..., -1] = False  # nobody attends to the last token
+    out, probs = vitft_eager_attention(layer, q, k, v, keep)
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    torch.testing.assert_close(out, reference.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    assert probs[..., -1].abs().max() == 0
+    additive = torch.zeros(2, 1, 5, 5).masked_fill(~keep, float("-inf"))
+    torch.testing.assert_close(vitft_eager_attention(layer, q, k, v, additive)[0], out, atol=1e-6, rtol=1e-6)
+    # a causal layer without an explicit mask goes to transformers' SDPA kernel (no probabilities)
+    layer.is_causal = True
+    out, probs = vitft_eager_attention(layer, q, k, v, None)
+    assert probs is None
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+                               .transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
 def test_a_model_that_cannot_switch_is_detected_and_forcing_it_is_refused():
     class Plain(torch.nn.Module):
         config = type("Config", (), {"_attn_implementation": "sdpa"})()
@@ -60,15 +119,15 @@ def _run_trial(model, durations: dict[str, list[float]], monkeypatch) -> tuple[A
     return trial, kernels
 
 
-@pytest.mark.parametrize("eager_s, expected", [(0.5, "eager"), (0.95, "sdpa"), (1.5, "sdpa")])
-def test_trial_alternates_times_and_keeps_sdpa_unless_eager_is_clearly_faster(tiny_vit, monkeypatch, eager_s,
-                                                                                expected):
+@pytest.mark.parametrize("eager_s, expected", [(0.5, "vitft_eager"), (0.95, "sdpa"), (1.5, "sdpa")])
+def test_trial_alternates_times_and_keeps_sdpa_unless_vitft_eager_is_clearly_faster(tiny_vit, monkeypatch, eager_s,
+                                                                                      expected):
     model = _tiny(tiny_vit)
-    # warmup round is slow for both and must be ignored; one interrupted eager micro-batch too
-    trial, kernels = _run_trial(model, {"sdpa": [9.0, 1.0, 1.1, 1.0], "eager": [9.0, eager_s, 7.0, eager_s]},
+    # warmup round is slow for both and must be ignored; one interrupted vitft_eager micro-batch too
+    trial, kernels = _run_trial(model, {"sdpa": [9.0, 1.0, 1.1, 1.0], "vitft_eager": [9.0, eager_s, 7.0, eager_s]},
                                 monkeypatch)
-    assert kernels == ["sdpa", "eager"] * 4
-    assert trial.best() == pytest.approx({"sdpa": 1.0, "eager": eager_s})
+    assert kernels == ["sdpa", "vitft_eager"] * 4
+    assert trial.best() == pytest.approx({"sdpa": 1.0, "vitft_eager": eager_s})
     assert trial.decide() == expected == current_attention(model)
     assert "sdpa 1000 ms" in trial.describe()
 
@@ -80,8 +139,8 @@ def test_a_micro_batch_without_images_advances_the_schedule_but_is_not_timed(tin
     trial.end(valid=False)  # sdpa slot: every file of the batch failed
     trial.begin()
     assert trial.end() and trial.done
-    assert set(trial.best()) == {"eager"}
-    assert not trial.faster_is_eager() and trial.decide() == "sdpa"  # one kernel untimed: keep the default
+    assert set(trial.best()) == {"vitft_eager"}
+    assert not trial.alternative_is_faster() and trial.decide() == "sdpa"  # one kernel untimed: keep the default
 
 
 def test_train_times_the_first_micro_batches_keeps_the_kernel_on_resume_and_saves_a_default_model(
@@ -89,8 +148,8 @@ def test_train_times_the_first_micro_batches_keeps_the_kernel_on_resume_and_save
 ):
     from transformers import AutoModelForImageClassification
 
-    # eager measured clearly faster: the run switches to it after 8 micro-batches and says so
-    monkeypatch.setattr(AttentionTrial, "faster_is_eager", lambda self: True)
+    # vitft_eager measured clearly faster: the run switches to it after 8 micro-batches and says so
+    monkeypatch.setattr(AttentionTrial, "alternative_is_faster", lambda self: True)
     used: list[str] = []
     original_begin = AttentionTrial.begin
 
@@ -113,20 +172,20 @@ def test_train_times_the_first_micro_batches_keeps_the_kernel_on_resume_and_save
 
     result = train(config, run_dir, on_event, stop_event=stop, device="cpu")
     assert result.status == "stopped"
-    assert used == ["sdpa", "eager"] * 4  # only the first 8 micro-batches are part of the trial
+    assert used == ["sdpa", "vitft_eager"] * 4  # only the first 8 micro-batches are part of the trial
     notes = next(e for e in events if isinstance(e, RunStarted)).notes
     assert any(n.startswith("attention: auto (the first 8 micro-batches") for n in notes), notes
     kept = [e.text for e in events if isinstance(e, LogMessage) and e.text.startswith("attention:")]
-    assert len(kept) == 1 and kept[0].startswith("attention: eager kept (best forward + backward")
-    assert load_checkpoint(run_dir)["loop"]["attention"] == "eager"
+    assert len(kept) == 1 and kept[0].startswith("attention: vitft_eager kept (best forward + backward")
+    assert load_checkpoint(run_dir)["loop"]["attention"] == "vitft_eager"
 
-    # the resumed run keeps eager without a new trial
+    # the resumed run keeps vitft_eager without a new trial
     used.clear()
     resumed = []
     recorder = RunRecorder(run_dir)
     assert resume_run(run_dir, lambda e: (resumed.append(e), recorder(e)), device="cpu").status == "completed"
     assert used == []
-    assert "attention: eager (chosen when the run started)" in next(e for e in resumed if isinstance(e, RunStarted)).notes
+    assert "attention: vitft_eager (chosen when the run started)" in next(e for e in resumed if isinstance(e, RunStarted)).notes
 
     # the saved model loads with the library's default kernel
     assert AutoModelForImageClassification.from_pretrained(run_dir / "model").config._attn_implementation == "sdpa"
@@ -183,7 +242,7 @@ def test_a_cached_linear_probe_has_no_attention_to_time(tmp_path, digits_small, 
 
 
 def test_an_epochs_short_last_micro_batch_is_not_compared(tmp_path, digits_small, tiny_vit, monkeypatch):
-    # 48 images at batch 20: 20, 20, 8. The 8-image micro-batch (an eager slot) would look 2.5x
+    # 48 images at batch 20: 20, 20, 8. The 8-image micro-batch (a vitft_eager slot) would look 2.5x
     # faster; it must not be recorded.
     recorded: list[bool] = []
     original_end = AttentionTrial.end
@@ -202,13 +261,14 @@ def test_validation_runs_sdpa_and_training_goes_back_to_its_kernel(tmp_path, dig
     from vitft_app.attention import evaluation_attention
 
     model = _tiny(tiny_vit)
-    set_attention(model, "eager")
+    set_attention(model, "vitft_eager")
     with pytest.raises(RuntimeError, match="boom"), evaluation_attention(model):
         assert current_attention(model) == "sdpa"
         raise RuntimeError("boom")
-    assert current_attention(model) == "eager"  # restored on every exit path
+    assert current_attention(model) == "vitft_eager"  # restored on every exit path
 
-    # a run that trains with eager: each validation sees SDPA, and the model is eager again after it
+    # a run that trains with vitft_eager: each validation sees SDPA, and the model is back on
+    # vitft_eager after it
     seen: list[tuple[str, torch.nn.Module]] = []
     original_evaluate = training.loop.evaluate  # the loop's validation (vitft_app/training/loop.py)
 
@@ -217,15 +277,15 @@ def test_validation_runs_sdpa_and_training_goes_back_to_its_kernel(tmp_path, dig
         return original_evaluate(model, *args, **kwargs)
 
     monkeypatch.setattr(training.loop, "evaluate", recording_evaluate)
-    monkeypatch.setattr(AttentionTrial, "faster_is_eager", lambda self: True)  # the trial keeps eager
+    monkeypatch.setattr(AttentionTrial, "alternative_is_faster", lambda self: True)  # the trial keeps vitft_eager
     config = TrainConfig(data_dir=str(digits_small), model=str(tiny_vit), epochs=2, batch_size=8, precision="fp32",
                          augment="none", output_dir=str(tmp_path / "runs"))
     run_dir = RunStore(config.output_dir).create_run(config)
     events = []
     assert train(config, run_dir, events.append, device="cpu").status == "completed"
-    assert any(isinstance(e, LogMessage) and e.text.startswith("attention: eager kept") for e in events)
+    assert any(isinstance(e, LogMessage) and e.text.startswith("attention: vitft_eager kept") for e in events)
     assert [kernel for kernel, _ in seen] == ["sdpa", "sdpa"]
-    assert current_attention(seen[-1][1]) == "eager"
+    assert current_attention(seen[-1][1]) == "vitft_eager"
     # a forced kernel is what the user asked for: validation uses it too
     seen.clear()
     forced = TrainConfig(**{**config.to_dict(), "attention": "eager", "epochs": 1})

@@ -89,6 +89,7 @@ def test_plan_attention_choice(tiny_vit):
     assert plan_for(tiny_vit, attention="eager").attention_reason == "attention: eager (as requested)"
     auto = plan_for(tiny_vit, freeze_depth=1, augment="basic")
     assert auto.attention_trial and auto.attention is None and auto.attention_reason.startswith("attention: auto")
+    assert "alternate sdpa and vitft_eager" in auto.attention_reason
     resumed = plan_for(tiny_vit, resumed="eager")
     assert resumed.attention == "eager" and not resumed.attention_trial
     assert resumed.attention_reason == "attention: eager (chosen when the run started)"

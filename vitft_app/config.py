@@ -24,7 +24,7 @@ Optimizer = Literal["adamw", "sgd"]
 Scheduler = Literal["cosine", "linear", "constant"]
 ClassWeights = Literal["none", "balanced"]
 Preset = Literal["quick", "balanced", "best"]
-Attention = Literal["auto", "sdpa", "eager"]
+Attention = Literal["auto", "sdpa", "vitft_eager", "eager"]
 
 from .scratch import SCRATCH_MODELS
 
@@ -134,7 +134,7 @@ class TrainConfig:
     """auto picks bf16 autocast where the device supports it, else fp32; fp16 needs CUDA. Weights stay fp32."""
 
     attention: Attention = field(default="auto", metadata={"section": "system", "label": "Attention kernel"})
-    """Attention kernel: auto alternates sdpa and eager over the first 8 training micro-batches and keeps eager only if at least 10% faster (speed only); or force one."""
+    """Attention kernel: auto alternates sdpa and vitft_eager (matmul + softmax in the compute dtype) over the first 8 training micro-batches and keeps vitft_eager only if at least 10% faster (speed only); or force one (eager: transformers' own matmul + softmax kernel)."""
 
     augment: Augment = field(
         default="basic",

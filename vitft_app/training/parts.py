@@ -181,8 +181,8 @@ class AttentionChoice(Part):
             self._decide(loop)  # an epoch shorter than the trial: decide with what was timed
 
     def _decide(self, loop: Any) -> None:
-        eager = loop.dist.any(self.trial.faster_is_eager(), loop.device)
-        self.use(self.trial.decide(eager))
+        alternative = loop.dist.any(self.trial.alternative_is_faster(), loop.device)
+        self.use(self.trial.decide(alternative))
         loop.emit(LogMessage(f"attention: {loop.state.attention} kept ({self.trial.describe()})"))
 
 

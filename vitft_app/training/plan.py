@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..attention import AttentionTrial, can_switch_attention, current_attention
+from ..attention import CANDIDATES, AttentionTrial, can_switch_attention, current_attention
 from ..config import TrainConfig
 from ..data import DatasetReport
 from ..device import DevicePlan
@@ -39,7 +39,7 @@ class TrainPlan:
         feature_cache_val: validation runs the trainable suffix on the frozen prefix's stored
             outputs (:mod:`vitft_app.feature_cache`).
         feature_cache_train: training does too (nothing random touches the pixels).
-        attention: the kernel to set at the start (``"sdpa"``/``"eager"``), or None to keep the
+        attention: the kernel to set at the start (``"sdpa"``/``"vitft_eager"``/``"eager"``), or None to keep the
             model's (an attention trial sets it, or the kernel cannot be switched).
         attention_trial: time the first micro-batches with each kernel and keep the faster.
         reasons: one line per decision, for ``train.log`` (device, caches, attention).
@@ -104,8 +104,8 @@ def _attention_decision(config: TrainConfig, model: nn.Module, resumed_attention
                              " runs in training, nothing to time)")
     if can_switch_attention(model):
         rounds = len(AttentionTrial(model, device.device).schedule)  # nothing runs: reads the schedule
-        return None, True, (f"attention: auto (the first {rounds} micro-batches alternate sdpa and eager; the faster"
-                            " is kept)")
+        return None, True, (f"attention: auto (the first {rounds} micro-batches alternate sdpa and"
+                            f" {CANDIDATES[1]}; the faster is kept)")
     return None, False, f"attention: {current_attention(model)} (this model's kernel cannot be switched)"
 
 
