@@ -111,6 +111,15 @@ def _restore_package_logger():
     package.propagate = propagate
 
 
+@pytest.fixture(autouse=True)
+def _own_attention_memory(tmp_path, monkeypatch):
+    """Each test starts with no remembered attention decision (``vitft_app.attention.recall``): a
+    trial one test recorded must not skip another test's trial."""
+    from vitft_app import attention
+
+    monkeypatch.setattr(attention, "memory_file", lambda: tmp_path / "attention-memory.json")
+
+
 @pytest.fixture
 def vitft_here(monkeypatch, capsys):
     """``vitft ARGS`` through ``cli.main`` in this process, as ``run(*args, cwd=DIR)``: returns what

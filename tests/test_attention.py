@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -297,3 +298,58 @@ def test_validation_runs_sdpa_and_training_goes_back_to_its_kernel(tmp_path, dig
     for phase in ("set-up", "training first epoch", "training later epochs", "validation", "saving best model",
                   "checkpoints"):
         assert f"{phase} " in timing[0], timing
+
+
+def test_a_trials_decision_is_remembered_for_the_same_shape_and_measured_again_otherwise(
+    tmp_path, digits_small, tiny_vit, monkeypatch
+):
+    from vitft_app.attention import MEMORY_DAYS, memory_file, recall
+    from vitft_app.training import EngineOptions
+
+    monkeypatch.setattr(AttentionTrial, "alternative_is_faster", lambda self: True)
+    trials: list[int] = []
+    original_init = AttentionTrial.__init__
+    monkeypatch.setattr(AttentionTrial, "__init__", lambda self, *a, **k: (trials.append(1), original_init(self, *a, **k))[1])
+    config = TrainConfig(data_dir=str(digits_small), model=str(tiny_vit), epochs=1, batch_size=8, precision="fp32",
+                         augment="none", output_dir=str(tmp_path / "runs"))
+
+    def run(config, options=None):
+        trials.clear()
+        events = []
+        assert train(config, RunStore(config.output_dir).create_run(config), events.append, device="cpu",
+                     options=options).status == "completed"
+        notes = next(e for e in events if isinstance(e, RunStarted)).notes
+        return next(n for n in notes if n.startswith("attention:")), events, notes
+
+    # 1. no memory: the trial runs, keeps vitft_eager, and the decision is written (JSON data)
+    line, events, _ = run(config)
+    assert line.startswith("attention: auto (the first 8 micro-batches") and trials
+    assert any(isinstance(e, LogMessage) and e.text.startswith("attention: vitft_eager kept") for e in events)
+    data = json.loads(memory_file().read_text())
+    (key, entry), = data["entries"].items()
+    assert entry["kernel"] == "vitft_eager" and set(entry["best_ms"]) == {"sdpa", "vitft_eager"}
+    assert json.loads(key)["batch_size"] == 8 and json.loads(key)["precision"] == "fp32"
+
+    # 2. the same shape again: no trial, the remembered kernel from the first step, and the log says so
+    line, events, _ = run(config)
+    assert trials == []  # no AttentionTrial was even built
+    assert not any(isinstance(e, LogMessage) and e.text.startswith("attention: vitft_eager kept") for e in events)
+    assert line.startswith("attention: vitft_eager (this machine's trial of ") and "sdpa " in line, line
+    assert f"measured again after {MEMORY_DAYS} days" in line
+
+    # 3. another micro-batch size is another shape: a new trial
+    line, _, _ = run(TrainConfig(**{**config.to_dict(), "batch_size": 6}))
+    assert line.startswith("attention: auto")
+    assert len(json.loads(memory_file().read_text())["entries"]) == 2
+
+    # 4. a decision older than MEMORY_DAYS, or a damaged file, means a new trial (never an error)
+    assert recall(key, now=entry["measured"] + (MEMORY_DAYS + 1) * 86400) is None
+    memory_file().write_text("{not json")
+    line, _, _ = run(config)
+    assert line.startswith("attention: auto")
+    assert len(json.loads(memory_file().read_text())["entries"]) == 1  # rewritten
+
+    # 5. the engine option off: always a trial, nothing read
+    line, _, notes = run(config, EngineOptions(attention_memory=False))
+    assert line.startswith("attention: auto") and trials
+    assert any("attention memory off" in n for n in notes), notes

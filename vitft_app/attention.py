@@ -35,7 +35,12 @@ Reference: the transformers attention-interface docs
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import platform
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -44,7 +49,8 @@ from torch import nn
 from .config import Attention
 
 __all__ = ["Attention", "AttentionTrial", "VITFT_EAGER", "can_switch_attention", "current_attention",
-           "evaluation_attention", "set_attention", "vitft_eager_attention"]
+           "evaluation_attention", "memory_file", "memory_key", "recall", "remember", "set_attention",
+           "vitft_eager_attention"]
 
 #: The name :func:`vitft_eager_attention` is registered under in transformers' ``AttentionInterface``.
 VITFT_EAGER = "vitft_eager"
@@ -188,6 +194,122 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+# ------------------------------------------------------------------------------------------------
+# Remembered decisions: a trial's result per machine, software and model shape
+# ------------------------------------------------------------------------------------------------
+
+#: A remembered decision older than this is measured again (a new trial).
+MEMORY_DAYS = 30
+#: Entries kept in the memory file (the most recent).
+MEMORY_ENTRIES = 200
+
+
+def memory_file() -> Path:
+    """The remembered trial results: ``<VITFT_HOME>/cache/attention.json`` (JSON data only)."""
+    from .data import default_home
+
+    return default_home() / "cache" / "attention.json"
+
+
+def _processor_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def memory_key(model: nn.Module, device: torch.device, precision: str, shape: dict[str, Any]) -> str:
+    """What a trial's result depends on, as one string: the machine (processor, cores, torch
+    threads or GPU name), torch and transformers versions, the model (class, parameters, attention
+    width) and the run's shape (``shape``: micro-batch, input size, frozen blocks, ... as the
+    caller lists them) and precision.
+
+    Args:
+        model: the model before freezing (its class and size).
+        device: where it trains.
+        precision: the resolved precision (``"bf16"``, ``"fp16"``, ``"fp32"``).
+        shape: JSON-serializable settings that change the compute of a training step.
+    """
+    import transformers
+
+    if device.type == "cuda":
+        machine: dict[str, Any] = {"gpu": torch.cuda.get_device_name(device)}
+    else:
+        machine = {"cpu": _processor_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads()}
+    config = getattr(model, "config", None)
+    width = {name: getattr(config, name, None) for name in ("hidden_size", "num_attention_heads", "image_size",
+                                                             "patch_size")}
+    key = {"device": device.type, **machine, "torch": torch.__version__, "transformers": transformers.__version__,
+           "model": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()), **width,
+           "precision": precision, **shape}
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+def _read_memory() -> dict[str, Any]:
+    try:
+        data = json.loads(memory_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    entries = data.get("entries") if isinstance(data, dict) else None
+    return entries if isinstance(entries, dict) else {}
+
+
+def recall(key: str, now: float | None = None) -> dict[str, Any] | None:
+    """The remembered decision for ``key``: ``{"kernel", "best_ms", "measured"}`` (seconds since
+    the epoch), or None when there is none, it is older than :data:`MEMORY_DAYS`, or the file is
+    missing or unreadable (a damaged file only means a new trial)."""
+    entry = _read_memory().get(key)
+    now = time.time() if now is None else now
+    if not isinstance(entry, dict) or entry.get("kernel") not in CANDIDATES:
+        return None
+    measured, best = entry.get("measured"), entry.get("best_ms")
+    if not isinstance(measured, (int, float)) or not 0 <= now - measured <= MEMORY_DAYS * 86400:
+        return None
+    if not isinstance(best, dict) or not all(isinstance(v, (int, float)) for v in best.values()):
+        return None
+    return entry
+
+
+def remember(key: str, kernel: str, best_s: dict[str, float], now: float | None = None) -> None:
+    """Stores a trial's decision (atomically: a temporary file, then a rename). Failing to write
+    (read-only home, full disk) changes nothing but the next run's trial.
+
+    Args:
+        key: from :func:`memory_key`.
+        kernel: the kernel the trial kept.
+        best_s: the best forward + backward seconds per kernel (:meth:`AttentionTrial.best`).
+    """
+    entries = _read_memory()
+    entries.pop(key, None)
+    entries[key] = {"kernel": kernel, "best_ms": {k: round(1000 * v, 1) for k, v in best_s.items()},
+                    "measured": time.time() if now is None else now}
+    entries = dict(list(entries.items())[-MEMORY_ENTRIES:])
+    path = memory_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".attention-", suffix=".json")
+        try:
+            with os.fdopen(handle, "w") as out:
+                json.dump({"version": 1, "entries": entries}, out, indent=1)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError:
+        pass
+
+
+def describe_recalled(entry: dict[str, Any]) -> str:
+    """E.g. ``this machine's trial of 2026-12-02 for the same model, shape and precision: sdpa
+    1213 ms, vitft_eager 1004 ms``."""
+    date = time.strftime("%Y-%m-%d", time.localtime(entry["measured"]))
+    timings = ", ".join(f"{name} {ms:.0f} ms" for name, ms in entry["best_ms"].items())
+    return f"this machine's trial of {date} for the same model, shape and precision: {timings}"
 
 
 class AttentionTrial:

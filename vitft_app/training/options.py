@@ -32,12 +32,17 @@ class EngineOptions:
             worker processes share only the disk tier).
         progress_interval_s: seconds between two ``StepProgress`` events (the live view polls
             once a second; 0 sends one per optimizer step).
+        attention_memory: with ``attention="auto"``, remember the attention trial's decision per
+            machine, software and model shape in ``<VITFT_HOME>/cache/attention.json`` and skip
+            the trial when a decision younger than 30 days exists
+            (:func:`vitft_app.attention.recall`).
     """
 
     feature_cache: bool = True
     decode_cache: bool = True
     decode_cache_budget_bytes: int = DEFAULT_DECODE_CACHE_BUDGET_BYTES
     progress_interval_s: float = 1.0
+    attention_memory: bool = True
 
     def __post_init__(self) -> None:
         if self.decode_cache_budget_bytes < 0:
@@ -47,8 +52,9 @@ class EngineOptions:
 
     def describe(self) -> str:
         """One line for ``train.log``, e.g. ``engine options: feature cache on, decode cache on
-        (memory tier 2048 MiB), progress every 1 s``."""
+        (memory tier 2048 MiB), attention memory on, progress every 1 s``."""
         onoff = lambda flag: "on" if flag else "off"  # noqa: E731
         tier = f" (memory tier {self.decode_cache_budget_bytes / 2**20:.0f} MiB)" if self.decode_cache else ""
         return (f"engine options: feature cache {onoff(self.feature_cache)}, decode cache"
-                f" {onoff(self.decode_cache)}{tier}, progress every {self.progress_interval_s:g} s")
+                f" {onoff(self.decode_cache)}{tier}, attention memory {onoff(self.attention_memory)},"
+                f" progress every {self.progress_interval_s:g} s")

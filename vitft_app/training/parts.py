@@ -25,7 +25,7 @@ from typing import Any, ContextManager
 import torch
 from torch import nn
 
-from ..attention import AttentionTrial, set_attention
+from ..attention import CANDIDATES, AttentionTrial, remember, set_attention
 from ..augment import PatchDropout
 from ..events import LogMessage
 from ..modeling import count_parameters, freeze_layers
@@ -161,10 +161,12 @@ class AttentionChoice(Part):
     Args:
         trial: the trial on the model being trained.
         use: sets a kernel on the model and its copies and records it in the loop state.
+        memory_key: where to remember the decision for later runs
+            (:func:`vitft_app.attention.remember`; only when both kernels were timed), or None.
     """
 
-    def __init__(self, trial: AttentionTrial, use: Any) -> None:
-        self.trial, self.use, self._timing = trial, use, False
+    def __init__(self, trial: AttentionTrial, use: Any, memory_key: str | None = None) -> None:
+        self.trial, self.use, self.memory_key, self._timing = trial, use, memory_key, False
 
     def before_micro_batch(self, loop: Any) -> None:
         self._timing = not self.trial.done
@@ -182,7 +184,10 @@ class AttentionChoice(Part):
 
     def _decide(self, loop: Any) -> None:
         alternative = loop.dist.any(self.trial.alternative_is_faster(), loop.device)
-        self.use(self.trial.decide(alternative))
+        kernel = self.trial.decide(alternative)
+        self.use(kernel)
+        if self.memory_key is not None and len(self.trial.best()) == len(CANDIDATES):
+            remember(self.memory_key, kernel, self.trial.best())
         loop.emit(LogMessage(f"attention: {loop.state.attention} kept ({self.trial.describe()})"))
 
 

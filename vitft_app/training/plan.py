@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..attention import CANDIDATES, AttentionTrial, can_switch_attention, current_attention
+from ..attention import (CANDIDATES, MEMORY_DAYS, AttentionTrial, can_switch_attention, current_attention,
+                         describe_recalled, memory_key, recall)
 from ..config import TrainConfig
 from ..data import DatasetReport
 from ..device import DevicePlan
@@ -42,6 +43,9 @@ class TrainPlan:
         attention: the kernel to set at the start (``"sdpa"``/``"vitft_eager"``/``"eager"``), or None to keep the
             model's (an attention trial sets it, or the kernel cannot be switched).
         attention_trial: time the first micro-batches with each kernel and keep the faster.
+        attention_memory: the key (:func:`vitft_app.attention.memory_key`) under which the
+            trial's decision is remembered for later runs, or None (no trial, or the engine
+            option is off, or a data-parallel run or ``--batch-size auto``).
         reasons: one line per decision, for ``train.log`` (device, caches, attention).
     """
 
@@ -55,6 +59,7 @@ class TrainPlan:
     attention: str | None
     attention_trial: bool
     reasons: tuple[str, ...]
+    attention_memory: str | None = None
 
     @property
     def attention_reason(self) -> str:
@@ -91,22 +96,39 @@ def _feature_cache_decision(config: TrainConfig, model: nn.Module, options: Engi
                         " nothing random touches the pixels)")
 
 
+def trial_shape(config: TrainConfig) -> dict[str, object]:
+    """The settings that change what a training step computes, for the attention memory key."""
+    return {"batch_size": config.batch_size, "image_size": config.image_size, "freeze_depth": config.freeze_depth,
+            "lora_rank": config.lora_rank, "patch_dropout": config.patch_dropout,
+            "distillation": config.distill_weight > 0, "gradual_unfreeze": config.gradual_unfreeze}
+
+
 def _attention_decision(config: TrainConfig, model: nn.Module, resumed_attention: str | None,
-                        linear_probe_cached: bool, device: DevicePlan) -> tuple[str | None, bool, str]:
-    """``(kernel to set or None, trial?, reason)``: forced, kept from the checkpoint, or (auto)
-    chosen by timing the first training micro-batches (:class:`vitft_app.attention.AttentionTrial`)."""
+                        linear_probe_cached: bool, device: DevicePlan, options: EngineOptions,
+                        dist_ctx: DistContext) -> tuple[str | None, bool, str, str | None]:
+    """``(kernel to set or None, trial?, reason, memory key or None)``: forced, kept from the
+    checkpoint, or (auto) remembered from this machine's trial for the same shape
+    (:func:`vitft_app.attention.recall`), or chosen by timing the first training micro-batches
+    (:class:`vitft_app.attention.AttentionTrial`)."""
     if resumed_attention is not None and config.attention in ("auto", resumed_attention):
-        return resumed_attention, False, f"attention: {resumed_attention} (chosen when the run started)"
+        return resumed_attention, False, f"attention: {resumed_attention} (chosen when the run started)", None
     if config.attention != "auto":
-        return config.attention, False, f"attention: {config.attention} (as requested)"
+        return config.attention, False, f"attention: {config.attention} (as requested)", None
     if linear_probe_cached:
         return None, False, (f"attention: {current_attention(model)} (linear probe on cached features: no attention"
-                             " runs in training, nothing to time)")
-    if can_switch_attention(model):
-        rounds = len(AttentionTrial(model, device.device).schedule)  # nothing runs: reads the schedule
-        return None, True, (f"attention: auto (the first {rounds} micro-batches alternate sdpa and"
-                            f" {CANDIDATES[1]}; the faster is kept)")
-    return None, False, f"attention: {current_attention(model)} (this model's kernel cannot be switched)"
+                             " runs in training, nothing to time)"), None
+    if not can_switch_attention(model):
+        return None, False, f"attention: {current_attention(model)} (this model's kernel cannot be switched)", None
+    key = None
+    if options.attention_memory and not dist_ctx.enabled and not config.auto_batch_size:
+        key = memory_key(model, device.device, device.precision, trial_shape(config))
+        entry = recall(key)
+        if entry is not None:
+            return entry["kernel"], False, (f"attention: {entry['kernel']} ({describe_recalled(entry)}; measured"
+                                            f" again after {MEMORY_DAYS} days)"), None
+    rounds = len(AttentionTrial(model, device.device).schedule)  # nothing runs: reads the schedule
+    return None, True, (f"attention: auto (the first {rounds} micro-batches alternate sdpa and"
+                        f" {CANDIDATES[1]}; the faster is kept)"), key
 
 
 def resolve_train_plan(
@@ -144,8 +166,8 @@ def resolve_train_plan(
     else:
         decode_reason = "decode cache: validation and training (no per-image randomness)"
     linear_probe_cached = train_cached and config.freeze_depth == num_blocks(model)
-    attention, trial, attention_reason = _attention_decision(config, model, resumed_attention, linear_probe_cached,
-                                                             device)
+    attention, trial, attention_reason, memory = _attention_decision(config, model, resumed_attention,
+                                                                     linear_probe_cached, device, options, dist_ctx)
     return TrainPlan(
         device=device,
         multi_label=report.multi_label,
@@ -157,4 +179,5 @@ def resolve_train_plan(
         attention=attention,
         attention_trial=trial,
         reasons=(device.reason, attention_reason, decode_reason, feature_reason),
+        attention_memory=memory,
     )

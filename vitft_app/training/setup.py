@@ -219,7 +219,7 @@ def _build_parts(config: TrainConfig, model: nn.Module, plan: TrainPlan, teacher
         use_attention(state, copies, plan.attention)
     if plan.attention_trial:
         parts.append(AttentionChoice(AttentionTrial(model, plan.device.device),
-                                     lambda kernel: use_attention(state, copies, kernel)))
+                                     lambda kernel: use_attention(state, copies, kernel), plan.attention_memory))
     return parts, ema
 
 
