@@ -25,7 +25,7 @@ from vitft_app.training import preflight, resume_run, train
 def lora_config(data, model, tmp_path, **changes) -> TrainConfig:
     values = dict(data_dir=str(data), model=str(model), epochs=2, batch_size=8, lr=3e-3, warmup_ratio=0.0,
                   augment="none", precision="fp32", log_every_steps=1, output_dir=str(tmp_path / "runs"),
-                  lora_rank=4, lora_alpha=8)
+                  lora_rank=4, lora_alpha=8, attention="sdpa")  # runs compared for exactness: one kernel (test_recipe)
     values.update(changes)
     return TrainConfig(**values)
 
