@@ -108,10 +108,10 @@ def start_tiny_run(page, tiny_vit, epochs: int) -> None:
 
     page.get_by_role("tab", name="Train").click()
     choose_model(page, str(tiny_vit))
-    expect(page.locator("#param-count")).to_contain_text("2 encoder blocks", timeout=30_000)
+    expect(page.locator("#param-count")).to_contain_text("2 encoder blocks", timeout=120_000)
     page.locator("#epochs input").fill(str(epochs))
     page.locator("#start-button").click()
-    expect(page.locator("#train-message")).to_contain_text("Started run", timeout=30_000)
+    expect(page.locator("#train-message")).to_contain_text("Started run", timeout=120_000)
 
 
 def test_train_on_the_example_then_predict(app_url, page):
@@ -123,9 +123,9 @@ def test_train_on_the_example_then_predict(app_url, page):
 
     # Train tab: a tiny model for one epoch.
     page.get_by_role("tab", name="Train").click()
-    expect(page.locator("#param-count")).to_contain_text("4 stages", timeout=30_000)  # pvt-v2-b0-scratch, the offline default (a hierarchical model)
+    expect(page.locator("#param-count")).to_contain_text("4 stages", timeout=120_000)  # pvt-v2-b0-scratch, the offline default (a hierarchical model)
     choose_model(page, "google/vit-base-patch16-224")  # not cached, Hub unreachable
-    expect(page.locator("#param-count")).to_contain_text("cannot be reached", timeout=30_000)
+    expect(page.locator("#param-count")).to_contain_text("cannot be reached", timeout=120_000)
     expect(page.locator("#param-count")).to_contain_text("vit-tiny-scratch")
     start_tiny_run(page, tiny_vit, epochs=1)
     expect(page.locator("#train-status")).to_contain_text("completed", timeout=300_000)
@@ -136,7 +136,7 @@ def test_train_on_the_example_then_predict(app_url, page):
 
     # Predict tab: the new run is chosen, an uploaded digit gets a label.
     page.get_by_role("tab", name="Predict").click()
-    expect(page.locator("#predict-run input")).to_have_value(re.compile("tiny-vit"), timeout=30_000)
+    expect(page.locator("#predict-run input")).to_have_value(re.compile("tiny-vit"), timeout=120_000)
     example = sorted((home / "datasets" / "mnist-digits" / "7").glob("*.png"))[0]
     page.locator("#predict-files input[type=file]").set_input_files(str(example))
     label = page.locator(".predict-label").first
@@ -158,13 +158,13 @@ def test_busy_and_stop_in_the_browser(app_url, page):
     start_tiny_run(page, tiny_vit, epochs=100)
     expect(page.locator("#train-status")).to_contain_text("running", timeout=60_000)
     page.locator("#start-button").click()
-    expect(page.locator("#train-message")).to_contain_text("Busy", timeout=30_000)
+    expect(page.locator("#train-message")).to_contain_text("Busy", timeout=120_000)
     page.locator("#stop-button").click()
     # "Stopping…" shows until the run has stopped; the next poll clears it, so a run that stops
     # within a poll may be seen stopped directly.
     page.wait_for_function(
         "() => (document.querySelector('#train-message')?.innerText || '').includes('Stopping')"
-        " || (document.querySelector('#train-status')?.innerText || '').includes('stopped')", timeout=30_000)
+        " || (document.querySelector('#train-status')?.innerText || '').includes('stopped')", timeout=120_000)
     expect(page.locator("#train-status")).to_contain_text("stopped", timeout=60_000)
     # Resume continues the same run from its checkpoint; stop it again.
     page.locator("#resume-button").click()
@@ -180,22 +180,22 @@ def test_presets_and_augmentation_preview_in_the_browser(app_url, page):
     url, _, _ = app_url
     open_app(page, url)
     page.get_by_role("tab", name="Train").click()
-    expect(page.locator("#param-count")).to_contain_text("4 stages", timeout=30_000)  # pvt-v2-b0-scratch
+    expect(page.locator("#param-count")).to_contain_text("4 stages", timeout=120_000)  # pvt-v2-b0-scratch
     page.locator("#preset-best").click()
-    expect(page.locator("#train-message")).to_contain_text("Preset best", timeout=30_000)
+    expect(page.locator("#train-message")).to_contain_text("Preset best", timeout=120_000)
     expect(page.locator("#augment input")).to_have_value("randaugment")
     expect(page.locator("#epochs input")).to_have_value("20")
     page.get_by_text("Augmentation and regularization").click()
     expect(page.locator("#mixup input")).to_have_value("0.8")
     page.locator("#preview-button").click()
     expect(page.locator("#preview-message")).to_contain_text("augmented versions", timeout=60_000)
-    page.wait_for_function("() => document.querySelectorAll('#augment-preview img').length >= 8", timeout=30_000)
-    expect(page.locator("#augment-summary")).to_contain_text("RandAugment", timeout=30_000)
+    page.wait_for_function("() => document.querySelectorAll('#augment-preview img').length >= 8", timeout=120_000)
+    expect(page.locator("#augment-summary")).to_contain_text("RandAugment", timeout=120_000)
     page.locator("#preset-quick").click()
-    expect(page.locator("#augment input")).to_have_value("none", timeout=30_000)
+    expect(page.locator("#augment input")).to_have_value("none", timeout=120_000)
     expect(page.locator("#train-message")).to_contain_text("smoke test")
     # The preset changed the freeze depth and the augmentation: their summaries follow.
-    expect(page.locator("#param-count")).to_contain_text("linear probe", timeout=30_000)
+    expect(page.locator("#param-count")).to_contain_text("linear probe", timeout=120_000)
     expect(page.locator("#augment-summary")).to_contain_text("only resized")
 
 
@@ -237,13 +237,13 @@ def test_evaluate_tab_in_the_browser(app_url, page):
     start_tiny_run(page, tiny_vit, epochs=1)
     expect(page.locator("#train-status")).to_contain_text("completed", timeout=300_000)
     page.get_by_role("tab", name="Evaluate").click()
-    expect(page.locator("#eval-run input")).to_have_value(re.compile("tiny-vit"), timeout=30_000)
+    expect(page.locator("#eval-run input")).to_have_value(re.compile("tiny-vit"), timeout=120_000)
     page.locator("#evaluate-button").click()
     expect(page.locator("#eval-summary")).to_contain_text("macro precision", timeout=120_000)
     expect(page.locator("#eval-per-class")).to_contain_text("support")
     # Click the first count of the confusion matrix (true "0", predicted "0").
     page.locator("#eval-matrix [role=gridcell]").nth(1).click()
-    expect(page.locator("#eval-cell-caption")).to_contain_text("true 0, predicted 0", timeout=30_000)
+    expect(page.locator("#eval-cell-caption")).to_contain_text("true 0, predicted 0", timeout=120_000)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "evaluate-tab.png"), full_page=True)
 
@@ -287,7 +287,7 @@ def test_the_newcomer_path_at_1400x900(app_url, page, digits_root):
         expect(line).to_contain_text("60 train / 15 val images")
         expect(page.locator("#augment input")).to_have_value("none")  # small grayscale digits: no flips
         choose_model(page, str(tiny_vit))
-        expect(page.locator("#param-count")).to_contain_text("2 encoder blocks", timeout=30_000)
+        expect(page.locator("#param-count")).to_contain_text("2 encoder blocks", timeout=120_000)
         page.locator("#epochs input").fill("2000")
         page.locator("#batch-size input").fill("4")
         expect(page.locator("#train-status")).to_contain_text(re.compile(r"No run yet|run \d{8}-"), timeout=20_000)
@@ -345,7 +345,7 @@ def test_the_newcomer_path_at_1400x900(app_url, page, digits_root):
         page.locator("#stop-button").click()
         expect(status).to_contain_text("stopped", timeout=60_000)
         page.locator("#evaluate-this-run").click()  # switches to Evaluate, the run selected, and evaluates it
-        expect(page.locator("#eval-run input")).to_have_value(re.compile(run_dir.name), timeout=30_000)
+        expect(page.locator("#eval-run input")).to_have_value(re.compile(run_dir.name), timeout=120_000)
         summary = page.locator("#eval-summary")
         expect(summary).to_contain_text(re.compile(r"\d+ of 15 validation images right \(\d+\.\d%\)"),
                                         timeout=120_000)
@@ -354,7 +354,7 @@ def test_the_newcomer_path_at_1400x900(app_url, page, digits_root):
 
         page.get_by_role("tab", name="Train").click()
         page.locator("#try-this-run").click()
-        expect(page.locator("#predict-run input")).to_have_value(re.compile(run_dir.name), timeout=30_000)
+        expect(page.locator("#predict-run input")).to_have_value(re.compile(run_dir.name), timeout=120_000)
         page.locator("#predict-files input[type=file]").set_input_files(str(sorted((dataset / "seven").iterdir())[0]))
         result = page.locator(".predict-label").first
         expect(result).to_be_visible(timeout=60_000)
@@ -362,7 +362,7 @@ def test_the_newcomer_path_at_1400x900(app_url, page, digits_root):
         batch = page.get_by_text("Batch prediction: a folder or a zip of images").bounding_box()
         assert drop_zone["y"] < result.bounding_box()["y"] < batch["y"]  # right under the drop zone
         page.locator("#predict-files input[type=file]").set_input_files(str(sorted((dataset / "three").iterdir())[0]))
-        expect(page.locator(".predict-label")).to_have_count(1, timeout=30_000)  # a new drop replaces the old
+        expect(page.locator(".predict-label")).to_have_count(1, timeout=120_000)  # a new drop replaces the old
         result.scroll_into_view_if_needed()
         shot("8-predict")
     finally:
