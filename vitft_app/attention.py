@@ -38,7 +38,6 @@ import contextlib
 import json
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -289,17 +288,12 @@ def remember(key: str, kernel: str, best_s: dict[str, float], now: float | None 
     entries[key] = {"kernel": kernel, "best_ms": {k: round(1000 * v, 1) for k, v in best_s.items()},
                     "measured": time.time() if now is None else now}
     entries = dict(list(entries.items())[-MEMORY_ENTRIES:])
+    from .runs import atomic_write_text
+
     path = memory_file()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".attention-", suffix=".json")
-        try:
-            with os.fdopen(handle, "w") as out:
-                json.dump({"version": 1, "entries": entries}, out, indent=1)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write_text(path, json.dumps({"version": 1, "entries": entries}, indent=1))
     except OSError:
         pass
 
