@@ -290,6 +290,12 @@ def test_resume_button_continues_a_stopped_run(ctx, digits_small, tiny_vit):
     # Stop's "Stopping…" is cleared by a poll that finds the run ended; other messages are not.
     stopping = train_tab.STOPPING + " after the current step…"
     assert train_tab.poll_live(ctx, run_dir, None, stopping)[-1] == ""
+    # ... also when an earlier poll (sent before Stop's message reached the page) already took the
+    # redraw that shows "stopped": nothing changed in the folder since, and the message still clears.
+    redrawn = train_tab.poll(ctx, run_dir, None)[-1]
+    assert isinstance(redrawn, tuple)
+    values = train_tab.poll_live(ctx, run_dir, redrawn, stopping)
+    assert values[0] == gr.skip() and values[-1] == ""
     assert train_tab.poll_live(ctx, run_dir, None, "✗ some refusal")[-1] != ""
     # The Resume button's message survives the next poll, though the folder still says "stopped"
     # until the resumed thread writes.

@@ -427,11 +427,14 @@ STOPPING = "■ Stopping"
 
 
 def poll_live(ctx: Any, run_dir: str | None, last_signature: Any, message: str | None = None) -> tuple:
-    """:func:`poll` plus the message line: "Stopping…" is cleared by a redraw that finds the run
-    ended (completed, stopped, failed, interrupted); every other message stays until the next
-    button. The rule looks at the message the poll was sent with, never at the run alone: a poll
-    computed while the page still showed an ended run could otherwise land after a newer Start or
-    Resume and wipe its message (it did, under load).
+    """:func:`poll` plus the message line: "Stopping…" is cleared by any poll that finds the shown
+    run ended (completed, stopped, failed, interrupted), whether or not the run folder changed
+    since the last redraw (a poll sent just before Stop's message reached the page can take the
+    redraw that shows "stopped"; the next polls then find nothing new, and the message stayed
+    forever when clearing waited for a redraw). Every other message stays until the next button.
+    The rule looks at the message the poll was sent with, never at the run alone: a poll computed
+    while the page still showed an ended run could otherwise land after a newer Start or Resume
+    and wipe its message (it did, under load).
 
     Args:
         ctx, run_dir, last_signature: as :func:`poll`.
@@ -441,10 +444,9 @@ def poll_live(ctx: Any, run_dir: str | None, last_signature: Any, message: str |
         :func:`poll`'s values, then the message (``""`` or ``gr.skip()``).
     """
     values = poll(ctx, run_dir, last_signature)
-    new_signature = values[-1]
     stopping = (message or "").lstrip().startswith(STOPPING)
-    settled = stopping and isinstance(new_signature, tuple) and read_status(new_signature[0]).status in (
-        "completed", "stopped", "failed", "interrupted")
+    shown = shown_run(ctx, run_dir) if stopping else None
+    settled = bool(shown) and read_status(shown).status in ("completed", "stopped", "failed", "interrupted")
     return (*values, "" if settled else gr.skip())
 
 
