@@ -21,7 +21,7 @@ from conftest import save_tiny_vit
 from vitft_app.augment import create_batch_mixer, mask_patches, patch_mask, preview_augmentations
 from vitft_app.checkpoint import has_checkpoint, load_checkpoint
 from vitft_app.config import TrainConfig
-from vitft_app.events import EvalDone, LogMessage, RunFailed, RunFinished, StepLogged
+from vitft_app.events import EvalDone, LogMessage, RunFailed, RunFinished, RunStarted, StepLogged
 from vitft_app.jobs import JobRunner
 from vitft_app.modeling import build_model
 from vitft_app.optim import create_ema, create_optimizer, create_scheduler, ema_decay_at, layer_ids
@@ -631,6 +631,23 @@ def test_decode_cache_gives_the_same_run_and_cleans_up(tmp_path, digits_small, t
                                            options=training.EngineOptions(decode_cache=False))
     losses = lambda events: [e.loss for e in events if isinstance(e, StepLogged)]  # noqa: E731
     assert losses(cached_events) == losses(plain_events)
+    a = load_file(cached_dir / "model" / "model.safetensors")
+    b = load_file(plain_dir / "model" / "model.safetensors")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_augmented_training_from_the_decode_cache_gives_the_same_run(tmp_path, digits_small, tiny_vit):
+    """augment basic: the training split's decoded images come from the decode cache from epoch 2
+    on, and the run is the same as decoding every epoch (losses and weights bit for bit)."""
+    from vitft_app import training
+
+    config = lambda name: recipe_config(digits_small, tiny_vit, tmp_path / name, epochs=2, augment="basic")  # noqa: E731
+    cached_dir, cached_events, _ = run_train(config("cached"))
+    plain_dir, plain_events, _ = run_train(config("plain"), options=training.EngineOptions(decode_cache=False))
+    notes = [n for e in cached_events if isinstance(e, RunStarted) for n in e.notes]
+    assert any("training's decoded images" in n for n in notes), notes
+    losses = lambda events: [e.loss for e in events if isinstance(e, StepLogged)]  # noqa: E731
+    assert len(losses(cached_events)) > 2 and losses(cached_events) == losses(plain_events)
     a = load_file(cached_dir / "model" / "model.safetensors")
     b = load_file(plain_dir / "model" / "model.safetensors")
     assert all(torch.equal(a[name], b[name]) for name in a)

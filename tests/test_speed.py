@@ -3,6 +3,7 @@ Speed itself is measured by benchmarks/, never asserted here."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,7 +16,9 @@ from vitft_app.data import ImageDataset, build_transforms, collate_skipping_fail
 from vitft_app.decode_cache import (
     CachedImageDataset,
     DecodeCache,
+    ThroughPil,
     decode_to_uint8,
+    decoded_recipe,
     recipe_from_spec,
     tensor_transform,
 )
@@ -127,6 +130,39 @@ def test_augment_recipe_keeps_aspect_and_random_crop_gives_model_size(photos, tm
     assert x.shape == (3, 32, 32) and x.dtype == torch.float32
     stored = cache.get(items[0].path, recipe)
     assert min(stored.shape[1:]) == 37 and stored.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("augment", ["basic", "randaugment"])
+def test_augmented_training_from_decoded_images_matches_decoding_each_time(photos, tmp_path, augment):
+    """The training split's decoded images (JPEG draft included) are cached, not resized; the random
+    transforms on them give the same tensors bit for bit, with the same random draws, epoch after
+    epoch; what does not fit the memory budget is decoded again, never written to disk."""
+    big = photos / "bees" / "big.jpg"
+    gen = torch.Generator().manual_seed(1)
+    Image.fromarray((torch.rand(260, 300, 3, generator=gen) * 255).to(torch.uint8).numpy()).save(big)
+    items = _items(photos)
+    items = [*items, dataclasses.replace(items[0], path=str(big))]
+    processor = ViTImageProcessor(size={"height": 32, "width": 32})
+    transform = build_transforms(processor, True, augment)
+    draft = (64, 64)
+    recipe = decoded_recipe(draft)
+    assert recipe.spill is False and recipe.resize is None
+    stored = DecodeCache(tmp_path / "all").get(str(big), recipe)
+    assert tuple(stored.shape) == (65, 75, 3)  # decoded at 1/4 scale by the JPEG draft, kept as PIL lays it out
+    budget = 3 * 70 * 80 * 2  # room for a few small images only
+    cache = DecodeCache(tmp_path / "cache", memory_budget_bytes=budget)
+    reference = ImageDataset(items, transform, draft)
+    cached = CachedImageDataset(items, cache, recipe, ThroughPil(transform))
+    for epoch in range(2):
+        torch.manual_seed(epoch)
+        expected = [reference[i] for i in range(len(items))]
+        torch.manual_seed(epoch)
+        got = [cached[i] for i in range(len(items))]
+        for (a, la), (b, lb) in zip(expected, got):
+            assert la == lb and a.shape == b.shape == (3, 32, 32) and torch.equal(a, b)
+    assert 0 < cache.memory_bytes <= budget and cache.hits > 0
+    assert cache.misses > len(items)  # what did not fit was decoded again in epoch 2
+    assert not (tmp_path / "cache").exists()  # nothing spilled
 
 
 def test_threads_share_one_cache(photos, tmp_path):

@@ -64,8 +64,11 @@ def test_plan_caches_and_their_reasons(tiny_vit):
     assert augmented.feature_cache_val and not augmented.feature_cache_train and augmented.train_transform_random
     assert ("frozen-feature cache: validation only (random pixels in training: augment basic, mixup 0.8)"
             in augmented.reasons)
-    assert any(r.startswith("decode cache: validation only (training transforms each image at random: augment basic")
-               for r in augmented.reasons)
+    assert any(r.startswith("decode cache: validation, and training's decoded images up to the memory budget"
+                            " (the random transforms run on them every epoch: augment basic") for r in augmented.reasons)
+    workers = plan_for(tiny_vit, freeze_depth=1, augment="basic", num_workers=1)
+    assert any(r.startswith("decode cache: validation only") and "DataLoader workers decode every epoch" in r
+               for r in workers.reasons)
     # batch-level randomness keeps the decode cache for training, not the feature cache
     dropped = plan_for(tiny_vit, freeze_depth=1, augment="none", patch_dropout=0.5)
     assert not dropped.train_transform_random and not dropped.feature_cache_train

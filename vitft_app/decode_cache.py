@@ -92,17 +92,22 @@ class DecodeRecipe:
     """How a file becomes the cached ``uint8`` tensor.
 
     Attributes:
-        resize: ``(height, width)`` or a shortest-edge int (torchvision ``Resize`` semantics).
+        resize: ``(height, width)`` or a shortest-edge int (torchvision ``Resize`` semantics), or
+            None: the decoded image as it is (:func:`decoded_recipe`).
         crop: ``(height, width)`` center crop after the resize, or None.
         interpolation: torchvision ``InterpolationMode`` name (``"BILINEAR"``, ``"BICUBIC"``...).
         draft_size: ``(width, height)`` passed to :func:`~vitft_app.images.load_image` (JPEG
             draft decoding), or None.
+        spill: entries beyond the memory budget go to the disk tier (True) or are not cached
+            and decoded again at every access (False: a decoded photo can be tens of MB, too
+            big to write out per image). Not part of :attr:`key`.
     """
 
-    resize: tuple[int, int] | int
+    resize: tuple[int, int] | int | None
     crop: tuple[int, int] | None
     interpolation: str = "BILINEAR"
     draft_size: tuple[int, int] | None = None
+    spill: bool = True
 
     @property
     def key(self) -> str:
@@ -111,7 +116,9 @@ class DecodeRecipe:
 
     def pil_transform(self) -> Callable[[Image.Image], Image.Image]:
         """The PIL resize (+ center crop) of this recipe: :func:`vitft_app.data.resize_transform`,
-        the first half of the eval transform."""
+        the first half of the eval transform; the identity when ``resize`` is None."""
+        if self.resize is None:
+            return lambda image: image
         return resize_transform(self.resize, self.crop, self.interpolation)
 
 
@@ -136,6 +143,41 @@ def recipe_from_spec(spec: Any, augment: str = "none", augment_side: int | None 
     return DecodeRecipe(int(side), None, spec.interpolation, (side, side))
 
 
+def decoded_recipe(draft_size: tuple[int, int] | None) -> DecodeRecipe:
+    """The recipe that caches a file exactly as :func:`~vitft_app.images.load_image` returns it
+    (JPEG draft decoding at ``draft_size``, no resize; ``uint8 (H, W, 3)``, the PIL image's own
+    layout, so turning it back into a PIL image is one copy), for randomly augmented training: the
+    random transforms then run on :func:`as_pil` of the cached tensor every epoch, and see the
+    same pixels as when the file is decoded each time (bit for bit, same random draws). Entries
+    beyond the memory budget are not cached (``spill=False``).
+
+    Args:
+        draft_size: ``(width, height)``, what the uncached training set passes to ``load_image``.
+    """
+    return DecodeRecipe(None, None, "BILINEAR", draft_size, spill=False)
+
+
+def as_pil(pixels: torch.Tensor) -> Image.Image:
+    """``uint8 (H, W, 3)`` tensor from :func:`decode_to_uint8` with :func:`decoded_recipe` -> the RGB
+    PIL image it was made from (a copy: transforms may keep or change it freely)."""
+    return Image.fromarray(pixels.numpy())
+
+
+class ThroughPil:
+    """A PIL-image transform applied to a cached ``uint8 (H, W, 3)`` tensor via :func:`as_pil`.
+
+    Args:
+        transform: PIL image -> float tensor, e.g. :func:`vitft_app.data.build_transforms`'s
+            training transform.
+    """
+
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.transform = transform
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.transform(as_pil(pixels))
+
+
 def file_key(path: str | os.PathLike, recipe: DecodeRecipe) -> tuple[str, int, int, str]:
     """``(real path, size in bytes, mtime in ns, recipe key)``.
 
@@ -151,13 +193,17 @@ def decode_to_uint8(path: str | os.PathLike, recipe: DecodeRecipe) -> torch.Tens
     """Decodes through the one loader and applies the recipe's resize/crop.
 
     Returns:
-        ``uint8`` tensor ``(3, H, W)``, contiguous.
+        ``uint8`` tensor ``(3, H, W)``, contiguous; ``(H, W, 3)`` for a recipe without resize
+        (:func:`decoded_recipe`: it goes back to PIL, whose layout that is; transposing there
+        and back cost 0.5-0.8 s per epoch of 245 hymenoptera photos).
 
     Raises:
         ImageLoadError: the image cannot be read.
     """
     image = recipe.pil_transform()(load_image(path, draft_size=recipe.draft_size))
     array = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
+    if recipe.resize is None:
+        return torch.from_numpy(np.array(array))  # a writable copy
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
@@ -198,7 +244,7 @@ class DecodeCache:
         return self.cache_dir / digest[:2] / f"{digest}.npy"
 
     def get(self, path: str | os.PathLike, recipe: DecodeRecipe) -> torch.Tensor:
-        """The cached ``uint8 (3, H, W)`` tensor of ``path``, decoding it on a miss.
+        """The cached ``uint8`` tensor of ``path`` (layout as :func:`decode_to_uint8`), decoding it on a miss.
 
         The returned tensor is shared with the cache: do not modify it in place.
 
@@ -238,7 +284,7 @@ class DecodeCache:
                 self._memory[key] = tensor
                 self.memory_bytes += size
             spilled_already = key in self._on_disk
-        if not fits and not spilled_already:
+        if not fits and not spilled_already and recipe.spill:
             self._spill(key, tensor)
         return tensor
 

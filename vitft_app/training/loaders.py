@@ -12,7 +12,8 @@ import torch
 
 from ..config import TrainConfig
 from ..data import DatasetReport, ImageDataset, build_transforms, collate_skipping_failures, processor_spec
-from ..decode_cache import CachedImageDataset, DecodeCache, recipe_from_spec, tensor_transform
+from ..decode_cache import (CachedImageDataset, DecodeCache, ThroughPil, decoded_recipe, recipe_from_spec,
+                            tensor_transform)
 from ..distributed import DistContext
 from .options import DECODE_CACHE_DIR, EngineOptions
 from .plan import TrainPlan
@@ -99,7 +100,10 @@ def build_train_data(config: TrainConfig, report: DatasetReport, processor: Any,
     Images that are never randomly transformed per image (validation always; training when
     ``plan.train_transform_random`` is False) are decoded and resized once into the decode cache
     (bit-identical inputs; beyond the memory budget it spills to ``run_dir/.decode-cache``).
-    Augmented training decodes every epoch, so random crops keep the full resolution.
+    Randomly transformed training keeps the decoded images themselves (as ``load_image`` returns
+    them, at the same JPEG draft size) up to the cache's memory budget, never on disk, and runs the
+    random transforms on them every epoch: the same pixels and random draws as decoding each time
+    (:func:`~vitft_app.decode_cache.decoded_recipe`). With DataLoader workers it decodes every epoch.
     """
     spec = processor_spec(processor)
     out_h, out_w = spec.output_size
@@ -120,7 +124,13 @@ def build_train_data(config: TrainConfig, report: DatasetReport, processor: Any,
         train_transform = build_transforms(processor, True, config.augment, config.crop_scale_min, config.color_jitter,
                                            config.random_erasing)
         train_draft = (2 * out_w, 2 * out_h) if config.augment != "none" else (out_w, out_h)
-        train_set = ImageDataset(report.train, train_transform, train_draft, target_classes)
+        if decode_cache is not None and config.num_workers == 0:
+            # The decoded images (as load_image returns them) are kept up to the memory budget;
+            # the random transforms run on them every epoch: the same pixels, without the decode.
+            train_set = CachedImageDataset(report.train, decode_cache, decoded_recipe(train_draft),
+                                           ThroughPil(train_transform), target_classes)
+        else:
+            train_set = ImageDataset(report.train, train_transform, train_draft, target_classes)
     else:
         train_set = eval_dataset(report.train)
     val_set = eval_dataset(report.val[dist_ctx.rank :: dist_ctx.world_size])  # each process evaluates a shard

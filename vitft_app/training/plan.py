@@ -34,9 +34,10 @@ class TrainPlan:
         multi_label: sigmoid + BCE head (a multi-label dataset) instead of softmax + cross-entropy.
         num_classes: classes (labels) of the dataset.
         decode_cache: decoded, resized images are kept (:mod:`vitft_app.decode_cache`) for the
-            splits that are never randomly transformed per image.
+            splits that are never randomly transformed per image; a randomly transformed training
+            split keeps its decoded images (not resized) up to the memory budget, without workers.
         train_transform_random: the training split's per-image transform is random (augment,
-            random erasing): it is decoded every epoch (never from the decode cache).
+            random erasing): it runs every epoch, on the decoded image.
         feature_cache_val: validation runs the trainable suffix on the frozen prefix's stored
             outputs (:mod:`vitft_app.feature_cache`).
         feature_cache_train: training does too (nothing random touches the pixels).
@@ -160,9 +161,12 @@ def resolve_train_plan(
     image_random = config.random_pixel_sources("image")
     if not options.decode_cache:
         decode_reason = "decode cache: off (the engine option is off)"
-    elif image_random:
+    elif image_random and config.num_workers > 0:
         decode_reason = ("decode cache: validation only (training transforms each image at random:"
-                         f" {', '.join(image_random)})")
+                         f" {', '.join(image_random)}; DataLoader workers decode every epoch)")
+    elif image_random:
+        decode_reason = ("decode cache: validation, and training's decoded images up to the memory budget"
+                         f" (the random transforms run on them every epoch: {', '.join(image_random)})")
     else:
         decode_reason = "decode cache: validation and training (no per-image randomness)"
     linear_probe_cached = train_cached and config.freeze_depth == num_blocks(model)
