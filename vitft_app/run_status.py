@@ -21,6 +21,8 @@ from typing import Any
 
 #: Statuses a run can have; ``interrupted`` is derived when the process that ran it is gone.
 STATUSES = ("starting", "running", "completed", "stopped", "failed", "interrupted")
+#: The statuses of a run that has ended (whatever way).
+ENDED_STATUSES = ("completed", "stopped", "failed", "interrupted")
 
 
 @dataclass

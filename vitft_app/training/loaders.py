@@ -124,7 +124,7 @@ def build_train_data(config: TrainConfig, report: DatasetReport, processor: Any,
         train_transform = build_transforms(processor, True, config.augment, config.crop_scale_min, config.color_jitter,
                                            config.random_erasing)
         train_draft = (2 * out_w, 2 * out_h) if config.augment != "none" else (out_w, out_h)
-        if decode_cache is not None and config.num_workers == 0:
+        if plan.decoded_train_cached:
             # The decoded images (as load_image returns them) are kept up to the memory budget;
             # the random transforms run on them every epoch: the same pixels, without the decode.
             train_set = CachedImageDataset(report.train, decode_cache, decoded_recipe(train_draft),

@@ -38,6 +38,8 @@ class TrainPlan:
             split keeps its decoded images (not resized) up to the memory budget, without workers.
         train_transform_random: the training split's per-image transform is random (augment,
             random erasing): it runs every epoch, on the decoded image.
+        decoded_train_cached: that random training split reads its decoded images through the
+            decode cache (decode cache on, no DataLoader workers).
         feature_cache_val: validation runs the trainable suffix on the frozen prefix's stored
             outputs (:mod:`vitft_app.feature_cache`).
         feature_cache_train: training does too (nothing random touches the pixels).
@@ -55,6 +57,7 @@ class TrainPlan:
     num_classes: int
     decode_cache: bool
     train_transform_random: bool
+    decoded_train_cached: bool
     feature_cache_val: bool
     feature_cache_train: bool
     attention: str | None
@@ -159,12 +162,13 @@ def resolve_train_plan(
     dist_ctx = dist_ctx or DistContext()
     val_cached, train_cached, feature_reason = _feature_cache_decision(config, model, options, dist_ctx)
     image_random = config.random_pixel_sources("image")
+    decoded_train_cached = bool(image_random) and options.decode_cache and config.num_workers == 0
     if not options.decode_cache:
         decode_reason = "decode cache: off (the engine option is off)"
-    elif image_random and config.num_workers > 0:
+    elif image_random and not decoded_train_cached:
         decode_reason = ("decode cache: validation only (training transforms each image at random:"
                          f" {', '.join(image_random)}; DataLoader workers decode every epoch)")
-    elif image_random:
+    elif decoded_train_cached:
         decode_reason = ("decode cache: validation, and training's decoded images up to the memory budget"
                          f" (the random transforms run on them every epoch: {', '.join(image_random)})")
     else:
@@ -178,6 +182,7 @@ def resolve_train_plan(
         num_classes=len(report.classes),
         decode_cache=options.decode_cache,
         train_transform_random=bool(image_random),
+        decoded_train_cached=decoded_train_cached,
         feature_cache_val=val_cached,
         feature_cache_train=train_cached,
         attention=attention,

@@ -25,7 +25,7 @@ from ..modeling import (
 from ..presets import PRESETS, auto_preset_values, preset_values_for_model
 from ..app_state import dataset_markdown
 from ..baseline import accuracy_with_baseline, format_accuracy, run_baseline, weak_model_warning
-from ..run_status import RunStatus, as_run_status
+from ..run_status import ENDED_STATUSES, RunStatus, as_run_status
 from ..runs import model_dir, read_metrics, read_status
 from ..scratch import is_scratch_model, scratch_model
 from .data_tab import resolve_data_path
@@ -446,7 +446,7 @@ def poll_live(ctx: Any, run_dir: str | None, last_signature: Any, message: str |
     values = poll(ctx, run_dir, last_signature)
     stopping = (message or "").lstrip().startswith(STOPPING)
     shown = shown_run(ctx, run_dir) if stopping else None
-    settled = bool(shown) and read_status(shown).status in ("completed", "stopped", "failed", "interrupted")
+    settled = bool(shown) and read_status(shown).status in ENDED_STATUSES
     return (*values, "" if settled else gr.skip())
 
 
@@ -481,7 +481,7 @@ def poll(ctx: Any, run_dir: str | None, last_signature: Any) -> tuple:
         return tuple(gr.skip() for _ in POLL_KEYS)
     metrics = read_metrics(run_dir)
     status = read_status(run_dir)
-    finished = status.status in ("completed", "stopped", "interrupted", "failed")
+    finished = status.status in ENDED_STATUSES
     has_model = finished and model_dir(run_dir) is not None
     return (status_markdown(status, Path(run_dir).name), progress_html(status), status_details(status),
             figure_loss(metrics), figure_accuracy(metrics), gr.update(visible=has_model),
