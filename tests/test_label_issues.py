@@ -122,19 +122,21 @@ def test_run_label_issues_writes_the_csv(noisy_run):
     assert "Out-of-sample probabilities: fine-tuned model" in result.summary()
 
 
-def test_cli_label_issues(noisy_run, tmp_path):
+def test_cli_label_issues(noisy_run, tmp_path, vitft_here):
     run_dir, _ = noisy_run
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # The real entry point once (a new process, its imports and exit code) ...
     done = subprocess.run([sys.executable, "-m", "vitft_app.cli", "label-issues", str(run_dir), "--show", "3"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "suspected label error(s)" in done.stdout and "label_issues.csv" in done.stdout
+    # ... and the refusals through cli.main in this process (each new process costs ~7 s of CPU
+    # importing torch and transformers; the messages and exit codes are the same).
     for args, message in ((["label-issues", str(tmp_path)], "not a run folder"),
                           (["label-issues", str(run_dir), "--folds", "1"], "--folds must be >= 2"),
                           (["label-issues", str(run_dir), "--data", str(tmp_path / "nope")], "not found"),
                           (["label-issues", str(run_dir), "--filter-by", "nope"], "invalid choice")):
-        bad = subprocess.run([sys.executable, "-m", "vitft_app.cli", *args], capture_output=True, text=True,
-                             timeout=300, env=env)
+        bad = vitft_here(*args, cwd=tmp_path)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
 
