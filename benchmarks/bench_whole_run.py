@@ -271,8 +271,12 @@ def main() -> int:
             for r in range(repeats):
                 vitft_runs.append(run_vitft(models[arch], int(epochs), augment, args.data, work, args.timeout))
                 trainer_runs.append(run_trainer(models[arch], int(epochs), augment, args.data, work, args.timeout))
-                print(f"# {row} repeat {r + 1}: vitft {vitft_runs[-1].get('wall_s', vitft_runs[-1].get('error'))}"
-                      f" trainer {trainer_runs[-1].get('wall_s', trainer_runs[-1].get('error'))}", flush=True)
+                v = vitft_runs[-1]
+                # The run's breakdown now, so a grid stopped part-way keeps it (the tables print at the end).
+                parts = ", ".join(f"{label} {v[key]:.1f}" for key, label in BREAKDOWN if isinstance(v.get(key), (int, float)))
+                print(f"# {row} repeat {r + 1}: vitft {v.get('wall_s', v.get('error'))}"
+                      f" trainer {trainer_runs[-1].get('wall_s', trainer_runs[-1].get('error'))}"
+                      + (f" · vitft breakdown (s): {parts}" if parts else ""), flush=True)
             ok_v = [x for x in vitft_runs if "wall_s" in x]
             ok_t = [x for x in trainer_runs if "wall_s" in x]
             results[row] = {
