@@ -21,6 +21,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 os.environ["VITFT_HOME"] = tempfile.mkdtemp(prefix="vitft-test-home-")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Playwright's ``expect`` waits 5 s by default: too short for a page that answers behind three
+    busy pytest workers on two cores (a Runs table still loading after 5 s failed a run). Assertions
+    that need longer give their own ``timeout``."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=30_000)
+
+
 def save_tiny_vit(folder: Path, image_size: int = 32, labels: list[str] | None = None, layers: int = 2) -> Path:
     """Saves the DESIGN.md tiny ViT (hidden 32, 2 blocks, 2 heads, patch 8) and its processor."""
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
