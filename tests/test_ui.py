@@ -202,6 +202,29 @@ def test_figures_are_pure_functions_of_the_metrics():
     assert figure_loss(pd.DataFrame()).data == ()
 
 
+def test_accuracy_figure_draws_the_majority_baseline_and_says_when_curves_appear():
+    from vitft_app.baseline import Baseline
+
+    metrics = pd.DataFrame([
+        {"kind": "train", "step": 5, "loss": 2.0},
+        {"kind": "eval", "step": 10, "train_accuracy": 0.6, "val_accuracy": 0.6, "val_loss": 0.7},
+    ])
+    baseline = Baseline("seven", 9, 15, 2)  # always 'seven': 60.0%
+    fig = figure_accuracy(metrics, baseline)
+    assert [list(t.y) for t in fig.data] == [[0.6], [0.6]]  # the line is a shape, not a third curve
+    lines = [shape for shape in fig.layout.shapes if shape.type == "line"]
+    assert len(lines) == 1 and lines[0].y0 == lines[0].y1 == 0.6 and lines[0].line.dash == "dash"
+    assert [a.text for a in fig.layout.annotations] == ["always 'seven': 60.0%"]
+    # No baseline (a multi-label run, an older run): no line.
+    assert not figure_accuracy(metrics).layout.shapes
+    # Before the first validation: no curves, a note saying when they come, the baseline already there.
+    early = figure_accuracy(metrics[metrics["kind"] == "train"], baseline)
+    assert early.data == () and len(early.layout.shapes) == 1
+    assert any("after the first epoch" in a.text for a in early.layout.annotations)
+    assert not any("after the first epoch" in a.text for a in fig.layout.annotations)
+    assert figure_accuracy(pd.DataFrame()).data == ()
+
+
 def test_threshold_tta_and_batch_prediction(ctx, digits_small, tiny_vit, tmp_path):
     import zipfile
 

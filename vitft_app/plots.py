@@ -7,6 +7,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .baseline import Baseline, format_accuracy
+
 
 def _layout(fig: go.Figure, title: str, y_title: str) -> go.Figure:
     fig.update_layout(
@@ -36,15 +38,35 @@ def figure_loss(metrics: pd.DataFrame) -> go.Figure:
     return _layout(fig, "Loss", "cross-entropy")
 
 
-def figure_accuracy(metrics: pd.DataFrame) -> go.Figure:
-    """Training and validation accuracy per epoch (x = optimizer step at the epoch's end)."""
+def figure_accuracy(metrics: pd.DataFrame, baseline: Baseline | None = None) -> go.Figure:
+    """Training and validation accuracy per epoch (x = optimizer step at the epoch's end), with the
+    validation split's majority-class baseline as a dashed line: a val curve on that line is a model
+    that has learned nothing the class counts do not already say (:mod:`vitft_app.baseline`).
+
+    Args:
+        metrics: rows of ``metrics.csv`` (columns ``kind``, ``step``, ``train_accuracy``,
+            ``val_accuracy``; accuracies are fractions in [0, 1]).
+        baseline: the run's validation baseline (:func:`vitft_app.baseline.run_baseline`), or None
+            (no line: an older run without one, or a multi-label run).
+
+    Returns:
+        The figure; before the first validation it holds only a note saying when the curves appear.
+    """
     fig = go.Figure()
-    if not metrics.empty:
-        evals = metrics[metrics["kind"] == "eval"]
+    evals = metrics[metrics["kind"] == "eval"] if not metrics.empty else pd.DataFrame()
+    if not evals.empty:
         fig.add_trace(go.Scatter(x=evals["step"], y=evals["train_accuracy"], mode="lines+markers", name="train accuracy"))
         fig.add_trace(go.Scatter(x=evals["step"], y=evals["val_accuracy"], mode="lines+markers", name="val accuracy"))
     fig = _layout(fig, "Accuracy", "accuracy")
     fig.update_yaxes(range=[0, 1.02])
+    if baseline is not None:
+        fig.add_hline(y=baseline.rate, line_dash="dash", line_color="gray", line_width=1,
+                      annotation_text=f"always '{baseline.majority_class}': {format_accuracy(baseline.rate)}",
+                      annotation_position="bottom right", annotation_font_color="gray")
+    if evals.empty:
+        fig.update_xaxes(showticklabels=False)
+        fig.add_annotation(text="train and val accuracy appear after the first epoch's validation",
+                           xref="paper", yref="paper", x=0.5, y=0.75, showarrow=False, font=dict(color="gray"))
     return fig
 
 

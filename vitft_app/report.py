@@ -13,7 +13,7 @@ from typing import Any
 from huggingface_hub import HfApi
 
 from . import plots
-from .baseline import format_accuracy
+from .baseline import format_accuracy, run_baseline
 from .config import TrainConfig
 from .evaluate import evaluate_run, evaluation_headline
 from .images import ImageLoadError, load_image
@@ -65,7 +65,7 @@ def write_html_report(run_dir: str | os.PathLike, out: str | os.PathLike | None 
     config = TrainConfig.from_json_file(run_dir / "config.json")
     status = read_status(run_dir)
     history = read_metrics(run_dir)
-    figures = [plots.figure_loss(history), plots.figure_accuracy(history)]
+    figures = [plots.figure_loss(history), plots.figure_accuracy(history, run_baseline(status))]
     if evaluation.multi_label:
         figures.append(plots.figure_precision_recall(evaluation.y_true, evaluation.probs, evaluation.classes))
     else:

@@ -484,7 +484,7 @@ def poll(ctx: Any, run_dir: str | None, last_signature: Any) -> tuple:
     finished = status.status in ENDED_STATUSES
     has_model = finished and model_dir(run_dir) is not None
     return (status_markdown(status, Path(run_dir).name), progress_html(status), status_details(status),
-            figure_loss(metrics), figure_accuracy(metrics), gr.update(visible=has_model),
+            figure_loss(metrics), figure_accuracy(metrics, run_baseline(status)), gr.update(visible=has_model),
             banner_markdown(status, Path(run_dir).name), signature)
 
 
