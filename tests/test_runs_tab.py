@@ -40,14 +40,14 @@ def dead_pid() -> int:
 
 
 def fake_run(store: RunStore, name: str, status: str, epochs: int = 2, lr: float = 1e-3, accuracies=(0.5, 0.75),
-             **config) -> Path:
+             val_baseline: dict | None = None, **config) -> Path:
     """A run folder written through the real recorder, as a training run would leave it."""
     run_dir = store.create_run(TrainConfig(data_dir="/data/flowers", model="vit-tiny-scratch", epochs=epochs, lr=lr,
                                            run_name=name, **config))
     recorder = RunRecorder(run_dir)
     recorder(RunStarted(run_id=run_dir.name, run_dir=str(run_dir), classes=["a", "b"], num_train=8, num_val=4,
                         epochs=epochs, total_steps=4, device="cpu", precision="fp32", trainable_params=10,
-                        total_params=10))
+                        total_params=10, val_baseline=val_baseline))
     best = None
     for epoch, accuracy in enumerate(accuracies, start=1):
         recorder(StepLogged(step=epoch * 2, epoch=epoch - 0.5, loss=1.0 / epoch, lr=lr, images_per_sec=10.0, eta_s=1.0))
@@ -143,7 +143,8 @@ def test_rename_and_delete_handlers(ctx, tmp_path):
 
 def test_compare_figure_has_one_trace_per_run_and_configs_side_by_side(ctx):
     store = ctx.runner.store
-    runs = [fake_run(store, f"r{i}", "completed", lr=lr, accuracies=acc)
+    half = {"majority_class": "a", "majority_count": 2, "total": 4, "num_classes": 2}
+    runs = [fake_run(store, f"r{i}", "completed", lr=lr, accuracies=acc, val_baseline=half if i < 2 else None)
             for i, (lr, acc) in enumerate([(1e-3, (0.5, 0.6)), (3e-3, (0.4, 0.8)), (1e-2, (0.3,))])]
     metrics = metrics_by_run(runs)
     assert list(metrics) == [r.name for r in runs]
@@ -164,6 +165,10 @@ def test_compare_figure_has_one_trace_per_run_and_configs_side_by_side(ctx):
 
     loss, acc, styled, message = runs_tab.compare(ctx, [str(r) for r in runs])
     assert len(loss.data) == 3 and len(acc.data) == 3 and "differ" in message
+    # The two runs on one split share one baseline line; the run without one adds none; loss has none.
+    assert [(shape.y0, shape.line.dash) for shape in acc.layout.shapes] == [(0.5, "dash")]
+    assert [a.text for a in acc.layout.annotations] == ["always 'a': 50.0%"]
+    assert not loss.layout.shapes
     assert isinstance(styled, pd.io.formats.style.Styler)
     assert "background-color" in styled.to_html()
     assert runs_tab.compare(ctx, [str(runs[0])])[3] == "Choose at least two runs to compare."
@@ -218,8 +223,9 @@ def test_browser_open_in_evaluate_and_compare(tmp_path, tiny_vit):
     from tests_helpers import CHROMIUM, CHROMIUM_ARGS
 
     store = RunStore(tmp_path / "runs")
-    first = fake_run(store, "alpha", "completed", lr=1e-3)
-    second = fake_run(store, "beta", "stopped", lr=3e-3)
+    half = {"majority_class": "a", "majority_count": 2, "total": 4, "num_classes": 2}
+    first = fake_run(store, "alpha", "completed", lr=1e-3, val_baseline=half)
+    second = fake_run(store, "beta", "stopped", lr=3e-3, val_baseline=half)
     for run_dir in (first, second):
         save_tiny_vit(run_dir / "model")
     with socket.socket() as sock:
@@ -265,6 +271,14 @@ def test_browser_open_in_evaluate_and_compare(tmp_path, tiny_vit):
                 "t => [...t.querySelectorAll('*')].filter(e => getComputedStyle(e).backgroundColor"
                 " === 'rgb(255, 243, 191)').map(e => e.textContent.trim()).filter(Boolean)")
             assert "lr" in highlighted and "model" not in highlighted
+            # The validation-accuracy curves over the runs' shared majority-class baseline line.
+            plot = page.locator("#runs-compare-accuracy")
+            expect(plot).to_contain_text("always 'a': 50.0%")
+            page.set_viewport_size({"width": 1400, "height": 900})
+            plot.scroll_into_view_if_needed()
+            artifacts = root / "test-artifacts"
+            artifacts.mkdir(exist_ok=True)
+            page.screenshot(path=str(artifacts / "runs-compare.png"))
             browser.close()
     finally:
         process.terminate()

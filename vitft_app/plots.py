@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -193,7 +195,8 @@ COMPARE_METRICS = {
 }
 
 
-def figure_compare(metrics_by_run: dict[str, pd.DataFrame], metric: str = "val_accuracy") -> go.Figure:
+def figure_compare(metrics_by_run: dict[str, pd.DataFrame], metric: str = "val_accuracy",
+                   baselines: Iterable[Baseline | None] = ()) -> go.Figure:
     """One curve per run, overlaid, against the (fractional) epoch so that runs with different
     batch sizes line up.
 
@@ -201,6 +204,9 @@ def figure_compare(metrics_by_run: dict[str, pd.DataFrame], metric: str = "val_a
         metrics_by_run: ``{run name: metrics.csv frame}`` (columns ``kind``, ``epoch`` and the metric).
         metric: ``"val_accuracy"``, ``"val_loss"`` (one point per epoch) or ``"loss"`` (training
             loss per logging step), see :data:`COMPARE_METRICS`.
+        baselines: the runs' validation majority-class baselines (:func:`vitft_app.baseline.run_baseline`;
+            None entries are skipped). For ``"val_accuracy"`` each distinct one is a dashed line,
+            as in :func:`figure_accuracy` (runs on one dataset share one line).
 
     Returns:
         A figure with exactly one trace per run (empty for a run without rows yet).
@@ -222,4 +228,8 @@ def figure_compare(metrics_by_run: dict[str, pd.DataFrame], metric: str = "val_a
                       margin=dict(l=50, r=20, t=50, b=40), legend=dict(orientation="h", y=-0.25))
     if metric == "val_accuracy":
         fig.update_yaxes(range=[0, 1.02])
+        for baseline in dict.fromkeys(b for b in baselines if b is not None):  # distinct, in order
+            fig.add_hline(y=baseline.rate, line_dash="dash", line_color="gray", line_width=1,
+                          annotation_text=f"always '{baseline.majority_class}': {format_accuracy(baseline.rate)}",
+                          annotation_position="bottom right", annotation_font_color="gray")
     return fig

@@ -9,7 +9,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from ..baseline import format_accuracy, is_weak_rate
+from ..baseline import format_accuracy, is_weak_rate, run_baseline
 from ..plots import figure_compare
 from ..run_status import STATUSES
 from ..runs import is_run_dir, model_dir, read_status
@@ -193,7 +193,8 @@ def compare(ctx: Any, run_dirs: list[str] | None) -> tuple[Any, Any, Any, str]:
     metrics = metrics_by_run(run_dirs)
     table = compare_configs(run_dirs)
     differing = int(table["differs"].sum())
-    return (figure_compare(metrics, "loss"), figure_compare(metrics, "val_accuracy"), style_differences(table),
+    baselines = [run_baseline(read_status(run_dir)) for run_dir in run_dirs]
+    return (figure_compare(metrics, "loss"), figure_compare(metrics, "val_accuracy", baselines), style_differences(table),
             f"{len(run_dirs)} runs; {differing} setting(s) differ (highlighted, listed first).")
 
 
@@ -250,7 +251,7 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab, tabs: gr.Tabs, evaluate_run: g
         compare_message = gr.Markdown()
         with gr.Row():
             loss_plot = gr.Plot(label="Training loss", visible=False)
-            accuracy_plot = gr.Plot(label="Validation accuracy", visible=False)
+            accuracy_plot = gr.Plot(label="Validation accuracy", visible=False, elem_id="runs-compare-accuracy")
         config_table = gr.Dataframe(label="Settings side by side (differing rows highlighted)", interactive=False,
                                     visible=False,
                                     elem_id="runs-compare-table")
