@@ -126,7 +126,13 @@ def test_three_trial_sweep_then_restart_continues_the_study(tmp_path, colors_roo
     # Results for the UI: trials table, charts, best config.
     frame = sweep.trials_frame(study)
     assert frame["trial"].tolist() == [0, 1, 2, 3, 4] and {"lr", "weight_decay", "run_id"} <= set(frame.columns)
-    assert isinstance(sweep.figure_history(study), go.Figure)
+    history = sweep.figure_history(study)
+    assert isinstance(history, go.Figure)
+    # The trials' shared validation baseline: a dashed line on the chart, beside the best in the summary.
+    baseline = sweep.sweep_baseline(study)
+    assert baseline is not None and 0 < baseline.rate < 1
+    assert [shape.y0 for shape in history.layout.shapes] == [baseline.rate]
+    assert f"(always '{baseline.majority_class}': " in sweep.study_summary(study)
     assert isinstance(sweep.figure_importance(study), go.Figure)
     ctx = AppContext(settings=AppSettings(data_root=tmp_path, runs_dir=runs, example_dir=tmp_path / "ex",
                                           device="cpu"), runner=restarted)
@@ -221,3 +227,37 @@ def test_sweep_tab_messages(tmp_path, colors_root):
     assert sweep_tab.show_sweep(ctx, "nope")["summary"].startswith("✗")
     assert sweep_tab.stop_sweep(ctx) == "Nothing is running."
     assert sweep_tab.train_best_from_ui(ctx, None, None) == "Choose a sweep first."
+
+
+def test_summary_names_the_objective_and_calls_a_best_near_the_baseline_weak(tmp_path):
+    """The summary's best value: an accuracy beside its majority-class baseline (weak near it); the
+    mAP of a multi-label sweep named as mAP, with no single-label baseline."""
+    from vitft_app.runs import RunRecorder
+
+    def study_with_best(name: str, value: float, status: dict) -> optuna.Study:
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        RunRecorder(run_dir).write_status(**status)
+        study = optuna.create_study(study_name=name, direction="maximize")
+        study.add_trial(optuna.trial.create_trial(value=value, user_attrs={"run_dir": str(run_dir)}))
+        return study
+
+    bees = {"majority_class": "bees", "majority_count": 83, "total": 153, "num_classes": 2}
+    weak = study_with_best("weak", 0.55, {"status": "completed", "monitor": "val_accuracy", "val_baseline": bees})
+    assert "best val accuracy **55.0% (always 'bees': 54.2%)**" in sweep.study_summary(weak)
+    assert "weak" in sweep.study_summary(weak)
+    strong = study_with_best("strong", 0.9, {"status": "completed", "monitor": "val_accuracy", "val_baseline": bees})
+    assert "90.0% (always 'bees': 54.2%)" in sweep.study_summary(strong) and "weak" not in sweep.study_summary(strong)
+    tags = study_with_best("tags", 0.42, {"status": "completed", "monitor": "val_map"})
+    assert "best val mAP **0.4200**" in sweep.study_summary(tags) and "accuracy" not in sweep.study_summary(tags)
+    assert sweep.sweep_baseline(tags) is None and not sweep.figure_history(tags).layout.shapes
+
+
+def test_importance_of_trials_that_all_scored_the_same_is_a_plain_reason():
+    """fANOVA raises "zero total variance" when every trial has one value; the tab shows why instead."""
+    study = optuna.create_study(direction="maximize")
+    for lr in (1e-4, 1e-3, 1e-2):
+        study.add_trial(optuna.trial.create_trial(
+            value=0.5, params={"lr": lr}, distributions={"lr": optuna.distributions.FloatDistribution(1e-5, 1e-1, log=True)}))
+    with pytest.raises(sweep.SweepError, match="all 3 scored 0.5000"):
+        sweep.figure_importance(study)

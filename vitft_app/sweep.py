@@ -42,6 +42,7 @@ from collections import Counter
 
 import pandas as pd
 
+from .baseline import Baseline, accuracy_with_baseline, format_accuracy, is_weak, run_baseline
 from .scratch import is_scratch_model
 from .config import TrainConfig
 from .events import EvalDone, Event, RunFailed, RunFinished
@@ -639,16 +640,38 @@ def figure_history(study: optuna.Study) -> Any:
 
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         raise SweepError("No trial has completed yet: the history appears after the first one.")
-    fig = plot_optimization_history(study, target_name="val accuracy")
+    baseline = sweep_baseline(study)
+    fig = plot_optimization_history(study, target_name="val mAP" if _best_is_map(study) else "val accuracy")
     fig.update_layout(template="plotly_white", height=340)
+    if baseline is not None:  # the trials share one validation split, so one majority-class rate
+        fig.add_hline(y=baseline.rate, line_dash="dash", line_color="gray", line_width=1,
+                      annotation_text=f"always '{baseline.majority_class}': {format_accuracy(baseline.rate)}",
+                      annotation_position="bottom right", annotation_font_color="gray")
     return fig
+
+
+def sweep_baseline(study: optuna.Study) -> Baseline | None:
+    """The validation majority-class baseline of the study's trials (all train on one split), read
+    from the best trial's run folder (:func:`vitft_app.baseline.run_baseline`); None before a
+    complete trial, for multi-label data (the objective is then mAP) and for older runs."""
+    _, run_dir = _best(study)
+    if not run_dir or not Path(run_dir).is_dir():
+        return None
+    return run_baseline(read_status(run_dir))
+
+
+def _best_is_map(study: optuna.Study) -> bool:
+    """True when the objective is validation mAP (multi-label data), read from the best trial's run."""
+    _, run_dir = _best(study)
+    return bool(run_dir) and Path(run_dir).is_dir() and read_status(run_dir).monitor == "val_map"
 
 
 def figure_importance(study: optuna.Study) -> Any:
     """Optuna's parameter-importance chart (fANOVA, seeded), plotly.
 
     Raises:
-        SweepError: fewer than 2 complete trials, or no parameter took 2 different values.
+        SweepError: fewer than 2 complete trials, no parameter took 2 different values, or every
+            complete trial has the same value.
     """
     from optuna.importance import FanovaImportanceEvaluator
     from optuna.trial import TrialState
@@ -661,6 +684,9 @@ def figure_importance(study: optuna.Study) -> Any:
     varying = [p for p in common if len({json.dumps(t.params[p]) for t in complete}) > 1]
     if not varying:
         raise SweepError("Parameter importance needs a parameter that took different values in completed trials.")
+    if len({t.value for t in complete}) < 2:  # fANOVA's trees then have zero variance and raise
+        raise SweepError(f"Parameter importance needs completed trials with different results; all {len(complete)}"
+                         f" scored {complete[0].value:.4f}, so no parameter made a difference yet.")
     fig = plot_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0), params=sorted(varying))
     fig.update_layout(template="plotly_white", height=340)
     return fig
@@ -713,10 +739,19 @@ def train_best(runner: JobRunner, study: optuna.Study, epochs: int | None = None
 
 
 def study_summary(study: optuna.Study) -> str:
-    """One Markdown line: trials by state and the best value with its run."""
+    """One Markdown line: trials by state and the best value with its run, an accuracy beside the
+    validation majority-class baseline (:func:`sweep_baseline`) and called weak near it."""
     counts = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
     states = ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no trials yet"
     value, run_dir = _best(study)
-    best = f"; best val accuracy **{value:.4f}** (`{Path(run_dir).name}`)" if value is not None and run_dir else ""
+    best = ""
+    if value is not None and run_dir:
+        if _best_is_map(study):
+            best = f"; best val mAP **{value:.4f}** (`{Path(run_dir).name}`)"
+        else:
+            baseline = sweep_baseline(study)
+            best = f"; best val accuracy **{accuracy_with_baseline(value, baseline)}** (`{Path(run_dir).name}`)"
+            if is_weak(value, baseline):
+                best += " · ⚠ weak: near always answering the most common class"
     return f"**{study.study_name}**: {len(study.trials)} trial(s) ({states}){best}"
 
