@@ -40,6 +40,24 @@ def figure_loss(metrics: pd.DataFrame) -> go.Figure:
     return _layout(fig, "Loss", "cross-entropy")
 
 
+def add_baseline_line(fig: go.Figure, baseline: Baseline) -> go.Figure:
+    """Draws a validation split's majority-class rate as a dashed gray line across an accuracy
+    figure, labelled ``always 'bees': 54.2%`` (:mod:`vitft_app.baseline`): a curve on that line is a
+    model that learned nothing the class counts do not already say.
+
+    Args:
+        fig: a figure whose y axis is accuracy as a fraction in [0, 1] (changed in place).
+        baseline: the split's :class:`~vitft_app.baseline.Baseline`.
+
+    Returns:
+        ``fig``.
+    """
+    fig.add_hline(y=baseline.rate, line_dash="dash", line_color="gray", line_width=1,
+                  annotation_text=f"always '{baseline.majority_class}': {format_accuracy(baseline.rate)}",
+                  annotation_position="bottom right", annotation_font_color="gray")
+    return fig
+
+
 def figure_accuracy(metrics: pd.DataFrame, baseline: Baseline | None = None) -> go.Figure:
     """Training and validation accuracy per epoch (x = optimizer step at the epoch's end), with the
     validation split's majority-class baseline as a dashed line: a val curve on that line is a model
@@ -62,9 +80,7 @@ def figure_accuracy(metrics: pd.DataFrame, baseline: Baseline | None = None) -> 
     fig = _layout(fig, "Accuracy", "accuracy")
     fig.update_yaxes(range=[0, 1.02])
     if baseline is not None:
-        fig.add_hline(y=baseline.rate, line_dash="dash", line_color="gray", line_width=1,
-                      annotation_text=f"always '{baseline.majority_class}': {format_accuracy(baseline.rate)}",
-                      annotation_position="bottom right", annotation_font_color="gray")
+        add_baseline_line(fig, baseline)
     if evals.empty:
         fig.update_xaxes(showticklabels=False)
         fig.add_annotation(text="train and val accuracy appear after the first epoch's validation",
@@ -229,7 +245,5 @@ def figure_compare(metrics_by_run: dict[str, pd.DataFrame], metric: str = "val_a
     if metric == "val_accuracy":
         fig.update_yaxes(range=[0, 1.02])
         for baseline in dict.fromkeys(b for b in baselines if b is not None):  # distinct, in order
-            fig.add_hline(y=baseline.rate, line_dash="dash", line_color="gray", line_width=1,
-                          annotation_text=f"always '{baseline.majority_class}': {format_accuracy(baseline.rate)}",
-                          annotation_position="bottom right", annotation_font_color="gray")
+            add_baseline_line(fig, baseline)
     return fig

@@ -42,7 +42,7 @@ from collections import Counter
 
 import pandas as pd
 
-from .baseline import Baseline, accuracy_with_baseline, format_accuracy, is_weak, run_baseline
+from .baseline import Baseline, accuracy_with_baseline, is_weak, run_baseline
 from .scratch import is_scratch_model
 from .config import TrainConfig
 from .events import EvalDone, Event, RunFailed, RunFinished
@@ -644,9 +644,9 @@ def figure_history(study: optuna.Study) -> Any:
     fig = plot_optimization_history(study, target_name="val mAP" if _best_is_map(study) else "val accuracy")
     fig.update_layout(template="plotly_white", height=340)
     if baseline is not None:  # the trials share one validation split, so one majority-class rate
-        fig.add_hline(y=baseline.rate, line_dash="dash", line_color="gray", line_width=1,
-                      annotation_text=f"always '{baseline.majority_class}': {format_accuracy(baseline.rate)}",
-                      annotation_position="bottom right", annotation_font_color="gray")
+        from .plots import add_baseline_line
+
+        add_baseline_line(fig, baseline)
     return fig
 
 
