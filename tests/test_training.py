@@ -234,3 +234,31 @@ def test_accumulated_gradients_equal_one_large_batch(tiny_vit):
         (loss_sum / 7).backward()
     for big, accumulated in zip(full, (p.grad for p in model.parameters())):
         assert torch.allclose(big, accumulated, atol=1e-6)
+
+
+def test_a_dataset_deleted_before_the_first_epoch_fails_the_run_with_the_reason(tmp_path, digits_small, tiny_vit):
+    """Every image of the epoch gone (folder deleted, moved, unmounted): the run fails with a plain
+    reason instead of "completing" on zero images with a made-up validation accuracy."""
+    import shutil
+
+    from vitft_app.training import DatasetError
+
+    config = tiny_config(digits_small, tiny_vit, tmp_path, epochs=2)
+    run_dir = RunStore(config.output_dir).create_run(config)
+
+    def emit(event):
+        if isinstance(event, RunStarted):  # the scan is done; the epoch reads the files next
+            shutil.rmtree(digits_small)
+
+    with pytest.raises(DatasetError, match=r"None of the \d+ images read in epoch 1 could be loaded"):
+        train(config, run_dir, emit, device="cpu")
+
+
+def test_validation_with_no_loadable_image_raises_instead_of_scoring_zero():
+    from vitft_app.device import resolve_device_plan
+    from vitft_app.training import DatasetError
+    from vitft_app.training.evaluation import evaluate
+
+    empty = [{"pixel_values": torch.empty(0), "labels": torch.empty(0, dtype=torch.long), "failed": torch.tensor(4)}]
+    with pytest.raises(DatasetError, match="None of the validation images could be loaded"):
+        evaluate(torch.nn.Linear(2, 2), empty, resolve_device_plan("fp32", "cpu"))

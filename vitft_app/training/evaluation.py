@@ -11,6 +11,7 @@ from torch import nn
 from ..device import DevicePlan
 from ..distributed import DistContext
 from ..metrics import core_metrics
+from .checks import DatasetError
 from .losses import compute_loss
 
 
@@ -41,6 +42,9 @@ def evaluate(
     Returns:
         ``{"loss", "accuracy", "f1_macro", "f1_micro", "map"}`` (the last two None for
         single-label), or None when ``stop_event`` was set during evaluation.
+
+    Raises:
+        DatasetError: not one validation image could be loaded (the folder moved or was deleted).
     """
     dist_ctx = dist_ctx or DistContext()
     model.eval()
@@ -69,8 +73,9 @@ def evaluate(
         shards = dist_ctx.gather((all_logits, all_targets))
         all_logits = [t for logits_list, _ in shards for t in logits_list]
         all_targets = [t for _, targets_list in shards for t in targets_list]
-    if not all_logits:
-        return {"loss": float("nan"), "accuracy": 0.0, "f1_macro": 0.0, "f1_micro": None, "map": None}
+    if not all_logits:  # every validation image failed to load: an accuracy of 0 would be a made-up number
+        raise DatasetError("None of the validation images could be loaded: was the dataset folder moved or"
+                           " deleted? Put the images back and resume the run from its last checkpoint.")
     logits, targets = torch.cat(all_logits), torch.cat(all_targets)
     loss = compute_loss(logits, targets, multi_label).item() / len(targets)
     scores = torch.sigmoid(logits) if multi_label else logits

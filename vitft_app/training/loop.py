@@ -27,6 +27,7 @@ from ..events import Emit, EvalDone, LogMessage, RunFinished, RunStarted, StepLo
 from ..modeling import count_parameters
 from ..lora import save_best_model
 from ..run_timing import PhaseClock
+from .checks import DatasetError
 from .evaluation import evaluate
 from .losses import compute_loss
 from .options import DECODE_CACHE_DIR, EngineOptions
@@ -224,7 +225,7 @@ def train_one_epoch(loop: LoopContext, epoch: int) -> bool:
     trainable = [p for p in loop.model.parameters() if p.requires_grad]
     loop.forward_model.train()
     sums = _Sums(state.epoch_sums, loop.device)
-    failed, stopped = 0, False
+    failed, loaded, stopped = 0, 0, False
     for first in range(state.position, data.num_micro, config.grad_accum_steps):
         last = min(first + config.grad_accum_steps, data.num_micro)
         window_size = data.window_sizes[first // config.grad_accum_steps]
@@ -240,6 +241,7 @@ def train_one_epoch(loop: LoopContext, epoch: int) -> bool:
                 break
             batch = next(batches)
             failed += int(batch["failed"])
+            loaded += len(batch["labels"])
             for part in loop.parts:
                 part.before_micro_batch(loop)
             bad = _micro_batch(loop, batch, window_size, micro + 1 == last, features, sums)
@@ -251,6 +253,10 @@ def train_one_epoch(loop: LoopContext, epoch: int) -> bool:
             break
         _optimizer_step(loop, nonfinite, trainable)
         _report_step(loop, epoch + last / data.num_micro, window_size, sums)
+    if failed and not loaded:  # nothing trained: the images are gone (folder moved, deleted, unmounted)
+        raise DatasetError(f"None of the {failed} images read in epoch {epoch + 1} could be loaded: was the dataset"
+                           f" folder {config.data_dir} moved or deleted? Put the images back and resume the run"
+                           " from its last checkpoint.")
     if failed:
         loop.emit(LogMessage(f"epoch {epoch + 1}: {failed} image(s) failed to load and were skipped"))
     for part in loop.parts:
