@@ -262,3 +262,27 @@ def test_validation_with_no_loadable_image_raises_instead_of_scoring_zero():
     empty = [{"pixel_values": torch.empty(0), "labels": torch.empty(0, dtype=torch.long), "failed": torch.tensor(4)}]
     with pytest.raises(DatasetError, match="None of the validation images could be loaded"):
         evaluate(torch.nn.Linear(2, 2), empty, resolve_device_plan("fp32", "cpu"))
+
+
+def test_relative_dataset_and_model_paths_are_stored_absolute_so_resume_reads_the_same_ones(
+        tmp_path, digits_small, tiny_vit, monkeypatch):
+    """``vitft train --data big --model tiny`` in one folder and ``--resume`` from another used to
+    train the rest of the run on whatever ``big`` the second folder held, without a word."""
+    import shutil
+
+    from vitft_app.config import TrainConfig as Config
+
+    work = tmp_path / "work"
+    shutil.copytree(digits_small, work / "digits")
+    shutil.copytree(tiny_vit, work / "tiny")
+    monkeypatch.chdir(work)
+    runner = JobRunner(tmp_path / "runs", device="cpu")
+    job = runner.start(tiny_config("digits", "tiny", tmp_path, epochs=1))
+    assert job.wait(120) and job.error is None, job.error
+    saved = Config.from_json_file(job.run_dir / "config.json")
+    assert saved.data_dir == str(work / "digits") and saved.model == str(work / "tiny")
+    # A Hub model id is not a local folder: it stays an id.
+    from vitft_app.jobs import absolute_paths
+
+    hub = absolute_paths(tiny_config(work / "digits", "google/vit-base-patch16-224", tmp_path))
+    assert hub.model == "google/vit-base-patch16-224"

@@ -7,6 +7,7 @@ count as "the" job, so a sweep and a training run never overlap.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -138,6 +139,28 @@ def error_message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
+def absolute_paths(config: TrainConfig) -> TrainConfig:
+    """The config with its dataset path, and a model given as an existing local folder, made
+    absolute against the current folder, as the run's ``config.json`` stores them: ``vitft train
+    --resume`` and the app then read the same dataset and model whatever folder they start in (a
+    relative ``--data big`` resumed elsewhere used to train on another folder named ``big``).
+    A Hub model id (no such local folder) is left as it is.
+
+    Args:
+        config: the settings as given.
+
+    Returns:
+        A copy with absolute ``data_dir`` and, for a local folder, ``model``.
+    """
+    changes: dict[str, str] = {}
+    if config.data_dir and not Path(config.data_dir).expanduser().is_absolute():
+        changes["data_dir"] = str(Path(config.data_dir).expanduser().absolute())
+    model = Path(config.model).expanduser()
+    if config.model and not model.is_absolute() and model.exists():
+        changes["model"] = str(model.absolute())
+    return dataclasses.replace(config, **changes) if changes else config
+
+
 class JobRunner:
     """Runs one training job at a time in a background thread.
 
@@ -231,6 +254,7 @@ class JobRunner:
                 folder is created then.
         """
 
+        config = absolute_paths(config)
         gpus = cuda_device_count()
         if self.launch_multi_gpu and self.device is None and gpus > 1 and env_world_size() == 1 and run_dir is None:
             return self.start_launched(config, gpus, progress=progress)
