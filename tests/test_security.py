@@ -40,6 +40,27 @@ def test_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
+def test_crafted_checkpoint_is_called_crafted_and_random_or_cut_bytes_damaged(tmp_path, caplog):
+    """Only a disallowed class or function is reported as a possible attack; random bytes, a cut
+    file and an empty one are "damaged", in one message with no traceback logged at warning."""
+    import logging
+    import os
+
+    from vitft_app.checkpoint import ResumeError, load_checkpoint
+
+    torch.save({"version": 2, "loop": {}, "evil": _Payload(tmp_path / "pwned")}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ResumeError, match="crafted to run code"):
+        load_checkpoint(tmp_path)
+    torch.save({"version": 2, "loop": {}, "weights": torch.ones(1000)}, tmp_path / "good.pt")
+    damaged = {"random bytes": os.urandom(100_000), "cut": (tmp_path / "good.pt").read_bytes()[:5000], "empty": b""}
+    for what, content in damaged.items():
+        (tmp_path / "checkpoint.pt").write_bytes(content)
+        with caplog.at_level(logging.WARNING, logger="vitft_app"), pytest.raises(ResumeError) as info:
+            load_checkpoint(tmp_path)
+        assert "damaged" in str(info.value) and "run code" not in str(info.value), (what, info.value)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # no traceback on the CLI's stderr
+
+
 def test_checkpoint_round_trip_is_tensors_and_plain_data(tmp_path):
     from vitft_app.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 

@@ -179,15 +179,20 @@ def load_checkpoint(run_dir: str | os.PathLike) -> dict[str, Any]:
         with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" in str(exc) or "weights_only" in str(exc).lower():
+        # torch's weights-only unpickler names a disallowed class or function "Unsupported global";
+        # every other refusal (an unknown opcode: random bytes, a cut file) is damage, not an attack.
+        if "Unsupported global" in str(exc):
             raise ResumeError(
                 f"The checkpoint of {name} asks to create Python objects other than tensors and plain data"
                 " (it may have been crafted to run code); it was not loaded and nothing in it ran. Resume only"
                 " runs you trust, or start a new run."
             ) from None
-        raise ResumeError(f"The checkpoint of {name} is damaged and cannot be read; start a new run.") from None
+        logger.debug("checkpoint of %s unreadable", name, exc_info=exc)
+        raise ResumeError(f"The checkpoint of {name} is damaged or not one vitft wrote, and cannot be read (nothing"
+                          " in it ran); start a new run.") from None
     except Exception as exc:  # noqa: BLE001 - any unreadable file becomes one clear message
-        logger.warning("checkpoint of %s unreadable", name, exc_info=exc)  # the details, for the server log
+        # The details at debug level: a warning with its traceback reached the CLI's stderr.
+        logger.debug("checkpoint of %s unreadable", name, exc_info=exc)
         raise ResumeError(
             f"The checkpoint of {name} is damaged and cannot be read ({type(exc).__name__}); start a new run."
         ) from None
