@@ -1,6 +1,7 @@
 """The keystone: real fine-tuning on CPU of a tiny ViT loaded by path, on real digit images."""
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -286,3 +287,20 @@ def test_relative_dataset_and_model_paths_are_stored_absolute_so_resume_reads_th
 
     hub = absolute_paths(tiny_config(work / "digits", "google/vit-base-patch16-224", tmp_path))
     assert hub.model == "google/vit-base-patch16-224"
+
+
+def test_messages_promise_a_saved_model_only_when_one_exists(tmp_path, digits_small, tiny_vit):
+    """A run that fails in its first epoch has no model: its message says so instead of "the best
+    model saved so far is kept"; the Stop and Ctrl-C lines use the same rule (runs.kept_model_note)."""
+    from vitft_app.runs import kept_model_note
+    from vitft_app.training import NonFiniteLossError
+
+    config = tiny_config(digits_small, tiny_vit, tmp_path, lr=1e300, warmup_ratio=0.0, max_grad_norm=0.0, epochs=3,
+                         batch_size=2)
+    run_dir = RunStore(config.output_dir).create_run(config)
+    with pytest.raises(NonFiniteLossError, match="no epoch has finished yet, so no model is saved"):
+        train(config, run_dir, lambda event: None, device="cpu")
+    assert not (run_dir / "model").exists()
+    assert kept_model_note(run_dir) == "no epoch has finished yet, so no model is saved"
+    shutil.copytree(tiny_vit, run_dir / "model")
+    assert kept_model_note(run_dir) == "the best model so far stays saved"

@@ -387,7 +387,9 @@ def _wait_for_job(job: Any, runner: Any, what: str, stop_file: Path | None = Non
                 stopping = True
         except KeyboardInterrupt:
             if not stopping:
-                print(f"\nstopping {what}... (the best model so far stays saved)", file=sys.stderr)
+                from .runs import kept_model_note
+
+                print(f"\nstopping {what}... ({kept_model_note(getattr(job, 'run_dir', None))})", file=sys.stderr)
                 runner.stop()
                 stopping = True
             else:

@@ -124,6 +124,15 @@ def is_model_folder(path: str | os.PathLike) -> bool:
     return (path / "config.json").is_file() and any((path / name).is_file() for name in weights)
 
 
+def kept_model_note(run_dir: str | os.PathLike | None) -> str:
+    """What a stopped or failed run keeps, said truthfully: ``"the best model so far stays saved"``
+    when the run has saved one (:func:`model_dir`), else that no epoch has finished yet and no
+    model is saved (a Stop or a failure in the first epoch keeps only the checkpoint)."""
+    if run_dir is not None and model_dir(run_dir) is not None:
+        return "the best model so far stays saved"
+    return "no epoch has finished yet, so no model is saved"
+
+
 def model_dir(run_dir: str | os.PathLike) -> Path | None:
     """The run's saved model folder, or None when no model was saved yet."""
     run_dir = Path(run_dir)

@@ -27,6 +27,7 @@ from ..events import Emit, EvalDone, LogMessage, RunFinished, RunStarted, StepLo
 from ..modeling import count_parameters
 from ..lora import save_best_model
 from ..run_timing import PhaseClock
+from ..runs import kept_model_note
 from .checks import DatasetError
 from .evaluation import evaluate
 from .losses import compute_loss
@@ -170,7 +171,7 @@ def _optimizer_step(loop: LoopContext, nonfinite: torch.Tensor, trainable: list[
     if state.nonfinite_in_row >= config.max_nonfinite_steps:
         raise NonFiniteLossError(
             f"The loss was NaN or infinite for {state.nonfinite_in_row} optimizer steps in a row (at step"
-            f" {state.step}); the run stopped. The best model saved so far is kept. Try a lower learning"
+            f" {state.step}); the run stopped: {kept_model_note(loop.run_dir)}. Try a lower learning"
             " rate, precision fp32, or max_grad_norm 1."
         )
 
@@ -286,7 +287,7 @@ def _keep_best(loop: LoopContext, result: dict[str, Any], epoch: int) -> None:
         scored = loop.scored_model
         if not all(torch.isfinite(p).all() for p in scored.parameters()):
             raise NonFiniteLossError(
-                "The weights became NaN or infinite; the run stopped and the best model saved so far is kept."
+                f"The weights became NaN or infinite; the run stopped: {kept_model_note(loop.run_dir)}."
                 " Try a lower learning rate or precision fp32."
             )
         state.best_metric, state.best_accuracy = value, result["accuracy"]

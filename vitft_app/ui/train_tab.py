@@ -26,7 +26,7 @@ from ..presets import PRESETS, auto_preset_values, preset_values_for_model
 from ..app_state import dataset_markdown
 from ..baseline import accuracy_with_baseline, format_accuracy, run_baseline, weak_model_warning
 from ..run_status import ENDED_STATUSES, RunStatus, as_run_status
-from ..runs import model_dir, read_metrics, read_status
+from ..runs import kept_model_note, model_dir, read_metrics, read_status
 from ..scratch import is_scratch_model, scratch_model
 from .data_tab import resolve_data_path
 from .form import field_row, field_widget
@@ -161,8 +161,9 @@ def start_run(
 
 def stop_run(ctx: Any) -> str:
     """Signals Stop; the loop exits before its next step and keeps the best model saved."""
+    job = ctx.runner.current
     if ctx.runner.stop():
-        return f"{STOPPING} after the current step… the best model so far stays saved."
+        return f"{STOPPING} after the current step… {kept_model_note(getattr(job, 'run_dir', None))}."
     return "Nothing is running."
 
 
