@@ -84,3 +84,14 @@ def test_report_button_and_cli(card_run):
                           text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("report.html")
+
+
+def test_report_says_how_many_epochs_a_stopped_run_trained():
+    from vitft_app.config import TrainConfig
+    from vitft_app.report import _epochs_trained
+    from vitft_app.run_status import RunStatus
+
+    config = TrainConfig(data_dir="/d", model="m", epochs=3)
+    assert _epochs_trained(RunStatus(status="stopped", epochs=3, epoch=1.05), config) == "1.05 of 3 epochs (stopped early)"
+    assert _epochs_trained(RunStatus(status="completed", epochs=3, epoch=3.0), config) == "3 epochs"
+    assert _epochs_trained(RunStatus(status="completed"), config) == "3 epochs"  # an older status without epochs

@@ -223,6 +223,8 @@ def test_accuracy_figure_draws_the_majority_baseline_and_says_when_curves_appear
     assert any("after the first epoch" in a.text for a in early.layout.annotations)
     assert not any("after the first epoch" in a.text for a in fig.layout.annotations)
     assert figure_accuracy(pd.DataFrame()).data == ()
+    # One x axis for both plots, step 0 to the last step, so the one val point sits under the loss curve.
+    assert tuple(fig.layout.xaxis.range) == tuple(figure_loss(metrics).layout.xaxis.range) == (0, 10 * 1.03)
 
 
 def test_threshold_tta_and_batch_prediction(ctx, digits_small, tiny_vit, tmp_path):

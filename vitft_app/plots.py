@@ -25,6 +25,15 @@ def _layout(fig: go.Figure, title: str, y_title: str) -> go.Figure:
     return fig
 
 
+def _steps_from_zero(fig: go.Figure, metrics: pd.DataFrame) -> go.Figure:
+    """Both live plots share one x axis, optimizer step 0 to the last step in ``metrics``, so the
+    accuracy plot's few points line up under the loss plot's (with one validation point plotly
+    otherwise zooms to fractional steps around it)."""
+    if not metrics.empty and "step" in metrics.columns and metrics["step"].notna().any():
+        fig.update_xaxes(range=[0, max(float(metrics["step"].max()), 1.0) * 1.03])
+    return fig
+
+
 def figure_loss(metrics: pd.DataFrame) -> go.Figure:
     """Training loss per logging step and validation loss per epoch.
 
@@ -37,7 +46,7 @@ def figure_loss(metrics: pd.DataFrame) -> go.Figure:
         evals = metrics[metrics["kind"] == "eval"]
         fig.add_trace(go.Scatter(x=train["step"], y=train["loss"], mode="lines+markers", name="train loss"))
         fig.add_trace(go.Scatter(x=evals["step"], y=evals["val_loss"], mode="lines+markers", name="val loss"))
-    return _layout(fig, "Loss", "cross-entropy")
+    return _steps_from_zero(_layout(fig, "Loss", "cross-entropy"), metrics)
 
 
 def add_baseline_line(fig: go.Figure, baseline: Baseline) -> go.Figure:
@@ -77,7 +86,7 @@ def figure_accuracy(metrics: pd.DataFrame, baseline: Baseline | None = None) -> 
     if not evals.empty:
         fig.add_trace(go.Scatter(x=evals["step"], y=evals["train_accuracy"], mode="lines+markers", name="train accuracy"))
         fig.add_trace(go.Scatter(x=evals["step"], y=evals["val_accuracy"], mode="lines+markers", name="val accuracy"))
-    fig = _layout(fig, "Accuracy", "accuracy")
+    fig = _steps_from_zero(_layout(fig, "Accuracy", "accuracy"), metrics)
     fig.update_yaxes(range=[0, 1.02])
     if baseline is not None:
         add_baseline_line(fig, baseline)

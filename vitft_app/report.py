@@ -39,6 +39,16 @@ def _thumbnail_data_uri(path: str) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def _epochs_trained(status: Any, config: TrainConfig) -> str:
+    """``"3 epochs"`` for a run that trained them all; ``"1.05 of 3 epochs (stopped early)"``
+    for one that ended before its last epoch (Stop, failure, early stopping)."""
+    planned = status.epochs or config.epochs
+    done = status.epoch
+    if done is None or done >= planned - 1e-6:
+        return f"{planned} epochs"
+    return f"{done:.2f} of {planned} epochs (stopped early)"
+
+
 def write_html_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Writes one self-contained HTML page about a run for people who do not use the app: data
     summary, training curves, metrics, confusion matrix, the most confident mistakes (embedded
@@ -100,7 +110,7 @@ table {{border-collapse: collapse; margin: 0.5em 0 1.5em}} td, th {{border: 1px 
 <p class="headline">{esc(headline_line)}</p>{warning_html}
 <p>Validation accuracy <b>{format_accuracy(metrics['accuracy'])}</b> · macro-F1 <b>{metrics['macro_f1']:.3f}</b>
 on {metrics['num_images']} images</p>
-<p>Model: <code>{esc(config.model)}</code>, {status.epochs or config.epochs} epochs on {esc(str(status.device or '?'))}
+<p>Model: <code>{esc(config.model)}</code>, {esc(_epochs_trained(status, config))} on {esc(str(status.device or '?'))}
 ({esc(str(status.precision or '?'))}), status {esc(str(status.status or '?'))}.</p>
 <h2>Data</h2><p>Folder <code>{esc(config.data_dir)}</code>: {status.num_train or '?'} training and
 {status.num_val or '?'} validation images in {len(counts)} classes.</p>
