@@ -53,6 +53,22 @@ def test_system_and_hidden_entries_are_ignored_not_classes(tmp_path):
     assert report.ok
 
 
+def test_a_file_name_that_is_not_utf8_scans_with_the_cache_on(tmp_path):
+    """The scan cache (SQLite) cannot store a surrogate-escaped name as text; such a file refused
+    the whole dataset with "'utf-8' codec can't encode character '\\udcff'"."""
+    data = tmp_path / "data"
+    for name in ("cat", "dog"):
+        for i in range(3):
+            png(data / name / f"{i}.png", (i * 50, 9, 9) if name == "cat" else (9, i * 50, 9))
+    odd = data / "cat" / os.fsdecode(b"x\xff.png")
+    png(odd, (250, 250, 9))
+    cache = ScanCache(tmp_path / "cache.sqlite")
+    for _ in range(2):  # stored, then read back from the cache
+        report = scan_dataset(data, cache=cache)
+        assert sum(item.path == str(odd) for item in [*report.train, *report.val]) == 1
+        assert len(report.train) + len(report.val) == 7
+
+
 def test_empty_classes_are_named_and_left_out(tmp_path):
     for name in ("cat", "dog"):
         for i in range(3):

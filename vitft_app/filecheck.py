@@ -70,6 +70,16 @@ def check_image_file(path: str, max_pixels: int | None = None) -> FileCheck:
     return FileCheck(None, width, height, mode, fmt, digest.hexdigest())
 
 
+def _key(path: str) -> str | bytes:
+    """The cache key of a path: the path itself, or its bytes for a file name that is not valid
+    UTF-8 (Python keeps such bytes as surrogates, which SQLite cannot store as text)."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+
+
 class ScanCache:
     """``{(path, size, mtime_ns, max_pixels): FileCheck}`` in an SQLite file (thread-safe). The
     pixel limit is part of the key because it decides whether a large image is usable.
@@ -108,7 +118,7 @@ class ScanCache:
             row = self._db.execute(
                 "SELECT reason, width, height, mode, format, digest FROM checks_v2"
                 " WHERE path = ? AND max_pixels = ? AND size = ? AND mtime_ns = ? AND version = ?",
-                (path, max_pixels, size, mtime_ns, CACHE_VERSION),
+                (_key(path), max_pixels, size, mtime_ns, CACHE_VERSION),
             ).fetchone()
         return FileCheck(*row) if row else None
 
@@ -120,7 +130,7 @@ class ScanCache:
             try:
                 self._db.executemany(
                     "INSERT OR REPLACE INTO checks_v2 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(p, max_pixels, s, m, CACHE_VERSION, *astuple(c)) for p, s, m, c in rows],
+                    [(_key(p), max_pixels, s, m, CACHE_VERSION, *astuple(c)) for p, s, m, c in rows],
                 )
                 self._db.commit()
             except sqlite3.Error:
