@@ -431,6 +431,26 @@ def test_csv_with_split_column_and_multi_label(tmp_path):
     assert prepare_data(TrainConfig(data_dir=str(tmp_path / "tags.csv")), lambda event: None).multi_label
 
 
+def test_csv_rows_with_an_unknown_or_blank_split_are_skipped_with_the_reason(tmp_path):
+    """A typo ("tset"), "test", or a blank cell beside given train/val rows used to vanish without a
+    word; they are skipped files with a reason, named relative to the CSV's folder."""
+    rows = ["image,label,split"]
+    for cls, colour in (("cat", (200, 9, 9)), ("dog", (9, 200, 9))):
+        for i in range(6):
+            png(tmp_path / cls / f"{i}.png", (colour[0] - i * 20, colour[1] - i * 20, 9))
+            split = {3: "val", 4: "tset", 5: ""}.get(i, "train")
+            rows.append(f"{cls}/{i}.png,{cls},{split}")
+    rows.append("cat/0.png,cat,test")  # a test row of an image also used for training
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    report = scan_dataset(tmp_path / "labels.csv", cache=None)
+    assert report.split_given and len(report.train) == 6 and len(report.val) == 2
+    reasons = {report.relative(path): reason for path, reason in report.skipped}
+    assert reasons["cat/4.png"].startswith("split 'tset' is not train or val")
+    assert reasons["dog/5.png"] == "no split given (the other rows give train or val)"
+    assert any(reason.startswith("split 'test' is not train or val") for reason in reasons.values())
+    assert set(report.file_table()["path"]) >= {"cat/0.png", "dog/3.png"}  # relative to the CSV's folder
+
+
 def test_csv_without_known_columns_is_a_clear_error(tmp_path):
     (tmp_path / "x.csv").write_text("foo,bar\n1,2\n")
     with pytest.raises(ValueError, match="needs an image-path column"):

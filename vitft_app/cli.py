@@ -599,10 +599,10 @@ def run_scan(args: argparse.Namespace) -> int:
         if report.classes:
             print(report.counts().to_string(index=False))
         for path, reason in report.skipped:
-            print(f"skipped: {os.path.relpath(path, report.root)}: {reason}")
+            print(f"skipped: {report.relative(path)}: {reason}")
         for group in report.duplicates:
             print(f"duplicates ({', '.join(group.kinds)}): "
-                  + ", ".join(os.path.relpath(p, report.root) for p in group.paths))
+                  + ", ".join(report.relative(p) for p in group.paths))
         if report.ignored:
             print(f"ignored: {len(report.ignored)} entries (hidden, system or non-image files)")
         for warning in report.warnings:

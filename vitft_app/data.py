@@ -149,6 +149,12 @@ class DatasetReport:
             f" {len(self.skipped)} skipped, {len(self.ignored)} ignored, {len(self.duplicates)} duplicate groups"
         )
 
+    def relative(self, path: str) -> str:
+        """``path`` relative to the dataset folder (the CSV's folder for a labels CSV, whose paths
+        are relative to it), for messages and tables."""
+        base = self.root if os.path.isdir(self.root) else os.path.dirname(self.root)
+        return os.path.relpath(path, base)
+
     def file_table(self) -> pd.DataFrame:
         """One row per image file: path (relative to root), split, class, status, reason, width,
         height, aspect (width / height), mode, format, duplicate_group (index or empty)."""
@@ -157,7 +163,7 @@ class DatasetReport:
         for record in self.files:
             c = record.check
             rows.append({
-                "path": os.path.relpath(record.path, self.root),
+                "path": self.relative(record.path),
                 "split": record.split,
                 "class": record.class_name,
                 "status": "ok" if c.reason is None else "skipped",
@@ -431,11 +437,14 @@ def read_label_csv(csv_path: str | os.PathLike) -> tuple[list[Entry], list[tuple
         for sep in _LABEL_SEPARATORS[1:]:
             cell = cell.replace(sep, _LABEL_SEPARATORS[0])
         labels = tuple(dict.fromkeys(x.strip() for x in cell.split(_LABEL_SEPARATORS[0]) if x.strip()))
-        split = str(row[split_col]).strip().lower() if split_col else ""
+        split = "" if not split_col or pd.isna(row[split_col]) else str(row[split_col]).strip().lower()
         part = "train" if split == "train" else "val" if split in VAL_DIR_NAMES else "all"
         if not raw:
             continue
-        if not Path(path).is_relative_to(base):
+        if split and part == "all":  # a typo ("tset") or "test": never silently dropped
+            skipped.append((path, f"split {split!r} is not train or val (test images belong in a separate CSV or"
+                                  " test/ folder)"))
+        elif not Path(path).is_relative_to(base):
             skipped.append((path, "outside the dataset folder"))
         elif not os.path.isfile(path):
             skipped.append((path, "missing file"))
@@ -480,6 +489,8 @@ def _build_report(
     parts = {part for part, _, _ in ok}
     split_given = {"train", "val"} <= parts
     if split_given:
+        unsplit = [path for part, _, path in ok if part == "all"]  # blank split cells beside given ones
+        skipped = skipped + [(path, "no split given (the other rows give train or val)") for path in unsplit]
         train = [item(labels, path) for part, labels, path in ok if part == "train"]
         val = [item(labels, path) for part, labels, path in ok if part == "val"]
         train_classes = {classes[i] for it in train for i in (it.labels or (it.label,))}

@@ -71,7 +71,7 @@ def report_markdown(report: DatasetReport) -> tuple[str, str]:
     with reasons, duplicate groups and ignored entries (first 50 of each)."""
 
     def rel(path: str) -> str:
-        return os.path.relpath(path, report.root)
+        return report.relative(path)
 
     summary = f"**{Path(report.root).name}** · {report.summary()}"
     lines = [f"- ✗ {e}" for e in report.errors] + [f"- ⚠ {w}" for w in report.warnings]
