@@ -150,6 +150,7 @@ def test_example_dataset_is_real_mnist_written_once(tmp_path):
     report = scan_dataset(folder)
     assert report.classes == [str(d) for d in range(10)]
     assert len(report.train) + len(report.val) == 30
+    assert report.ignored == []  # its own ".complete" marker is not shown as an ignored entry
     first = sorted(folder.rglob("*.png"))[0]
     mtime = first.stat().st_mtime_ns
     assert ensure_example_dataset(tmp_path, per_class=3) == folder

