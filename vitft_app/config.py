@@ -57,7 +57,7 @@ class TrainConfig:
             "widget": "slider", "ui_max": 224, "step": 16, "form_default": 224,
         },
     )
-    """Input size in pixels (default: the model's own). Scratch models: 32 to 224 (default 224). A pretrained ViT/DeiT is fine-tuned at this size with its position embeddings interpolated (bicubic) once at load; the saved model and processor keep the new size."""
+    """Input size in pixels (default: the model's own). Scratch models: 32 to 224; the app fills in the dataset's median shorter side rounded up to a multiple of 16 (32 for 28 px digits, 224 for photos). A pretrained ViT/DeiT is fine-tuned at this size with its position embeddings interpolated (bicubic) once at load; the saved model and processor keep the new size."""
 
     freeze_depth: int = field(
         default=0,
