@@ -18,6 +18,7 @@ report. Symbolic links are never followed out of the dataset folder: a linked fi
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -149,11 +150,16 @@ class DatasetReport:
             f" {len(self.skipped)} skipped, {len(self.ignored)} ignored, {len(self.duplicates)} duplicate groups"
         )
 
+    @functools.cached_property
+    def _base(self) -> str:
+        """The dataset folder: ``root``, or the CSV's folder for a labels CSV (one stat per report,
+        not one per file of :meth:`file_table`)."""
+        return self.root if os.path.isdir(self.root) else os.path.dirname(self.root)
+
     def relative(self, path: str) -> str:
         """``path`` relative to the dataset folder (the CSV's folder for a labels CSV, whose paths
         are relative to it), for messages and tables."""
-        base = self.root if os.path.isdir(self.root) else os.path.dirname(self.root)
-        return os.path.relpath(path, base)
+        return os.path.relpath(path, self._base)
 
     def file_table(self) -> pd.DataFrame:
         """One row per image file: path (relative to root), split, class, status, reason, width,

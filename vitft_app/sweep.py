@@ -48,6 +48,7 @@ from .config import TrainConfig
 from .events import EvalDone, Event, RunFailed, RunFinished
 from .jobs import BusyError, error_message
 from .modeling import summarize_model
+from .run_status import RunStatus
 from .runs import read_status
 from .tracking import check_report_to
 from .training import preflight
@@ -640,8 +641,9 @@ def figure_history(study: optuna.Study) -> Any:
 
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         raise SweepError("No trial has completed yet: the history appears after the first one.")
-    baseline = sweep_baseline(study)
-    fig = plot_optimization_history(study, target_name="val mAP" if _best_is_map(study) else "val accuracy")
+    status = _best_status(study)
+    baseline = None if status is None else run_baseline(status)
+    fig = plot_optimization_history(study, target_name="val mAP" if _is_map(status) else "val accuracy")
     fig.update_layout(template="plotly_white", height=340)
     if baseline is not None:  # the trials share one validation split, so one majority-class rate
         from .plots import add_baseline_line
@@ -650,20 +652,24 @@ def figure_history(study: optuna.Study) -> Any:
     return fig
 
 
+def _best_status(study: optuna.Study) -> RunStatus | None:
+    """The best trial's ``status.json`` (None before a complete trial or when its folder is gone):
+    the trials share one validation split, so its baseline and metric are the study's."""
+    _, run_dir = _best(study)
+    return read_status(run_dir) if run_dir and Path(run_dir).is_dir() else None
+
+
+def _is_map(status: RunStatus | None) -> bool:
+    """True when the objective is validation mAP (multi-label data)."""
+    return status is not None and status.monitor == "val_map"
+
+
 def sweep_baseline(study: optuna.Study) -> Baseline | None:
     """The validation majority-class baseline of the study's trials (all train on one split), read
     from the best trial's run folder (:func:`vitft_app.baseline.run_baseline`); None before a
     complete trial, for multi-label data (the objective is then mAP) and for older runs."""
-    _, run_dir = _best(study)
-    if not run_dir or not Path(run_dir).is_dir():
-        return None
-    return run_baseline(read_status(run_dir))
-
-
-def _best_is_map(study: optuna.Study) -> bool:
-    """True when the objective is validation mAP (multi-label data), read from the best trial's run."""
-    _, run_dir = _best(study)
-    return bool(run_dir) and Path(run_dir).is_dir() and read_status(run_dir).monitor == "val_map"
+    status = _best_status(study)
+    return None if status is None else run_baseline(status)
 
 
 def figure_importance(study: optuna.Study) -> Any:
@@ -746,10 +752,11 @@ def study_summary(study: optuna.Study) -> str:
     value, run_dir = _best(study)
     best = ""
     if value is not None and run_dir:
-        if _best_is_map(study):
+        status = _best_status(study)
+        if _is_map(status):
             best = f"; best val mAP **{value:.4f}** (`{Path(run_dir).name}`)"
         else:
-            baseline = sweep_baseline(study)
+            baseline = None if status is None else run_baseline(status)
             best = f"; best val accuracy **{accuracy_with_baseline(value, baseline)}** (`{Path(run_dir).name}`)"
             if is_weak(value, baseline):
                 best += " · ⚠ weak: near always answering the most common class"
