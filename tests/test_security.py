@@ -297,6 +297,13 @@ def _bad_zips(tmp_path: Path) -> dict[str, Path]:
     made["understated"].write_bytes(bytes(short))
     made["not a zip"] = tmp_path / "junk.zip"
     made["not a zip"].write_bytes(b"PK\x03\x04 nothing else")
+    # names the file system refuses: a member that is a file and a folder, a 300-byte name
+    for kind, names in (("file then folder", ["d/a", "d/a/1.png"]), ("folder then file", ["d/a/", "d/a"]),
+                        ("long name", ["d/" + "x" * 300 + ".png"])):
+        made[kind] = tmp_path / f"{kind.replace(' ', '-')}.zip"
+        with zipfile.ZipFile(made[kind], "w") as z:
+            for name in names:
+                z.writestr(name, b"" if name.endswith("/") else b"x")
     return made
 
 
@@ -310,7 +317,7 @@ def test_every_bad_zip_is_a_one_line_message_in_upload_and_batch_prediction(tmp_
     for kind, archive in _bad_zips(tmp_path).items():
         value, message = data_tab.receive_upload(str(archive), settings)
         assert message.startswith("✗ ") and "\n" not in message and "Traceback" not in message, (kind, message)
-        assert str(tmp_path) not in message, (kind, message)
+        assert str(tmp_path) not in message and "Errno" not in message, (kind, message)
         _, _, batch = predict_tab.predict_batch(ctx, str(tiny_vit), None, str(archive), 3, 0.0, False)
         assert batch.startswith("✗ ") and "\n" not in batch, (kind, batch)
     assert not [p for p in (tmp_path / "uploads").iterdir()]  # nothing left behind

@@ -189,11 +189,35 @@ def extract_zip(
             shutil.rmtree(tmp, ignore_errors=True)
             if exc.errno == errno.ENOSPC:
                 raise UnsafeArchiveError("The disk filled up while extracting the zip; nothing was kept.") from None
+            where = info.filename
+            if exc.filename and Path(exc.filename).is_relative_to(tmp.resolve()):
+                where = Path(exc.filename).relative_to(tmp.resolve()).as_posix()  # the clashing path
+            refusal = _member_write_refusal(exc, where)
+            if refusal:
+                raise UnsafeArchiveError(refusal) from None
             raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return _dataset_root(dest)
+
+
+def _member_write_refusal(exc: OSError, name: str) -> str | None:
+    """The plain reason a zip member could not be written, for the errors the zip itself causes
+    (None for others: permissions, a read-only disk).
+
+    Args:
+        exc: the error from creating the member's folder or file; name: the path in the zip it failed on.
+    """
+    shown = name if len(name) <= 60 else name[:40] + "…" + name[-12:]
+    if exc.errno in (errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
+        return (f"Refused: the zip has '{shown.rstrip('/')}' both as a file and as a folder; make the zip again"
+                " from the dataset folder.")
+    if exc.errno == errno.ENAMETOOLONG:
+        longest = max((len(part.encode()) for part in name.split("/")), default=0)
+        return (f"Refused: '{shown}' has a file or folder name of {longest} bytes, longer than this file system"
+                " allows (255); shorten it and make the zip again.")
+    return None
 
 
 def _short(exc: BaseException) -> str:
