@@ -543,6 +543,8 @@ def test_damaged_config_json_is_one_line_in_resume_and_evaluate(tmp_path, finish
 
 
 def test_damaged_model_files_are_one_line_in_predict_and_evaluate(tmp_path, finished_run, digits_small, vitft_here):
+    from vitft_app.checkpoint import save_checkpoint
+
     image = str(sorted((digits_small / "0").iterdir())[0])
     weights = finished_run / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
@@ -550,9 +552,13 @@ def test_damaged_model_files_are_one_line_in_predict_and_evaluate(tmp_path, fini
         result = vitft_here(*args, cwd=tmp_path)
         assert result.returncode == 2 and "Traceback" not in result.stderr, (args, result.stderr[-2000:])
         assert "is damaged (config.json / model.safetensors" in result.stderr, result.stderr[-2000:]
+        # a completed run deleted its checkpoint: it cannot be resumed, so the message does not say to
+        assert "has no checkpoint to resume from: train it again" in result.stderr, result.stderr[-2000:]
     (finished_run / "model" / "preprocessor_config.json").write_text("[]")
-    result = vitft_here("predict", "--model", str(finished_run), image, cwd=tmp_path)
+    save_checkpoint(finished_run, {"loop": {}})  # a stopped run keeps its checkpoint: resume saves a new model
+    result = vitft_here("predict", "--model", str(finished_run / "model"), image, cwd=tmp_path)
     assert result.returncode == 2 and "is damaged (preprocessor_config.json" in result.stderr, result.stderr[-2000:]
+    assert f"resume run {finished_run.name} from its last checkpoint" in result.stderr, result.stderr[-2000:]
 
 
 def test_app_resume_of_an_unreadable_checkpoint_says_so_at_once_and_report_is_a_message(tmp_path, finished_run):

@@ -211,6 +211,21 @@ class ClassifierBackend(abc.ABC):
                 for row_scores, row_indices in zip(scores.tolist(), indices.tolist())]
 
 
+def _remedy(path: Path) -> str:
+    """What to do about a damaged saved model at ``path`` (a run folder or its ``model/``): resume
+    when the run still has a checkpoint (a stopped, failed or interrupted run), else train again (a
+    completed run deletes its checkpoint, so there is nothing to resume from)."""
+    from .checkpoint import has_checkpoint
+    from .runs import is_run_dir
+
+    run = next((p for p in (path, path.parent) if is_run_dir(p)), None)
+    if run is not None and has_checkpoint(run):
+        return f"resume run {run.name} from its last checkpoint to save a new one."
+    if run is not None:
+        return f"run {run.name} has no checkpoint to resume from: train it again (the Train tab's \"Train again with these settings\", or vitft train)."
+    return "save the model again."
+
+
 class Predictor(ClassifierBackend):
     """A trained model ready to predict (PyTorch).
 
@@ -262,7 +277,7 @@ class Predictor(ClassifierBackend):
             detail = re.sub(r"(?<![\w.])/[^\s'\"]+", "<file>", str(exc).strip().splitlines()[0] if str(exc).strip() else "")
             raise ModelLoadError(
                 f"The saved model in {path.name} is damaged ({stage}: {type(exc).__name__}"
-                + (f": {detail[:160]}" if detail else "") + "); train the run again or resume it to save a new one."
+                + (f": {detail[:160]}" if detail else "") + f"); {_remedy(path)}"
             ) from None
         self.model = self.model.to(self.plan.device).eval()
         self.multi_label = getattr(self.model.config, "problem_type", None) == "multi_label_classification"
