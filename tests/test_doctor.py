@@ -431,6 +431,29 @@ def test_csv_with_split_column_and_multi_label(tmp_path):
     assert prepare_data(TrainConfig(data_dir=str(tmp_path / "tags.csv")), lambda event: None).multi_label
 
 
+def test_a_stray_separator_keeps_a_csv_single_label_and_a_few_multi_label_rows_are_a_warning(tmp_path):
+    """One ``cat;`` typed by mistake made the whole dataset multi-label (sigmoid, mAP), said only in
+    the summary; it names one label, so the dataset stays single-label. A real second label in a few
+    rows still makes it multi-label, with a warning naming those rows."""
+    rows = ["image,label"]
+    for cls, colour in (("cat", (200, 9, 9)), ("dog", (9, 200, 9))):
+        for i in range(10):
+            png(tmp_path / cls / f"{i}.png", (colour[0] - i * 15, colour[1] - i * 15, 9))
+            rows.append(f"{cls}/{i}.png,{cls}")
+    rows[1] = "cat/0.png,cat;"
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    report = scan_dataset(tmp_path / "labels.csv", cache=None)
+    assert not report.multi_label and report.classes == ["cat", "dog"]
+    assert not any("Multi-label" in w for w in report.warnings)
+
+    rows[2] = "cat/1.png,cat|dog"
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    report = scan_dataset(tmp_path / "labels.csv", cache=None)
+    assert report.multi_label
+    warning = next(w for w in report.warnings if w.startswith("Multi-label"))
+    assert "1 of 20 rows name several labels (cat/1.png)" in warning and "typos" in warning
+
+
 def test_csv_rows_with_an_unknown_or_blank_split_are_skipped_with_the_reason(tmp_path):
     """A typo ("tset"), "test", or a blank cell beside given train/val rows used to vanish without a
     word; they are skipped files with a reason, named relative to the CSV's folder."""

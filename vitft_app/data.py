@@ -407,6 +407,9 @@ def _folder_entries(root: Path, ignored: list[str]) -> tuple[list[Entry], list[s
 _IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filename", "file_name", "filepath", "img")
 _LABEL_COLUMNS = ("label", "labels", "class", "classes", "category", "tags", "target")
 _LABEL_SEPARATORS = (";", "|")
+#: A multi-label CSV where at most this many rows (or 5% of them) name several labels gets a warning:
+#: one separator typed by mistake would otherwise change the whole run (sigmoid and mAP, not softmax).
+FEW_MULTI_LABEL_ROWS = 3
 
 
 def read_label_csv(csv_path: str | os.PathLike) -> tuple[list[Entry], list[tuple[str, str]], bool]:
@@ -415,8 +418,8 @@ def read_label_csv(csv_path: str | os.PathLike) -> tuple[list[Entry], list[tuple
     Column names are matched case-insensitively: image from ``image, image_path, path, file,
     filename, file_name, filepath, img``; label from ``label, labels, class, classes, category,
     tags, target``; an optional ``split`` column (``train``, ``val``/``validation``/``valid``) gives
-    the split. A label cell holding several labels separated by ``;`` or ``|`` makes the dataset
-    multi-label.
+    the split. A label cell holding two or more labels separated by ``;`` or ``|`` makes the dataset
+    multi-label (a stray separator, as in ``cat;``, leaves one label and does not).
 
     Returns:
         ``(entries, skipped rows as (path, reason), multi_label)``. Rows whose file is missing,
@@ -440,7 +443,6 @@ def read_label_csv(csv_path: str | os.PathLike) -> tuple[list[Entry], list[tuple
             f" ({', '.join(_LABEL_COLUMNS)}); found columns: {', '.join(map(str, frame.columns))}"
         )
     split_col = lower.get("split")
-    multi_label = any(sep in cell for cell in frame[label_col] for sep in _LABEL_SEPARATORS)
     entries: list[Entry] = []
     skipped: list[tuple[str, str]] = []
     for _, row in frame.iterrows():
@@ -465,6 +467,8 @@ def read_label_csv(csv_path: str | os.PathLike) -> tuple[list[Entry], list[tuple
             skipped.append((path, "no label"))
         else:
             entries.append((part, labels, path))
+    # Multi-label when a row names two or more labels: a stray separator ("cat;") names one.
+    multi_label = any(len(labels) > 1 for _, labels, _ in entries)
     return entries, skipped, multi_label
 
 
@@ -493,6 +497,14 @@ def _build_report(
         warnings.append(f"Empty classes left out (no usable images): {', '.join(empty)}")
     classes = [name for name in classes_all if usable[name] > 0]
     index = {name: i for i, name in enumerate(classes)}
+    several = [path for _, labels, path in entries if len(labels) > 1]
+    if multi_label and len(several) <= max(FEW_MULTI_LABEL_ROWS, 0.05 * len(entries)):
+        shown = ", ".join(os.path.relpath(path, os.path.dirname(root)) for path in several[:3])
+        warnings.append(
+            f"Multi-label because {len(several)} of {len(entries)} rows name several labels ({shown}"
+            f"{', …' if len(several) > 3 else ''}): the model then scores each label on its own (sigmoid, mAP)."
+            " If those cells are typos, give each row one label and the dataset is single-label again."
+        )
 
     def item(labels: tuple[str, ...], path: str) -> ImageItem:
         indices = tuple(index[name] for name in labels)
