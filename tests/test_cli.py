@@ -142,6 +142,19 @@ def test_ctrl_c_stops_cleanly_and_keeps_the_run(tmp_path, digits_small, tiny_vit
     assert "stopping after the current step" in err
 
 
+def test_ctrl_c_during_shutdown_ends_the_process_without_a_traceback(tmp_path):
+    """A Ctrl-C after the command returned (here: from an atexit handler, where a library's clean-up
+    runs) used to print "Exception ignored in atexit callback" and a KeyboardInterrupt traceback."""
+    script = ("import atexit, os, signal, time\n"
+              "from vitft_app import cli\n"
+              "cli.main = lambda argv=None: 0\n"
+              "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(5)))\n"
+              "cli.run()\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert "Traceback" not in result.stderr and "KeyboardInterrupt" not in result.stderr, result.stderr[-2000:]
+    assert result.returncode == -2  # ended by the signal, at once (not after the handler's 5 s sleep)
+
+
 def test_unusable_output_dir_is_a_message(tmp_path, digits_small, vitft_here):
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")

@@ -858,8 +858,21 @@ def run() -> NoReturn:
         code = main()
     finally:
         _end_gc_pause("")
+    _end_on_late_interrupt()
     gc.freeze()
     sys.exit(code)
+
+
+def _end_on_late_interrupt() -> None:
+    """After the command returned, a Ctrl-C ends the process at once (SIGINT's default action)
+    instead of raising ``KeyboardInterrupt`` inside whatever runs then: an atexit handler or the
+    join of a library's thread, which Python reports as "Exception ignored in atexit callback" with
+    a traceback. The run folder is complete by then; only the interpreter's own clean-up is left."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
