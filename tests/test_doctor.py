@@ -474,6 +474,25 @@ def test_csv_rows_with_an_unknown_or_blank_split_are_skipped_with_the_reason(tmp
     assert set(report.file_table()["path"]) >= {"cat/0.png", "dog/3.png"}  # relative to the CSV's folder
 
 
+def test_a_csv_row_with_more_cells_than_the_header_is_refused_naming_its_line(tmp_path):
+    """pandas read an extra cell in the first data row as an index column: every column shifted and
+    each row was skipped as a "missing file" named after its label. A later extra cell gave
+    "Error tokenizing data. C error". Both now name the line; a non-UTF-8 file says so."""
+    for i in range(2):
+        png(tmp_path / "a" / f"{i}.png", (i * 90, 9, 9))
+    for bad_line in (2, 3):
+        rows = ["image,label", "a/0.png,a", "a/1.png,a"]
+        rows[bad_line - 1] += ",extra"
+        (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+        with pytest.raises(ValueError, match=f"labels.csv, line {bad_line}: 3 cells, but the header has 2"):
+            scan_dataset(tmp_path / "labels.csv", cache=None)
+    (tmp_path / "labels.csv").write_text('image,label\n"a/0.png",a\n"a/1.png","a,b"\n')  # quoted commas are fine
+    assert scan_dataset(tmp_path / "labels.csv", cache=None).classes == ["a", "a,b"]
+    (tmp_path / "labels.csv").write_bytes("image,label\na/0.png,caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        scan_dataset(tmp_path / "labels.csv", cache=None)
+
+
 def test_csv_without_known_columns_is_a_clear_error(tmp_path):
     (tmp_path / "x.csv").write_text("foo,bar\n1,2\n")
     with pytest.raises(ValueError, match="needs an image-path column"):

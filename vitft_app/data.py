@@ -430,9 +430,13 @@ def read_label_csv(csv_path: str | os.PathLike) -> tuple[list[Entry], list[tuple
     """
     csv_path = Path(csv_path)
     base = csv_path.parent.resolve()
+    _check_row_lengths(csv_path)
     try:
-        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, index_col=False)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"Cannot read {csv_path.name}: it is not UTF-8 text (byte {exc.start}); save it as"
+                         " \"CSV UTF-8\".") from exc
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise ValueError(f"Cannot read {csv_path.name} as CSV: {exc}") from exc
     lower = {c.strip().lower(): c for c in frame.columns}
     image_col = next((lower[c] for c in _IMAGE_COLUMNS if c in lower), None)
@@ -470,6 +474,32 @@ def read_label_csv(csv_path: str | os.PathLike) -> tuple[list[Entry], list[tuple
     # Multi-label when a row names two or more labels: a stray separator ("cat;") names one.
     multi_label = any(len(labels) > 1 for _, labels, _ in entries)
     return entries, skipped, multi_label
+
+
+def _check_row_lengths(csv_path: Path) -> None:
+    """Refuses a CSV with a row of more cells than its header, naming the line. pandas otherwise
+    reads a first data row with one extra cell as "the first column is the index" and shifts every
+    column by one (each row then skipped as a missing file named after its label), or stops with
+    "Error tokenizing data. C error: ..." for a later one.
+
+    Raises:
+        ValueError: the first such row, with its line number (1 = the header).
+    """
+    import csv
+
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig", errors="replace") as handle:
+            rows = csv.reader(handle)
+            header = next(rows, [])
+            for line, row in enumerate(rows, start=2):
+                if len(row) > len(header):
+                    raise ValueError(
+                        f"{csv_path.name}, line {line}: {len(row)} cells, but the header has {len(header)}"
+                        f" ({', '.join(header)}). A comma inside a file name or label needs the cell in"
+                        ' double quotes ("a,b.png").'
+                    )
+    except csv.Error as exc:
+        raise ValueError(f"Cannot read {csv_path.name} as CSV: {exc}") from exc
 
 
 def _build_report(
