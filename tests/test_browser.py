@@ -157,15 +157,21 @@ def test_busy_and_stop_in_the_browser(app_url, page):
     open_app(page, url)
     start_tiny_run(page, tiny_vit, epochs=100)
     expect(page.locator("#train-status")).to_contain_text("running", timeout=60_000)
-    page.locator("#start-button").click()
-    expect(page.locator("#train-message")).to_contain_text("Busy", timeout=120_000)
-    page.locator("#stop-button").click()
+    start, stop, resume = (page.locator(f"#{name}-button") for name in ("start", "stop", "resume"))
+    # While it trains only Stop is on (a second Start could only answer "Busy").
+    expect(start).to_be_disabled(timeout=60_000)
+    expect(stop).to_be_enabled()
+    expect(resume).to_be_disabled()
+    stop.click()
     # "Stopping…" shows until the run has stopped; the next poll clears it, so a run that stops
     # within a poll may be seen stopped directly.
     page.wait_for_function(
         "() => (document.querySelector('#train-message')?.innerText || '').includes('Stopping')"
         " || (document.querySelector('#train-status')?.innerText || '').includes('stopped')", timeout=120_000)
     expect(page.locator("#train-status")).to_contain_text("stopped", timeout=60_000)
+    expect(start).to_be_enabled(timeout=60_000)
+    expect(stop).to_be_disabled()
+    expect(resume).to_be_enabled()
     # Resume continues the same run from its checkpoint; stop it again.
     page.locator("#resume-button").click()
     expect(page.locator("#train-message")).to_contain_text("Resumed run", timeout=60_000)
@@ -366,8 +372,9 @@ def test_the_newcomer_path_at_1400x900(app_url, page, digits_root):
         result.scroll_into_view_if_needed()
         shot("8-predict")
     finally:
-        # The app process owns the job: stop it from the page (a no-op when nothing runs).
+        # The app process owns the job: stop it from the page (Stop is off when nothing runs).
         page.get_by_role("tab", name="Train").click()
-        page.locator("#stop-button").click()
+        if page.locator("#stop-button").is_enabled():
+            page.locator("#stop-button").click()
         expect(page.locator("#train-status")).not_to_contain_text("running", timeout=60_000)
         shutil.rmtree(dataset, ignore_errors=True)

@@ -108,16 +108,39 @@ def test_start_busy_stop_and_live_view(ctx, digits_small, tiny_vit):
     deadline = time.time() + 60
     while time.time() < deadline and "epoch" not in str(train_tab.poll(ctx, run_dir, None)[0]):
         time.sleep(0.2)
+    live = dict(zip(train_tab.POLL_KEYS, train_tab.poll(ctx, run_dir, None)))
+    # while it trains only Stop is on (a second Start would only answer "Busy")
+    assert [live[k]["interactive"] for k in ("start", "stop", "resume")] == [False, True, False]
     assert "Stopping" in train_tab.stop_run(ctx)
     status = wait_for(run_dir)
     assert status["status"] == "stopped"
     live = dict(zip(train_tab.POLL_KEYS, train_tab.poll(ctx, run_dir, None)))
     text, loss, accuracy, signature = live["status"], live["loss"], live["accuracy"], live["signature"]
     assert "stopped" in text and isinstance(loss, go.Figure) and isinstance(accuracy, go.Figure)
+    from vitft_app.checkpoint import has_checkpoint
+
+    assert has_checkpoint(run_dir)  # stopped with its checkpoint: Start and Resume are on, Stop off
+    assert [live[k]["interactive"] for k in ("start", "stop", "resume")] == [True, False, True]
     unchanged = train_tab.poll(ctx, run_dir, signature)
     assert all(isinstance(v, type(gr.skip())) for v in unchanged)
     assert ctx.runner.current.wait(30)  # the thread writes the model card after the "stopped" status
     assert train_tab.stop_run(ctx) == "Nothing is running."
+
+
+def test_start_stop_and_resume_follow_the_shown_run(ctx, tmp_path):
+    from vitft_app.run_status import as_run_status
+
+    def states(run_dir, status):
+        return [u["interactive"] for u in train_tab.button_states(ctx, run_dir, status)]
+
+    assert states(None, None) == [True, False, False]  # no run yet: only Start
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    assert states(str(run_dir), as_run_status({"status": "completed"})) == [True, False, False]  # no checkpoint
+    assert states(str(run_dir), as_run_status({"status": "running"})) == [False, True, False]
+    (run_dir / "checkpoint.pt").write_bytes(b"x")
+    for ended in ("stopped", "failed", "interrupted"):
+        assert states(str(run_dir), as_run_status({"status": ended})) == [True, False, True], ended
 
 
 def test_failure_and_bad_input_show_messages(ctx, digits_small, tmp_path, tiny_vit, monkeypatch):

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from ..checkpoint import ResumeError
+from ..checkpoint import ResumeError, has_checkpoint
 from ..config import SCRATCH_MODEL, SECTIONS, TrainConfig
 from ..jobs import BusyError
 from ..model_catalog import default_model_note, describe_model, resolve_default_model
@@ -462,7 +462,32 @@ def _signature(run_dir: str) -> tuple:
 
 
 #: Outputs of :func:`poll`, in order.
-POLL_KEYS = ("status", "progress", "details", "loss", "accuracy", "after_run", "banner", "signature")
+POLL_KEYS = ("status", "progress", "details", "loss", "accuracy", "after_run", "banner", "start", "stop", "resume",
+             "signature")
+
+#: Statuses of a run that is (about to be) training: Start is off and Stop is on.
+TRAINING_STATUSES = ("starting", "running")
+
+
+def button_states(ctx: Any, run_dir: str | None, status: RunStatus | None) -> tuple:
+    """Start, Stop and Resume as the shown run allows: while it trains only Stop is on; after it,
+    Start, and Resume when the run kept a checkpoint to resume from (stopped, failed or interrupted;
+    a completed run deletes its checkpoint). A run whose status is not written yet counts as
+    training when it is the runner's running job.
+
+    Args:
+        ctx: the app context; run_dir: the shown run or None; status: its status (None: no run).
+
+    Returns:
+        ``(start, stop, resume)`` ``gr.update(interactive=...)`` values.
+    """
+    state = status.status if status is not None else None
+    job = ctx.runner.current
+    training = state in TRAINING_STATUSES or (
+        run_dir is not None and not state and job is not None and job.running and str(job.run_dir) == str(run_dir))
+    resumable = (not training and state in ("stopped", "failed", "interrupted") and run_dir is not None
+                 and has_checkpoint(run_dir))
+    return (gr.update(interactive=not training), gr.update(interactive=training), gr.update(interactive=resumable))
 
 
 def poll(ctx: Any, run_dir: str | None, last_signature: Any) -> tuple:
@@ -470,13 +495,14 @@ def poll(ctx: Any, run_dir: str | None, last_signature: Any) -> tuple:
 
     Returns:
         Values for :data:`POLL_KEYS`: status markdown, progress bar HTML, run details markdown,
-        loss figure, accuracy figure, the after-run buttons' row update and the signature
-        (``gr.skip()`` values when unchanged).
+        loss figure, accuracy figure, the after-run buttons' row update, the banner, Start's, Stop's
+        and Resume's states (:func:`button_states`) and the signature (``gr.skip()`` values when
+        unchanged).
     """
     run_dir = shown_run(ctx, run_dir)
     if not run_dir:
         return (status_markdown({}, ""), "", status_details({}), gr.skip(), gr.skip(), gr.update(visible=False),
-                "", None)
+                "", *button_states(ctx, None, None), None)
     signature = _signature(run_dir)
     if signature == last_signature:
         return tuple(gr.skip() for _ in POLL_KEYS)
@@ -486,7 +512,7 @@ def poll(ctx: Any, run_dir: str | None, last_signature: Any) -> tuple:
     has_model = finished and model_dir(run_dir) is not None
     return (status_markdown(status, Path(run_dir).name), progress_html(status), status_details(status),
             figure_loss(metrics), figure_accuracy(metrics, run_baseline(status)), gr.update(visible=has_model),
-            banner_markdown(status, Path(run_dir).name), signature)
+            banner_markdown(status, Path(run_dir).name), *button_states(ctx, run_dir, status), signature)
 
 
 def banner_markdown(status: RunStatus | dict[str, Any], run_id: str) -> str:
@@ -630,8 +656,10 @@ def _build_live() -> dict[str, Any]:
     with gr.Group(elem_id="train-live"):
         with gr.Row(equal_height=True):
             live["start"] = gr.Button("Start", variant="primary", elem_id="start-button", scale=1, min_width=90)
-            live["stop"] = gr.Button("Stop", variant="stop", elem_id="stop-button", scale=1, min_width=90)
-            live["resume"] = gr.Button("Resume", elem_id="resume-button", scale=1, min_width=90)
+            # Off until the first poll says what the shown run allows (button_states).
+            live["stop"] = gr.Button("Stop", variant="stop", elem_id="stop-button", scale=1, min_width=90,
+                                     interactive=False)
+            live["resume"] = gr.Button("Resume", elem_id="resume-button", scale=1, min_width=90, interactive=False)
             live["progress"] = gr.HTML(elem_id="train-progress", scale=5, padding=False)
         live["message"] = gr.Markdown(elem_id="train-message")
         live["status"] = gr.Markdown(elem_id="train-status")
