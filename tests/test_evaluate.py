@@ -84,7 +84,8 @@ def finished_run(tmp_path_factory, digits_root, tiny_vit):
 
 
 def test_evaluate_run_writes_metrics_and_figures(finished_run):
-    result = evaluate_run(finished_run, split="val", device="cpu")
+    calls = []
+    result = evaluate_run(finished_run, split="val", device="cpu", progress=lambda *call: calls.append(call))
     out = finished_run / "eval" / "val"
     saved = json.loads((out / "metrics.json").read_text())
     assert {"accuracy", "macro_f1", "per_class", "confusion_matrix", "roc_auc", "ece"} <= set(saved)
@@ -93,6 +94,11 @@ def test_evaluate_run_writes_metrics_and_figures(finished_run):
     assert saved["accuracy"] == pytest.approx(status["best_val_accuracy"])  # same split, same model
     assert (out / "confusion_matrix.html").exists() and (out / "plotly.min.js").exists()
     assert len((out / "predictions.csv").read_text().splitlines()) == saved["num_images"] + 1
+    # the tab's progress bar: each stage ends at its total, in order; every validation image predicted
+    last = {stage: (done, total) for stage, done, total in calls}
+    assert list(last) == ["Checking images", "Predicting", "Writing figures"]
+    assert all(done == total for done, total in last.values())
+    assert last["Predicting"][1] == saved["num_images"] and last["Writing figures"][1] == 5
 
 
 def test_test_split_is_evaluated_apart(finished_run):

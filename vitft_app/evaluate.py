@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import pandas as pd
@@ -237,7 +237,8 @@ def compute_multilabel_metrics(
     }
 
 
-def _split_items(run_config: TrainConfig | None, data_dir: str, split: Split) -> tuple[list[ImageItem], list[str]]:
+def _split_items(run_config: TrainConfig | None, data_dir: str, split: Split,
+                 progress: Callable[[int, int], None] | None = None) -> tuple[list[ImageItem], list[str]]:
     """Images and dataset class names of the requested split.
 
     ``val``: the same validation split as training (given val/, or the seeded automatic split with
@@ -251,10 +252,10 @@ def _split_items(run_config: TrainConfig | None, data_dir: str, split: Split) ->
         test_dir = root / "test" if root.is_dir() else None
         if test_dir is None or not test_dir.is_dir():
             raise EvaluationError(f"No test/ folder in {root}: put held-out images in test/<class>/ to evaluate them.")
-        report = scan_dataset(test_dir, val_fraction=0.5, seed=seed)
+        report = scan_dataset(test_dir, val_fraction=0.5, seed=seed, progress=progress)
         items = sorted(report.train + report.val, key=lambda i: i.path)
     else:
-        report = scan_dataset(root, val_fraction=val_fraction, seed=seed)
+        report = scan_dataset(root, val_fraction=val_fraction, seed=seed, progress=progress)
         items = report.val
     if not items:
         raise EvaluationError(f"No usable {split} images in {root}.")
@@ -268,6 +269,7 @@ def evaluate_run(
     top_k: int = 5,
     write: bool = True,
     device: str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> Evaluation:
     """Evaluates a trained model on a dataset split and writes the results.
 
@@ -279,6 +281,8 @@ def evaluate_run(
         top_k: k of the top-k accuracy.
         write: write ``<run>/eval/<split>/`` (``metrics.json``, ``predictions.csv``, figures).
         device: force a device; default from the device policy.
+        progress: called ``(stage, done, total)`` as it goes: ``"Checking images"`` (files),
+            ``"Predicting"`` (images), ``"Writing figures"`` (figures).
 
     Returns:
         An :class:`Evaluation`.
@@ -297,13 +301,16 @@ def evaluate_run(
     except (FileNotFoundError, OSError) as exc:
         raise EvaluationError(str(exc)) from exc
     classes = [predictor.id2label[i] for i in sorted(predictor.id2label)]
-    items, data_classes = _split_items(run_config, data, split)
+    def stage(name: str) -> Callable[[int, int], None] | None:
+        return None if progress is None else (lambda done, total: progress(name, done, total))
+
+    items, data_classes = _split_items(run_config, data, split, stage("Checking images"))
     unknown = sorted(set(data_classes) - set(classes))
     if unknown:
         raise EvaluationError(f"The model does not predict these dataset classes: {', '.join(unknown)}")
     index = {name: i for i, name in enumerate(classes)}
     paths = [item.path for item in items]
-    probs = predictor.predict_proba(paths).numpy().astype(np.float32)
+    probs = predictor.predict_proba(paths, progress=stage("Predicting")).numpy().astype(np.float32)
     if predictor.multi_label:
         y_true = np.zeros((len(items), len(classes)), dtype=np.int64)
         for row, item in enumerate(items):
@@ -317,15 +324,16 @@ def evaluate_run(
     result.metrics["data_dir"] = str(Path(data).resolve())
     if write:
         base = path if run_config else predictor.path
-        write_evaluation(result, base / "eval" / split)
+        write_evaluation(result, base / "eval" / split, stage("Writing figures"))
         if run_config and split == "val":
             write_model_card(path, result.metrics)  # the card shows the latest validation metrics
     return result
 
 
-def write_evaluation(result: Evaluation, out_dir: Path) -> None:
+def write_evaluation(result: Evaluation, out_dir: Path, progress: Callable[[int, int], None] | None = None) -> None:
     """Writes ``metrics.json``, ``predictions.csv`` and the figures (plotly HTML, with
-    ``plotly.min.js`` once beside them so they open offline)."""
+    ``plotly.min.js`` once beside them so they open offline); ``progress(figures done, total)``
+    after each figure."""
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "metrics.json", json.dumps(result.metrics, indent=2))
     atomic_write_text(out_dir / "predictions.csv", result.predictions_frame().to_csv(index=False))
@@ -334,8 +342,7 @@ def write_evaluation(result: Evaluation, out_dir: Path) -> None:
             "roc": plots.figure_roc(result.y_true, result.probs, result.classes),
             "precision_recall": plots.figure_precision_recall(result.y_true, result.probs, result.classes),
         }
-        for name, figure in figures.items():
-            figure.write_html(out_dir / f"{name}.html", include_plotlyjs="directory")
+        _write_figures(figures, out_dir, progress)
         result.out_dir = out_dir
         return
     figures = {
@@ -346,9 +353,15 @@ def write_evaluation(result: Evaluation, out_dir: Path) -> None:
         "roc": plots.figure_roc(result.y_true, result.probs, result.classes),
         "precision_recall": plots.figure_precision_recall(result.y_true, result.probs, result.classes),
     }
-    for name, figure in figures.items():
-        figure.write_html(out_dir / f"{name}.html", include_plotlyjs="directory")
+    _write_figures(figures, out_dir, progress)
     result.out_dir = out_dir
+
+
+def _write_figures(figures: dict[str, Any], out_dir: Path, progress: Callable[[int, int], None] | None) -> None:
+    for done, (name, figure) in enumerate(figures.items(), start=1):
+        figure.write_html(out_dir / f"{name}.html", include_plotlyjs="directory")
+        if progress is not None:
+            progress(done, len(figures))
 
 
 def evaluation_headline(metrics: dict[str, Any]) -> str:

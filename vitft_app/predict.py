@@ -15,7 +15,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification
@@ -137,7 +137,8 @@ class ClassifierBackend(abc.ABC):
         """float32 ``(B, 3, H, W)`` -> float32 logits ``(B, num_labels)`` on the CPU."""
 
     @torch.inference_mode()
-    def predict_proba(self, images: Sequence[ImageSource], batch_size: int = 32, tta: bool = False) -> torch.Tensor:
+    def predict_proba(self, images: Sequence[ImageSource], batch_size: int = 32, tta: bool = False,
+                      progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Probabilities of every class: softmax, or per-label sigmoid for a multi-label model.
 
         Args:
@@ -145,6 +146,7 @@ class ClassifierBackend(abc.ABC):
             batch_size: images per forward pass.
             tta: test-time augmentation: average the probabilities of the image and its
                 horizontal flip.
+            progress: called ``(images done, total)`` after each batch.
 
         Returns:
             float32 tensor ``(len(images), num_labels)`` on the CPU, columns in ``id2label`` order;
@@ -162,6 +164,8 @@ class ClassifierBackend(abc.ABC):
                 if tta:
                     probs = (probs + self._activate(self.logits(pixels.flip(-1)))) / 2
                 rows.append(probs)
+                if progress is not None:
+                    progress(min(start + batch_size, len(images)), len(images))
         return torch.cat(rows) if rows else torch.empty(0, len(self.id2label))
 
     def _activate(self, logits: torch.Tensor) -> torch.Tensor:

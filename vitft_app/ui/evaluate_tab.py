@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 import pandas as pd
@@ -77,8 +77,10 @@ def gallery_items(frame: pd.DataFrame) -> list[tuple[Image.Image, str]]:
     return items
 
 
-def run_evaluation(ctx: Any, run_dir: str | None, split: str, top_k: int) -> dict[str, Any]:
-    """Evaluates a run for the tab.
+def run_evaluation(ctx: Any, run_dir: str | None, split: str, top_k: int,
+                   progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Evaluates a run for the tab; ``progress(stage, done, total)`` as
+    :func:`~vitft_app.evaluate.evaluate_run` goes (the tab's progress bar).
 
     Returns:
         A dict with :data:`OUTPUT_KEYS`; on failure only ``summary`` (the message) is meaningful.
@@ -92,7 +94,7 @@ def run_evaluation(ctx: Any, run_dir: str | None, split: str, top_k: int) -> dic
     if not run_dir:
         return empty | {"summary": "Choose a run with a saved model first."}
     try:
-        result = evaluate_run(run_dir, split=split, top_k=int(top_k), device=ctx.settings.device)
+        result = evaluate_run(run_dir, split=split, top_k=int(top_k), device=ctx.settings.device, progress=progress)
     except (EvaluationError, FileNotFoundError, ValueError, OSError) as exc:
         return empty | {"summary": f"✗ {exc}"}
     except Exception as exc:  # noqa: BLE001 - shown to the user instead of a server error
@@ -215,8 +217,13 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> gr.Dropdown:
               "results": results, "matrix_group": matrix_group, "cell_images": cell_images,
               "cell_caption": cell_caption}
 
-    def on_evaluate(run_dir: str | None, split_name: str, k: float) -> tuple:
-        result = run_evaluation(ctx, run_dir, split_name, int(k or 5))
+    def on_evaluate(run_dir: str | None, split_name: str, k: float, progress: gr.Progress = gr.Progress()) -> tuple:
+        units = {"Checking images": "files", "Predicting": "images", "Writing figures": "figures"}
+
+        def report(stage: str, done: int, total: int) -> None:
+            progress((done, total), desc=stage, unit=units.get(stage, "steps"))
+
+        result = run_evaluation(ctx, run_dir, split_name, int(k or 5), report)
         return tuple(result[key] for key in OUTPUT_KEYS)
 
     def on_cell(result: Evaluation | None, event: gr.SelectData) -> tuple:
