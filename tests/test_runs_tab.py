@@ -91,9 +91,12 @@ def test_runs_table_reflects_the_runs_folder_and_detects_interrupted(ctx):
     assert by_accuracy["run_id"].tolist()[0] == done.name and by_accuracy["run_id"].tolist()[-1] == failed.name
 
     shown, selected, compared = runs_tab.refresh(ctx, "", "all", "date", True, None, [])
-    assert list(shown.columns) == runs_tab.SHOWN_COLUMNS and len(shown) == 3
+    # headers in words: "best val accuracy", "macro-F1", "freeze depth", not the field names
+    assert list(shown.columns) == [runs_tab.HEADERS.get(c, c) for c in runs_tab.SHOWN_COLUMNS] and len(shown) == 3
+    assert {"best val accuracy", "macro-F1", "freeze depth", "run id"} <= set(shown.columns)
+    assert not [c for c in shown.columns if "_" in c]
     assert {path for _, path in selected["choices"]} == {str(done), str(crashed), str(failed)}
-    assert runs_tab.run_from_row(ctx, shown, 0) == str(store.root / shown.iloc[0]["run_id"])
+    assert runs_tab.run_from_row(ctx, shown, 0) == str(store.root / shown.iloc[0]["run id"])
     assert runs_tab.run_from_row(ctx, shown, 7) is None
 
 

@@ -32,6 +32,10 @@ from ..zero_shot import ZERO_SHOT_KIND, zero_shot_refusal
 #: The result columns come first, so they are on screen at 1400 pixels without scrolling sideways.
 SHOWN_COLUMNS = ["name", "status", "best_val_accuracy", "val_baseline", "macro_f1", "dataset", "model", "freeze_depth",
                  "lr", "batch_size", "epochs", "augment", "duration", "date", "sweep", "retrained_from", "run_id"]
+#: The table's headers in words (the field's terms; ``refresh`` renames :data:`SHOWN_COLUMNS` to these).
+HEADERS = {"best_val_accuracy": "best val accuracy", "val_baseline": "val baseline", "macro_f1": "macro-F1",
+           "freeze_depth": "freeze depth", "batch_size": "batch size", "retrained_from": "retrained from",
+           "run_id": "run id"}
 SORT_CHOICES = ["date", "name", "status", "best_val_accuracy", "macro_f1", "lr", "batch_size", "epochs", "sweep"]
 STATUS_FILTERS = ["all"] + [s for s in STATUSES if s != "starting"]
 
@@ -74,19 +78,22 @@ def run_choices(ctx: Any) -> list[tuple[str, str]]:
 
 def refresh(ctx: Any, text: str | None, status: str | None, sort_by: str | None, descending: bool,
             selected: str | None, compared: list[str] | None) -> tuple[pd.DataFrame, Any, Any]:
-    """``(table, selected-run dropdown update, compare dropdown update)``; keeps choices that still exist."""
+    """``(table with :data:`HEADERS`, selected-run dropdown update, compare dropdown update)``; keeps
+    choices that still exist."""
     choices = run_choices(ctx)
     paths = [path for _, path in choices]
-    return (table_view(ctx, text, status, sort_by, descending),
+    return (table_view(ctx, text, status, sort_by, descending).rename(columns=HEADERS),
             gr.update(choices=choices, value=selected if selected in paths else None),
             gr.update(choices=choices, value=[p for p in (compared or []) if p in paths]))
 
 
 def run_from_row(ctx: Any, table: pd.DataFrame | None, row: int) -> str | None:
-    """The run folder of a clicked table row (via its ``run_id`` cell)."""
-    if table is None or not len(table) or row < 0 or row >= len(table) or "run_id" not in table.columns:
+    """The run folder of a clicked table row (via its run id cell, headed ``run id`` as shown or
+    ``run_id`` as :func:`table_view` returns it)."""
+    column = next((c for c in (HEADERS["run_id"], "run_id") if table is not None and c in table.columns), None)
+    if table is None or not len(table) or row < 0 or row >= len(table) or column is None:
         return None
-    path = Path(ctx.settings.runs_dir) / str(table.iloc[row]["run_id"])
+    path = Path(ctx.settings.runs_dir) / str(table.iloc[row][column])
     return str(path) if is_run_dir(path) else None
 
 
@@ -227,7 +234,7 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab, tabs: gr.Tabs, evaluate_run: g
     with gr.Row():
         text = gr.Textbox(label="Filter", placeholder="name, dataset, model or sweep", scale=3, elem_id="runs-filter")
         status = gr.Dropdown(STATUS_FILTERS, value="all", label="Status", scale=1, elem_id="runs-status")
-        sort_by = gr.Dropdown(SORT_CHOICES, value="date", label="Sort by", scale=1)
+        sort_by = gr.Dropdown([(HEADERS.get(c, c), c) for c in SORT_CHOICES], value="date", label="Sort by", scale=1)
         descending = gr.Checkbox(True, label="Descending", scale=1)
         refresh_button = gr.Button("↻ Refresh", scale=1)
     table = gr.Dataframe(label="Runs (click a row to select it)", interactive=False, elem_id="runs-table")
