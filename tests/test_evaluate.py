@@ -46,6 +46,21 @@ def test_binary_roc_auc_uses_the_positive_class():
     assert compute_metrics(y, p, ["no", "yes"])["roc_auc"] == pytest.approx(skm.roc_auc_score(y, p[:, 1]))
 
 
+def test_roc_and_pr_legends_list_every_class_under_the_plot():
+    """Beside a 360-pixel plot the legend of ten digits was cut after '8'; under it, in rows, with
+    the figure growing by a row per two classes, every class is listed."""
+    from vitft_app.plots import figure_precision_recall, figure_roc
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, 300)
+    p = rng.dirichlet(np.ones(10), 300)
+    names = [str(i) for i in range(10)]
+    for fig, entries in ((figure_roc(y, p, names), 11), (figure_precision_recall(y, p, names), 10)):
+        assert len(fig.data) == entries and [t.name.split(" ")[0] for t in fig.data][:10] == names
+        assert fig.layout.legend.orientation == "h" and fig.layout.legend.y < 0
+        assert fig.layout.height == 360 + 20 * -(-entries // 2)
+
+
 def test_expected_calibration_error_by_hand():
     # Two bins used: confidence 0.95 (both right) and 0.55 (one of two right).
     y = np.array([0, 0, 1, 1])

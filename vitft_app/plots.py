@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import numpy as np
@@ -182,6 +183,18 @@ def _one_vs_rest(y_true: np.ndarray, probs: np.ndarray, classes: list[str]):
             yield classes[i], truth, probs[:, i]
 
 
+def _curves_layout(fig: go.Figure, title: str, x_title: str, y_title: str) -> go.Figure:
+    """One curve per class: the legend goes under the plot, in rows, and the figure grows with it
+    (up to 900 pixels; past that the legend scrolls), so every class stays listed (a legend beside
+    a 360-pixel plot cut off after about nine)."""
+    rows = math.ceil(len(fig.data) / 2)  # two entries a row in a third of a 1400-pixel page
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, template="plotly_white",
+                      height=min(360 + 20 * rows, 900), margin=dict(l=50, r=20, t=50, b=40),
+                      legend=dict(orientation="h", yanchor="top", y=-0.18, xanchor="left", x=0,
+                                  font=dict(size=11)))
+    return fig
+
+
 def figure_roc(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> go.Figure:
     """ROC curves (one-vs-rest per class; the positive class for two classes), scikit-learn's
     ``roc_curve``, with each curve's AUC in the legend."""
@@ -192,9 +205,7 @@ def figure_roc(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> go.
         fpr, tpr, _ = roc_curve(truth, score)
         fig.add_trace(go.Scatter(x=fpr, y=tpr, mode="lines", name=f"{name} (AUC {auc(fpr, tpr):.3f})"))
     fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dash", color="gray"), name="chance"))
-    fig.update_layout(title="ROC", xaxis_title="false positive rate", yaxis_title="true positive rate",
-                      template="plotly_white", height=360)
-    return fig
+    return _curves_layout(fig, "ROC", "false positive rate", "true positive rate")
 
 
 def figure_precision_recall(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> go.Figure:
@@ -207,9 +218,7 @@ def figure_precision_recall(y_true: np.ndarray, probs: np.ndarray, classes: list
         precision, recall, _ = precision_recall_curve(truth, score)
         ap = average_precision_score(truth, score)
         fig.add_trace(go.Scatter(x=recall, y=precision, mode="lines", name=f"{name} (AP {ap:.3f})"))
-    fig.update_layout(title="Precision-recall", xaxis_title="recall", yaxis_title="precision",
-                      template="plotly_white", height=360)
-    return fig
+    return _curves_layout(fig, "Precision-recall", "recall", "precision")
 
 
 #: What :func:`figure_compare` can plot: ``metric -> (metrics.csv kind, column, title, y axis)``.
