@@ -96,6 +96,12 @@ def test_runs_table_reflects_the_runs_folder_and_detects_interrupted(ctx):
     assert {"best val accuracy", "macro-F1", "freeze depth", "run id"} <= set(shown.columns)
     assert not [c for c in shown.columns if "_" in c]
     assert {path for _, path in selected["choices"]} == {str(done), str(crashed), str(failed)}
+    newest = [path for _, path in selected["choices"]][:2]
+    assert compared["value"] == newest  # an empty comparison gets the two newest runs ...
+    _, _, compared = runs_tab.refresh(ctx, "", "all", "date", True, str(failed), [])
+    assert compared["value"][0] == str(failed) and len(compared["value"]) == 2  # ... the selected one first
+    _, _, compared = runs_tab.refresh(ctx, "", "all", "date", True, None, [str(crashed)])
+    assert compared["value"] == [str(crashed)]  # a choice the user made is kept
     assert runs_tab.run_from_row(ctx, shown, 0) == str(store.root / shown.iloc[0]["run id"])
     assert runs_tab.run_from_row(ctx, shown, 7) is None
 
@@ -263,11 +269,9 @@ def test_browser_open_in_evaluate_and_compare(tmp_path, tiny_vit):
             expect(page.locator("#eval-run input")).to_have_value(re.compile(re.escape(first.name)), timeout=120_000)
             page.get_by_role("tab", name="Runs").click()
             page.get_by_text("Compare runs").click()
-            box = page.locator("#runs-compare input")
+            # The two runs are already chosen (an empty comparison gets the two newest).
             for name in ("alpha", "beta"):
-                box.click()
-                box.fill(name)
-                page.get_by_role("option", name=re.compile(name)).first.click()
+                expect(page.locator("#runs-compare")).to_contain_text(name)
             page.locator("#runs-compare-button").click()
             expect(page.locator("#runs-compare-table")).to_contain_text("run_name")
             highlighted = page.locator("#runs-compare-table").evaluate(  # style_differences' #fff3bf

@@ -79,12 +79,16 @@ def run_choices(ctx: Any) -> list[tuple[str, str]]:
 def refresh(ctx: Any, text: str | None, status: str | None, sort_by: str | None, descending: bool,
             selected: str | None, compared: list[str] | None) -> tuple[pd.DataFrame, Any, Any]:
     """``(table with :data:`HEADERS`, selected-run dropdown update, compare dropdown update)``; keeps
-    choices that still exist."""
+    choices that still exist. An empty comparison is filled with two runs, the selected one first,
+    then the newest, so opening *Compare runs* needs one click."""
     choices = run_choices(ctx)
     paths = [path for _, path in choices]
+    selected = selected if selected in paths else None
+    kept = [p for p in (compared or []) if p in paths]
+    if not kept and len(paths) >= 2:
+        kept = list(dict.fromkeys([*([selected] if selected else []), *paths]))[:2]
     return (table_view(ctx, text, status, sort_by, descending).rename(columns=HEADERS),
-            gr.update(choices=choices, value=selected if selected in paths else None),
-            gr.update(choices=choices, value=[p for p in (compared or []) if p in paths]))
+            gr.update(choices=choices, value=selected), gr.update(choices=choices, value=kept))
 
 
 def run_from_row(ctx: Any, table: pd.DataFrame | None, row: int) -> str | None:
