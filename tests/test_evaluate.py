@@ -143,6 +143,18 @@ def test_test_folder_is_never_a_training_class(finished_run):
     assert sorted(model_config["id2label"].values()) == ["0", "1", "7"]
 
 
+def test_the_split_radio_offers_test_only_when_the_dataset_has_a_test_folder(finished_run, tmp_path):
+    from vitft_app.ui import evaluate_tab
+
+    assert evaluate_tab.split_choices(str(finished_run))["choices"] == ["val", "test"]  # its data has test/
+    no_test = tmp_path / "run-without-test"
+    no_test.mkdir()
+    (no_test / "config.json").write_text(json.dumps({"data_dir": str(tmp_path)}))
+    update = evaluate_tab.split_choices(str(no_test))
+    assert update["choices"] == ["val"] and update["value"] == "val" and "no test/ folder" in update["info"]
+    assert evaluate_tab.split_choices(None)["choices"] == ["val"]
+
+
 def test_evaluate_tab_handlers(finished_run, tmp_path):
     import plotly.graph_objects as go
 

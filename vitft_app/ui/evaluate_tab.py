@@ -19,6 +19,7 @@ from .common import download_path, thumbnail
 from .errors import unexpected_error
 from .predict_tab import refresh_runs
 from ..report import write_html_report
+from ..runs_table import read_config
 
 #: Keys of :func:`run_evaluation`'s result, in the order of the tab's outputs.
 OUTPUT_KEYS = ("summary", "per_class", "per_class_csv", "matrix_table", "matrix", "matrix_normalized", "roc",
@@ -168,6 +169,28 @@ def make_report(run_dir: str | None) -> tuple[str | None, str]:
     return str(copy), f"✓ Written to `{path}`; it opens in any browser, without the app."
 
 
+#: The split radio's note when the run's dataset has a ``test/`` folder.
+TEST_SPLIT_INFO = "test = DATA/test/, never used in training"
+
+
+def split_choices(run_dir: str | None) -> Any:
+    """The split radio for a run: ``val`` and ``test`` when the run's dataset folder has a
+    ``test/`` folder, else ``val`` alone, with a note saying how to add a test split (offering
+    ``test`` there could only end in a refusal).
+
+    Args:
+        run_dir: the chosen run folder, or None.
+
+    Returns:
+        A ``gr.update`` of the radio's choices, value and info.
+    """
+    data_dir = read_config(run_dir).get("data_dir") if run_dir else None
+    if data_dir and (Path(str(data_dir)).expanduser() / "test").is_dir():
+        return gr.update(choices=["val", "test"], info=TEST_SPLIT_INFO)
+    return gr.update(choices=["val"], value="val",
+                     info="val only: this run's dataset has no test/ folder (held-out images go in DATA/test/<class>/)")
+
+
 def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> gr.Dropdown:
     """Builds the Evaluate tab's components and events.
 
@@ -177,8 +200,8 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> gr.Dropdown:
     with gr.Row():
         run = gr.Dropdown(label="Model (run)", choices=[], elem_id="eval-run", scale=4)
         refresh = gr.Button("↻ Refresh", scale=1)
-        split = gr.Radio(["val", "test"], value="val", label="Split",
-                         info="test = DATA/test/, never used in training", scale=2)
+        split = gr.Radio(["val", "test"], value="val", label="Split", info=TEST_SPLIT_INFO, scale=2,
+                         elem_id="eval-split")
         top_k = gr.Number(value=5, precision=0, minimum=1, label="Top-k", scale=1)
     with gr.Row():
         evaluate = gr.Button("Evaluate", variant="primary", elem_id="evaluate-button", scale=3)
@@ -236,6 +259,7 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> gr.Dropdown:
 
     report_button.click(on_report, inputs=run, outputs=[report_file, report_message])
     evaluate.click(on_evaluate, inputs=[run, split, top_k], outputs=[by_key[k] for k in OUTPUT_KEYS])
+    run.change(split_choices, inputs=run, outputs=split)
     matrix_table.select(on_cell, inputs=evaluation, outputs=[cell_images, cell_caption])
     refresh.click(lambda current: refresh_runs(ctx, current), inputs=run, outputs=run)
     demo.load(lambda: refresh_runs(ctx, None), outputs=run)
