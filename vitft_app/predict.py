@@ -226,7 +226,8 @@ def _remedy(path: Path) -> str:
     if run is not None and has_checkpoint(run):
         return f"resume run {run.name} from its last checkpoint to save a new one."
     if run is not None:
-        return f"run {run.name} has no checkpoint to resume from: train it again (the Train tab's \"Train again with these settings\", or vitft train)."
+        return (f"run {run.name} has no checkpoint to resume from: train it again (the Train tab's"
+                ' "Train again with these settings", or vitft train).')
     return "save the model again."
 
 
