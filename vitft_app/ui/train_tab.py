@@ -465,15 +465,12 @@ def _signature(run_dir: str) -> tuple:
 POLL_KEYS = ("status", "progress", "details", "loss", "accuracy", "after_run", "banner", "start", "stop", "resume",
              "signature")
 
-#: Statuses of a run that is (about to be) training: Start is off and Stop is on.
-TRAINING_STATUSES = ("starting", "running")
-
-
 def button_states(ctx: Any, run_dir: str | None, status: RunStatus | None) -> tuple:
-    """Start, Stop and Resume as the shown run allows: while it trains only Stop is on; after it,
-    Start, and Resume when the run kept a checkpoint to resume from (stopped, failed or interrupted;
-    a completed run deletes its checkpoint). A run whose status is not written yet counts as
-    training when it is the runner's running job.
+    """Start, Stop and Resume as the shown run allows. While this app trains it, only Stop is on;
+    otherwise Start is on, and Resume when the run has ended and kept a checkpoint to resume from
+    (stopped, failed or interrupted; a completed run deletes its checkpoint). A run another process
+    trains (``vitft train`` in a terminal, same runs folder) is shown live, but this app's Stop
+    cannot stop it, so Stop stays off and Start stays on.
 
     Args:
         ctx: the app context; run_dir: the shown run or None; status: its status (None: no run).
@@ -483,11 +480,10 @@ def button_states(ctx: Any, run_dir: str | None, status: RunStatus | None) -> tu
     """
     state = status.status if status is not None else None
     job = ctx.runner.current
-    training = state in TRAINING_STATUSES or (
-        run_dir is not None and not state and job is not None and job.running and str(job.run_dir) == str(run_dir))
-    resumable = (not training and state in ("stopped", "failed", "interrupted") and run_dir is not None
+    here = run_dir is not None and job is not None and job.running and str(job.run_dir) == str(run_dir)
+    resumable = (not here and state in ("stopped", "failed", "interrupted") and run_dir is not None
                  and has_checkpoint(run_dir))
-    return (gr.update(interactive=not training), gr.update(interactive=training), gr.update(interactive=resumable))
+    return gr.update(interactive=not here), gr.update(interactive=here), gr.update(interactive=resumable)
 
 
 def poll(ctx: Any, run_dir: str | None, last_signature: Any) -> tuple:
