@@ -408,6 +408,29 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(tmp_path, di
     assert read_status(run_dir)["status"] == "stopped"
 
 
+def test_resume_saves_a_new_model_when_the_saved_one_is_damaged(tmp_path, digits_small, tiny_vit):
+    """A stopped run whose model.safetensors was cut short, resumed: the checkpoint remembered epoch
+    1 as the best, no later epoch beat it (lr 1e-12), and the run "completed" with the cut file and
+    its checkpoint deleted. The lost best is forgotten, so the next validation saves a model."""
+    from vitft_app.predict import Predictor
+    from vitft_app.runs import saved_model_readable
+
+    stop = threading.Event()
+    run_dir, _, part = run_train(recipe_config(digits_small, tiny_vit, tmp_path, epochs=3, lr=1e-12),
+                                 stop_event=stop, on_event=lambda e: isinstance(e, EvalDone) and stop.set())
+    assert part.status == "stopped" and has_checkpoint(run_dir) and saved_model_readable(run_dir)
+    weights = run_dir / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert not saved_model_readable(run_dir)
+    events = []
+    recorder = RunRecorder(run_dir)
+    result = resume_run(run_dir, lambda e: (events.append(e), recorder(e)), device="cpu")
+    assert result.status == "completed"
+    assert any(isinstance(e, LogMessage) and "saved model of this run is missing or damaged" in e.text
+               for e in events)
+    assert saved_model_readable(run_dir) and Predictor(run_dir).id2label  # loads again
+
+
 def test_resume_is_refused_without_a_checkpoint(tmp_path, digits_small, tiny_vit):
     from vitft_app.checkpoint import ResumeError
 

@@ -142,6 +142,25 @@ def model_dir(run_dir: str | os.PathLike) -> Path | None:
     return None
 
 
+def saved_model_readable(run_dir: str | os.PathLike) -> bool:
+    """True when the run has a saved model whose weights files open: every ``*.safetensors`` in
+    it has a readable header and tensors that fit in the file (``safetensors.safe_open``; only the
+    header is read). False for no model, a cut or damaged weights file, or no weights at all."""
+    folder = model_dir(run_dir)
+    if folder is None:
+        return False
+    from safetensors import safe_open
+
+    weights = sorted(folder.glob("*.safetensors"))
+    try:
+        for path in weights:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+    except Exception:  # noqa: BLE001 - any error reading the header means a damaged file
+        return False
+    return bool(weights)
+
+
 def append_run_log(run_dir: str | os.PathLike, text: str) -> None:
     """Appends ``text`` to the run's ``train.log`` as one timestamped entry (one write, so lines of
     the training thread and of the app do not interleave within an entry).

@@ -28,6 +28,7 @@ from ..auto_batch import resolve_auto_batch_size, training_step_probe
 from ..lora import LoraSetup, apply_lora
 from ..modeling import LoadedModel, build_model, freeze_layers
 from ..optim import create_optimizer, create_scheduler
+from ..runs import saved_model_readable
 from .checks import check_recipe, check_trainable, prepare_data
 from .loaders import TrainData, build_train_data, optimizer_steps_per_epoch
 from .losses import class_weight_tensor
@@ -302,5 +303,19 @@ def setup_run(config: TrainConfig, run_dir: Path, emit: Emit, stop_event: thread
     )
     if checkpoint is not None:
         _restore(loop, checkpoint)
+        _forget_lost_best(loop)
     loop.rewrap()
     return loop
+
+
+def _forget_lost_best(loop: LoopContext) -> None:
+    """On resume, a best model the checkpoint remembers but the run folder no longer holds (deleted,
+    cut short, damaged) is forgotten: the best metric is reset, so the next validation saves that
+    epoch's model instead of a run "completing" with an unreadable model (the checkpoint, deleted
+    at the end, was the only way back)."""
+    state = loop.state
+    if state.best_metric is None or saved_model_readable(loop.run_dir):
+        return
+    state.best_metric, state.best_accuracy = None, None
+    loop.emit(LogMessage("warning: the saved model of this run is missing or damaged: the next validation saves"
+                         " that epoch's model, and the best so far is counted again from there"))
