@@ -858,21 +858,35 @@ def run() -> NoReturn:
         code = main()
     finally:
         _end_gc_pause("")
-    _end_on_late_interrupt()
+    _end_on_late_interrupt(code)
     gc.freeze()
     sys.exit(code)
 
 
-def _end_on_late_interrupt() -> None:
-    """After the command returned, a Ctrl-C ends the process at once (SIGINT's default action)
-    instead of raising ``KeyboardInterrupt`` inside whatever runs then: an atexit handler or the
-    join of a library's thread, which Python reports as "Exception ignored in atexit callback" with
-    a traceback. The run folder is complete by then; only the interpreter's own clean-up is left."""
+def _end_on_late_interrupt(code: int) -> None:
+    """After the command returned, a Ctrl-C ends the process at once with the command's own exit
+    status (0 for a completed run: a script's ``&&`` still goes on), instead of raising
+    ``KeyboardInterrupt`` inside whatever runs then: an atexit handler or the join of a library's
+    thread, which Python reports as "Exception ignored in atexit callback" with a traceback. The
+    run folder is complete by then and stdout is flushed first; only the interpreter's own clean-up
+    is skipped.
+
+    Args:
+        code: the exit status :func:`main` returned.
+    """
     import signal
     import threading
 
+    def end(signum: int, frame: Any) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, end)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
