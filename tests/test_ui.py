@@ -144,6 +144,17 @@ def test_start_stop_and_resume_follow_the_shown_run(ctx, tmp_path):
         assert states(str(run_dir), as_run_status({"status": ended})) == [True, False, True], ended
 
 
+def test_a_damaged_status_json_is_one_line_in_the_live_view(ctx, tmp_path):
+    """A status.json with the wrong types raised in every 1 s poll (an error toast each tick)."""
+    run_dir = tmp_path / "runs" / "damaged"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}")
+    (run_dir / "status.json").write_text('{"status": 5, "step": "x", "total_steps": "y", "eta_s": "z"}')
+    live = dict(zip(train_tab.POLL_KEYS, train_tab.poll(ctx, str(run_dir), None)))
+    assert live["status"].startswith("✗ Run `damaged`: its status.json or metrics.csv is damaged")
+    assert [live[k]["interactive"] for k in ("start", "stop", "resume")] == [True, False, False]
+
+
 def test_failure_and_bad_input_show_messages(ctx, digits_small, tmp_path, tiny_vit, monkeypatch):
     from vitft_app import training
 

@@ -502,13 +502,19 @@ def poll(ctx: Any, run_dir: str | None, last_signature: Any) -> tuple:
     signature = _signature(run_dir)
     if signature == last_signature:
         return tuple(gr.skip() for _ in POLL_KEYS)
-    metrics = read_metrics(run_dir)
     status = read_status(run_dir)
-    finished = status.status in ENDED_STATUSES
-    has_model = finished and model_dir(run_dir) is not None
-    return (status_markdown(status, Path(run_dir).name), progress_html(status), status_details(status),
-            figure_loss(metrics), figure_accuracy(metrics, run_baseline(status)), gr.update(visible=has_model),
-            banner_markdown(status, Path(run_dir).name), *button_states(ctx, run_dir, status), signature)
+    try:
+        metrics = read_metrics(run_dir)
+        finished = status.status in ENDED_STATUSES
+        has_model = finished and model_dir(run_dir) is not None
+        return (status_markdown(status, Path(run_dir).name), progress_html(status), status_details(status),
+                figure_loss(metrics), figure_accuracy(metrics, run_baseline(status)), gr.update(visible=has_model),
+                banner_markdown(status, Path(run_dir).name), *button_states(ctx, run_dir, status), signature)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # a damaged file: one line, every tick quiet
+        text = (f"✗ Run `{Path(run_dir).name}`: its status.json or metrics.csv is damaged"
+                f" ({type(exc).__name__}: {str(exc)[:120]}); the live view cannot show it.")
+        return (text, "", status_details({}), gr.skip(), gr.skip(), gr.update(visible=False), "",
+                *button_states(ctx, run_dir, None), signature)
 
 
 def banner_markdown(status: RunStatus | dict[str, Any], run_id: str) -> str:
