@@ -264,6 +264,7 @@ def test_delete_an_upload_in_the_data_tab(tmp_path, digits_small):
 
 def _bad_zips(tmp_path: Path) -> dict[str, Path]:
     import struct
+    import warnings
     import zipfile
 
     made = {}
@@ -299,9 +300,11 @@ def _bad_zips(tmp_path: Path) -> dict[str, Path]:
     made["not a zip"].write_bytes(b"PK\x03\x04 nothing else")
     # names the file system refuses: a member that is a file and a folder, a 300-byte name
     for kind, names in (("file then folder", ["d/a", "d/a/1.png"]), ("folder then file", ["d/a/", "d/a"]),
-                        ("long name", ["d/" + "x" * 300 + ".png"])):
+                        ("long name", ["d/" + "x" * 300 + ".png"]), ("long path", ["/".join(["d" * 200] * 25) + "/1.png"]),
+                        ("same member twice", ["d/a/1.png", "d/a/1.png"])):
         made[kind] = tmp_path / f"{kind.replace(' ', '-')}.zip"
-        with zipfile.ZipFile(made[kind], "w") as z:
+        with zipfile.ZipFile(made[kind], "w") as z, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zipfile warns about the duplicate name it is asked to write
             for name in names:
                 z.writestr(name, b"" if name.endswith("/") else b"x")
     return made

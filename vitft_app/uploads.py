@@ -134,7 +134,13 @@ def extract_zip(
             raise UnsafeArchiveError("The zip holds no files.")
         if len(infos) > max_files:
             raise UnsafeArchiveError(f"The zip has {len(infos):,} members; the limit is {max_files:,}.")
+        seen: set[str] = set()
         for info in infos:
+            key = info.filename.replace("\\", "/").rstrip("/")
+            if key in seen and not info.is_dir():
+                raise UnsafeArchiveError(f"Refused: the zip holds '{info.filename}' twice; which one is meant is"
+                                         " unclear, so make the zip again.")
+            seen.add(key)
             problem = _member_problem(info)
             if problem:
                 raise UnsafeArchiveError(f"Refused: the zip contains an unsafe member ({problem}).")
@@ -215,8 +221,11 @@ def _member_write_refusal(exc: OSError, name: str) -> str | None:
                 " from the dataset folder.")
     if exc.errno == errno.ENAMETOOLONG:
         longest = max((len(part.encode()) for part in name.split("/")), default=0)
-        return (f"Refused: '{shown}' has a file or folder name of {longest} bytes, longer than this file system"
-                " allows (255); shorten it and make the zip again.")
+        if longest > 255:
+            return (f"Refused: '{shown}' has a file or folder name of {longest} bytes, longer than this file"
+                    " system allows (255); shorten it and make the zip again.")
+        return (f"Refused: the path '{shown}' is {len(name.encode())} bytes long once extracted, longer than this"
+                " file system allows; use fewer or shorter folder names and make the zip again.")
     return None
 
 
