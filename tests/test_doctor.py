@@ -489,7 +489,10 @@ def test_a_csv_row_with_more_cells_than_the_header_is_refused_naming_its_line(tm
     (tmp_path / "labels.csv").write_text('image,label\n"a/0.png",a\n"a/1.png","a,b"\n')  # quoted commas are fine
     assert scan_dataset(tmp_path / "labels.csv", cache=None).classes == ["a", "a,b"]
     (tmp_path / "labels.csv").write_bytes("image,label\na/0.png,caf\u00e9\n".encode("latin-1"))
-    with pytest.raises(ValueError, match="not UTF-8 text"):
+    with pytest.raises(ValueError, match=r"not UTF-8 text \(line 2, byte 0xe9\)"):  # where in the file, not in pandas' buffer
+        scan_dataset(tmp_path / "labels.csv", cache=None)
+    (tmp_path / "labels.csv").write_text('image,label\n"a/0.png","two\nlines"\na/1.png,a,extra\n')
+    with pytest.raises(ValueError, match="labels.csv, line 4: 3 cells"):  # the file's line, past a quoted newline
         scan_dataset(tmp_path / "labels.csv", cache=None)
 
 

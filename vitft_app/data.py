@@ -434,8 +434,8 @@ def read_label_csv(csv_path: str | os.PathLike) -> tuple[list[Entry], list[tuple
     try:
         frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, index_col=False)
     except UnicodeDecodeError as exc:
-        raise ValueError(f"Cannot read {csv_path.name}: it is not UTF-8 text (byte {exc.start}); save it as"
-                         " \"CSV UTF-8\".") from exc
+        raise ValueError(f"Cannot read {csv_path.name}: it is not UTF-8 text ({_first_non_utf8(csv_path)}); save it"
+                         " as \"CSV UTF-8\".") from exc
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise ValueError(f"Cannot read {csv_path.name} as CSV: {exc}") from exc
     lower = {c.strip().lower(): c for c in frame.columns}
@@ -476,6 +476,18 @@ def read_label_csv(csv_path: str | os.PathLike) -> tuple[list[Entry], list[tuple
     return entries, skipped, multi_label
 
 
+def _first_non_utf8(path: Path) -> str:
+    """Where a file stops being UTF-8: ``"line 7, byte 0xe9"`` (pandas' own error counts bytes
+    from the start of its read buffer, not of the file)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        return f"line {line}, byte 0x{data[exc.start]:02x}"
+    return "an invalid byte"
+
+
 def _check_row_lengths(csv_path: Path) -> None:
     """Refuses a CSV with a row of more cells than its header, naming the line. pandas otherwise
     reads a first data row with one extra cell as "the first column is the index" and shifts every
@@ -491,10 +503,10 @@ def _check_row_lengths(csv_path: Path) -> None:
         with open(csv_path, newline="", encoding="utf-8-sig", errors="replace") as handle:
             rows = csv.reader(handle)
             header = next(rows, [])
-            for line, row in enumerate(rows, start=2):
-                if len(row) > len(header):
+            for row in rows:
+                if len(row) > len(header):  # line_num: the file's line where this row ends (quoted newlines count)
                     raise ValueError(
-                        f"{csv_path.name}, line {line}: {len(row)} cells, but the header has {len(header)}"
+                        f"{csv_path.name}, line {rows.line_num}: {len(row)} cells, but the header has {len(header)}"
                         f" ({', '.join(header)}). A comma inside a file name or label needs the cell in"
                         ' double quotes ("a,b.png").'
                     )
