@@ -564,6 +564,17 @@ def test_damaged_model_files_are_one_line_in_predict_and_evaluate(tmp_path, fini
     assert f"resume run {finished_run.name} from its last checkpoint" in result.stderr, result.stderr[-2000:]
 
 
+def test_a_missing_model_of_an_ended_run_says_what_to_do(tmp_path):
+    from vitft_app.predict import Predictor
+
+    run = tmp_path / "run1"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "status.json").write_text(json.dumps({"status": "completed"}))
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume from: train it again"):
+        Predictor(run)
+
+
 def test_app_resume_of_an_unreadable_checkpoint_says_so_at_once_and_report_is_a_message(tmp_path, finished_run):
     from vitft_app.jobs import JobRunner
     from vitft_app.runs import RunRecorder, read_status

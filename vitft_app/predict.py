@@ -215,6 +215,14 @@ class ClassifierBackend(abc.ABC):
                 for row_scores, row_indices in zip(scores.tolist(), indices.tolist())]
 
 
+def _run_ended(path: Path) -> bool:
+    """True when ``path`` is a run folder whose run has ended (its model should be there by now)."""
+    from .run_status import ENDED_STATUSES
+    from .runs import is_run_dir, read_status
+
+    return is_run_dir(path) and read_status(path).status in ENDED_STATUSES
+
+
 def _remedy(path: Path) -> str:
     """What to do about a damaged saved model at ``path`` (a run folder or its ``model/``): resume
     when the run still has a checkpoint (a stopped, failed or interrupted run), else train again (a
@@ -265,7 +273,8 @@ class Predictor(ClassifierBackend):
                 " save_pretrained folder (Hub ids are used for training, not here)."
             )
         if not is_model_folder(folder):
-            raise FileNotFoundError(f"No saved model in {path} (a run saves one after its first epoch)")
+            raise FileNotFoundError(f"No saved model in {path} (a run saves one after its first epoch)"
+                                    + (f"; {_remedy(path)}" if _run_ended(path) else ""))
         self.path = folder
         self.plan = resolve_device_plan(precision, device)
         self.num_threads = num_threads

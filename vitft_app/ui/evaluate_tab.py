@@ -185,10 +185,16 @@ def split_choices(run_dir: str | None) -> Any:
         A ``gr.update`` of the radio's choices, value and info.
     """
     data_dir = read_config(run_dir).get("data_dir") if run_dir else None
-    if data_dir and (Path(str(data_dir)).expanduser() / "test").is_dir():
+    data = Path(str(data_dir)).expanduser() if isinstance(data_dir, str) and data_dir else None
+    if data is not None and (data / "test").is_dir():
         return gr.update(choices=["val", "test"], info=TEST_SPLIT_INFO)
-    return gr.update(choices=["val"], value="val",
-                     info="val only: this run's dataset has no test/ folder (held-out images go in DATA/test/<class>/)")
+    if data is not None and data.is_file():
+        info = "val only: a CSV dataset has no test/ folder"
+    elif run_dir and (data is None or not data.exists()):
+        info = "val only, and this run's dataset folder is not there any more: evaluation needs it back"
+    else:
+        info = "val only: this run's dataset has no test/ folder (held-out images go in DATA/test/<class>/)"
+    return gr.update(choices=["val"], value="val", info=info)
 
 
 def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> gr.Dropdown:
