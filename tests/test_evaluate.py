@@ -116,6 +116,23 @@ def test_evaluate_run_writes_metrics_and_figures(finished_run):
     assert last["Predicting"][1] == saved["num_images"] and last["Writing figures"][1] == 5
 
 
+def test_a_run_is_evaluated_in_the_precision_it_validated_in(tmp_path, digits_small, tiny_vit):
+    """An "auto" run validates in bf16 autocast on a CPU with native bf16; Evaluate ran fp32 and
+    showed 96.8% beside the Train tab's 96.6% for one model. Both now use the run's precision."""
+    from vitft_app.config import TrainConfig
+    from vitft_app.runs import RunRecorder, RunStore
+    from vitft_app.training import train
+
+    config = TrainConfig(data_dir=str(digits_small), model=str(tiny_vit), epochs=1, batch_size=8, augment="none",
+                         precision="auto", output_dir=str(tmp_path / "runs"))
+    run_dir = RunStore(config.output_dir).create_run(config)
+    train(config, run_dir, RunRecorder(run_dir), device="cpu")
+    status = json.loads((run_dir / "status.json").read_text())
+    metrics = evaluate_run(run_dir, split="val", device="cpu").metrics
+    assert metrics["precision"] == status["precision"]  # bf16 here; fp32 on a CPU without native bf16
+    assert metrics["accuracy"] == pytest.approx(status["best_val_accuracy"])
+
+
 def test_test_split_is_evaluated_apart(finished_run):
     result = evaluate_run(finished_run, split="test", device="cpu")
     assert result.metrics["num_images"] == 30

@@ -280,7 +280,9 @@ def evaluate_run(
         split: ``"val"`` (the training run's validation split) or ``"test"`` (``DATA/test/``).
         top_k: k of the top-k accuracy.
         write: write ``<run>/eval/<split>/`` (``metrics.json``, ``predictions.csv``, figures).
-        device: force a device; default from the device policy.
+        device: force a device; default from the device policy. The model runs in the run's own
+            precision (its config's, as its validation did; fp32 for a plain model folder), recorded
+            as ``metrics["precision"]``.
         progress: called ``(stage, done, total)`` as it goes: ``"Checking images"`` (files),
             ``"Predicting"`` (images), ``"Writing figures"`` (figures).
 
@@ -296,8 +298,11 @@ def evaluate_run(
     data = data_dir or (run_config.data_dir if run_config else None)
     if not data:
         raise EvaluationError("Give the dataset with --data (a model folder does not record it).")
+    # A run is evaluated in the precision it validated in (bf16 autocast under "auto" on CPUs with
+    # native bf16): an fp32 pass scored the same model 96.8% where training's validation said 96.6%.
+    precision = run_config.precision if run_config else "fp32"
     try:
-        predictor = Predictor(path, device=device)
+        predictor = Predictor(path, device=device, precision=precision)
     except (FileNotFoundError, OSError) as exc:
         raise EvaluationError(str(exc)) from exc
     classes = [predictor.id2label[i] for i in sorted(predictor.id2label)]
@@ -321,6 +326,7 @@ def evaluate_run(
         metrics = compute_metrics(y_true, probs, classes, top_k)
     result = Evaluation(split, classes, paths, y_true, probs, metrics)
     result.metrics["split"] = split
+    result.metrics["precision"] = predictor.plan.precision
     result.metrics["data_dir"] = str(Path(data).resolve())
     if write:
         base = path if run_config else predictor.path
