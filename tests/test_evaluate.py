@@ -169,7 +169,7 @@ def test_the_split_radio_offers_test_only_when_the_dataset_has_a_test_folder(fin
     (no_test / "config.json").write_text(json.dumps({"data_dir": str(tmp_path)}))
     update = evaluate_tab.split_choices(str(no_test))
     assert update["choices"] == ["val"] and update["value"] == "val" and "no test/ folder" in update["info"]
-    assert evaluate_tab.split_choices(None)["choices"] == ["val"]
+    assert evaluate_tab.split_choices(None)["info"] == evaluate_tab.TEST_SPLIT_INFO  # no run chosen: no claim
     (no_test / "config.json").write_text(json.dumps({"data_dir": str(tmp_path / "gone")}))
     assert "not there any more" in evaluate_tab.split_choices(str(no_test))["info"]
 

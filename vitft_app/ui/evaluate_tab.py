@@ -184,13 +184,15 @@ def split_choices(run_dir: str | None) -> Any:
     Returns:
         A ``gr.update`` of the radio's choices, value and info.
     """
-    data_dir = read_config(run_dir).get("data_dir") if run_dir else None
+    if not run_dir:  # no run chosen yet: nothing to say about its dataset
+        return gr.update(choices=["val", "test"], value="val", info=TEST_SPLIT_INFO)
+    data_dir = read_config(run_dir).get("data_dir")
     data = Path(str(data_dir)).expanduser() if isinstance(data_dir, str) and data_dir else None
     if data is not None and (data / "test").is_dir():
         return gr.update(choices=["val", "test"], info=TEST_SPLIT_INFO)
     if data is not None and data.is_file():
         info = "val only: a CSV dataset has no test/ folder"
-    elif run_dir and (data is None or not data.exists()):
+    elif data is None or not data.exists():
         info = "val only, and this run's dataset folder is not there any more: evaluation needs it back"
     else:
         info = "val only: this run's dataset has no test/ folder (held-out images go in DATA/test/<class>/)"
