@@ -359,18 +359,22 @@ def test_resume_button_continues_a_stopped_run(ctx, digits_small, tiny_vit):
     assert train_tab.poll_live(ctx, run_dir, None, "✗ some refusal")[-1] != ""
     # The Resume button's message survives the next poll, though the folder still says "stopped"
     # until the resumed thread writes.
-    message, state, signature = train_tab.button_outputs(*train_tab.resume_run(ctx, run_dir))
+    outputs = dict(zip(train_tab.BUTTON_KEYS, train_tab.button_outputs(*train_tab.resume_run(ctx, run_dir))))
+    message, state, signature = outputs["message"], outputs["run"], outputs["signature"]
     assert state == run_dir and "Resumed" in message, message
+    # at once, before the first poll: "starting", and only Stop on
+    assert "starting" in outputs["status"] and outputs["stop"]["interactive"] and not outputs["start"]["interactive"]
     assert train_tab.poll_live(ctx, run_dir, signature, message)[-1] != ""
     assert train_tab.resume_run(ctx, run_dir)[0].startswith("⚠ Busy")
     train_tab.stop_run(ctx)
     assert ctx.runner.current.wait(60)
     status = read_status(run_dir)
     assert status["status"] == "stopped" and status.get("resumed_from_step") is not None
+    assert train_tab.poll_live(ctx, run_dir, None, message)[-1] == ""  # the run ended: "Resumed run" is cleared
     # A refused Resume on an ended run keeps the page's run and signature, and its message stays.
-    message, state, signature = train_tab.button_outputs(*train_tab.resume_run(ctx, str(digits_small)))
+    message, state, signature, *rest = train_tab.button_outputs(*train_tab.resume_run(ctx, str(digits_small)))
     assert message.startswith("✗") and "not a run folder" in message
-    assert state == gr.skip() and signature == gr.skip()
+    assert state == gr.skip() and signature == gr.skip() and all(v == gr.skip() for v in rest)
     assert train_tab.poll_live(ctx, run_dir, None, message)[-1] != ""
     steps = read_metrics(run_dir).query("kind == 'train'")["step"].tolist()
     assert steps == sorted(set(steps))

@@ -18,9 +18,12 @@ from .demo_page import DemoServers
 from .predict_tab import refresh_runs
 
 
-#: The app's stylesheet (passed to ``launch(css=...)``): hidden helpers and the training progress bar.
+#: The app's stylesheet (passed to ``launch(css=...)``): hidden helpers, the training progress bar,
+#: and disabled buttons that look disabled (Gradio's default only fades a coloured button a little:
+#: a disabled red Stop looked more clickable than an enabled grey Resume).
 APP_CSS = """
 .vitft-hidden {display: none !important}
+button:disabled, button[disabled] {opacity: 0.35 !important; filter: grayscale(1); cursor: not-allowed}
 .vitft-progress {position: relative; height: 2.2em; border-radius: 6px; background: #e5e7eb; overflow: hidden;
   margin: 4px 0}
 .vitft-progress > div {height: 100%; background: #60a5fa; transition: width 0.5s}

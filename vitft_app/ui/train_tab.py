@@ -409,27 +409,40 @@ def initial_run(ctx: Any) -> str | None:
     return None
 
 
-def button_outputs(text: str, run_dir: str | None) -> tuple:
-    """Start's and Resume's outputs ``(message, run state, signature)`` from their message and run.
+#: Outputs of :func:`button_outputs`, in order.
+BUTTON_KEYS = ("message", "run", "signature", "status", "start", "stop", "resume")
 
-    A started or resumed run becomes the shown run and is redrawn at the next poll; a refusal
-    keeps the shown run and its signature (nothing to redraw).
+
+def button_outputs(text: str, run_dir: str | None) -> tuple:
+    """Start's and Resume's outputs (:data:`BUTTON_KEYS`) from their message and run.
+
+    A started or resumed run becomes the shown run and is redrawn at the next poll; until then the
+    status line says it is starting and only Stop is on (the page showed the old run's state, or
+    "No run yet", for the second or so before the first poll). A refusal keeps the shown run, its
+    signature, status and buttons.
 
     Args:
         text: the message markdown; run_dir: the started or resumed run, or None (refused).
     """
     if not run_dir:
-        return text, gr.skip(), gr.skip()
-    return text, run_dir, None
+        return text, *(gr.skip() for _ in BUTTON_KEYS[1:])
+    starting = f"{STATUS_MARKS['starting']} **starting** · run `{Path(run_dir).name}`"
+    return (text, run_dir, None, starting, gr.update(interactive=False), gr.update(interactive=True),
+            gr.update(interactive=False))
 
 
 #: The start of Stop's message, which the poll clears once the run has ended.
 STOPPING = "■ Stopping"
+#: The start of Start's and Resume's messages ("▶ Started run …", "▶ Resumed run …"), cleared the
+#: same way once the run has ended (the status line then says how it ended).
+STARTED = "▶"
 
 
 def poll_live(ctx: Any, run_dir: str | None, last_signature: Any, message: str | None = None) -> tuple:
-    """:func:`poll` plus the message line: "Stopping…" is cleared by any poll that finds the shown
-    run ended (completed, stopped, failed, interrupted), whether or not the run folder changed
+    """:func:`poll` plus the message line: "Stopping…", "Started run …" and "Resumed run …" are
+    cleared by any poll that finds the shown run ended (completed, stopped, failed, interrupted) and
+    no longer trained by this app (a resumed run reads "stopped" until its thread writes), whether
+    or not the run folder changed
     since the last redraw (a poll sent just before Stop's message reached the page can take the
     redraw that shows "stopped"; the next polls then find nothing new, and the message stayed
     forever when clearing waited for a redraw). Every other message stays until the next button.
@@ -445,9 +458,11 @@ def poll_live(ctx: Any, run_dir: str | None, last_signature: Any, message: str |
         :func:`poll`'s values, then the message (``""`` or ``gr.skip()``).
     """
     values = poll(ctx, run_dir, last_signature)
-    stopping = (message or "").lstrip().startswith(STOPPING)
-    shown = shown_run(ctx, run_dir) if stopping else None
-    settled = bool(shown) and read_status(shown).status in ENDED_STATUSES
+    clearable = (message or "").lstrip().startswith((STOPPING, STARTED))
+    shown = shown_run(ctx, run_dir) if clearable else None
+    job = ctx.runner.current
+    training_here = bool(shown) and job is not None and job.running and str(job.run_dir) == str(shown)
+    settled = bool(shown) and not training_here and read_status(shown).status in ENDED_STATUSES
     return (*values, "" if settled else gr.skip())
 
 
@@ -733,7 +748,7 @@ def _wire_run_events(ctx: Any, data: Any, form: dict[str, Any], live: dict[str, 
 
         chosen = values[data.chosen]
         if not chosen or not chosen.get("path"):
-            return "✗ No dataset chosen: pick a folder in the Data tab and press Scan.", gr.skip(), gr.skip()
+            return button_outputs("✗ No dataset chosen: pick a folder in the Data tab and press Scan.", None)
         text, run_dir = start_run(ctx, {name: values[comp] for name, comp in form.items()}, chosen["path"], report)
         return button_outputs(text, run_dir)
 
@@ -745,10 +760,11 @@ def _wire_run_events(ctx: Any, data: Any, form: dict[str, Any], live: dict[str, 
 
     # On Start, bring the buttons, status and plots into view: that is where things move.
     scroll = "() => document.querySelector('#train-live')?.scrollIntoView({behavior: 'smooth', block: 'start'})"
-    live["start"].click(on_start, inputs=set(form.values()) | {data.chosen}, outputs=[message, run_state, signature])
+    started = [message, run_state, signature, live["status"], live["start"], live["stop"], live["resume"]]
+    live["start"].click(on_start, inputs=set(form.values()) | {data.chosen}, outputs=started)
     live["start"].click(None, js=scroll)
     live["stop"].click(lambda: stop_run(ctx), outputs=message)
-    live["resume"].click(on_resume, inputs=run_state, outputs=[message, run_state, signature])
+    live["resume"].click(on_resume, inputs=run_state, outputs=started)
     live["resume"].click(None, js=scroll)
     timer = gr.Timer(1.0)
     timer.tick(on_poll, inputs=[run_state, signature, message], outputs=[*(live[k] for k in POLL_KEYS), message])
