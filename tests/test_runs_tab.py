@@ -106,6 +106,22 @@ def test_runs_table_reflects_the_runs_folder_and_detects_interrupted(ctx):
     assert runs_tab.run_from_row(ctx, shown, 7) is None
 
 
+def test_the_action_buttons_follow_the_selected_run(ctx):
+    """Open in Evaluate, Resume, Delete... were on with no run selected, and Resume on for a
+    completed run that could only answer "no checkpoint"."""
+    store = ctx.runner.store
+
+    def states(run_dir):
+        return [u["interactive"] for u in runs_tab.selection_buttons(ctx, run_dir)]
+
+    assert states(None) == [False] * 6
+    done = fake_run(store, "done", "completed")
+    assert states(str(done)) == [True, True, True, False, True, True]  # a completed run has no checkpoint
+    stopped = fake_run(store, "stopped", "stopped")
+    (stopped / "checkpoint.pt").write_bytes(b"x")
+    assert states(str(stopped)) == [True] * 6
+
+
 def test_rename_and_delete_handlers(ctx, tmp_path):
     store = ctx.runner.store
     run_dir = fake_run(store, "first", "completed")

@@ -25,7 +25,7 @@ from ..runs_table import (
 from ..tracking import REPORT_TO_CHOICES, check_report_to
 from ..demo import DemoError
 from .predict_tab import run_choices as model_choices
-from .train_tab import resume_run
+from .train_tab import button_states, resume_run
 from ..zero_shot import ZERO_SHOT_KIND, zero_shot_refusal
 
 #: Columns shown in the table (``path`` stays server-side).
@@ -185,6 +185,21 @@ def _browser_host(request: Any) -> str:
     return host.rsplit(":", 1)[0] if host else "127.0.0.1"
 
 
+def selection_buttons(ctx: Any, run_dir: str | None) -> tuple:
+    """The row of actions as the selected run allows: off until a run is selected; Resume only for
+    a run that ended with a checkpoint to resume from (the Train tab's rule,
+    :func:`vitft_app.ui.train_tab.button_states`).
+
+    Returns:
+        ``gr.update(interactive=...)`` for Rename, Open in Evaluate, Open in Predict, Resume, Open
+        demo page and Delete, in that order.
+    """
+    chosen = bool(run_dir) and is_run_dir(run_dir)
+    resume = button_states(ctx, run_dir, read_status(run_dir))[2] if chosen else gr.update(interactive=False)
+    return (*(gr.update(interactive=chosen) for _ in range(3)), resume, gr.update(interactive=chosen),
+            gr.update(interactive=chosen))
+
+
 def resume_selected(ctx: Any, run_dir: str | None) -> str:
     """Resumes the selected stopped, interrupted or failed run from its checkpoint (the Train
     tab's Resume, :func:`vitft_app.ui.train_tab.resume_run`). Never raises."""
@@ -245,13 +260,14 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab, tabs: gr.Tabs, evaluate_run: g
     with gr.Row():
         selected = gr.Dropdown(label="Selected run", choices=[], scale=3, elem_id="runs-selected")
         new_name = gr.Textbox(label="New display name", scale=2, elem_id="runs-new-name")
-        rename_button = gr.Button("Rename", scale=1, elem_id="runs-rename")
+        rename_button = gr.Button("Rename", scale=1, elem_id="runs-rename", interactive=False)
     with gr.Row():
-        evaluate_button = gr.Button("Open in Evaluate", elem_id="runs-open-evaluate")
-        predict_button = gr.Button("Open in Predict", elem_id="runs-open-predict")
-        resume_button = gr.Button("Resume", elem_id="runs-resume")
-        demo_button = gr.Button("Open demo page", elem_id="runs-open-demo")
-        delete_button = gr.Button("Delete…", variant="stop", elem_id="runs-delete")
+        # Off until a run is selected (selection_buttons).
+        evaluate_button = gr.Button("Open in Evaluate", elem_id="runs-open-evaluate", interactive=False)
+        predict_button = gr.Button("Open in Predict", elem_id="runs-open-predict", interactive=False)
+        resume_button = gr.Button("Resume", elem_id="runs-resume", interactive=False)
+        demo_button = gr.Button("Open demo page", elem_id="runs-open-demo", interactive=False)
+        delete_button = gr.Button("Delete…", variant="stop", elem_id="runs-delete", interactive=False)
     with gr.Row(visible=False) as confirm_row:
         confirm_button = gr.Button("Yes, delete it", variant="stop", elem_id="runs-delete-confirm")
         cancel_button = gr.Button("Cancel")
@@ -298,6 +314,8 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab, tabs: gr.Tabs, evaluate_run: g
         return open_demo(ctx, run_dir, _browser_host(request))[0]
 
     demo_button.click(on_demo, inputs=selected, outputs=message)
+    actions = [rename_button, evaluate_button, predict_button, resume_button, demo_button, delete_button]
+    selected.change(lambda run_dir: selection_buttons(ctx, run_dir), inputs=selected, outputs=actions)
     for button, target, dropdown in ((evaluate_button, "evaluate", evaluate_run), (predict_button, "predict", predict_run)):
         # Set the target tab's dropdown first, then switch, so its select handler sees the new value.
         button.click(lambda run_dir, target=target: open_in(ctx, run_dir, target), inputs=selected,
