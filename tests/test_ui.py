@@ -397,3 +397,17 @@ def test_imbalance_warning_offers_balanced_class_weights(ctx, digits_small):
 
 def test_balanced_dataset_hides_the_class_weights_button(ctx, digits_small):
     assert data_tab.scan_folder(str(digits_small), ctx.settings)["balance_button"]["visible"] is False
+
+
+def test_predict_offers_onnx_backends_only_once_exported(tmp_path):
+    """Picking "onnx" before any export wiped the shown prediction for "No ONNX export of this
+    model yet"; the choice now appears with the export (as onnx int8 already did)."""
+    from vitft_app.ui import int8_panel
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    assert [value for _, value in int8_panel.backend_choices(str(run))] == ["torch"]
+    (run / "onnx").mkdir()
+    (run / "onnx" / "model.onnx").write_bytes(b"onnx")
+    assert [value for _, value in int8_panel.backend_choices(str(run))] == ["torch", "onnx"]
+    assert int8_panel.update_backend(str(tmp_path / "other"), "onnx")["value"] == "torch"

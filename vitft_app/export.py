@@ -336,6 +336,15 @@ def export_onnx(
     return OnnxExport(path=final_path, max_abs_prob_diff=diff, num_images=len(pixels), opset=written_opset)
 
 
+def has_onnx(model_or_run: str | os.PathLike) -> bool:
+    """True when the run or model folder has an ONNX export (``model.onnx`` in it or its ``onnx/``)."""
+    try:
+        _find_onnx_dir(Path(model_or_run))
+    except (FileNotFoundError, OSError, ValueError):
+        return False
+    return True
+
+
 def _find_onnx_dir(folder: Path) -> Path:
     """``folder`` when it holds ``model.onnx``, else the ``onnx/`` sub-folder of it or of the model
     folder it stands for (a run folder stands for its ``model/``).

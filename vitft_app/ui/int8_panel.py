@@ -8,15 +8,19 @@ from typing import Any
 import gradio as gr
 
 #: Backend radio choices ``(label, value)``; the int8 one only when the run has ``model_int8.onnx``.
-BASE_BACKENDS = [("torch", "torch"), ("onnx", "onnx")]
+BASE_BACKENDS = [("torch", "torch")]
+ONNX_BACKEND = ("onnx", "onnx")
 INT8_BACKEND = ("onnx int8", "onnx-int8")
 
 
 def backend_choices(run_dir: str | None) -> list[tuple[str, str]]:
-    """The backends a run can predict with: torch, onnx, and onnx int8 when it was exported."""
+    """The backends a run can predict with: torch, then onnx and onnx int8 when it was exported
+    (a choice that could only answer "no export yet" is not offered)."""
+    from ..export import has_onnx
     from ..quantize import has_int8
 
-    return BASE_BACKENDS + ([INT8_BACKEND] if run_dir and has_int8(run_dir) else [])
+    return (BASE_BACKENDS + ([ONNX_BACKEND] if run_dir and has_onnx(run_dir) else [])
+            + ([INT8_BACKEND] if run_dir and has_int8(run_dir) else []))
 
 
 def update_backend(run_dir: str | None, current: str | None) -> Any:

@@ -303,7 +303,8 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> gr.Dropdown:
                               info="below it the answer is 'not sure'", scale=2, elem_id="predict-threshold")
         tta = gr.Checkbox(False, label="Test-time augmentation (image + flip)", scale=1)
         backend = gr.Radio(int8_panel.BASE_BACKENDS, value="torch", label="Backend",
-                           info="onnx runs the model's ONNX export with onnxruntime; onnx int8 its int8 export", scale=1)
+                           info="onnx (once exported below) runs the model's ONNX export with onnxruntime;"
+                                " onnx int8 its int8 export", scale=1)
         explain = gr.Checkbox(False, label="Explain (attention rollout heatmap)", scale=1, elem_id="predict-explain")
     with gr.Row():
         files = gr.File(label="Drop one or more images here", file_count="multiple", file_types=["image"],
@@ -372,7 +373,8 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> gr.Dropdown:
                        outputs=[batch_table, batch_csv, batch_message])
     zip_button.click(export_zip, inputs=run, outputs=[export_file, export_message])
     push_button.click(push_model, inputs=[run, repo_id, token, private], outputs=push_message)
-    onnx_button.click(export_onnx_for_run, inputs=run, outputs=export_message)
+    onnx_button.click(export_onnx_for_run, inputs=run, outputs=export_message).then(
+        int8_panel.update_backend, inputs=[run, backend], outputs=backend)
     int8_panel.wire(run, backend, int8_button, int8_force, export_message)
     refresh.click(lambda current: refresh_runs(ctx, current), inputs=run, outputs=run)
     demo.load(lambda: refresh_runs(ctx, None), outputs=run)
