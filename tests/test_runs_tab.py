@@ -20,7 +20,7 @@ from vitft_app.events import EvalDone, RunFailed, RunFinished, RunStarted, StepL
 from vitft_app.jobs import JobRunner
 from vitft_app.plots import figure_compare
 from vitft_app.runs import RunRecorder, RunStore, atomic_write_text
-from vitft_app.runs_table import compare_configs, filter_runs, metrics_by_run, read_meta, runs_table
+from vitft_app.runs_table import RESULT_ROWS, compare_configs, filter_runs, metrics_by_run, read_meta, runs_table
 from vitft_app.ui import runs_tab
 from vitft_app.ui.app import AppContext, AppSettings
 
@@ -197,6 +197,11 @@ def test_compare_figure_has_one_trace_per_run_and_configs_side_by_side(ctx):
     assert isinstance(styled, pd.io.formats.style.Styler)
     assert "background-color" in styled.to_html()
     assert runs_tab.compare(ctx, [str(runs[0])])[3] == "Choose at least two runs to compare."
+    # the count names settings only: a differing accuracy or status is a result, not a setting
+    differing = set(table.loc[table["differs"], "setting"])
+    assert "best_val_accuracy" in differing
+    settings = differing - set(RESULT_ROWS)
+    assert f"2 runs; {len(settings)} setting(s) differ" in runs_tab.compare(ctx, [str(r) for r in runs[:2]])[3]
 
 
 def test_open_in_evaluate_or_predict_and_resume_hook(ctx, monkeypatch):

@@ -280,21 +280,24 @@ def metrics_by_run(run_dirs: Iterable[str | os.PathLike]) -> dict[str, pd.DataFr
     return result
 
 
+#: Rows of :func:`compare_configs` that are outcomes, not settings.
+RESULT_ROWS = ("status", "best_val_accuracy", "macro_f1", "sweep")
+
+
 def compare_configs(run_dirs: Iterable[str | os.PathLike]) -> pd.DataFrame:
     """The runs' configs side by side: one row per setting, one column per run.
 
     Returns:
         A DataFrame with ``setting``, one column per run (display name) and ``differs`` (True
         when the runs do not all have the same value). Rows that differ come first. Also holds
-        rows for best validation accuracy, macro-F1 and status.
+        the :data:`RESULT_ROWS` (status, best validation accuracy, macro-F1, sweep).
     """
     columns: dict[str, dict[str, Any]] = {}
     for run_dir in run_dirs:
         run_dir = Path(run_dir)
         row = run_row(run_dir)
         values = {k: ("" if v is None else v) for k, v in read_config(run_dir).items()}
-        values |= {"status": row["status"], "best_val_accuracy": row["best_val_accuracy"], "macro_f1": row["macro_f1"],
-                   "sweep": row["sweep"]}
+        values |= {key: row[key] for key in RESULT_ROWS}
         label = row["name"] if row["name"] not in columns else f"{row['name']} ({run_dir.name})"
         columns[label] = values
     settings: list[str] = []

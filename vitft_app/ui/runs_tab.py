@@ -14,6 +14,7 @@ from ..plots import figure_compare
 from ..run_status import STATUSES
 from ..runs import is_run_dir, model_dir, read_status
 from ..runs_table import (
+    RESULT_ROWS,
     compare_configs,
     delete_run,
     filter_runs,
@@ -218,10 +219,11 @@ def compare(ctx: Any, run_dirs: list[str] | None) -> tuple[Any, Any, Any, str]:
         return None, None, None, "Choose at least two runs to compare."
     metrics = metrics_by_run(run_dirs)
     table = compare_configs(run_dirs)
-    differing = int(table["differs"].sum())
+    differing = int((table["differs"] & ~table["setting"].isin(RESULT_ROWS)).sum())  # results are not settings
     baselines = [run_baseline(read_status(run_dir)) for run_dir in run_dirs]
     return (figure_compare(metrics, "loss"), figure_compare(metrics, "val_accuracy", baselines), style_differences(table),
-            f"{len(run_dirs)} runs; {differing} setting(s) differ (highlighted, listed first).")
+            f"{len(run_dirs)} runs; {differing} setting(s) differ (highlighted and listed first, with the results"
+            " that differ).")
 
 
 def set_tracking(ctx: Any, value: str) -> tuple[str, str]:
