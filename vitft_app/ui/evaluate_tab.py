@@ -266,6 +266,9 @@ def build(ctx: Any, demo: gr.Blocks, tab: gr.Tab) -> gr.Dropdown:
         return gr.update(value=path, visible=path is not None), text
 
     report_button.click(on_report, inputs=run, outputs=[report_file, report_message])
+    # The long hint under the buttons gives way at once to a short line, so the progress text (centred
+    # over this line) is not drawn over the hint.
+    evaluate.click(lambda: "Evaluating…", outputs=summary, queue=False, show_progress="hidden")
     evaluate.click(on_evaluate, inputs=[run, split, top_k], outputs=[by_key[k] for k in OUTPUT_KEYS])
     run.change(split_choices, inputs=run, outputs=split)
     matrix_table.select(on_cell, inputs=evaluation, outputs=[cell_images, cell_caption])
