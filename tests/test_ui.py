@@ -114,6 +114,7 @@ def test_start_busy_stop_and_live_view(ctx, digits_small, tiny_vit):
     assert "Stopping" in train_tab.stop_run(ctx)
     status = wait_for(run_dir)
     assert status["status"] == "stopped"
+    assert ctx.runner.current.finished.wait(30)  # RunFinished reached the job (the thread may still run)
     live = dict(zip(train_tab.POLL_KEYS, train_tab.poll(ctx, run_dir, None)))
     text, loss, accuracy, signature = live["status"], live["loss"], live["accuracy"], live["signature"]
     assert "stopped" in text and isinstance(loss, go.Figure) and isinstance(accuracy, go.Figure)
@@ -411,3 +412,23 @@ def test_predict_offers_onnx_backends_only_once_exported(tmp_path):
     (run / "onnx" / "model.onnx").write_bytes(b"onnx")
     assert [value for _, value in int8_panel.backend_choices(str(run))] == ["torch", "onnx"]
     assert int8_panel.update_backend(str(tmp_path / "other"), "onnx")["value"] == "torch"
+
+
+def test_the_buttons_follow_the_job_even_when_the_run_folder_no_longer_changes(tmp_path):
+    """RunFinished is recorded in status.json before it reaches the job: a poll in between saw the
+    run still trained here (Start off, Stop on), and later polls skipped the unchanged folder, so
+    the buttons stayed that way after the run had stopped."""
+    import threading
+    from types import SimpleNamespace
+
+    run_dir = tmp_path / "r1"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text("{}")
+    (run_dir / "status.json").write_text('{"status": "stopped", "step": 3}')
+    job = SimpleNamespace(run_dir=run_dir, running=True, finished=threading.Event())
+    ctx = SimpleNamespace(runner=SimpleNamespace(current=job))
+    first = dict(zip(train_tab.POLL_KEYS, train_tab.poll(ctx, str(run_dir), None)))
+    assert [first[k]["interactive"] for k in ("start", "stop")] == [False, True]  # resumed, not yet written
+    job.finished.set()
+    later = dict(zip(train_tab.POLL_KEYS, train_tab.poll(ctx, str(run_dir), first["signature"])))
+    assert [later[k]["interactive"] for k in ("start", "stop")] == [True, False]  # redrawn, though no file changed

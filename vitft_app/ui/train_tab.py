@@ -460,9 +460,7 @@ def poll_live(ctx: Any, run_dir: str | None, last_signature: Any, message: str |
     values = poll(ctx, run_dir, last_signature)
     clearable = (message or "").lstrip().startswith((STOPPING, STARTED))
     shown = shown_run(ctx, run_dir) if clearable else None
-    job = ctx.runner.current
-    training_here = bool(shown) and job is not None and job.running and str(job.run_dir) == str(shown)
-    settled = bool(shown) and not training_here and read_status(shown).status in ENDED_STATUSES
+    settled = bool(shown) and not trains_here(ctx, shown) and read_status(shown).status in ENDED_STATUSES
     return (*values, "" if settled else gr.skip())
 
 
@@ -480,6 +478,15 @@ def _signature(run_dir: str) -> tuple:
 POLL_KEYS = ("status", "progress", "details", "loss", "accuracy", "after_run", "banner", "start", "stop", "resume",
              "signature")
 
+def trains_here(ctx: Any, run_dir: str | None) -> bool:
+    """True while this app's job runner is training ``run_dir`` (not another process, not a sweep):
+    from Start or Resume (before the run folder says so) until the run's ``RunFinished`` or
+    ``RunFailed`` (the thread may then still write the model card)."""
+    job = ctx.runner.current
+    return (run_dir is not None and job is not None and job.running and not job.finished.is_set()
+            and str(job.run_dir) == str(run_dir))
+
+
 def button_states(ctx: Any, run_dir: str | None, status: RunStatus | None) -> tuple:
     """Start, Stop and Resume as the shown run allows. While this app trains it, only Stop is on;
     otherwise Start is on, and Resume when the run has ended and kept a checkpoint to resume from
@@ -494,8 +501,7 @@ def button_states(ctx: Any, run_dir: str | None, status: RunStatus | None) -> tu
         ``(start, stop, resume)`` ``gr.update(interactive=...)`` values.
     """
     state = status.status if status is not None else None
-    job = ctx.runner.current
-    here = run_dir is not None and job is not None and job.running and str(job.run_dir) == str(run_dir)
+    here = trains_here(ctx, run_dir)
     resumable = (not here and state in ("stopped", "failed", "interrupted") and run_dir is not None
                  and has_checkpoint(run_dir))
     return gr.update(interactive=not here), gr.update(interactive=here), gr.update(interactive=resumable)
@@ -514,7 +520,9 @@ def poll(ctx: Any, run_dir: str | None, last_signature: Any) -> tuple:
     if not run_dir:
         return (status_markdown({}, ""), "", status_details({}), gr.skip(), gr.skip(), gr.update(visible=False),
                 "", *button_states(ctx, None, None), None)
-    signature = _signature(run_dir)
+    # The files, and whether this app trains the run: the buttons follow the job, which can end
+    # a moment after the run folder last changed (RunFinished is recorded before it reaches the job).
+    signature = (*_signature(run_dir), trains_here(ctx, run_dir))
     if signature == last_signature:
         return tuple(gr.skip() for _ in POLL_KEYS)
     status = read_status(run_dir)
