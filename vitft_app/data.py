@@ -19,6 +19,7 @@ report. Symbolic links are never followed out of the dataset folder: a linked fi
 from __future__ import annotations
 
 import functools
+import io
 import math
 import os
 import random
@@ -430,12 +431,9 @@ def read_label_csv(csv_path: str | os.PathLike) -> tuple[list[Entry], list[tuple
     """
     csv_path = Path(csv_path)
     base = csv_path.parent.resolve()
-    _check_row_lengths(csv_path)
+    text = _read_csv_text(csv_path)  # read once: the UTF-8 and row-length checks, then pandas
     try:
-        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, index_col=False)
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"Cannot read {csv_path.name}: it is not UTF-8 text ({_first_non_utf8(csv_path)}); save it"
-                         " as \"CSV UTF-8\".") from exc
+        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, index_col=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise ValueError(f"Cannot read {csv_path.name} as CSV: {exc}") from exc
     lower = {c.strip().lower(): c for c in frame.columns}
@@ -476,42 +474,39 @@ def read_label_csv(csv_path: str | os.PathLike) -> tuple[list[Entry], list[tuple
     return entries, skipped, multi_label
 
 
-def _first_non_utf8(path: Path) -> str:
-    """Where a file stops being UTF-8: ``"line 7, byte 0xe9"`` (pandas' own error counts bytes
-    from the start of its read buffer, not of the file)."""
-    data = path.read_bytes()
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        return f"line {line}, byte 0x{data[exc.start]:02x}"
-    return "an invalid byte"
-
-
-def _check_row_lengths(csv_path: Path) -> None:
-    """Refuses a CSV with a row of more cells than its header, naming the line. pandas otherwise
-    reads a first data row with one extra cell as "the first column is the index" and shifts every
-    column by one (each row then skipped as a missing file named after its label), or stops with
-    "Error tokenizing data. C error: ..." for a later one.
+def _read_csv_text(csv_path: Path) -> str:
+    """The CSV's text, checked: UTF-8 (a byte-order mark is dropped) and no row with more cells
+    than its header. pandas otherwise reads a first data row with one extra cell as "the first
+    column is the index" and shifts every column by one (each row then skipped as a missing file
+    named after its label), or stops with "Error tokenizing data. C error: ..." for a later one;
+    and its decoding error counts bytes from the start of its read buffer, not of the file.
 
     Raises:
-        ValueError: the first such row, with its line number (1 = the header).
+        ValueError: not UTF-8 (naming the line and byte), or the first row with too many cells
+            (naming its line in the file: 1 is the header, quoted newlines count).
     """
     import csv
 
+    data = csv_path.read_bytes()
     try:
-        with open(csv_path, newline="", encoding="utf-8-sig", errors="replace") as handle:
-            rows = csv.reader(handle)
-            header = next(rows, [])
-            for row in rows:
-                if len(row) > len(header):  # line_num: the file's line where this row ends (quoted newlines count)
-                    raise ValueError(
-                        f"{csv_path.name}, line {rows.line_num}: {len(row)} cells, but the header has {len(header)}"
-                        f" ({', '.join(header)}). A comma inside a file name or label needs the cell in"
-                        ' double quotes ("a,b.png").'
-                    )
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ValueError(f"Cannot read {csv_path.name}: it is not UTF-8 text (line {line}, byte"
+                         f" 0x{data[exc.start]:02x}); save it as \"CSV UTF-8\".") from None
+    rows = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(rows, [])
+        for row in rows:
+            if len(row) > len(header):  # line_num: the file's line where this row ends
+                raise ValueError(
+                    f"{csv_path.name}, line {rows.line_num}: {len(row)} cells, but the header has {len(header)}"
+                    f" ({', '.join(header)}). A comma inside a file name or label needs the cell in"
+                    ' double quotes ("a,b.png").'
+                )
     except csv.Error as exc:
         raise ValueError(f"Cannot read {csv_path.name} as CSV: {exc}") from exc
+    return text
 
 
 def _build_report(
@@ -539,14 +534,6 @@ def _build_report(
         warnings.append(f"Empty classes left out (no usable images): {', '.join(empty)}")
     classes = [name for name in classes_all if usable[name] > 0]
     index = {name: i for i, name in enumerate(classes)}
-    several = [path for _, labels, path in entries if len(labels) > 1]
-    if multi_label and len(several) <= max(FEW_MULTI_LABEL_ROWS, 0.05 * len(entries)):
-        shown = ", ".join(os.path.relpath(path, os.path.dirname(root)) for path in several[:3])
-        warnings.append(
-            f"Multi-label because {len(several)} of {len(entries)} rows name several labels ({shown}"
-            f"{', …' if len(several) > 3 else ''}): the model then scores each label on its own (sigmoid, mAP)."
-            " If those cells are typos, give each row one label and the dataset is single-label again."
-        )
 
     def item(labels: tuple[str, ...], path: str) -> ImageItem:
         indices = tuple(index[name] for name in labels)
@@ -580,6 +567,14 @@ def _build_report(
         root=root, classes=classes, train=train, val=val, split_given=split_given, skipped=skipped,
         ignored=ignored, warnings=warnings, errors=errors, files=records, multi_label=multi_label,
     )
+    several = [path for _, labels, path in entries if len(labels) > 1]
+    if multi_label and len(several) <= max(FEW_MULTI_LABEL_ROWS, 0.05 * len(entries)):
+        shown = ", ".join(report.relative(path) for path in several[:3])
+        report.warnings.append(
+            f"Multi-label because {len(several)} of {len(entries)} rows name several labels ({shown}"
+            f"{', …' if len(several) > 3 else ''}): the model then scores each label on its own (sigmoid, mAP)."
+            " If those cells are typos, give each row one label and the dataset is single-label again."
+        )
     report.duplicates = find_duplicates(records, split_of)
     _add_checks(report)
     return report

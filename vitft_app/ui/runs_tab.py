@@ -93,10 +93,9 @@ def refresh(ctx: Any, text: str | None, status: str | None, sort_by: str | None,
 
 
 def run_from_row(ctx: Any, table: pd.DataFrame | None, row: int) -> str | None:
-    """The run folder of a clicked table row (via its run id cell, headed ``run id`` as shown or
-    ``run_id`` as :func:`table_view` returns it)."""
-    column = next((c for c in (HEADERS["run_id"], "run_id") if table is not None and c in table.columns), None)
-    if table is None or not len(table) or row < 0 or row >= len(table) or column is None:
+    """The run folder of a clicked row of the table as shown (:func:`refresh`), via its run id cell."""
+    column = HEADERS["run_id"]
+    if table is None or not len(table) or row < 0 or row >= len(table) or column not in table.columns:
         return None
     path = Path(ctx.settings.runs_dir) / str(table.iloc[row][column])
     return str(path) if is_run_dir(path) else None
