@@ -378,3 +378,37 @@ def test_the_newcomer_path_at_1400x900(app_url, page, digits_root):
             page.locator("#stop-button").click()
         expect(page.locator("#train-status")).not_to_contain_text("running", timeout=60_000)
         shutil.rmtree(dataset, ignore_errors=True)
+
+
+#: Counts, in the page, the animation frames that gradio's status tracker module asks the
+#: browser for (installed before any page script, so it sits under the app's own wrapper).
+COUNT_TRACKER_FRAMES_JS = """
+window.__trackerFrames = 0;
+const browserFrame = window.requestAnimationFrame.bind(window);
+window.requestAnimationFrame = (callback) => {
+  if (String(new Error().stack).includes("statustracker")) window.__trackerFrames += 1;
+  return browserFrame(callback);
+};
+"""
+
+
+def test_an_idle_page_draws_no_frames_for_the_status_tracker(app_url, page):
+    """gradio 6's loading-screen status tracker keeps a requestAnimationFrame loop running after
+    the app has loaded: about 180 frames in 3 s of an idle page (9% of a core in chromium).
+    ``server.IdleFrameThrottle`` runs that module's frames from a 100 ms timer, so none reach the
+    browser, while a pending event's elapsed time still counts up (tested below in the page)."""
+    url, _, _ = app_url
+    page.add_init_script(COUNT_TRACKER_FRAMES_JS)
+    open_app(page, url)
+    page.evaluate("window.__trackerFrames = 0")
+    page.wait_for_timeout(3000)
+    assert page.evaluate("window.__trackerFrames") == 0
+    # The status tracker's loop itself still runs, from the timer: a loop in a script named like
+    # that module gets its callbacks about every 100 ms (a frame would come every ~16 ms).
+    gaps = page.evaluate("""() => new Promise((done) => eval(`
+      const times = [];
+      const ask = () => requestAnimationFrame((t) => { times.push(t); times.length < 5 ? ask() : done(times); });
+      ask();
+      //# sourceURL=statustracker-loop-test.js
+    `)).then((times) => times.slice(1).map((t, i) => t - times[i]))""")
+    assert len(gaps) == 4 and min(gaps) >= 90, gaps

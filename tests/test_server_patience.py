@@ -26,3 +26,13 @@ def test_gradio_localhost_check_gives_up_after_the_wait(monkeypatch):
     monkeypatch.setattr(networking, "url_ok", lambda url: calls.append(url) or False)
     patient_localhost_check(wait_s=0.5)
     assert networking.url_ok("http://127.0.0.1:1/") is False and 1 <= len(calls) <= 3
+
+
+def test_the_frame_throttle_goes_first_in_the_page_head_and_nowhere_else():
+    from vitft_app.server import IDLE_FRAME_THROTTLE_JS, IdleFrameThrottle
+
+    page = b'<!doctype html><html><head><meta charset="utf-8" /><script type="module" src="x.js"></script></head></html>'
+    edited = IdleFrameThrottle.inject(page)
+    assert edited.startswith(b"<!doctype html><html><head>" + IDLE_FRAME_THROTTLE_JS + b'<meta charset="utf-8" />')
+    assert edited.index(IDLE_FRAME_THROTTLE_JS) < edited.index(b'type="module"')
+    assert IdleFrameThrottle.inject(b'{"detail": "Not authenticated"}') == b'{"detail": "Not authenticated"}'
