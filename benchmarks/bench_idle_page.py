@@ -1,8 +1,8 @@
-"""CPU an open app tab costs, with and without ``vitft_app.server.IdleFrameThrottle``.
+"""CPU an open app tab costs, with and without ``vitft_app.ui.page_head.IdleFrameThrottle``.
 
 gradio 6's loading-screen status tracker keeps a ``requestAnimationFrame`` loop running after
 the app has loaded, so an idle page draws 60 frames a second. The app's pages carry a script
-(``server.IDLE_FRAME_THROTTLE_JS``) that runs that module's frames from a 100 ms timer. This
+(``ui.page_head.IDLE_FRAME_THROTTLE_JS``) that runs that module's frames from a 100 ms timer. This
 script starts the app once, opens it in Debian's chromium (headless, 1400x900) and measures, in
 alternating windows, the CPU seconds all chromium processes use while the page sits idle:
 
@@ -95,7 +95,7 @@ def measure(page, url: str, stock: bool, seconds: float, run_dir: Path | None) -
     """One window pair (Data tab, Train tab) on a fresh page; CPU seconds per ``seconds``."""
     from playwright.sync_api import expect
 
-    from vitft_app.server import IDLE_FRAME_THROTTLE_JS
+    from vitft_app.ui.page_head import IDLE_FRAME_THROTTLE_JS
 
     if stock:
         def strip(route) -> None:

@@ -395,7 +395,7 @@ window.requestAnimationFrame = (callback) => {
 def test_an_idle_page_draws_no_frames_for_the_status_tracker(app_url, page):
     """gradio 6's loading-screen status tracker keeps a requestAnimationFrame loop running after
     the app has loaded: about 180 frames in 3 s of an idle page (9% of a core in chromium).
-    ``server.IdleFrameThrottle`` runs that module's frames from a 100 ms timer, so none reach the
+    ``page_head.IdleFrameThrottle`` runs that module's frames from a 100 ms timer, so none reach the
     browser, while a pending event's elapsed time still counts up (tested below in the page)."""
     url, _, _ = app_url
     page.add_init_script(COUNT_TRACKER_FRAMES_JS)

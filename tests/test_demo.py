@@ -278,6 +278,11 @@ def test_demo_page_in_a_browser(strong_run, tmp_path, colors_root):
     try:
         process = _serve([sys.executable, "-m", "vitft_app.cli", "demo", str(strong_run), "--port", str(port),
                           "--no-browser"], tmp_path, env, port, tmp_path / "demo.log")
+        # The page carries the app's frame throttle first in its <head> (ui/page_head.py).
+        from vitft_app.ui.page_head import IDLE_FRAME_THROTTLE_JS
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=60) as response:
+            assert response.read().split(b"<head>", 1)[1].startswith(IDLE_FRAME_THROTTLE_JS)
         upload = sorted((colors_root / "blue").iterdir())[0]
         examples = demo_summary(strong_run).example_labels
         red = examples.index("red")

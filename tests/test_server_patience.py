@@ -29,7 +29,7 @@ def test_gradio_localhost_check_gives_up_after_the_wait(monkeypatch):
 
 
 def test_the_frame_throttle_goes_first_in_the_page_head_and_nowhere_else():
-    from vitft_app.server import IDLE_FRAME_THROTTLE_JS, IdleFrameThrottle
+    from vitft_app.ui.page_head import IDLE_FRAME_THROTTLE_JS, IdleFrameThrottle
 
     page = b'<!doctype html><html><head><meta charset="utf-8" /><script type="module" src="x.js"></script></head></html>'
     edited = IdleFrameThrottle.inject(page)

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from ..demo import DemoSummary, demo_summary
 from .bundle_app import build_page, launch
+from .page_head import IdleFrameThrottle
 from ..explain import explain_image
 from ..predict import Predictor
 from ..runs import model_dir
@@ -87,7 +89,8 @@ def serve_demo(run_dir: str | Path, host: str = "127.0.0.1", port: int | None = 
     """
     page, allowed = build_demo_page(run_dir, device)
     launch(page, host, port if port is not None else free_port(host), allowed, open_browser=open_browser,
-           auth=auth, prevent_thread_lock=not block, quiet=not block)
+           auth=auth, prevent_thread_lock=not block, quiet=not block,
+           app_kwargs={"middleware": [Middleware(IdleFrameThrottle)]})
     return page
 
 
