@@ -173,3 +173,17 @@ def function_lengths() -> list[tuple[int, str]]:
 def test_no_function_is_longer_than_the_limit():
     too_long = [(lines, where) for lines, where in function_lengths() if lines > MAX_FUNCTION_LINES]
     assert not too_long, f"functions over {MAX_FUNCTION_LINES} lines (split them): {too_long}"
+
+
+def test_the_longest_first_order_names_test_files_that_exist(request):
+    """``conftest.LONGEST_FIRST`` orders the suite for the xdist workers; a renamed file would
+    silently drop back to the end of the run, so every name must still be a test file, and the
+    collected tests (whatever the selection) must come in that order."""
+    from conftest import LONGEST_FIRST
+
+    tests = Path(__file__).resolve().parent
+    assert [name for name in LONGEST_FIRST if not (tests / name).is_file()] == []
+    assert len(set(LONGEST_FIRST)) == len(LONGEST_FIRST)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    ranks = [rank.get(item.path.name, len(rank)) for item in request.session.items]
+    assert ranks == sorted(ranks)
