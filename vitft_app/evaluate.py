@@ -237,6 +237,13 @@ def compute_multilabel_metrics(
     }
 
 
+def test_split_dir(data_dir: str | os.PathLike) -> Path | None:
+    """The dataset's held-out test split, ``DATA/test/``, or None when the dataset (a folder, not a
+    CSV) has none."""
+    test_dir = Path(data_dir).expanduser() / "test"
+    return test_dir if test_dir.is_dir() else None
+
+
 def _split_items(run_config: TrainConfig | None, data_dir: str, split: Split,
                  progress: Callable[[int, int], None] | None = None) -> tuple[list[ImageItem], list[str]]:
     """Images and dataset class names of the requested split.
@@ -249,8 +256,8 @@ def _split_items(run_config: TrainConfig | None, data_dir: str, split: Split,
     val_fraction = run_config.val_fraction if run_config else 0.2
     seed = run_config.seed if run_config else 42
     if split == "test":
-        test_dir = root / "test" if root.is_dir() else None
-        if test_dir is None or not test_dir.is_dir():
+        test_dir = test_split_dir(root)
+        if test_dir is None:
             raise EvaluationError(f"No test/ folder in {root}: put held-out images in test/<class>/ to evaluate them.")
         report = scan_dataset(test_dir, val_fraction=0.5, seed=seed, progress=progress)
         items = sorted(report.train + report.val, key=lambda i: i.path)

@@ -11,7 +11,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
-from ..evaluate import Evaluation, EvaluationError, evaluate_run, evaluation_headline
+from ..evaluate import Evaluation, EvaluationError, evaluate_run, evaluation_headline, test_split_dir
 from ..baseline import format_accuracy
 from ..plots import figure_confusion_matrix, figure_precision_recall, figure_reliability, figure_roc
 from . import label_issues_panel
@@ -188,7 +188,7 @@ def split_choices(run_dir: str | None) -> Any:
         return gr.update(choices=["val", "test"], value="val", info=TEST_SPLIT_INFO)
     data_dir = read_config(run_dir).get("data_dir")
     data = Path(str(data_dir)).expanduser() if isinstance(data_dir, str) and data_dir else None
-    if data is not None and (data / "test").is_dir():
+    if data is not None and test_split_dir(data) is not None:
         return gr.update(choices=["val", "test"], info=TEST_SPLIT_INFO)
     if data is not None and data.is_file():
         info = "val only: a CSV dataset has no test/ folder"

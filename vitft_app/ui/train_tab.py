@@ -768,7 +768,7 @@ def _wire_run_events(ctx: Any, data: Any, form: dict[str, Any], live: dict[str, 
 
     # On Start, bring the buttons, status and plots into view: that is where things move.
     scroll = "() => document.querySelector('#train-live')?.scrollIntoView({behavior: 'smooth', block: 'start'})"
-    started = [message, run_state, signature, live["status"], live["start"], live["stop"], live["resume"]]
+    started = [message, run_state, signature, *(live[k] for k in BUTTON_KEYS[3:])]  # button_outputs' order
     live["start"].click(on_start, inputs=set(form.values()) | {data.chosen}, outputs=started)
     live["start"].click(None, js=scroll)
     live["stop"].click(lambda: stop_run(ctx), outputs=message)
