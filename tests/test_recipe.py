@@ -443,15 +443,39 @@ def test_resume_is_refused_without_a_checkpoint(tmp_path, digits_small, tiny_vit
 # ---- early stopping -------------------------------------------------------------------------------
 
 
-def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(tmp_path, digits_small, tiny_vit):
+@pytest.fixture
+def checkpoint_epochs(monkeypatch) -> list[int]:
+    """The epoch each checkpoint written during the test resumes at, in order."""
+    import vitft_app.training.setup as training_setup
+
+    written, save = [], training_setup.save_checkpoint
+
+    def recording(run_dir, payload):
+        written.append(payload["loop"]["epoch"])
+        return save(run_dir, payload)
+
+    monkeypatch.setattr(training_setup, "save_checkpoint", recording)
+    return written
+
+
+def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(tmp_path, digits_small, tiny_vit,
+                                                                               checkpoint_epochs):
     # lr so small that nothing changes: epoch 1 sets the best, epochs 2 and 3 do not improve.
-    _, events, result = run_train(recipe_config(digits_small, tiny_vit, tmp_path, epochs=10, lr=1e-12,
-                                                early_stopping_patience=2, early_stopping_min_delta=0.01))
+    run_dir, events, result = run_train(recipe_config(digits_small, tiny_vit, tmp_path, epochs=10, lr=1e-12,
+                                                      early_stopping_patience=2, early_stopping_min_delta=0.01))
     evals = [e for e in events if isinstance(e, EvalDone)]
     assert [e.epoch for e in evals] == [1, 2, 3]
     assert [e.epochs_without_improvement for e in evals] == [0, 1, 2]
     assert result.status == "completed" and "early stopping at epoch 3" in result.reason
     assert isinstance(events[-1], RunFinished) and events[-1].reason == result.reason
+    # the epoch that stops the run writes no checkpoint (a completed run deletes it at once)
+    assert checkpoint_epochs == [1, 2] and not has_checkpoint(run_dir)
+
+
+def test_no_checkpoint_is_written_after_the_last_epoch(tmp_path, digits_small, tiny_vit, checkpoint_epochs):
+    run_dir, _, result = run_train(recipe_config(digits_small, tiny_vit, tmp_path, epochs=3))
+    assert result.status == "completed"
+    assert checkpoint_epochs == [1, 2] and not has_checkpoint(run_dir)
 
 
 # ---- multi-label ------------------------------------------------------------------------------------

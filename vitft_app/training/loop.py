@@ -415,13 +415,16 @@ def train(
         # ---- keep the best model, count epochs without improvement -----------------------------------
         _keep_best(loop, result, epoch)
         clock.mark("saving best model")
-        # ---- checkpoint: the next epoch starts from here ------------------------------------------
+        # ---- checkpoint: the next epoch starts from here; not after the last epoch (early stopping
+        # included), whose checkpoint a completed run deletes at once --------------------------------
         state.epoch, state.position, state.order = epoch + 1, 0, None
         state.epoch_sums = [0.0, 0.0, 0.0]
-        loop.save_checkpoint(capture_rng(loop.data.shuffle_gen))
+        early_stop = 0 < config.early_stopping_patience <= state.epochs_without_improvement and epoch + 1 < config.epochs
+        if epoch + 1 < config.epochs and not early_stop:
+            loop.save_checkpoint(capture_rng(loop.data.shuffle_gen))
         clock.mark("checkpoints")
         # ---- early stopping, Stop between epochs --------------------------------------------------
-        if 0 < config.early_stopping_patience <= state.epochs_without_improvement and epoch + 1 < config.epochs:
+        if early_stop:
             reason = (f"early stopping at epoch {epoch + 1}: no {_monitor(loop)} improvement >"
                       f" {config.early_stopping_min_delta:g} for {state.epochs_without_improvement} epochs")
             emit(LogMessage(reason))
