@@ -120,7 +120,8 @@ def _run_trial(model, durations: dict[str, list[float]], monkeypatch) -> tuple[A
     return trial, kernels
 
 
-@pytest.mark.parametrize("eager_s, expected", [(0.5, "vitft_eager"), (0.95, "sdpa"), (1.5, "sdpa")])
+@pytest.mark.parametrize("eager_s, expected",
+                         [(0.5, "vitft_eager"), (0.93, "vitft_eager"), (0.97, "sdpa"), (1.5, "sdpa")])
 def test_trial_alternates_times_and_keeps_sdpa_unless_vitft_eager_is_clearly_faster(tiny_vit, monkeypatch, eager_s,
                                                                                       expected):
     model = _tiny(tiny_vit)
@@ -135,13 +136,41 @@ def test_trial_alternates_times_and_keeps_sdpa_unless_vitft_eager_is_clearly_fas
 
 def test_a_micro_batch_without_images_advances_the_schedule_but_is_not_timed(tiny_vit, monkeypatch):
     model = _tiny(tiny_vit)
-    trial = AttentionTrial(model, torch.device("cpu"), warmup=0, repeats=1)
+    # a data-parallel run's trial: one schedule in every process, nothing redone
+    trial = AttentionTrial(model, torch.device("cpu"), warmup=0, repeats=1, redo_invalid=False)
     trial.begin()
     trial.end(valid=False)  # sdpa slot: every file of the batch failed
     trial.begin()
     assert trial.end() and trial.done
     assert set(trial.best()) == {"vitft_eager"}
     assert not trial.alternative_is_faster() and trial.decide() == "sdpa"  # one kernel untimed: keep the default
+
+
+def _drive(trial: AttentionTrial, model, valid: list[bool]) -> list[str]:
+    """Runs the trial to its end with 1 s micro-batches; the n-th is comparable when valid[n]."""
+    kernels = []
+    while not trial.done:
+        trial.begin()
+        kernels.append(current_attention(model))
+        trial.end(valid=valid[len(kernels) - 1])
+    return kernels
+
+
+def test_an_uncomparable_micro_batch_is_redone_with_its_kernel_so_each_kernel_gets_its_timings(tiny_vit):
+    model = _tiny(tiny_vit)
+    # the 4th micro-batch (a timed vitft_eager slot) is an epoch's short last one: redone at the end
+    trial = AttentionTrial(model, torch.device("cpu"))
+    kernels = _drive(trial, model, [True, True, True, False] + [True] * 10)
+    assert kernels == ["sdpa", "vitft_eager"] * 4 + ["vitft_eager"]
+    assert {k: len(v) for k, v in trial.seconds.items()} == {"sdpa": 3, "vitft_eager": 3}
+    # a warmup micro-batch is not redone (it is never timed)
+    trial = AttentionTrial(model, torch.device("cpu"))
+    assert _drive(trial, model, [False] + [True] * 10) == ["sdpa", "vitft_eager"] * 4
+    # nothing comparable at all (every micro-batch short: a dataset smaller than the batch): the
+    # trial still ends, after `repeats` redone micro-batches, and keeps the default
+    trial = AttentionTrial(model, torch.device("cpu"))
+    assert len(_drive(trial, model, [False] * 20)) == 8 + 3
+    assert trial.best() == {} and trial.decide() == "sdpa"
 
 
 def test_train_times_the_first_micro_batches_keeps_the_kernel_on_resume_and_saves_a_default_model(
@@ -213,13 +242,13 @@ def test_config_refuses_an_unknown_kernel(tmp_path):
         TrainConfig(data_dir=str(tmp_path), attention="flash")
 
 
-def test_an_epoch_shorter_than_the_trial_decides_at_its_end_and_partial_batches_are_not_compared(
+def test_a_one_epoch_run_shorter_than_the_trial_decides_at_its_end_with_what_was_timed(
     tmp_path, digits_small, tiny_vit
 ):
     # 48 training images at batch 16: 3 micro-batches per epoch; the first pair is the warmup, so
-    # one sdpa time is all the trial gets: the default is kept and the log says why, at the end
-    # of epoch 1 (before its evaluation).
-    config = TrainConfig(data_dir=str(digits_small), model=str(tiny_vit), epochs=2, batch_size=16, precision="fp32",
+    # one sdpa time is all the trial gets in the only epoch: the default is kept and the log says
+    # why, at the end of the epoch (before its evaluation).
+    config = TrainConfig(data_dir=str(digits_small), model=str(tiny_vit), epochs=1, batch_size=16, precision="fp32",
                          augment="none", output_dir=str(tmp_path / "runs"))
     run_dir = RunStore(config.output_dir).create_run(config)
     events = []
@@ -229,6 +258,27 @@ def test_an_epoch_shorter_than_the_trial_decides_at_its_end_and_partial_batches_
         "attention: sdpa kept (too few full micro-batches to compare the kernels (timed: sdpa "), kept
     first_eval = next(i for i, e in enumerate(events) if type(e).__name__ == "EvalDone")
     assert events.index(next(e for e in events if isinstance(e, LogMessage) and e.text in kept)) < first_eval
+
+
+def test_the_trial_goes_on_into_the_next_epoch_when_an_epoch_is_shorter_than_it(tmp_path, digits_small, tiny_vit,
+                                                                               monkeypatch):
+    # 3 micro-batches per epoch: the 8 of the trial end in epoch 3, after two evaluations, with
+    # three timings of each kernel
+    trials: list[AttentionTrial] = []
+    original_init = AttentionTrial.__init__
+    monkeypatch.setattr(AttentionTrial, "__init__",
+                        lambda self, *a, **k: (trials.append(self), original_init(self, *a, **k))[1])
+    config = TrainConfig(data_dir=str(digits_small), model=str(tiny_vit), epochs=3, batch_size=16, precision="fp32",
+                         augment="none", output_dir=str(tmp_path / "runs"))
+    run_dir = RunStore(config.output_dir).create_run(config)
+    events = []
+    assert train(config, run_dir, events.append, device="cpu").status == "completed"
+    kept = [i for i, e in enumerate(events) if isinstance(e, LogMessage) and e.text.startswith("attention:")]
+    evals = [i for i, e in enumerate(events) if type(e).__name__ == "EvalDone"]
+    assert len(kept) == 1 and evals[1] < kept[0] < evals[2], (kept, evals)
+    assert events[kept[0]].text.split(" (")[1].startswith("best forward + backward per full micro-batch")
+    trial = trials[-1]  # the plan builds one first, only to read the schedule's length
+    assert {k: len(v) for k, v in trial.seconds.items()} == {"sdpa": 3, "vitft_eager": 3}
 
 
 def test_a_cached_linear_probe_has_no_attention_to_time(tmp_path, digits_small, tiny_vit):
@@ -303,7 +353,7 @@ def test_validation_runs_sdpa_and_training_goes_back_to_its_kernel(tmp_path, dig
 def test_a_trials_decision_is_remembered_for_the_same_shape_and_measured_again_otherwise(
     tmp_path, digits_small, tiny_vit, monkeypatch
 ):
-    from vitft_app.attention import MEMORY_DAYS, memory_file, recall
+    from vitft_app.attention import MEMORY_DAYS, TRIAL_VERSION, memory_file, recall
     from vitft_app.training import EngineOptions
 
     monkeypatch.setattr(AttentionTrial, "alternative_is_faster", lambda self: True)
@@ -329,6 +379,7 @@ def test_a_trials_decision_is_remembered_for_the_same_shape_and_measured_again_o
     (key, entry), = data["entries"].items()
     assert entry["kernel"] == "vitft_eager" and set(entry["best_ms"]) == {"sdpa", "vitft_eager"}
     assert json.loads(key)["batch_size"] == 8 and json.loads(key)["precision"] == "fp32"
+    assert json.loads(key)["trial"] == TRIAL_VERSION  # a decision of an older trial is measured again
 
     # 2. the same shape again: no trial, the remembered kernel from the first step, and the log says so
     line, events, _ = run(config)

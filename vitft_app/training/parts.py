@@ -179,8 +179,11 @@ class AttentionChoice(Part):
             self._decide(loop)
 
     def on_epoch_end(self, loop: Any, stopped: bool) -> None:
-        if not stopped and not self.trial.done:
-            self._decide(loop)  # an epoch shorter than the trial: decide with what was timed
+        # An epoch shorter than the trial: the trial goes on in the next epoch (whose images come
+        # from the decode cache, as in the rest of the run); after the last epoch it decides with
+        # what was timed (for the memory and the log).
+        if not stopped and not self.trial.done and loop.state.epoch + 1 >= loop.config.epochs:
+            self._decide(loop)
 
     def _decide(self, loop: Any) -> None:
         alternative = loop.dist.any(self.trial.alternative_is_faster(), loop.device)

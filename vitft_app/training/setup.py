@@ -204,9 +204,10 @@ def _build_optimizer(config: TrainConfig, model: nn.Module, total_steps: int) ->
 
 
 def _build_parts(config: TrainConfig, model: nn.Module, plan: TrainPlan, teacher: Distillation | None,
-                 state: _LoopState) -> tuple[list[Part], WeightEma | None]:
+                 state: _LoopState, data_parallel: bool) -> tuple[list[Part], WeightEma | None]:
     """The optional parts of this run (EMA, distillation, PatchDropout, gradual unfreezing, the
-    attention trial) and its EMA part; sets the attention kernel the plan chose."""
+    attention trial) and its EMA part; sets the attention kernel the plan chose. A data-parallel
+    run's trial keeps one schedule in every process (no redone micro-batches)."""
     ema = WeightEma(model, config.ema_decay) if config.ema_decay > 0 else None
     parts: list[Part] = [p for p in (ema, teacher) if p is not None]
     if config.patch_dropout > 0:  # a hook on the embeddings, active only around the training forward
@@ -219,7 +220,7 @@ def _build_parts(config: TrainConfig, model: nn.Module, plan: TrainPlan, teacher
     if plan.attention is not None:
         use_attention(state, copies, plan.attention)
     if plan.attention_trial:
-        parts.append(AttentionChoice(AttentionTrial(model, plan.device.device),
+        parts.append(AttentionChoice(AttentionTrial(model, plan.device.device, redo_invalid=not data_parallel),
                                      lambda kernel: use_attention(state, copies, kernel), plan.attention_memory))
     return parts, ema
 
@@ -291,7 +292,7 @@ def setup_run(config: TrainConfig, run_dir: Path, emit: Emit, stop_event: thread
     # ---- optional parts, then resume (module states, RNG states) ---------------------------------
     if checkpoint is not None and config.gradual_unfreeze > 0 and lora is None:  # LoRA: apply_lora fixed the set
         freeze_layers(model, GradualUnfreeze(config.freeze_depth, config.gradual_unfreeze, 0).depth_at(state.epoch))
-    parts, ema = _build_parts(config, model, plan, teacher, state)
+    parts, ema = _build_parts(config, model, plan, teacher, state, dist_ctx.enabled)
     loop = LoopContext(
         config=config, run_dir=run_dir, emit=emit, stop_event=stop_event, dist=dist_ctx, options=options, plan=plan,
         report=report, loaded=loaded, data=data, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
