@@ -166,7 +166,8 @@ def test_a_failed_status_write_still_leaves_no_running_run(tmp_path, digits_smal
     monkeypatch.setattr(runs_module, "atomic_write_text", write)
     monkeypatch.setattr(torch, "save", save_then_fill)
     runner = JobRunner(tmp_path / "runs", device="cpu")
-    job = runner.start(_config(digits_small, tiny_vit, tmp_path / "runs", epochs=1))
+    # 2 epochs: the checkpoint after epoch 1 is the first torch.save (none follows the last epoch)
+    job = runner.start(_config(digits_small, tiny_vit, tmp_path / "runs", epochs=2))
     assert job.wait(300)
     status = read_status(job.run_dir)
     assert status["status"] == "failed" and "disk full" in status["error"]
