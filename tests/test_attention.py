@@ -105,8 +105,10 @@ def test_a_model_that_cannot_switch_is_detected_and_forcing_it_is_refused():
         set_attention(Plain(), "eager")
 
 
-def _run_trial(model, durations: dict[str, list[float]], monkeypatch) -> tuple[AttentionTrial, list[str]]:
-    """Drives a trial with fake clocks: each micro-batch of kernel K takes the next of durations[K]."""
+def _run_trial(model, durations: dict[str, list[float]], monkeypatch,
+               valid: list[bool] | None = None) -> tuple[AttentionTrial, list[str]]:
+    """Drives a trial with fake clocks: each micro-batch of kernel K takes the next of durations[K];
+    the n-th micro-batch is comparable when valid[n] (default: all)."""
     clock = [0.0]
     monkeypatch.setattr(attention_mod.time, "perf_counter", lambda: clock[0])
     trial = AttentionTrial(model, torch.device("cpu"))
@@ -116,7 +118,7 @@ def _run_trial(model, durations: dict[str, list[float]], monkeypatch) -> tuple[A
         trial.begin()
         kernels.append(current_attention(model))  # the model really runs this kernel
         clock[0] += queues[kernels[-1]].pop(0)
-        trial.end()
+        trial.end(valid=True if valid is None else valid[len(kernels) - 1])
     return trial, kernels
 
 
@@ -146,30 +148,20 @@ def test_a_micro_batch_without_images_advances_the_schedule_but_is_not_timed(tin
     assert not trial.alternative_is_faster() and trial.decide() == "sdpa"  # one kernel untimed: keep the default
 
 
-def _drive(trial: AttentionTrial, model, valid: list[bool]) -> list[str]:
-    """Runs the trial to its end with 1 s micro-batches; the n-th is comparable when valid[n]."""
-    kernels = []
-    while not trial.done:
-        trial.begin()
-        kernels.append(current_attention(model))
-        trial.end(valid=valid[len(kernels) - 1])
-    return kernels
-
-
-def test_an_uncomparable_micro_batch_is_redone_with_its_kernel_so_each_kernel_gets_its_timings(tiny_vit):
+def test_an_uncomparable_micro_batch_is_redone_with_its_kernel_so_each_kernel_gets_its_timings(tiny_vit,
+                                                                                               monkeypatch):
     model = _tiny(tiny_vit)
+    seconds = {"sdpa": [1.0] * 20, "vitft_eager": [1.0] * 20}
     # the 4th micro-batch (a timed vitft_eager slot) is an epoch's short last one: redone at the end
-    trial = AttentionTrial(model, torch.device("cpu"))
-    kernels = _drive(trial, model, [True, True, True, False] + [True] * 10)
+    trial, kernels = _run_trial(model, seconds, monkeypatch, [True, True, True, False] + [True] * 10)
     assert kernels == ["sdpa", "vitft_eager"] * 4 + ["vitft_eager"]
     assert {k: len(v) for k, v in trial.seconds.items()} == {"sdpa": 3, "vitft_eager": 3}
     # a warmup micro-batch is not redone (it is never timed)
-    trial = AttentionTrial(model, torch.device("cpu"))
-    assert _drive(trial, model, [False] + [True] * 10) == ["sdpa", "vitft_eager"] * 4
+    assert _run_trial(model, seconds, monkeypatch, [False] + [True] * 10)[1] == ["sdpa", "vitft_eager"] * 4
     # nothing comparable at all (every micro-batch short: a dataset smaller than the batch): the
     # trial still ends, after `repeats` redone micro-batches, and keeps the default
-    trial = AttentionTrial(model, torch.device("cpu"))
-    assert len(_drive(trial, model, [False] * 20)) == 8 + 3
+    trial, kernels = _run_trial(model, seconds, monkeypatch, [False] * 20)
+    assert len(kernels) == 8 + 3
     assert trial.best() == {} and trial.decide() == "sdpa"
 
 

@@ -252,9 +252,9 @@ def memory_key(model: nn.Module, device: torch.device, precision: str, shape: di
     config = getattr(model, "config", None)
     width = {name: getattr(config, name, None) for name in ("hidden_size", "num_attention_heads", "image_size",
                                                              "patch_size")}
-    key = {"trial": TRIAL_VERSION, "device": device.type, **machine, "torch": torch.__version__, "transformers": transformers.__version__,
-           "model": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()), **width,
-           "precision": precision, **shape}
+    key = {"trial": TRIAL_VERSION, "device": device.type, **machine, "torch": torch.__version__,
+           "transformers": transformers.__version__, "model": type(model).__name__,
+           "parameters": sum(p.numel() for p in model.parameters()), **width, "precision": precision, **shape}
     return json.dumps(key, sort_keys=True, default=str)
 
 

@@ -419,8 +419,9 @@ def train(
         # included), whose checkpoint a completed run deletes at once --------------------------------
         state.epoch, state.position, state.order = epoch + 1, 0, None
         state.epoch_sums = [0.0, 0.0, 0.0]
-        early_stop = 0 < config.early_stopping_patience <= state.epochs_without_improvement and epoch + 1 < config.epochs
-        if epoch + 1 < config.epochs and not early_stop:
+        last = epoch + 1 >= config.epochs
+        early_stop = not last and 0 < config.early_stopping_patience <= state.epochs_without_improvement
+        if not (last or early_stop):
             loop.save_checkpoint(capture_rng(loop.data.shuffle_gen))
         clock.mark("checkpoints")
         # ---- early stopping, Stop between epochs --------------------------------------------------
